@@ -1,0 +1,49 @@
+"""The sidecar's DPoP key (RFC 9449) and the proofs it signs: one fresh proof per HTTP request.
+
+The key is generated in memory at start and never written anywhere, so a token bound to it
+(``cnf.jkt``) is useless to anyone who copies the token out of a request.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+from .identity import generate_key
+from .jose import Signer, b64url, public_jwk, thumbprint
+
+
+def access_token_hash(token: str) -> str:
+    """The ``ath`` claim: base64url SHA-256 of the access token's ASCII bytes."""
+    return b64url(hashlib.sha256(token.encode("ascii")).digest())
+
+
+class DPoPKey:
+    """An in-memory key pair; ``proof()`` returns a compact ``dpop+jwt`` for one request."""
+
+    __slots__ = ("_signer", "jwk", "jkt")
+
+    def __init__(self, alg: str = "ES256") -> None:
+        key = generate_key(alg)
+        self.jwk = public_jwk(key)
+        self.jkt = thumbprint(self.jwk)
+        self._signer = Signer(key, {"typ": "dpop+jwt", "jwk": self.jwk})
+
+    @property
+    def alg(self) -> str:
+        return self._signer.alg
+
+    def proof(self, htm: str, htu: str, *, ath: str | None = None, nonce: str | None = None) -> str:
+        """``htu`` must already be stripped of query and fragment (see ``routing.dpop_htu``)."""
+        claims: dict[str, str | int] = {
+            "jti": secrets.token_urlsafe(16),
+            "htm": htm,
+            "htu": htu,
+            "iat": int(time.time()),
+        }
+        if ath is not None:
+            claims["ath"] = ath
+        if nonce is not None:
+            claims["nonce"] = nonce
+        return self._signer.sign(claims)

@@ -1,0 +1,69 @@
+"""Prometheus metrics. Labels are bounded: route, issuer and reason names come from the config."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+
+
+class Metrics:
+    """One set per process, on its own registry so tests and the demo can run several."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "credproxy_requests",
+            "Requests answered to the app.",
+            ["route", "code", "outcome"],
+            registry=r,
+        )
+        self.request_duration = Histogram(
+            "credproxy_request_duration_seconds",
+            "Time from request to response headers.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.upstream_duration = Histogram(
+            "credproxy_upstream_duration_seconds",
+            "Time the upstream took to send headers.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.denied = Counter(
+            "credproxy_denied", "Requests refused by credproxy itself.", ["reason"], registry=r
+        )
+        self.credential_issued = Counter(
+            "credproxy_credential_issued",
+            "Token requests to issuers, by outcome.",
+            ["issuer", "outcome"],
+            registry=r,
+        )
+        self.credential_refresh_duration = Histogram(
+            "credproxy_credential_refresh_duration_seconds",
+            "Duration of token requests.",
+            ["issuer"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.credential_expiry = Gauge(
+            "credproxy_credential_expiry_seconds",
+            "Unix time at which the cached credential expires (0: none cached).",
+            ["issuer", "credential"],
+            registry=r,
+        )
+        self.credential_retries = Counter(
+            "credproxy_credential_retries",
+            "Requests replayed once after a 401 (invalid_token or use_dpop_nonce).",
+            ["route", "reason"],
+            registry=r,
+        )
+        self.credential_backoff = Gauge(
+            "credproxy_credential_backoff_seconds",
+            "Current retry delay after failed token requests (0: healthy).",
+            ["issuer", "credential"],
+            registry=r,
+        )

@@ -1,0 +1,86 @@
+"""Route matching: Host and path prefix → route and the path to forward. No I/O.
+
+The path is matched as the app sent it (raw, still percent-encoded) and forwarded byte for byte,
+so what matching saw is exactly what the upstream receives.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from yarl import URL
+
+from .config import Route
+
+
+def _origin(url: URL) -> str:
+    """scheme://host[:port] with the default port left out, as DPoP's ``htu`` wants it."""
+    host = f"[{url.host}]" if url.host and ":" in url.host else url.host
+    default = {"http": 80, "https": 443}.get(url.scheme)
+    port = "" if url.explicit_port in (None, default) else f":{url.explicit_port}"
+    return f"{url.scheme}://{host}{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where one route sends requests: ``url_for`` and ``htu_for`` take the forwarded raw path."""
+
+    base: str  # origin + upstream path without its trailing slash
+
+    @classmethod
+    def of(cls, upstream: str) -> Target:
+        url = URL(upstream)
+        return cls(_origin(url) + url.raw_path.rstrip("/"))
+
+    def url_for(self, raw_path_qs: str) -> URL:
+        return URL(self.base + raw_path_qs, encoded=True)
+
+    def htu_for(self, raw_path: str) -> str:
+        return self.base + raw_path
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    index: int
+    host: str | None
+    prefix: str  # without trailing slash; "" matches everything
+    strip: bool
+
+
+def request_host(host_header: str | None) -> str | None:
+    """The Host header's name part, lower-cased, without port or IPv6 brackets."""
+    if not host_header:
+        return None
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else None
+    return host.rsplit(":", 1)[0] if ":" in host else host
+
+
+class RouteTable:
+    """Longest path prefix wins; among equal prefixes a route naming the Host wins."""
+
+    def __init__(self, routes: Sequence[Route]) -> None:
+        entries = [
+            _Entry(
+                index=i,
+                host=route.host.lower() if route.host else None,
+                prefix=(route.path_prefix or "/").rstrip("/"),
+                strip=route.strip_prefix and route.path_prefix is not None,
+            )
+            for i, route in enumerate(routes)
+        ]
+        self._entries = sorted(entries, key=lambda e: (-len(e.prefix), e.host is None))
+
+    def match(self, host: str | None, raw_path: str) -> tuple[int, str] | None:
+        """Return (route index, forwarded raw path) or None; ``raw_path`` excludes the query."""
+        for entry in self._entries:
+            if entry.host is not None and entry.host != host:
+                continue
+            prefix = entry.prefix
+            if raw_path == prefix or raw_path.startswith(prefix + "/") or not prefix:
+                if entry.strip:
+                    return entry.index, raw_path[len(prefix) :] or "/"
+                return entry.index, raw_path
+        return None

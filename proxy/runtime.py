@@ -1,0 +1,107 @@
+"""Everything one config builds: the DPoP key, issuers, token sources and per-route facts.
+
+Per-route facts (header strip set, timeouts, TLS context, upstream target) are computed here once,
+so the request path only looks them up.
+"""
+
+from __future__ import annotations
+
+import ssl
+from dataclasses import dataclass, field
+
+import aiohttp
+
+from .audit import Audit
+from .config import Config, Route
+from .dpop import DPoPKey
+from .forwarder import CREDENTIAL_HEADERS, HOP_BY_HOP, ssl_context
+from .injectors import Injector, make_injector
+from .issuers import ISSUERS, OAuth2Issuer
+from .metrics import Metrics
+from .routing import RouteTable, Target
+from .token_cache import CacheKey, Token, TokenSource
+
+
+@dataclass(eq=False)
+class RouteRuntime:
+    name: str
+    config: Route
+    target: Target
+    source: TokenSource
+    injector: Injector
+    strip: frozenset[str]
+    timeout: aiohttp.ClientTimeout
+    ssl: ssl.SSLContext | bool
+    nonce: str | None = field(default=None)  # the resource server's latest DPoP-Nonce
+
+
+@dataclass(eq=False)
+class Runtime:
+    table: RouteTable
+    routes: list[RouteRuntime]
+    sources: dict[CacheKey, TokenSource]
+    issuers: dict[str, OAuth2Issuer]
+    dpop_key: DPoPKey
+
+    async def aclose(self) -> None:
+        for source in self.sources.values():
+            await source.aclose()
+
+
+def build(
+    config: Config, *, session: aiohttp.ClientSession, metrics: Metrics, audit: Audit
+) -> Runtime:
+    """Raise ``IdentityError`` (naming the config path) when a key or secret file is unusable."""
+    dpop_key = DPoPKey(config.identity.dpop_alg)
+    issuers = {
+        name: ISSUERS[issuer.type](
+            name,
+            issuer,
+            session=session,
+            dpop_key=dpop_key,
+            ssl_context=ssl_context(str(issuer.ca_file) if issuer.ca_file else None),
+        )
+        for name, issuer in config.issuers.items()
+    }
+    sources: dict[CacheKey, TokenSource] = {}
+    routes: list[RouteRuntime] = []
+    for route in config.routes:
+        credential = route.credential
+        injector = make_injector(credential.inject, dpop_key)
+        key = CacheKey(
+            credential.issuer, credential.audience, credential.scope, injector.binds_token
+        )
+        if key not in sources:
+            sources[key] = _source(key, issuers[key.issuer], metrics=metrics, audit=audit)
+        tls = ssl_context(str(route.ca_file) if route.ca_file else None)
+        routes.append(
+            RouteRuntime(
+                name=route.name,
+                config=route,
+                target=Target.of(route.upstream),
+                source=sources[key],
+                injector=injector,
+                strip=HOP_BY_HOP | CREDENTIAL_HEADERS | {h.lower() for h in route.strip_headers},
+                timeout=aiohttp.ClientTimeout(
+                    total=route.timeouts.total_s,
+                    sock_connect=route.timeouts.connect_s,
+                    sock_read=route.timeouts.idle_s,
+                ),
+                ssl=tls or True,
+            )
+        )
+    return Runtime(RouteTable(config.routes), routes, sources, issuers, dpop_key)
+
+
+def _source(key: CacheKey, issuer: OAuth2Issuer, *, metrics: Metrics, audit: Audit) -> TokenSource:
+    async def fetch() -> Token:
+        return await issuer.fetch(audience=key.audience, scope=key.scope, bound=key.bound)
+
+    return TokenSource(
+        key,
+        fetch,
+        metrics=metrics,
+        audit=audit,
+        refresh_ahead_s=issuer.config.refresh_ahead_s,
+        backoff_max_s=issuer.config.backoff_max_s,
+    )

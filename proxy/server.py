@@ -1,0 +1,175 @@
+"""Process lifecycle: listeners, the admin endpoints, warm-up, signals and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+from pathlib import Path
+from types import TracebackType
+
+import uvloop
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .audit import Audit
+from .config import Address, Config, parse_address
+from .errors import CredentialUnavailable
+from .forwarder import new_session
+from .handler import Handler
+from .log import server_log
+from .metrics import Metrics
+from .runtime import Runtime, build
+
+
+class StartError(Exception):
+    """The sidecar cannot start; the message says what and where."""
+
+
+class Server:
+    """Owns the upstream session, the runtime and the listeners; an async context manager."""
+
+    def __init__(self, config: Config, *, audit: Audit | None = None) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.audit = audit or Audit(config.audit.file)
+        self.draining = False
+        self._runners: list[web.BaseRunner] = []
+        self._runtime: Runtime | None = None
+        self.app_addresses: list[Address] = []
+        self.admin_address: Address | None = None
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    @property
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            raise RuntimeError("server not started")
+        return self._runtime
+
+    async def start(self) -> None:
+        self._session = new_session()
+        self._runtime = build(
+            self.config, session=self._session, metrics=self.metrics, audit=self.audit
+        )
+        if self.config.warm_up:
+            await self._warm_up()
+        handler = Handler(self._runtime, self._session, self.metrics)
+        app_runner = web.ServerRunner(
+            web.Server(handler, access_log=None), shutdown_timeout=self.config.shutdown_timeout_s
+        )
+        await self._setup(app_runner)
+        for value in self.config.listen:
+            self.app_addresses.append(await self._listen(app_runner, parse_address(value)))
+        if self.config.admin:
+            admin_runner = web.AppRunner(self._admin_app(), access_log=None)
+            await self._setup(admin_runner)
+            self.admin_address = await self._listen(admin_runner, parse_address(self.config.admin))
+        server_log.info(
+            "credproxy serving %s; admin %s; %d route(s)",
+            ", ".join(map(str, self.app_addresses)),
+            self.admin_address,
+            len(self._runtime.routes),
+        )
+
+    async def _warm_up(self) -> None:
+        for source in self.runtime.sources.values():
+            source.start()
+        if self.config.on_start_failure != "exit":
+            return
+        for source in self.runtime.sources.values():
+            try:
+                await source.get()
+            except CredentialUnavailable as exc:
+                raise StartError(f"cannot obtain a credential at start: {exc}") from None
+
+    async def _setup(self, runner: web.BaseRunner) -> None:
+        await runner.setup()
+        self._runners.append(runner)
+
+    async def _listen(self, runner: web.BaseRunner, address: Address) -> Address:
+        site: web.BaseSite
+        if address.path:
+            with contextlib.suppress(FileNotFoundError):
+                if Path(address.path).is_socket():
+                    os.unlink(address.path)  # a stale socket from a previous run
+            site = web.UnixSite(runner, address.path)
+            await site.start()
+            os.chmod(address.path, int(self.config.unix_socket_mode, 8))
+            return address
+        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
+        bound = runner.addresses[-1]
+        return Address(host=address.host, port=bound[1])
+
+    def _admin_app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/metrics", self._metrics)
+        app.router.add_get("/healthz", self._healthz)
+        app.router.add_get("/readyz", self._readyz)
+        return app
+
+    async def _metrics(self, request: web.Request) -> web.Response:
+        body = generate_latest(self.metrics.registry)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def _healthz(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": "alive"})
+
+    async def _readyz(self, request: web.Request) -> web.Response:
+        waiting = sorted(
+            route.name
+            for route in self.runtime.routes
+            if self.config.warm_up and not route.source.ready
+        )
+        ready = not self.draining and not waiting
+        body = {"ready": ready, "draining": self.draining, "routes_without_credential": waiting}
+        return web.json_response(body, status=200 if ready else 503)
+
+    async def aclose(self) -> None:
+        self.draining = True
+        for runner in reversed(self._runners):
+            await runner.cleanup()  # stops accepting, then waits for in-flight requests
+        self._runners.clear()
+        if self._runtime is not None:
+            await self._runtime.aclose()
+        if hasattr(self, "_session"):
+            await self._session.close()
+        for address in self.app_addresses:
+            if address.path:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(address.path)
+        self.audit.aclose()
+
+
+async def serve(config: Config) -> None:
+    """Run until SIGTERM or SIGINT, then drain and exit."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with Server(config) as server:
+        await stop.wait()
+        server.draining = True
+        server_log.info(
+            "shutting down: draining in-flight requests (up to %gs)", config.shutdown_timeout_s
+        )
+    server_log.info("stopped")
+
+
+def run(config: Config) -> None:
+    uvloop.run(serve(config))

@@ -1,0 +1,219 @@
+"""The token cache: one ``TokenSource`` per (issuer, audience, scope, binding).
+
+A source fetches its first token when first asked, then refreshes ahead of expiry in the
+background. However many requests wait, one token request is in flight (single-flight); failures
+back off with jitter; a token that is still valid keeps serving while the issuer is down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+from .audit import Audit
+from .dpop import access_token_hash
+from .errors import CredentialUnavailable
+from .log import credentials_log
+from .metrics import Metrics
+from .secret import Secret
+from .tasks import spawn
+
+_BACKOFF_BASE_S = 0.5
+
+
+@dataclass(frozen=True, slots=True)
+class Token:
+    value: Secret
+    token_type: str  # "Bearer" or "DPoP", as the issuer answered
+    lifetime_s: float
+    obtained_at: float = field(default_factory=time.time)
+    obtained_mono: float = field(default_factory=time.monotonic)
+    ath: str = field(init=False)  # DPoP ``ath``, hashed once per token, not per request
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "ath", access_token_hash(self.value.reveal()))
+
+    @property
+    def expires_at(self) -> float:
+        return self.obtained_at + self.lifetime_s
+
+    @property
+    def usable_until_mono(self) -> float:
+        """Stop sending a token shortly before it expires so it is not rejected in flight."""
+        return self.obtained_mono + self.lifetime_s - min(1.0, 0.1 * self.lifetime_s)
+
+
+@dataclass(frozen=True, slots=True)
+class CacheKey:
+    issuer: str
+    audience: str | None
+    scope: str | None
+    bound: bool
+
+    @property
+    def label(self) -> str:
+        """Bounded (config-derived) label for metrics and audit events."""
+        binding = "dpop" if self.bound else "bearer"
+        return f"{self.audience or '-'}|{self.scope or '-'}|{binding}"
+
+
+class TokenSource:
+    def __init__(
+        self,
+        key: CacheKey,
+        fetch: Callable[[], Awaitable[Token]],
+        *,
+        metrics: Metrics,
+        audit: Audit,
+        refresh_ahead_s: float | None = None,
+        backoff_max_s: float = 30.0,
+    ) -> None:
+        self.key = key
+        self._fetch = fetch
+        self._metrics = metrics
+        self._audit = audit
+        self._refresh_ahead_s = refresh_ahead_s
+        self._backoff_max_s = backoff_max_s
+        self._token: Token | None = None
+        self._attempt: asyncio.Future[None] | None = None
+        self._backoff_until = 0.0
+        self._last_failure = ""
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._closed = False
+        self.refreshes = 0
+        self.last_refresh_at: float | None = None
+
+    @property
+    def ready(self) -> bool:
+        token = self._token
+        return token is not None and time.monotonic() < token.usable_until_mono
+
+    def start(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"token source {self.key} is closed")
+        if self._task is None:
+            self._begin_attempt()
+            self._task = spawn(self._run(), name=f"token-source:{self.key.issuer}:{self.key.label}")
+
+    async def get(self) -> Token:
+        token = self._token
+        if token is not None and time.monotonic() < token.usable_until_mono:
+            return token
+        self.start()
+        if self._attempt is None:
+            wait_s = self._backoff_until - time.monotonic()
+            if wait_s > 0:
+                raise self._unavailable(wait_s)
+            self._begin_attempt()
+        assert self._attempt is not None
+        await asyncio.shield(self._attempt)
+        token = self._token
+        if token is not None and time.monotonic() < token.usable_until_mono:
+            return token
+        raise self._unavailable(max(self._backoff_until - time.monotonic(), 1.0))
+
+    def invalidate(self, token: Token) -> None:
+        """The upstream rejected ``token`` (401 invalid_token): fetch a new one now."""
+        if self._token is token:
+            self._token = None
+            if self._attempt is None and time.monotonic() >= self._backoff_until:
+                self._begin_attempt()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+        if self._attempt is not None and not self._attempt.done():
+            self._attempt.set_result(None)
+        self._token = None
+
+    def _begin_attempt(self) -> None:
+        if self._attempt is None:
+            self._attempt = asyncio.get_running_loop().create_future()
+            self._wake.set()
+
+    def _unavailable(self, retry_after_s: float) -> CredentialUnavailable:
+        return CredentialUnavailable(
+            f"no valid credential for issuer {self.key.issuer} ({self.key.label}): "
+            f"{self._last_failure or 'first token request pending'}",
+            retry_after_s=max(1.0, round(retry_after_s)),
+        )
+
+    async def _run(self) -> None:
+        failures = 0
+        labels = (self.key.issuer, self.key.label)
+        while True:
+            self._begin_attempt()
+            self._wake.clear()
+            started = time.monotonic()
+            try:
+                token = await self._fetch()
+            except CredentialUnavailable as exc:
+                failures += 1
+                delay_s = self._backoff_s(failures)
+                self._backoff_until = time.monotonic() + delay_s
+                self._last_failure = str(exc)
+                self._metrics.credential_issued.labels(self.key.issuer, "failure").inc()
+                self._metrics.credential_backoff.labels(*labels).set(delay_s)
+                credentials_log.warning(
+                    "token request failed (attempt %d, next in %.1fs): %s", failures, delay_s, exc
+                )
+                self._finish_attempt()
+                await asyncio.sleep(delay_s)
+                continue
+            failures = 0
+            self._backoff_until = 0.0
+            self._last_failure = ""
+            self._token = token
+            self.refreshes += 1
+            self.last_refresh_at = token.obtained_at
+            self._record(token, time.monotonic() - started)
+            self._finish_attempt()
+            await self._sleep_until_refresh(token)
+
+    def _finish_attempt(self) -> None:
+        attempt, self._attempt = self._attempt, None
+        if attempt is not None and not attempt.done():
+            attempt.set_result(None)
+
+    async def _sleep_until_refresh(self, token: Token) -> None:
+        ahead_s = self._refresh_ahead_s or min(60.0, 0.2 * token.lifetime_s)
+        ahead_s = min(ahead_s, 0.5 * token.lifetime_s)
+        delay_s = token.obtained_mono + token.lifetime_s - ahead_s - time.monotonic()
+        try:
+            await asyncio.wait_for(self._wake.wait(), timeout=max(delay_s, 0.0))
+        except TimeoutError:
+            pass
+
+    def _backoff_s(self, failures: int) -> float:
+        ceiling = min(self._backoff_max_s, _BACKOFF_BASE_S * 2 ** (failures - 1))
+        return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
+
+    def _record(self, token: Token, duration_s: float) -> None:
+        labels = (self.key.issuer, self.key.label)
+        self._metrics.credential_issued.labels(self.key.issuer, "success").inc()
+        self._metrics.credential_refresh_duration.labels(self.key.issuer).observe(duration_s)
+        self._metrics.credential_expiry.labels(*labels).set(token.expires_at)
+        self._metrics.credential_backoff.labels(*labels).set(0)
+        self._audit.emit(
+            "credential.issued" if self.refreshes == 1 else "credential.refreshed",
+            issuer=self.key.issuer,
+            audience=self.key.audience,
+            scope=self.key.scope,
+            binding="dpop" if self.key.bound else "bearer",
+            fingerprint=token.value.fingerprint,
+            expires_at=round(token.expires_at, 3),
+            lifetime_s=token.lifetime_s,
+        )
+        credentials_log.info(
+            "credential %s for issuer %s (%s), lifetime %.0fs",
+            token.value.fingerprint,
+            self.key.issuer,
+            self.key.label,
+            token.lifetime_s,
+        )

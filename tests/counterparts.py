@@ -1,0 +1,435 @@
+"""Real counterparts the tests start on loopback: the oidc-provider IdP (Node), the verifying
+resource server (in a thread), and credproxy itself as a ``credproxy run`` subprocess.
+
+Every credential value any of them sees is entered in ``LEDGER`` for the leak scan, together with
+every log, audit file and response body credproxy produced.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import re
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from proxy.demo.resource_server import Verifier, resource_app
+from proxy.jose import b64url, public_jwk
+
+ROOT = Path(__file__).resolve().parent.parent
+IDP_DIR = ROOT / "tests" / "idp"
+
+
+class LeakLedger:
+    """Every secret seen during the run, and every place credproxy wrote to."""
+
+    def __init__(self) -> None:
+        self.secrets: set[str] = set()
+        self.files: list[Path] = []
+        self.texts: list[tuple[str, str]] = []
+
+    def secret(self, value: str | None) -> None:
+        if value:
+            self.secrets.add(value)
+
+    def output(self, where: str, text: str) -> None:
+        self.texts.append((where, text))
+
+    def hits(self) -> list[str]:
+        sources = [(str(p), p.read_text(errors="replace")) for p in self.files if p.exists()]
+        found = []
+        for where, text in [*sources, *self.texts]:
+            for value in self.secrets:
+                # the JWS signature alone is as damning as the whole value
+                for needle in {value, value.rsplit(".", 1)[-1]}:
+                    if len(needle) >= 16 and needle in text:
+                        found.append(f"{where}: {hashlib.sha256(value.encode()).hexdigest()[:12]}")
+        return found
+
+
+LEDGER = LeakLedger()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_http(url: str, timeout_s: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
+def ec_private_pem() -> tuple[bytes, ec.EllipticCurvePrivateKey]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return pem, key
+
+
+class IdP:
+    """node-oidc-provider on a fixed loopback port; survives stop()/start() with the same keys."""
+
+    CLIENT_ID = "orders-service"
+    LEGACY_CLIENT_ID = "legacy-service"
+
+    def __init__(
+        self, workdir: Path, *, scopes: Iterable[str] = ("payments.read", "payments.write")
+    ):
+        self.workdir = workdir
+        self.port = free_port()
+        self.issuer = f"http://127.0.0.1:{self.port}"
+        self.scopes = list(scopes)
+        self.resources: dict[str, dict[str, Any]] = {}
+        pem, client_key = ec_private_pem()
+        self.client_key_file = workdir / "client.pem"
+        self.client_key_file.write_bytes(pem)
+        self.client_secret_file = workdir / "client_secret.txt"
+        secret = secrets.token_urlsafe(24)
+        self.client_secret_file.write_text(secret + "\n")
+        LEDGER.secret(secret)
+        signing = ec.generate_private_key(ec.SECP256R1())
+        d = signing.private_numbers().private_value.to_bytes(32, "big")
+        self._signing_jwk = {**public_jwk(signing), "d": b64url(d), "kid": "idp-1", "alg": "ES256"}
+        self._client_jwk = {**public_jwk(client_key), "alg": "ES256"}
+        self._legacy_secret = secret
+        self.record_file = workdir / "idp-records.jsonl"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._nonce_secret = secrets.token_hex(32)
+
+    def add_resource(
+        self, audience: str, *, ttl_s: int, scope: str = "payments.read payments.write"
+    ) -> None:
+        self.resources[audience] = {"scope": scope, "ttl_s": ttl_s}
+
+    def start(self) -> None:
+        scope = " ".join(self.scopes)
+        base = {
+            "grant_types": ["client_credentials"],
+            "response_types": [],
+            "redirect_uris": [],
+            "id_token_signed_response_alg": "ES256",
+            "scope": scope,
+        }
+        config = {
+            "port": self.port,
+            "issuer": self.issuer,
+            "scopes": self.scopes,
+            "signing_jwk": self._signing_jwk,
+            "nonce_secret_hex": self._nonce_secret,
+            "resources": self.resources,
+            "record_file": str(self.record_file),
+            "clients": [
+                {
+                    **base,
+                    "client_id": self.CLIENT_ID,
+                    "token_endpoint_auth_method": "private_key_jwt",
+                    "token_endpoint_auth_signing_alg": "ES256",
+                    "jwks": {"keys": [self._client_jwk]},
+                },
+                {
+                    **base,
+                    "client_id": self.LEGACY_CLIENT_ID,
+                    "client_secret": self._legacy_secret,
+                    "token_endpoint_auth_method": "client_secret_basic",
+                },
+            ],
+        }
+        config_file = self.workdir / "idp.json"
+        config_file.write_text(json.dumps(config))
+        log = open(self.workdir / "idp.log", "ab")  # noqa: SIM115 - closed with the process
+        self._process = subprocess.Popen(
+            ["node", "server.mjs", str(config_file)], cwd=IDP_DIR, stdout=log, stderr=log
+        )
+        log.close()
+        _wait_http(self.issuer + "/.well-known/openid-configuration")
+
+    def stop(self) -> None:
+        if self._process is not None:
+            self._process.terminate()
+            self._process.wait(timeout=10)
+            self._process = None
+
+    def stats(self) -> dict[str, Any]:
+        with urllib.request.urlopen(self.issuer + "/__test/stats", timeout=5) as response:
+            return dict(json.load(response))
+
+    def require_nonce(self, on: bool) -> None:
+        request = urllib.request.Request(
+            f"{self.issuer}/__test/require-nonce?on={int(on)}", method="POST"
+        )
+        urllib.request.urlopen(request, timeout=5).close()
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.record_file.exists():
+            return []
+        entries = [json.loads(line) for line in self.record_file.read_text().splitlines()]
+        for entry in entries:
+            for field in ("client_assertion", "dpop", "access_token"):
+                LEDGER.secret(entry.get(field))
+        return entries
+
+
+class ThreadedApp:
+    """An aiohttp application on its own event loop in a thread, on a port bound up front."""
+
+    def __init__(self) -> None:
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self.port = int(self._sock.getsockname()[1])
+        self.origin = f"http://127.0.0.1:{self.port}"
+        self._loop = asyncio.new_event_loop()
+        self._thread: threading.Thread | None = None
+
+    def app(self) -> web.Application:
+        raise NotImplementedError
+
+    def start(self) -> None:
+        ready = threading.Event()
+
+        def serve() -> None:
+            asyncio.set_event_loop(self._loop)
+            runner = web.AppRunner(self.app(), access_log=None)
+            self._loop.run_until_complete(runner.setup())
+            self._loop.run_until_complete(web.SockSite(runner, self._sock).start())
+            self._runner = runner
+            ready.set()
+            self._loop.run_forever()
+            self._loop.run_until_complete(runner.cleanup())
+
+        self._thread = threading.Thread(target=serve, daemon=True, name=type(self).__name__)
+        self._thread.start()
+        ready.wait(10)
+
+    def stop(self) -> None:
+        if self._thread is not None:
+            self._loop.call_soon_threadsafe(self._loop.stop)
+            self._thread.join(10)
+            self._thread = None
+
+
+def _pattern(n: int) -> bytes:
+    return (b"0123456789abcdef" * 4096)[:n]
+
+
+class ResourceServer(ThreadedApp):
+    """The verifying upstream, plus endpoints for streaming, scrubbing and redirect tests."""
+
+    def __init__(self, idp: IdP, *, accept_bearer: bool = True) -> None:
+        super().__init__()
+        self.idp = idp
+        self.audience = self.origin
+        self.short_audience = self.origin + "/short-lived"
+        self.uploads: list[dict[str, Any]] = []
+
+        async def jwks() -> dict[str, Any]:
+            async with aiohttp.ClientSession() as session:
+                async with session.get(idp.issuer + "/jwks") as response:
+                    return dict(await response.json())
+
+        self.verifier = Verifier(
+            issuer=idp.issuer,
+            audience=[self.audience, self.short_audience],
+            jwks=jwks,
+            origin=self.origin,
+            accept_bearer=accept_bearer,
+        )
+
+    def seen(self) -> list[tuple[str, str]]:
+        pairs = list(self.verifier.seen)
+        for token, proof in pairs:
+            LEDGER.secret(token)
+            LEDGER.secret(proof)
+        return pairs
+
+    def app(self) -> web.Application:
+        routes = web.RouteTableDef()
+
+        @routes.post("/api/upload")
+        async def upload(request: web.Request) -> web.Response:
+            digest, size = hashlib.sha256(), 0
+            async for chunk in request.content.iter_any():
+                digest.update(chunk)
+                size += len(chunk)
+            self.uploads.append({"bytes": size, "sha256": digest.hexdigest()})
+            return web.json_response(self.uploads[-1])
+
+        @routes.get("/api/download")
+        async def download(request: web.Request) -> web.StreamResponse:
+            total = int(request.query["bytes"])
+            response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+            response.content_length = total
+            await response.prepare(request)
+            block = _pattern(65536)
+            sent = 0
+            while sent < total:
+                piece = block[: min(len(block), total - sent)]
+                await response.write(piece)
+                sent += len(piece)
+            await response.write_eof()
+            return response
+
+        @routes.get("/api/echo-credential")
+        async def echo_credential(request: web.Request) -> web.Response:
+            token = request.headers["Authorization"].partition(" ")[2]
+            # split across the body so scrubbing must work across chunk boundaries
+            return web.Response(
+                text=f"you sent me {token} and again {token}",
+                headers={"X-Echo": f"token={token}"},
+            )
+
+        @routes.get("/api/redirect")
+        async def redirect(request: web.Request) -> web.Response:
+            return web.Response(status=302, headers={"Location": "http://127.0.0.2:9/stolen"})
+
+        @routes.get("/api/hop-by-hop")
+        async def hop(request: web.Request) -> web.Response:
+            return web.Response(
+                text="ok",
+                headers={"Connection": "X-Upstream-Hop", "X-Upstream-Hop": "1", "X-Kept": "1"},
+            )
+
+        return resource_app(self.verifier, routes)
+
+
+class Credproxy:
+    """``credproxy run`` as a subprocess, its log captured to a file, ports learned from the log."""
+
+    def __init__(self, workdir: Path, config_text: str, name: str = "credproxy") -> None:
+        self.workdir = workdir
+        self.config_file = workdir / f"{name}.yaml"
+        self.log_file = workdir / f"{name}.log"
+        self.audit_file = workdir / f"{name}-audit.jsonl"
+        self.config_file.write_text(config_text.replace("{audit}", str(self.audit_file)))
+        self.process: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.admin_url = ""
+        LEDGER.files.extend([self.log_file, self.audit_file])
+
+    def start(self, *, expect_ready: bool = True, timeout_s: float = 20) -> Credproxy:
+        log = open(self.log_file, "ab")  # noqa: SIM115 - closed with the process
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "proxy", "run", "-c", str(self.config_file)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+        )
+        log.close()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            match = re.search(r"credproxy serving (\S+?); admin (\S+?);", self.log())
+            if match:
+                self.url = "http://" + match[1].split(",")[0]
+                self.admin_url = "http://" + match[2]
+                break
+            if self.process.poll() is not None:
+                break
+            time.sleep(0.05)
+        else:
+            raise TimeoutError(f"credproxy did not start:\n{self.log()}")
+        if expect_ready and not self.url:
+            raise RuntimeError(f"credproxy exited {self.process.returncode}:\n{self.log()}")
+        return self
+
+    def log(self) -> str:
+        return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
+
+    def rss_bytes(self) -> int:
+        assert self.process is not None
+        status = Path(f"/proc/{self.process.pid}/status").read_text()
+        return int(re.search(r"VmRSS:\s+(\d+) kB", status)[1]) * 1024  # type: ignore[index]
+
+    def stop(self, timeout_s: float = 15) -> int:
+        if self.process is None:
+            return 0
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            code = self.process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            code = self.process.wait()
+        self.process = None
+        return code
+
+
+def config(
+    *,
+    idp: IdP,
+    upstream: str,
+    audience: str,
+    inject: str = "dpop",
+    client_auth: str = "private_key_jwt",
+    extra_route: str = "",
+    extra_issuer: str = "",
+    top: str = "",
+) -> str:
+    """A credproxy config for the test counterparts; ``{audit}`` is filled in by ``Credproxy``."""
+    credential_file = (
+        f"client_key_file: {idp.client_key_file}"
+        if client_auth == "private_key_jwt"
+        else f"client_secret_file: {idp.client_secret_file}"
+    )
+    client_id = IdP.CLIENT_ID if client_auth == "private_key_jwt" else IdP.LEGACY_CLIENT_ID
+    return f"""\
+listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+issuers:
+  test-idp:
+    type: oauth2
+    issuer_url: {idp.issuer}
+    client_id: {client_id}
+    client_auth: {client_auth}
+    {credential_file}
+{extra_issuer}
+routes:
+  - name: payments
+    path_prefix: /payments/
+    upstream: {upstream}
+    strip_headers: [X-Api-Key]
+    credential: {{issuer: test-idp, audience: "{audience}", scope: payments.write, inject: {inject}}}
+{extra_route}
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+{top}
+"""
+
+
+def wait_until(predicate: Callable[[], bool], timeout_s: float = 10, what: str = "") -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what or predicate}")
+        time.sleep(0.05)
+
+
+def environment_ok() -> None:
+    """Fail loudly (never skip) when the test IdP was not installed by scripts/setup --idp."""
+    if not (IDP_DIR / "node_modules" / "oidc-provider").is_dir():
+        raise RuntimeError("tests/idp/node_modules missing: run scripts/setup --idp (npm ci)")
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")

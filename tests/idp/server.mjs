@@ -1,0 +1,79 @@
+// The test suite's OpenID provider: node-oidc-provider configured for client_credentials with
+// private_key_jwt (and a legacy client_secret client), DPoP, and JWT access tokens per resource.
+// Started by tests/counterparts.py with a JSON config file; test-only endpoints under /__test/.
+import fs from 'node:fs';
+import Provider, { errors } from 'oidc-provider';
+
+const cfg = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
+const stats = { token_requests: 0, token_issued: 0, dpop_bound: 0 };
+let requireNonce = Boolean(cfg.require_nonce);
+const record = (entry) => fs.appendFileSync(cfg.record_file, `${JSON.stringify(entry)}\n`);
+
+const provider = new Provider(cfg.issuer, {
+  clients: cfg.clients,
+  jwks: { keys: [cfg.signing_jwk] },
+  scopes: ['openid', ...cfg.scopes],
+  features: {
+    devInteractions: { enabled: false },
+    clientCredentials: { enabled: true },
+    revocation: { enabled: true },
+    dPoP: {
+      enabled: true,
+      nonceSecret: Buffer.from(cfg.nonce_secret_hex, 'hex'),
+      requireNonce: () => requireNonce,
+    },
+    resourceIndicators: {
+      enabled: true,
+      defaultResource: () => undefined,
+      useGrantedResource: () => true,
+      getResourceServerInfo: (ctx, indicator) => {
+        const rs = cfg.resources[indicator];
+        if (!rs) throw new errors.InvalidTarget();
+        return {
+          scope: rs.scope,
+          audience: indicator,
+          accessTokenTTL: rs.ttl_s,
+          accessTokenFormat: 'jwt',
+          jwt: { sign: { alg: 'ES256' } },
+        };
+      },
+    },
+  },
+  enabledJWA: {
+    clientAuthSigningAlgValues: ['ES256', 'EdDSA', 'RS256'],
+    dPoPSigningAlgValues: ['ES256', 'EdDSA'],
+  },
+});
+
+provider.use(async (ctx, next) => {
+  if (ctx.path === '/__test/stats') {
+    ctx.body = { ...stats, require_nonce: requireNonce };
+    return;
+  }
+  if (ctx.path === '/__test/require-nonce' && ctx.method === 'POST') {
+    requireNonce = ctx.query.on === '1';
+    ctx.body = { require_nonce: requireNonce };
+    return;
+  }
+  const isToken = ctx.path === '/token' && ctx.method === 'POST';
+  if (isToken) stats.token_requests += 1;
+  await next();
+  if (!isToken) return;
+  const params = ctx.oidc?.params ?? {};
+  const issued = ctx.status === 200 && ctx.body?.access_token;
+  if (issued) {
+    stats.token_issued += 1;
+    if (ctx.body.token_type === 'DPoP') stats.dpop_bound += 1;
+  }
+  record({
+    status: ctx.status,
+    error: ctx.body?.error,
+    client_assertion: params.client_assertion,
+    dpop: ctx.get('dpop') || undefined,
+    access_token: issued ? ctx.body.access_token : undefined,
+  });
+});
+
+provider.listen(cfg.port, '127.0.0.1', () => {
+  console.log(`oidc-provider listening on ${cfg.issuer}`);
+});
