@@ -342,7 +342,7 @@ class Credproxy:
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            match = re.search(r"credproxy serving (\S+?); admin (\S+?);", self.log())
+            match = re.search(r"credproxy serving (.+?); admin (\S+?);", self.log())
             if match:
                 self.url = "http://" + match[1].split(",")[0]
                 self.admin_url = "http://" + match[2]

@@ -40,6 +40,7 @@ class Verifier:
         self.require_nonce = False
         self.nonce = secrets.token_urlsafe(16)
         self.seen: deque[tuple[str, str]] = deque(maxlen=100_000)  # (token, proof) received
+        self.revoked: set[str] = set()  # tokens this server has learned are revoked
         self.accepted = 0
         self._jwks_loader = jwks
         self._keys: dict[str, Any] = {}
@@ -78,6 +79,8 @@ class Verifier:
         return claims
 
     async def _token_claims(self, token: str) -> dict[str, Any]:
+        if token in self.revoked:
+            raise Rejected("invalid_token", "access token revoked")
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:

@@ -19,6 +19,7 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
+from multidict import CIMultiDict
 from yarl import URL
 
 from ..config import OAuth2Issuer as OAuth2Config
@@ -211,14 +212,14 @@ class OAuth2Issuer:
 
     async def _call(
         self, method: str, url: str, **kwargs: Any
-    ) -> tuple[int, bytes, dict[str, str]]:
+    ) -> tuple[int, bytes, CIMultiDict[str]]:
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
         try:
             async with self._session.request(
                 method, url, timeout=timeout, ssl=self._ssl, allow_redirects=False, **kwargs
             ) as response:
                 body = await _read_limited(response)
-                return response.status, body, dict(response.headers)
+                return response.status, body, response.headers.copy()
         except TimeoutError:
             raise self._error(
                 f"{url} did not answer within {self.config.request_timeout_s:g}s"

@@ -1,0 +1,396 @@
+"""End to end through a running ``credproxy run``: app → credproxy → oidc-provider + verifying
+resource server, all real, all on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+
+import aiohttp
+import pytest
+
+from tests.counterparts import LEDGER, config, wait_until
+
+
+def _proxy_config(idp, upstream, **kwargs):
+    return config(idp=idp, upstream=upstream.origin, audience=upstream.audience, **kwargs)
+
+
+async def test_app_request_is_accepted_by_verifying_resource_server(
+    idp, upstream, credproxy, client
+):
+    """The app's plain request arrives with a DPoP-bound token and a valid proof, path and query intact."""
+    proc = credproxy(_proxy_config(idp, upstream))
+    from yarl import URL
+
+    target = URL(proc.url + "/payments/v1/charges?limit=2&x=%2Fy", encoded=True)
+    async with client.get(target) as response:
+        body = await response.json()
+    assert response.status == 200, body
+    assert body["authorization_schemes"] == ["DPoP"]
+    assert body["path"] == "/v1/charges" and body["query"] == "limit=2&x=%2Fy"
+    assert body["client_id"] == "orders-service" and body["scope"] == "payments.write"
+    assert body["jkt"]
+
+
+async def test_app_credentials_and_hop_by_hop_headers_are_not_forwarded(
+    idp, upstream, credproxy, client
+):
+    """App-supplied Authorization, Proxy-Authorization, DPoP, configured and hop-by-hop headers never reach the upstream."""
+    proc = credproxy(_proxy_config(idp, upstream))
+    headers = {
+        "Authorization": "Bearer app-held-secret-1",
+        "Proxy-Authorization": "Basic app-held-secret-2",
+        "DPoP": "app-held-secret-3",
+        "X-Api-Key": "app-held-secret-4",
+        "Connection": "keep-alive, X-Private-Hop",
+        "X-Private-Hop": "app-held-secret-5",
+        "TE": "trailers",
+        "X-Kept": "visible",
+    }
+    async with client.get(proc.url + "/payments/v1/me", headers=headers) as response:
+        body = await response.json()
+    assert response.status == 200, body
+    assert body["authorization_schemes"] == ["DPoP"]
+    forwarded = json.dumps(body["headers"])
+    assert "app-held-secret" not in forwarded
+    names = {name.lower() for name, _ in body["headers"]}
+    assert {"proxy-authorization", "x-api-key", "x-private-hop", "te"}.isdisjoint(names)
+    assert ["X-Kept", "visible"] in body["headers"]
+    assert not any(name.lower().startswith("x-forwarded") for name in names)
+
+
+async def test_response_hop_by_hop_headers_are_removed(idp, upstream, credproxy, client):
+    """Headers the upstream lists in Connection are dropped from the response; others pass."""
+    proc = credproxy(_proxy_config(idp, upstream, top="warm_up: true"))
+    async with client.get(proc.url + "/payments/api/hop-by-hop") as response:
+        assert response.status == 200
+        assert "X-Upstream-Hop" not in response.headers
+        assert response.headers["X-Kept"] == "1"
+
+
+async def test_captured_token_and_proof_are_useless_without_sidecar_key(
+    idp, upstream, credproxy, client
+):
+    """A token and proof copied at the resource server cannot be replayed: as bearer, without proof, with the used proof, or with a proof from another key."""
+    from proxy.dpop import DPoPKey, access_token_hash
+
+    proc = credproxy(_proxy_config(idp, upstream))
+    async with client.get(proc.url + "/payments/v1/charges") as response:
+        assert response.status == 200
+    token, proof = upstream.seen()[-1]
+    target = upstream.origin + "/v1/charges"
+    attacker_key = DPoPKey()
+    attempts = {
+        "as bearer": {"Authorization": f"Bearer {token}"},
+        "without proof": {"Authorization": f"DPoP {token}"},
+        "replayed proof": {"Authorization": f"DPoP {token}", "DPoP": proof},
+        "attacker's own proof": {
+            "Authorization": f"DPoP {token}",
+            "DPoP": attacker_key.proof("GET", target, ath=access_token_hash(token)),
+        },
+    }
+    for what, headers in attempts.items():
+        async with client.get(target, headers=headers) as response:
+            assert response.status == 401, what
+            assert "invalid" in response.headers["WWW-Authenticate"], what
+
+
+async def test_each_request_gets_a_fresh_proof(idp, upstream, credproxy, client):
+    """Ten requests carry ten distinct proofs (distinct jti) with one token."""
+    proc = credproxy(_proxy_config(idp, upstream))
+    before = len(upstream.seen())
+    for _ in range(10):
+        async with client.post(proc.url + "/payments/v1/charges", data=b"{}") as response:
+            assert response.status == 200
+    pairs = upstream.seen()[before:]
+    assert len({proof for _, proof in pairs}) == 10
+    assert len({token for token, _ in pairs}) == 1
+
+
+async def test_200_concurrent_cold_requests_cause_one_token_request(idp, upstream, credproxy):
+    """With no cached token, 200 concurrent requests produce exactly one token request at the IdP."""
+    proc = credproxy(_proxy_config(idp, upstream, top="warm_up: false"))
+    before = idp.stats()["token_requests"]
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+
+        async def one() -> int:
+            async with client.get(proc.url + "/payments/v1/charges") as response:
+                await response.read()
+                return response.status
+
+        statuses = await asyncio.gather(*(one() for _ in range(200)))
+    assert statuses == [200] * 200
+    assert idp.stats()["token_requests"] - before == 1
+
+
+async def test_short_lived_tokens_refresh_ahead_under_steady_traffic(
+    idp, upstream, credproxy, client
+):
+    """5 s tokens over 30 s of steady traffic: no failed request, one refresh per ~4 s."""
+    proc = credproxy(config(idp=idp, upstream=upstream.origin, audience=upstream.short_audience))
+    before = idp.stats()["token_requests"]
+    started = time.monotonic()
+    statuses: list[int] = []
+    while time.monotonic() - started < 30:
+        async with client.get(proc.url + "/payments/v1/charges") as response:
+            statuses.append(response.status)
+        await asyncio.sleep(0.05)
+    token_requests = idp.stats()["token_requests"] - before
+    assert statuses and set(statuses) == {200}, f"{statuses.count(200)}/{len(statuses)} ok"
+    # refresh ahead = min(60, 20 % of 5 s) = 1 s → one token per 4 s → 7 or 8 in 30 s
+    assert 6 <= token_requests <= 9, token_requests
+    tokens = {token for token, _ in upstream.seen()[-len(statuses) :]}
+    assert len(tokens) >= 6
+
+
+async def test_idp_nonce_requirement_is_met_with_one_retry(idp, upstream, credproxy, client):
+    """When the IdP demands a DPoP nonce, the token request is retried once with it and succeeds."""
+    idp.require_nonce(True)
+    try:
+        before = len(idp.records())
+        proc = credproxy(_proxy_config(idp, upstream))
+        async with client.get(proc.url + "/payments/v1/charges") as response:
+            assert response.status == 200
+        attempts = idp.records()[before:]
+    finally:
+        idp.require_nonce(False)
+    assert [(a["status"], a.get("error")) for a in attempts] == [
+        (400, "use_dpop_nonce"),
+        (200, None),
+    ]
+
+
+async def test_resource_server_nonce_is_honoured_with_one_retry(idp, upstream, credproxy, client):
+    """A 401 use_dpop_nonce from the upstream is answered by exactly one replay carrying the nonce."""
+    proc = credproxy(_proxy_config(idp, upstream))
+    async with client.get(proc.url + "/payments/v1/warm") as response:
+        assert response.status == 200
+    upstream.verifier.require_nonce = True
+    try:
+        before = len(upstream.seen())
+        async with client.post(proc.url + "/payments/v1/charges", json={"n": 1}) as response:
+            assert response.status == 200
+            assert (await response.json())["method"] == "POST"
+        assert len(upstream.seen()) - before == 2  # the refused attempt and the replay
+        async with client.get(proc.url + "/payments/v1/again") as response:
+            assert response.status == 200
+        assert len(upstream.seen()) - before == 3  # the stored nonce is reused: no retry
+    finally:
+        upstream.verifier.require_nonce = False
+    async with client.get(proc.admin_url + "/metrics") as response:
+        metrics = await response.text()
+    assert (
+        'credproxy_credential_retries_total{reason="use_dpop_nonce",route="payments"} 1.0'
+        in metrics
+    )
+
+
+async def test_invalid_token_triggers_one_refresh_and_replay(idp, upstream, credproxy, client):
+    """After the upstream rejects the token as invalid, credproxy fetches a new one and replays once."""
+    proc = credproxy(_proxy_config(idp, upstream))
+    async with client.get(proc.url + "/payments/v1/warm") as response:
+        assert response.status == 200
+    old_token = upstream.seen()[-1][0]
+    upstream.verifier.revoked.add(old_token)
+    before = idp.stats()["token_requests"]
+    async with client.put(proc.url + "/payments/v1/charges/1", data=b"small body") as response:
+        assert response.status == 200
+    assert idp.stats()["token_requests"] - before == 1
+    assert upstream.seen()[-1][0] != old_token
+
+
+async def test_token_echo_is_scrubbed_from_response(idp, upstream, credproxy, client):
+    """An upstream echoing the injected token in headers and body shows the app only a mask."""
+    proc = credproxy(_proxy_config(idp, upstream))
+    async with client.get(proc.url + "/payments/api/echo-credential") as response:
+        text = await response.text()
+        echo_header = response.headers["X-Echo"]
+    token = upstream.seen()[-1][0]
+    assert token not in text and token not in echo_header
+    assert text.count("*" * len(token)) == 2
+    assert int(response.headers["Content-Length"]) == len(text)
+
+
+async def test_redirects_are_returned_not_followed(idp, upstream, credproxy, client):
+    """A 302 from the upstream goes back to the app; credproxy does not follow it with a credential."""
+    proc = credproxy(_proxy_config(idp, upstream))
+    async with client.get(proc.url + "/payments/api/redirect", allow_redirects=False) as response:
+        assert response.status == 302
+        assert response.headers["Location"] == "http://127.0.0.2:9/stolen"
+
+
+async def test_bearer_injection_and_legacy_client_secret(idp, upstream, credproxy, client):
+    """A bearer route with client_secret authentication gets an unbound token the upstream accepts."""
+    proc = credproxy(_proxy_config(idp, upstream, inject="bearer", client_auth="client_secret"))
+    async with client.get(proc.url + "/payments/v1/charges") as response:
+        body = await response.json()
+    assert response.status == 200, body
+    assert body["authorization_schemes"] == ["Bearer"]
+    assert body["client_id"] == "legacy-service" and body["jkt"] is None
+
+
+async def test_host_routing_and_kept_prefix(idp, upstream, credproxy, client):
+    """A Host-routed route keeps the path whole; a prefix route strips it; unknown → 404 problem."""
+    extra = f"""\
+  - name: by-host
+    host: payments.local
+    upstream: {upstream.origin}
+    credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.read}}
+  - name: kept
+    path_prefix: /keep/
+    strip_prefix: false
+    upstream: {upstream.origin}/base
+    credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.read}}
+"""
+    proc = credproxy(_proxy_config(idp, upstream, extra_route=extra))
+    async with client.get(proc.url + "/x/y", headers={"Host": "payments.local:15001"}) as response:
+        assert (await response.json())["path"] == "/x/y"
+    async with client.get(proc.url + "/keep/z") as response:
+        assert (await response.json())["path"] == "/base/keep/z"
+    async with client.get(proc.url + "/nowhere") as response:
+        problem = await response.json()
+        LEDGER.output("problem body", json.dumps(problem))
+        assert response.status == 404
+        assert response.content_type == "application/problem+json"
+        assert problem["code"] == "route_not_found" and problem["type"].endswith("route_not_found")
+
+
+async def test_connect_and_absolute_form_are_refused(idp, upstream, credproxy):
+    """CONNECT and absolute-form targets get clear problem answers, not a tunnel or an open proxy."""
+    proc = credproxy(_proxy_config(idp, upstream))
+    host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+    for request_line, status, code in [
+        ("CONNECT example.com:443 HTTP/1.1", 405, "method_not_allowed"),
+        ("GET http://example.com/payments/x HTTP/1.1", 400, "forward_proxy_not_supported"),
+    ]:
+        reader, writer = await asyncio.open_connection(host, int(port))
+        writer.write(f"{request_line}\r\nHost: example.com\r\nConnection: close\r\n\r\n".encode())
+        raw = await reader.read()
+        writer.close()
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert head.startswith(f"HTTP/1.1 {status}".encode()), head
+        assert json.loads(body)["code"] == code
+
+
+async def test_upstream_unreachable_is_502_problem(idp, upstream, credproxy, client):
+    """A refused upstream connection becomes 502 upstream_unreachable, and the proxy keeps serving."""
+    from tests.counterparts import free_port
+
+    dead = f"http://127.0.0.1:{free_port()}"
+    extra = f"""\
+  - name: dead
+    path_prefix: /dead/
+    upstream: {dead}
+    credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.read}}
+"""
+    proc = credproxy(_proxy_config(idp, upstream, extra_route=extra))
+    async with client.get(proc.url + "/dead/x") as response:
+        problem = await response.json()
+        assert response.status == 502 and problem["code"] == "upstream_unreachable"
+        assert problem["route"] == "dead"
+    async with client.get(proc.url + "/payments/x") as response:
+        assert response.status == 200
+
+
+async def test_unix_socket_listener(idp, upstream, credproxy, tmp_path):
+    """The app can reach credproxy over a Unix socket created with the configured mode."""
+    import os
+    import stat
+
+    socket_path = tmp_path / "app.sock"
+    text = (
+        _proxy_config(idp, upstream).replace(
+            "listen: 127.0.0.1:0", f"listen: [127.0.0.1:0, 'unix:{socket_path}']"
+        )
+        + "unix_socket_mode: '0600'\n"
+    )
+    credproxy(text)
+    assert stat.S_IMODE(os.stat(socket_path).st_mode) == 0o600
+    async with aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(socket_path))) as app:
+        async with app.get("http://localhost/payments/v1/charges") as response:
+            assert response.status == 200
+            assert (await response.json())["authorization_schemes"] == ["DPoP"]
+
+
+async def test_metrics_and_readiness(idp, upstream, credproxy, client):
+    """/readyz is ready with a credential; /metrics counts requests and exposes the token expiry."""
+    proc = credproxy(_proxy_config(idp, upstream))
+    async with client.get(proc.admin_url + "/readyz") as response:
+        assert response.status == 200
+        assert (await response.json()) == {
+            "ready": True,
+            "draining": False,
+            "routes_without_credential": [],
+        }
+    async with client.get(proc.url + "/payments/v1/charges") as response:
+        assert response.status == 200
+    async with client.get(proc.url + "/missing") as response:
+        assert response.status == 404
+    async with client.get(proc.admin_url + "/healthz") as response:
+        assert response.status == 200
+    async with client.get(proc.admin_url + "/metrics") as response:
+        metrics = await response.text()
+    LEDGER.output("metrics", metrics)
+    assert 'credproxy_requests_total{code="200",outcome="proxied",route="payments"} 1.0' in metrics
+    assert 'credproxy_requests_total{code="404",outcome="route_not_found",route="-"} 1.0' in metrics
+    assert 'credproxy_denied_total{reason="route_not_found"} 1.0' in metrics
+    assert 'credproxy_credential_issued_total{issuer="test-idp",outcome="success"} 1.0' in metrics
+    expiry = [
+        line
+        for line in metrics.splitlines()
+        if line.startswith("credproxy_credential_expiry_seconds{")
+    ]
+    assert len(expiry) == 1 and float(expiry[0].split()[-1]) > time.time() + 30
+    assert "credproxy_request_duration_seconds_bucket" in metrics
+    assert "credproxy_upstream_duration_seconds_count" in metrics
+
+
+async def test_readiness_false_while_no_credential(idp, upstream, credproxy, client):
+    """With the IdP refusing the client, /readyz is 503 naming the route and requests get 503 problem."""
+    text = _proxy_config(idp, upstream).replace(
+        f"client_id: {idp.CLIENT_ID}", "client_id: unknown-client"
+    )
+    proc = credproxy(text)
+    async with client.get(proc.admin_url + "/readyz") as response:
+        assert response.status == 503
+        assert (await response.json())["routes_without_credential"] == ["payments"]
+    async with client.get(proc.url + "/payments/v1/charges") as response:
+        problem = await response.json()
+        assert response.status == 503 and problem["code"] == "credential_unavailable"
+        assert int(response.headers["Retry-After"]) >= 1
+    wait_until(lambda: "invalid_client" in proc.log(), what="the IdP's refusal in the log")
+
+
+def test_unreachable_idp_with_exit_policy_fails_start(idp, upstream, credproxy):
+    """on_start_failure: exit makes an unreachable IdP a start failure naming the issuer."""
+    from tests.counterparts import free_port
+
+    text = _proxy_config(idp, upstream, top="on_start_failure: exit").replace(
+        idp.issuer, f"http://127.0.0.1:{free_port()}"
+    )
+    proc = credproxy(text, expect_ready=False)
+    assert proc.process is not None and proc.process.wait(timeout=30) == 1
+    assert "cannot start" in proc.log() and "issuers.test-idp" in proc.log()
+
+
+def test_missing_key_file_fails_start_naming_the_path(idp, upstream, credproxy, tmp_path):
+    """A missing client_key_file stops the start with the config path and the file named."""
+    missing = tmp_path / "nope.pem"
+    text = _proxy_config(idp, upstream).replace(str(idp.client_key_file), str(missing))
+    proc = credproxy(text, expect_ready=False)
+    assert proc.process is not None and proc.process.wait(timeout=30) == 1
+    assert f"issuers.test-idp.client_key_file: {missing} does not exist" in proc.log()
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_signal_stops_cleanly(idp, upstream, credproxy, signal_name):
+    """SIGTERM and SIGINT drain and exit 0."""
+    import signal as signals
+
+    proc = credproxy(_proxy_config(idp, upstream))
+    assert proc.process is not None
+    proc.process.send_signal(getattr(signals, signal_name))
+    assert proc.process.wait(timeout=20) == 0
+    assert "stopped" in proc.log()
