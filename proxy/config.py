@@ -201,20 +201,27 @@ def parse_address(value: str) -> Address:
     return Address(host=match[1], port=int(match[2]))
 
 
-def _cross_checks(config: Config) -> list[str]:
-    """Checks that span sections; pydantic has already checked each section's shape."""
+def _items(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _cross_checks(data: dict[str, Any]) -> list[str]:
+    """Checks that span sections. They read the raw document, defensively, so they run (and
+    report) even when pydantic found shape errors elsewhere: all errors come at once."""
     errors: list[str] = []
+    allow_remote = data.get("allow_non_loopback") is True
     addresses: dict[str, str] = {}
-    for where, value in [
-        *((f"listen[{i}]", v) for i, v in enumerate(config.listen)),
-        *([("admin", config.admin)] if config.admin else []),
-    ]:
+    listen = [(f"listen[{i}]", v) for i, v in enumerate(_items(data.get("listen", [])))]
+    admin = [("admin", data["admin"])] if isinstance(data.get("admin"), str) else []
+    for where, value in [*listen, *admin]:
+        if not isinstance(value, str):
+            continue  # pydantic reports the type
         try:
             address = parse_address(value)
         except ValueError as exc:
             errors.append(f"{where}: {exc}")
             continue
-        if address.host and not is_loopback(address.host) and not config.allow_non_loopback:
+        if address.host and not is_loopback(address.host) and not allow_remote:
             errors.append(
                 f"{where}: '{value}' is not a loopback address; credproxy serves only the local "
                 "workload unless allow_non_loopback: true is set"
@@ -222,25 +229,34 @@ def _cross_checks(config: Config) -> list[str]:
         if str(address) in addresses and address.port != 0:
             errors.append(f"{where}: '{value}' is already used by {addresses[str(address)]}")
         addresses[str(address)] = where
+    raw_issuers = data.get("issuers")
+    issuers: dict[Any, Any] = raw_issuers if isinstance(raw_issuers, dict) else {}
     seen_names: dict[str, int] = {}
     seen_matches: dict[tuple[str | None, str | None], int] = {}
-    for i, route in enumerate(config.routes):
-        if route.name in seen_names:
-            errors.append(
-                f"routes[{i}].name: '{route.name}' is also routes[{seen_names[route.name]}]"
-            )
-        seen_names.setdefault(route.name, i)
-        match = (route.host.lower() if route.host else None, route.path_prefix)
+    raw_routes = data.get("routes")
+    routes: list[Any] = raw_routes if isinstance(raw_routes, list) else []
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("name")
+        if isinstance(name, str) and name in seen_names:
+            errors.append(f"routes[{i}].name: '{name}' is also routes[{seen_names[name]}]")
+        if isinstance(name, str):
+            seen_names.setdefault(name, i)
+        host = route.get("host")
+        match = (host.lower() if isinstance(host, str) else None, route.get("path_prefix"))
         if match in seen_matches:
             errors.append(
                 f"routes[{i}]: host and path_prefix are the same as routes[{seen_matches[match]}]; "
                 "the second route could never match"
             )
         seen_matches.setdefault(match, i)
-        if route.credential.issuer not in config.issuers:
-            known = ", ".join(sorted(config.issuers)) or "none"
+        credential = route.get("credential")
+        issuer = credential.get("issuer") if isinstance(credential, dict) else None
+        if isinstance(issuer, str) and issuer not in issuers:
+            known = ", ".join(sorted(map(str, issuers))) or "none"
             errors.append(
-                f"routes[{i}].credential.issuer: '{route.credential.issuer}' is not defined "
+                f"routes[{i}].credential.issuer: '{issuer}' is not defined "
                 f"under issuers (defined: {known})"
             )
     return errors
@@ -319,11 +335,12 @@ def parse(text: str, *, source: str = "<config>") -> Config:
         raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping of keys (listen, routes…)"])
+    errors = _cross_checks(data)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_errors(exc)) from None
-    if errors := _cross_checks(config):
+        raise ConfigError(_format_errors(exc) + errors) from None
+    if errors:
         raise ConfigError(errors)
     return config
 

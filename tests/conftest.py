@@ -37,6 +37,7 @@ def credproxy(tmp_path: Path) -> Iterator[Callable[..., Credproxy]]:
     started: list[Credproxy] = []
 
     def start(config_text: str, *, expect_ready: bool = True, name: str = "credproxy") -> Credproxy:
+        """``expect_ready=False``: return once listening (or exited), without waiting for /readyz."""
         proc = Credproxy(tmp_path, config_text, name=name).start(expect_ready=expect_ready)
         started.append(proc)
         return proc

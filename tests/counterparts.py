@@ -314,7 +314,15 @@ class ResourceServer(ThreadedApp):
                 headers={"Connection": "X-Upstream-Hop", "X-Upstream-Hop": "1", "X-Kept": "1"},
             )
 
-        return resource_app(self.verifier, routes)
+        app = resource_app(self.verifier, routes)
+
+        async def load_keys(_: web.Application) -> None:
+            await (
+                self.verifier.load_keys()
+            )  # like a real RS: keys cached before the IdP may go away
+
+        app.on_startup.append(load_keys)
+        return app
 
 
 class Credproxy:
@@ -332,6 +340,7 @@ class Credproxy:
         LEDGER.files.extend([self.log_file, self.audit_file])
 
     def start(self, *, expect_ready: bool = True, timeout_s: float = 20) -> Credproxy:
+        """Start and wait for the listeners; with ``expect_ready`` also for ``/readyz`` = 200."""
         log = open(self.log_file, "ab")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
             [sys.executable, "-m", "proxy", "run", "-c", str(self.config_file)],
@@ -352,8 +361,10 @@ class Credproxy:
             time.sleep(0.05)
         else:
             raise TimeoutError(f"credproxy did not start:\n{self.log()}")
-        if expect_ready and not self.url:
-            raise RuntimeError(f"credproxy exited {self.process.returncode}:\n{self.log()}")
+        if expect_ready:
+            if not self.url:
+                raise RuntimeError(f"credproxy exited {self.process.returncode}:\n{self.log()}")
+            _wait_http(self.admin_url + "/readyz", timeout_s)
         return self
 
     def log(self) -> str:

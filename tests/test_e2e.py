@@ -352,7 +352,8 @@ async def test_readiness_false_while_no_credential(idp, upstream, credproxy, cli
     text = _proxy_config(idp, upstream).replace(
         f"client_id: {idp.CLIENT_ID}", "client_id: unknown-client"
     )
-    proc = credproxy(text)
+    proc = credproxy(text, expect_ready=False)
+    wait_until(lambda: "invalid_client" in proc.log(), what="the IdP's refusal in the log")
     async with client.get(proc.admin_url + "/readyz") as response:
         assert response.status == 503
         assert (await response.json())["routes_without_credential"] == ["payments"]
@@ -360,7 +361,6 @@ async def test_readiness_false_while_no_credential(idp, upstream, credproxy, cli
         problem = await response.json()
         assert response.status == 503 and problem["code"] == "credential_unavailable"
         assert int(response.headers["Retry-After"]) >= 1
-    wait_until(lambda: "invalid_client" in proc.log(), what="the IdP's refusal in the log")
 
 
 def test_unreachable_idp_with_exit_policy_fails_start(idp, upstream, credproxy):

@@ -101,10 +101,13 @@ class Verifier:
             raise Rejected("invalid_token", f"access token rejected: {exc}") from None
         return claims
 
+    async def load_keys(self) -> None:
+        keys = jwt.PyJWKSet.from_dict(await self._jwks_loader()).keys
+        self._keys = {str(k.key_id or ""): k.key for k in keys}
+
     async def _key(self, kid: str) -> Any:
         if kid not in self._keys:
-            keys = jwt.PyJWKSet.from_dict(await self._jwks_loader()).keys
-            self._keys = {str(k.key_id or ""): k.key for k in keys}
+            await self.load_keys()
         if kid not in self._keys:
             raise Rejected("invalid_token", "signing key unknown to the issuer's JWKS")
         return self._keys[kid]

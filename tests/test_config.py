@@ -1,0 +1,202 @@
+"""Configuration: every error names its path and offending value, all errors at once."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from proxy import config
+from proxy.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+VALID = """\
+listen: 127.0.0.1:15001
+issuers:
+  idp:
+    type: oauth2
+    issuer_url: https://idp.example.com
+    client_id: orders
+    client_key_file: /secrets/client.pem
+routes:
+  - name: payments
+    path_prefix: /payments/
+    upstream: https://payments.example.com
+    credential: {issuer: idp, audience: https://payments.example.com, scope: payments.write}
+"""
+
+
+def _errors(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as caught:
+        config.parse(text)
+    return caught.value.errors
+
+
+def test_valid_config_parses_into_frozen_models_with_defaults():
+    """A minimal config gets secure defaults and cannot be mutated after loading."""
+    loaded = config.parse(VALID)
+    assert loaded.admin == "127.0.0.1:15090"
+    assert loaded.routes[0].credential.inject == "dpop"
+    assert loaded.issuers["idp"].client_auth == "private_key_jwt"
+    with pytest.raises(ValueError):
+        loaded.routes[0].credential.inject = "bearer"  # type: ignore[misc]
+
+
+BAD = [
+    ("unknown key", VALID + "bogus: 1\n", "bogus: unknown key"),
+    ("missing section", VALID.split("routes:")[0], "routes: field required"),
+    (
+        "missing upstream",
+        VALID.replace("    upstream: https://payments.example.com\n", ""),
+        "routes[0].upstream: field required",
+    ),
+    (
+        "undefined issuer",
+        VALID.replace("{issuer: idp,", "{issuer: nope,"),
+        "routes[0].credential.issuer: 'nope' is not defined under issuers (defined: idp)",
+    ),
+    (
+        "inline secret",
+        VALID.replace(
+            "    client_key_file:", "    client_secret: hunter2hunter2\n    client_key_file:"
+        ),
+        "issuers.idp: 'client_secret' must not be written inline",
+    ),
+    (
+        "plain http to a remote IdP",
+        VALID.replace("https://idp.example.com", "http://idp.example.com"),
+        "issuers.idp: issuer_url uses plain http to a non-loopback host",
+    ),
+    (
+        "plain http to a remote upstream",
+        VALID.replace("upstream: https://", "upstream: http://"),
+        "routes[0]: upstream uses plain http to a non-loopback host",
+    ),
+    (
+        "non-loopback listener",
+        VALID.replace("127.0.0.1:15001", "0.0.0.0:15001"),
+        "listen[0]: '0.0.0.0:15001' is not a loopback address",
+    ),
+    (
+        "malformed listener",
+        VALID.replace("127.0.0.1:15001", "localhost"),
+        "listen[0]: 'localhost' is not host:port",
+    ),
+    (
+        "unknown injector",
+        VALID.replace("scope: payments.write}", "scope: payments.write, inject: magic}"),
+        "routes[0].credential.inject: Input should be 'bearer' or 'dpop' (got 'magic')",
+    ),
+    (
+        "unknown issuer type",
+        VALID.replace("type: oauth2", "type: aws"),
+        "issuers.idp.type: Input should be 'oauth2' (got 'aws')",
+    ),
+    (
+        "assertion too long-lived",
+        VALID.replace(
+            "    client_id: orders\n", "    client_id: orders\n    assertion_lifetime_s: 600\n"
+        ),
+        "issuers.idp.assertion_lifetime_s: Input should be less than or equal to 60 (got 600)",
+    ),
+    (
+        "key file missing for private_key_jwt",
+        VALID.replace("    client_key_file: /secrets/client.pem\n", ""),
+        "issuers.idp: client_auth private_key_jwt needs client_key_file",
+    ),
+    (
+        "route matches nothing",
+        VALID.replace("    path_prefix: /payments/\n", ""),
+        "routes[0]: a route needs path_prefix, host, or both",
+    ),
+    (
+        "negative timeout",
+        VALID.replace("    credential:", "    timeouts: {connect_s: -1}\n    credential:"),
+        "routes[0].timeouts.connect_s: Input should be greater than 0 (got -1)",
+    ),
+    (
+        "duplicate route",
+        VALID + VALID[VALID.index("  - name") :],
+        "routes[1].name: 'payments' is also routes[0]",
+    ),
+    ("duplicate YAML key", VALID + "listen: 127.0.0.1:15002\n", "duplicate key 'listen'"),
+    ("not YAML", "listen: [unclosed\n", "not valid YAML"),
+    ("not a mapping", "- just\n- a list\n", "the top level must be a mapping"),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [(t, e) for _, t, e in BAD], ids=[n for n, _, _ in BAD]
+)
+def test_bad_config_error_names_path_and_value(text, expected):
+    """Each kind of mistake is reported with the path of the bad key (and its value where useful)."""
+    errors = _errors(text)
+    assert any(expected in line for line in errors), errors
+
+
+def test_inline_secret_value_is_never_echoed():
+    """An inline secret is refused without repeating the secret in the error."""
+    errors = _errors(
+        VALID.replace(
+            "    client_key_file:", "    client_secret: hunter2hunter2\n    client_key_file:"
+        )
+    )
+    assert "hunter2" not in "\n".join(errors)
+
+
+def test_all_errors_are_reported_at_once():
+    """Several independent mistakes come back together, not one per run."""
+    text = VALID.replace("127.0.0.1:15001", "0.0.0.0:1").replace("inject", "x") + "bogus: 1\n"
+    text = text.replace("scope: payments.write}", "scope: payments.write, inject: magic}")
+    errors = _errors(text)
+    assert len(errors) >= 2, errors
+    assert any(line.startswith("bogus") for line in errors)
+    assert any(line.startswith("routes[0].credential.inject") for line in errors)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", *args], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+
+
+def test_check_config_accepts_the_example():
+    """config/example.yaml, the reference users copy, passes check-config."""
+    result = _cli("check-config", "config/example.yaml")
+    assert result.returncode == 0, result.stderr
+    assert "valid (2 route(s), 2 issuer(s))" in result.stdout
+
+
+def test_check_config_rejects_with_exit_1_and_errors_on_stderr(tmp_path):
+    """An invalid file exits 1 and lists each error with its path on stderr."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(VALID.replace("{issuer: idp,", "{issuer: nope,") + "bogus: 1\n")
+    result = _cli("check-config", str(bad))
+    assert result.returncode == 1
+    assert "2 error(s)" in result.stderr
+    assert "routes[0].credential.issuer" in result.stderr and "bogus: unknown key" in result.stderr
+    assert result.stdout == ""
+
+
+def test_check_config_missing_file(tmp_path):
+    """A config path that does not exist is a clear error, not a traceback."""
+    result = _cli("check-config", str(tmp_path / "absent.yaml"))
+    assert result.returncode == 1 and "cannot read the config file" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_schema_is_json_schema_of_the_config():
+    """`credproxy schema` prints a JSON Schema that knows the public field names."""
+    result = _cli("schema")
+    schema = json.loads(result.stdout)
+    assert {"listen", "admin", "issuers", "routes", "audit"} <= set(schema["properties"])
+    assert schema["additionalProperties"] is False
+
+
+def test_usage_error_exits_2():
+    """No command is a usage error (exit 2)."""
+    assert _cli().returncode == 2

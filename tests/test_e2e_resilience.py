@@ -1,0 +1,182 @@
+"""Outages and large bodies, end to end: the IdP stops and returns; 100 MiB each way; a stalled
+upstream."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+
+import aiohttp
+import pytest
+
+from tests.counterparts import IdP, ResourceServer, config, wait_until
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture
+def private_idp(tmp_path):
+    """An IdP + resource server pair of this test's own, so stopping the IdP disturbs nobody."""
+    idp = IdP(tmp_path)
+    server = ResourceServer(idp)
+    idp.add_resource(server.short_audience, ttl_s=6)
+    idp.start()
+    server.start()
+    yield idp, server
+    server.stop()
+    idp.records()
+    server.seen()
+    idp.stop()
+
+
+async def test_idp_outage_serves_until_expiry_then_503_then_recovers(
+    private_idp, credproxy, client
+):
+    """IdP down: the cached token serves until it expires, then 503 + Retry-After; IdP back: recovery without restart."""
+    idp, server = private_idp
+    text = config(idp=idp, upstream=server.origin, audience=server.short_audience).replace(
+        "    client_auth:", "    backoff_max_s: 1\n    client_auth:"
+    )
+    proc = credproxy(text)
+    idp.stop()
+    statuses: list[int] = []
+    while not statuses or statuses[-1] == 200:
+        async with client.get(proc.url + "/payments/v1/charges") as response:
+            statuses.append(response.status)
+            if response.status != 200:
+                problem = await response.json()
+                retry_after = int(response.headers["Retry-After"])
+        await asyncio.sleep(0.1)
+        assert len(statuses) < 200, "the token never expired"
+    assert statuses.count(200) >= 20  # served from cache for ~5 s while the IdP was down
+    assert statuses[-1] == 503 and problem["code"] == "credential_unavailable"
+    assert 1 <= retry_after <= 2
+    async with client.get(proc.admin_url + "/readyz") as response:
+        assert response.status == 503
+    async with client.get(proc.admin_url + "/metrics") as response:
+        metrics = await response.text()
+    assert 'credproxy_credential_issued_total{issuer="test-idp",outcome="failure"}' in metrics
+
+    idp.start()
+    recovered: list[int] = []
+    for _ in range(100):
+        async with client.get(proc.url + "/payments/v1/charges") as response:
+            recovered.append(response.status)
+        if recovered[-1] == 200:
+            break
+        await asyncio.sleep(0.1)
+    assert recovered[-1] == 200, recovered
+    async with client.get(proc.admin_url + "/readyz") as response:
+        assert response.status == 200
+
+
+async def _rss_peak_during(proc, work) -> tuple[int, int]:
+    """Run ``work`` while sampling credproxy's RSS; return (RSS before, peak RSS during)."""
+    before = proc.rss_bytes()
+    peak = before
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.rss_bytes())
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.ensure_future(sample())  # noqa: TID251 - test-local sampler
+    try:
+        await work()
+    finally:
+        done.set()
+        await sampler
+    return before, peak
+
+
+async def test_100_mib_upload_and_download_stream_with_flat_memory(idp, upstream, credproxy):
+    """100 MiB each way pass intact while credproxy's RSS grows by far less than the body."""
+    proc = credproxy(config(idp=idp, upstream=upstream.origin, audience=upstream.audience))
+    total = 100 * MIB
+    block = bytes(range(256)) * 256  # 64 KiB
+
+    async with aiohttp.ClientSession(auto_decompress=False) as client:
+        async with client.get(proc.url + "/payments/v1/warm") as response:
+            assert response.status == 200  # the pool and the token exist before measuring
+
+        async def chunks():
+            for _ in range(total // len(block)):
+                yield block
+
+        async def upload() -> None:
+            async with client.post(proc.url + "/payments/api/upload", data=chunks()) as response:
+                assert response.status == 200
+                assert await response.json() == {
+                    "bytes": total,
+                    "sha256": hashlib.sha256(block * (total // len(block))).hexdigest(),
+                }
+
+        before, peak = await _rss_peak_during(proc, upload)
+        assert peak - before < 30 * MIB, f"upload: RSS {before / MIB:.0f} → {peak / MIB:.0f} MiB"
+
+        async def download() -> None:
+            digest, size = hashlib.sha256(), 0
+            async with client.get(proc.url + f"/payments/api/download?bytes={total}") as response:
+                assert response.status == 200
+                assert int(response.headers["Content-Length"]) == total
+                async for chunk in response.content.iter_chunked(MIB):
+                    digest.update(chunk)
+                    size += len(chunk)
+                    await asyncio.sleep(0)
+            assert size == total
+            pattern = b"0123456789abcdef" * 4096
+            assert (
+                digest.hexdigest() == hashlib.sha256(pattern * (total // len(pattern))).hexdigest()
+            )
+
+        before, peak = await _rss_peak_during(proc, download)
+        assert peak - before < 30 * MIB, f"download: RSS {before / MIB:.0f} → {peak / MIB:.0f} MiB"
+
+
+class StalledUpstream:
+    """Fault injector: accepts connections and reads the request, then never answers."""
+
+    async def __aenter__(self) -> str:
+        self._release = asyncio.Event()
+
+        async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            await reader.read(65536)
+            await self._release.wait()
+            writer.close()
+            await writer.wait_closed()
+
+        self._server = await asyncio.start_server(stall, "127.0.0.1", 0)
+        return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
+
+    async def __aexit__(self, *exc: object) -> None:
+        self._release.set()
+        self._server.close()
+        await self._server.wait_closed()
+
+
+async def test_stalled_upstream_is_504_problem_and_proxy_keeps_serving(
+    idp, upstream, credproxy, client
+):
+    """An upstream that never answers gets 504 upstream_timeout after the route's idle timeout."""
+    async with StalledUpstream() as stalled:
+        extra = f"""\
+  - name: stalled
+    path_prefix: /stalled/
+    upstream: {stalled}
+    timeouts: {{connect_s: 1, idle_s: 1, total_s: 5}}
+    credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.read}}
+"""
+        proc = credproxy(
+            config(idp=idp, upstream=upstream.origin, audience=upstream.audience, extra_route=extra)
+        )
+        async with client.get(proc.url + "/stalled/x") as response:
+            problem = await response.json()
+            assert response.status == 504, problem
+            assert problem["code"] == "upstream_timeout" and problem["route"] == "stalled"
+            assert json.dumps(problem).count("Bearer") == 0
+        async with client.get(proc.url + "/payments/x") as response:
+            assert response.status == 200
+    wait_until(lambda: "upstream_timeout" in proc.log(), what="the timeout in the operator log")

@@ -1,0 +1,61 @@
+"""Header hygiene and response scrubbing."""
+
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from proxy.forwarder import (
+    CREDENTIAL_HEADERS,
+    HOP_BY_HOP,
+    Scrubber,
+    request_headers,
+    response_headers,
+)
+
+SECRET = "eyJhbGciOiJFUzI1NiJ9.payload.signature-value"
+
+
+def test_scrubber_masks_secret_split_at_every_chunk_boundary():
+    """However the body is chunked, the secret never survives and the length is unchanged."""
+    body = f"a{SECRET}b{SECRET}{SECRET}c".encode()
+    for size in range(1, len(body) + 1):
+        scrubber = Scrubber(SECRET)
+        out = b"".join(scrubber.feed(body[i : i + size]) for i in range(0, len(body), size))
+        out += scrubber.flush()
+        assert SECRET.encode() not in out and len(out) == len(body), size
+        assert out.count(b"*" * len(SECRET)) == 3
+
+
+def test_request_headers_drop_hop_by_hop_connection_listed_and_credentials():
+    """Connection-listed names, hop-by-hop and credential headers are removed; the rest stays in order."""
+    inbound = CIMultiDictProxy(
+        CIMultiDict(
+            [
+                ("Host", "127.0.0.1"),
+                ("Connection", "close, X-Secret-Hop"),
+                ("X-Secret-Hop", "1"),
+                ("Authorization", "Bearer x"),
+                ("DPoP", "p"),
+                ("Transfer-Encoding", "chunked"),
+                ("X-Api-Key", "k"),
+                ("Accept", "a"),
+                ("Accept", "b"),
+            ]
+        )
+    )
+    out = request_headers(inbound, HOP_BY_HOP | CREDENTIAL_HEADERS | {"x-api-key"})
+    assert list(out.items()) == [("Accept", "a"), ("Accept", "b")]
+
+
+def test_response_headers_mask_credential_echo():
+    """An upstream echoing the token in a header gets a mask; hop-by-hop response headers go."""
+    upstream = CIMultiDictProxy(
+        CIMultiDict(
+            [
+                ("X-Debug", f"token={SECRET}"),
+                ("Keep-Alive", "timeout=5"),
+                ("Content-Length", "3"),
+            ]
+        )
+    )
+    out = response_headers(upstream, SECRET)
+    assert out["X-Debug"] == "token=" + "*" * len(SECRET)
+    assert "Keep-Alive" not in out and out["Content-Length"] == "3"

@@ -1,0 +1,65 @@
+"""The leak scan (invariant 7). Named to run last: it greps everything credproxy wrote during the
+whole session (logs, audit files, metrics, problem bodies) for every credential value the IdP
+issued or received and the resource server received: tokens, client assertions, DPoP proofs,
+the legacy client secret. It first drives a full tour of its own, so it is never vacuous."""
+
+from __future__ import annotations
+
+from tests.counterparts import LEDGER, config
+
+
+async def test_no_credential_value_appears_in_any_output(idp, upstream, credproxy, client):
+    """Zero hits for any token, assertion, proof or secret across all logs, audits, metrics and error bodies."""
+    extra = f"""\
+  - name: legacy
+    path_prefix: /legacy/
+    upstream: {upstream.origin}
+    credential: {{issuer: legacy-idp, audience: "{upstream.audience}", scope: payments.read, inject: bearer}}
+"""
+    legacy_issuer = f"""\
+  legacy-idp:
+    type: oauth2
+    issuer_url: {idp.issuer}
+    client_id: {idp.LEGACY_CLIENT_ID}
+    client_auth: client_secret
+    client_secret_file: {idp.client_secret_file}
+"""
+    proc = credproxy(
+        config(
+            idp=idp,
+            upstream=upstream.origin,
+            audience=upstream.audience,
+            extra_route=extra,
+            extra_issuer=legacy_issuer,
+            top="log: {format: text, level: debug}",
+        ).replace("log: {format: json}\n", "")
+    )
+    for path in ("/payments/v1/a", "/legacy/v1/b", "/payments/api/echo-credential", "/nowhere"):
+        async with client.get(
+            proc.url + path, headers={"Authorization": "Bearer app-junk"}
+        ) as response:
+            LEDGER.output(f"response {path}", await response.text())
+            LEDGER.output(f"response headers {path}", str(dict(response.headers)))
+    async with client.get(proc.admin_url + "/metrics") as response:
+        LEDGER.output("metrics", await response.text())
+    assert proc.stop() == 0
+
+    records = idp.records()
+    seen = upstream.seen()
+    assert any(r.get("client_assertion") for r in records) and any(r.get("dpop") for r in records)
+    assert any(token for token, _ in seen) and any(proof for _, proof in seen)
+    assert len(LEDGER.secrets) >= 6 and len(LEDGER.files) >= 2
+    assert "credential" in proc.log() and "credential.issued" in proc.audit_file.read_text()
+    assert LEDGER.hits() == []
+
+
+def test_the_scan_finds_a_planted_leak():
+    """Control: the same scan reports a credential that does appear in an output."""
+    planted = "eyJhbGciOiJFUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJlLXBsYW50ZWQtZm9yLWNvbnRyb2w"
+    LEDGER.secret(planted)
+    LEDGER.output("control", f"log line with ...{planted.rsplit('.', 1)[1]}")
+    try:
+        assert len(LEDGER.hits()) == 1
+    finally:
+        LEDGER.secrets.discard(planted)
+        LEDGER.texts.pop()
