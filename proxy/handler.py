@@ -55,9 +55,6 @@ class Handler:
         self._session = session
         self._metrics = metrics
 
-    def swap(self, runtime: Runtime) -> None:
-        self._runtime = runtime
-
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         route_name = "-"
@@ -175,6 +172,8 @@ class Handler:
             server_log.warning("%s: response cut mid-body: %s", where, exc)
             if request.transport is not None:
                 request.transport.abort()
+        except ConnectionError:
+            server_log.info("%s: the app closed the connection mid-response", where)
         finally:
             upstream.release()
         return response

@@ -40,7 +40,6 @@ class Runtime:
     table: RouteTable
     routes: list[RouteRuntime]
     sources: dict[CacheKey, TokenSource]
-    issuers: dict[str, OAuth2Issuer]
     dpop_key: DPoPKey
 
     async def aclose(self) -> None:
@@ -90,7 +89,7 @@ def build(
                 ssl=tls or True,
             )
         )
-    return Runtime(RouteTable(config.routes), routes, sources, issuers, dpop_key)
+    return Runtime(RouteTable(config.routes), routes, sources, dpop_key)
 
 
 def _source(key: CacheKey, issuer: OAuth2Issuer, *, metrics: Metrics, audit: Audit) -> TokenSource:

@@ -9,6 +9,7 @@ import signal
 from pathlib import Path
 from types import TracebackType
 
+import aiohttp
 import uvloop
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -37,6 +38,7 @@ class Server:
         self.draining = False
         self._runners: list[web.BaseRunner] = []
         self._runtime: Runtime | None = None
+        self._session: aiohttp.ClientSession | None = None
         self.app_addresses: list[Address] = []
         self.admin_address: Address | None = None
 
@@ -59,6 +61,13 @@ class Server:
         return self._runtime
 
     async def start(self) -> None:
+        try:
+            await self._start()
+        except BaseException:
+            await self.aclose()
+            raise
+
+    async def _start(self) -> None:
         self._session = new_session()
         self._runtime = build(
             self.config, session=self._session, metrics=self.metrics, audit=self.audit
@@ -147,7 +156,7 @@ class Server:
         self._runners.clear()
         if self._runtime is not None:
             await self._runtime.aclose()
-        if hasattr(self, "_session"):
+        if self._session is not None:
             await self._session.close()
         for address in self.app_addresses:
             if address.path:

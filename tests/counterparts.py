@@ -15,6 +15,7 @@ import re
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -198,11 +199,12 @@ class IdP:
 class ThreadedApp:
     """An aiohttp application on its own event loop in a thread, on a port bound up front."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self.port = int(self._sock.getsockname()[1])
-        self.origin = f"http://127.0.0.1:{self.port}"
+        self._tls = tls
+        self.origin = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
 
@@ -216,7 +218,9 @@ class ThreadedApp:
             asyncio.set_event_loop(self._loop)
             runner = web.AppRunner(self.app(), access_log=None)
             self._loop.run_until_complete(runner.setup())
-            self._loop.run_until_complete(web.SockSite(runner, self._sock).start())
+            self._loop.run_until_complete(
+                web.SockSite(runner, self._sock, ssl_context=self._tls).start()
+            )
             self._runner = runner
             ready.set()
             self._loop.run_forever()
@@ -240,8 +244,10 @@ def _pattern(n: int) -> bytes:
 class ResourceServer(ThreadedApp):
     """The verifying upstream, plus endpoints for streaming, scrubbing and redirect tests."""
 
-    def __init__(self, idp: IdP, *, accept_bearer: bool = True) -> None:
-        super().__init__()
+    def __init__(
+        self, idp: IdP, *, accept_bearer: bool = True, tls: ssl.SSLContext | None = None
+    ) -> None:
+        super().__init__(tls)
         self.idp = idp
         self.audience = self.origin
         self.short_audience = self.origin + "/short-lived"

@@ -8,6 +8,7 @@ import json
 import time
 
 import aiohttp
+import jwt
 import pytest
 
 from tests.counterparts import LEDGER, config, wait_until
@@ -17,12 +18,19 @@ def _proxy_config(idp, upstream, **kwargs):
     return config(idp=idp, upstream=upstream.origin, audience=upstream.audience, **kwargs)
 
 
+@pytest.mark.parametrize(
+    ("dpop_alg", "assertion_audience"), [("ES256", "issuer"), ("EdDSA", "token_endpoint")]
+)
 async def test_app_request_is_accepted_by_verifying_resource_server(
-    idp, upstream, credproxy, client
+    idp, upstream, credproxy, client, dpop_alg, assertion_audience
 ):
     """The app's plain request arrives with a DPoP-bound token and a valid proof, path and query intact."""
-    proc = credproxy(_proxy_config(idp, upstream))
     from yarl import URL
+
+    text = _proxy_config(idp, upstream, top=f"identity: {{dpop_alg: {dpop_alg}}}").replace(
+        "    client_auth:", f"    assertion_audience: {assertion_audience}\n    client_auth:"
+    )
+    proc = credproxy(text)
 
     target = URL(proc.url + "/payments/v1/charges?limit=2&x=%2Fy", encoded=True)
     async with client.get(target) as response:
@@ -32,6 +40,15 @@ async def test_app_request_is_accepted_by_verifying_resource_server(
     assert body["path"] == "/v1/charges" and body["query"] == "limit=2&x=%2Fy"
     assert body["client_id"] == "orders-service" and body["scope"] == "payments.write"
     assert body["jkt"]
+    assert jwt.get_unverified_header(upstream.seen()[-1][1])["alg"] == dpop_alg
+    assertion = [r for r in idp.records() if r.get("client_assertion")][-1]["client_assertion"]
+    claims = jwt.decode(assertion, options={"verify_signature": False})
+    assert claims["aud"] == (
+        idp.issuer if assertion_audience == "issuer" else idp.issuer + "/token"
+    )
+    assert (
+        claims["exp"] - claims["iat"] <= 60 and claims["iss"] == claims["sub"] == "orders-service"
+    )
 
 
 async def test_app_credentials_and_hop_by_hop_headers_are_not_forwarded(
@@ -345,6 +362,12 @@ async def test_metrics_and_readiness(idp, upstream, credproxy, client):
     assert len(expiry) == 1 and float(expiry[0].split()[-1]) > time.time() + 30
     assert "credproxy_request_duration_seconds_bucket" in metrics
     assert "credproxy_upstream_duration_seconds_count" in metrics
+    access = [json.loads(line) for line in proc.log().splitlines() if '"credproxy.access"' in line]
+    assert [entry["msg"].split(" route=")[0] for entry in access] == [
+        "GET /payments/v1/charges",
+        "GET /missing",
+    ]
+    assert "status=200" in access[0]["msg"] and "status=404" in access[1]["msg"]
 
 
 async def test_readiness_false_while_no_credential(idp, upstream, credproxy, client):

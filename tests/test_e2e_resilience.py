@@ -180,3 +180,59 @@ async def test_stalled_upstream_is_504_problem_and_proxy_keeps_serving(
         async with client.get(proc.url + "/payments/x") as response:
             assert response.status == 200
     wait_until(lambda: "upstream_timeout" in proc.log(), what="the timeout in the operator log")
+
+
+async def test_tls_upstream_verified_with_route_ca_bundle(tmp_path, credproxy, client):
+    """An https upstream is verified: with the route's ca_file it works, without it → 502 upstream_tls_error."""
+    from tests.tls import make_ca_and_server_cert
+
+    ca_file, server_tls = make_ca_and_server_cert(tmp_path)
+    idp = IdP(tmp_path)
+    server = ResourceServer(idp, tls=server_tls)
+    idp.add_resource(server.audience, ttl_s=60)
+    idp.start()
+    server.start()
+    try:
+        extra = f"""\
+  - name: untrusted
+    path_prefix: /untrusted/
+    upstream: {server.origin}
+    credential: {{issuer: test-idp, audience: "{server.audience}", scope: payments.read}}
+"""
+        text = config(idp=idp, upstream=server.origin, audience=server.audience, extra_route=extra)
+        text = text.replace(
+            "    strip_headers: [X-Api-Key]\n",
+            f"    strip_headers: [X-Api-Key]\n    ca_file: {ca_file}\n",
+        )
+        proc = credproxy(text)
+        async with client.get(proc.url + "/payments/v1/charges") as response:
+            body = await response.json()
+            assert response.status == 200, body
+            assert body["authorization_schemes"] == ["DPoP"]
+        async with client.get(proc.url + "/untrusted/v1/charges") as response:
+            problem = await response.json()
+            assert response.status == 502 and problem["code"] == "upstream_tls_error"
+        assert server.verifier.accepted == 1  # nothing reached the server over the untrusted route
+    finally:
+        server.stop()
+        idp.records()
+        server.seen()
+        idp.stop()
+
+
+async def test_sigterm_drains_in_flight_response_then_exits_0(idp, upstream, credproxy):
+    """A response being streamed when SIGTERM arrives completes in full; then the process exits 0."""
+    import signal
+
+    proc = credproxy(config(idp=idp, upstream=upstream.origin, audience=upstream.audience))
+    total = 64 * MIB
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proc.url + f"/payments/api/download?bytes={total}") as response:
+            assert response.status == 200
+            received = len(await response.content.readexactly(MIB))
+            proc.process.send_signal(signal.SIGTERM)
+            await asyncio.sleep(0.3)
+            async for chunk in response.content.iter_chunked(MIB):
+                received += len(chunk)
+    assert received == total
+    assert await asyncio.to_thread(proc.process.wait, 20) == 0
