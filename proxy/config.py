@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    model_validator,
+)
 from yarl import URL
 
 from .errors import ConfigError
@@ -113,6 +121,49 @@ class Credential(Model):
     inject: Literal["bearer", "dpop"] = "dpop"
 
 
+class CallerRule(Model):
+    """Attributes the kernel reports for a caller; every attribute given must match."""
+
+    uid: int | None = Field(None, ge=0)
+    gid: int | None = Field(None, ge=0)
+    exe: str | None = Field(None, pattern=r"^/", description="absolute path of the executable")
+    exe_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    cgroup: str | None = Field(None, pattern=r"^/", description="cgroup v2 path prefix")
+    any_local: bool = Field(False, description="any local process: only when written explicitly")
+
+    @model_validator(mode="after")
+    def _check(self) -> CallerRule:
+        named = [
+            f for f in ("uid", "gid", "exe", "exe_sha256", "cgroup") if getattr(self, f) is not None
+        ]
+        if self.any_local and named:
+            raise ValueError(f"any_local: true cannot be combined with {', '.join(named)}")
+        if not self.any_local and not named:
+            raise ValueError(
+                "name at least one of uid, gid, exe, exe_sha256, cgroup, or any_local: true"
+            )
+        return self
+
+
+def _check_glob(pattern: str) -> str:
+    if not pattern.startswith("/"):
+        raise ValueError("a path glob starts with /")
+    if any("**" in part and part != "**" for part in pattern.split("/")):
+        raise ValueError("'**' must be a whole path segment, as in /v1/**")
+    return pattern
+
+
+class AllowRule(Model):
+    """Who may use a route: callers (names under ``callers``), methods, and path globs matched
+    against the path as forwarded (``*`` one segment, ``**`` any number of segments)."""
+
+    callers: tuple[str, ...] = Field(min_length=1)
+    methods: tuple[Annotated[str, Field(pattern=r"^[A-Z]+$")], ...] | None = Field(
+        None, description="default: any method"
+    )
+    paths: tuple[Annotated[str, AfterValidator(_check_glob)], ...] = ("/**",)
+
+
 class Route(Model):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     path_prefix: str | None = Field(None, pattern=r"^/")
@@ -126,6 +177,9 @@ class Route(Model):
         (), description="extra inbound headers that carry credentials and must not be forwarded"
     )
     timeouts: Timeouts = Timeouts()
+    allow: tuple[AllowRule, ...] = Field(
+        (), description="default deny: a request no rule allows is refused with 403"
+    )
     retry_body_max_bytes: int = Field(
         65536,
         ge=0,
@@ -165,7 +219,11 @@ class Config(Model):
     admin: str | None = "127.0.0.1:15090"
     allow_non_loopback: bool = False
     unix_socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
+    local_names: tuple[str, ...] = Field(
+        (), description="Host names accepted besides localhost, loopback literals and route hosts"
+    )
     identity: Identity = Identity()
+    callers: dict[str, CallerRule] = {}
     issuers: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")], OAuth2Issuer]
     routes: tuple[Route, ...] = Field(min_length=1)
     audit: Audit = Audit()
@@ -233,6 +291,8 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
     issuers: dict[Any, Any] = raw_issuers if isinstance(raw_issuers, dict) else {}
     seen_names: dict[str, int] = {}
     seen_matches: dict[tuple[str | None, str | None], int] = {}
+    raw_callers = data.get("callers")
+    callers: dict[Any, Any] = raw_callers if isinstance(raw_callers, dict) else {}
     raw_routes = data.get("routes")
     routes: list[Any] = raw_routes if isinstance(raw_routes, list) else []
     for i, route in enumerate(routes):
@@ -251,6 +311,14 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
                 "the second route could never match"
             )
         seen_matches.setdefault(match, i)
+        for j, rule in enumerate(route.get("allow") or []):
+            names = rule.get("callers") if isinstance(rule, dict) else None
+            for name in names if isinstance(names, list) else []:
+                if isinstance(name, str) and name not in callers:
+                    errors.append(
+                        f"routes[{i}].allow[{j}].callers: '{name}' is not defined under callers "
+                        f"(defined: {', '.join(sorted(map(str, callers))) or 'none'})"
+                    )
         credential = route.get("credential")
         issuer = credential.get("issuer") if isinstance(credential, dict) else None
         if isinstance(issuer, str) and issuer not in issuers:
@@ -275,6 +343,15 @@ def warnings(config: Config) -> list[str]:
     for i, route in enumerate(config.routes):
         if URL(route.upstream).scheme == "http":
             notes.append(f"routes[{i}].upstream: plain http; the credential crosses unencrypted")
+        if not route.allow:
+            notes.append(f"routes[{i}].allow: empty, so every request on this route is refused")
+        for j, rule in enumerate(route.allow):
+            for name in rule.callers:
+                if name in config.callers and config.callers[name].any_local:
+                    notes.append(
+                        f"routes[{i}].allow[{j}]: caller '{name}' is any_local: every local "
+                        "process may use this route's credential"
+                    )
     return notes
 
 

@@ -6,8 +6,14 @@
     └── ProblemError                          answered to the app as problem+json
         ├── RequestRefused                    4xx the proxy decided on its own
         │   ├── RouteNotFound                 404 route_not_found
-        │   ├── ForwardProxyRefused           400 forward_proxy_not_supported
-        │   └── MethodRefused                 405 method_not_allowed (CONNECT)
+        │   ├── InvalidPath                   400 invalid_path
+        │   ├── PathEscapesRoute              400 path_escapes_route
+        │   ├── MethodRefused                 405 method_not_allowed (CONNECT)
+        │   ├── HostNotAllowed                403 host_not_allowed (DNS rebinding)
+        │   ├── BrowserRefused                403 browser_request_refused
+        │   ├── DestinationNotAllowed         403 destination_not_allowed (forward proxy)
+        │   ├── CallerNotAllowed              403 caller_not_allowed
+        │   └── PathNotAllowed                403 path_not_allowed
         ├── CredentialUnavailable             503 credential_unavailable (+ Retry-After)
         │   └── IssuerError                   a token request failed (kept for the log)
         └── UpstreamError                     502 upstream_error
@@ -62,13 +68,58 @@ class RouteNotFound(RequestRefused):
     public_detail = "No route matches this Host and path; check the routes in the sidecar config."
 
 
-class ForwardProxyRefused(RequestRefused):
+class InvalidPath(RequestRefused):
     status = 400
-    code = "forward_proxy_not_supported"
+    code = "invalid_path"
     public_detail = (
-        "Absolute-form request targets (HTTP_PROXY mode) are not enabled; "
-        "send origin-form requests to a route's path prefix."
+        "The path contains an encoded '/' or '\\', a backslash, NUL, an empty segment ('//') "
+        "or a malformed percent-encoding; send the canonical path."
     )
+
+
+class PathEscapesRoute(RequestRefused):
+    status = 400
+    code = "path_escapes_route"
+    public_detail = "The path uses '..' to leave the route it names; send the canonical path."
+
+
+class HostNotAllowed(RequestRefused):
+    status = 403
+    code = "host_not_allowed"
+    public_detail = (
+        "The Host header is not a local name of this sidecar (localhost, a loopback address, "
+        "a route host or a configured local_names entry)."
+    )
+
+
+class BrowserRefused(RequestRefused):
+    status = 403
+    code = "browser_request_refused"
+    public_detail = "Requests from web pages (Origin or cross-site Sec-Fetch-Site) are refused."
+
+
+class DestinationNotAllowed(RequestRefused):
+    status = 403
+    code = "destination_not_allowed"
+    public_detail = (
+        "Forward-proxy requests may only target hosts that a route names with 'host'; "
+        "credproxy is not an open proxy."
+    )
+
+
+class CallerNotAllowed(RequestRefused):
+    status = 403
+    code = "caller_not_allowed"
+    public_detail = (
+        "This process is not allowed to use the route; the sidecar identifies callers by "
+        "kernel peer credentials (uid, executable, cgroup), see the route's allow rules."
+    )
+
+
+class PathNotAllowed(RequestRefused):
+    status = 403
+    code = "path_not_allowed"
+    public_detail = "The route's allow rules do not permit this method and path for this caller."
 
 
 class MethodRefused(RequestRefused):

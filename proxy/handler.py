@@ -8,9 +8,12 @@ import time
 import aiohttp
 from aiohttp import web
 
+from .audit import Audit
+from .callers import UNKNOWN, CallerCache
 from .errors import (
-    ForwardProxyRefused,
-    MethodRefused,
+    DestinationNotAllowed,
+    InvalidPath,
+    PathEscapesRoute,
     ProblemError,
     RequestRefused,
     RouteNotFound,
@@ -18,7 +21,7 @@ from .errors import (
 from .forwarder import Scrubber, request_headers, response_headers, upstream_errors
 from .log import access_log, server_log
 from .metrics import Metrics
-from .routing import request_host
+from .routing import normalize_path, request_host
 from .runtime import RouteRuntime, Runtime
 from .token_cache import Token
 
@@ -50,18 +53,33 @@ def problem_response(exc: ProblemError) -> web.Response:
 class Handler:
     """Called by aiohttp's low-level server for every request on an app listener."""
 
-    def __init__(self, runtime: Runtime, session: aiohttp.ClientSession, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        runtime: Runtime,
+        session: aiohttp.ClientSession,
+        *,
+        metrics: Metrics,
+        audit: Audit,
+        callers: CallerCache,
+    ) -> None:
         self._runtime = runtime
         self._session = session
         self._metrics = metrics
+        self._audit = audit
+        self._callers = callers
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
         route_name = "-"
         upstream_status = 0
+        caller = UNKNOWN
         try:
+            transport = request.transport
+            if transport is not None:
+                caller = self._callers.get(request.protocol, transport.get_extra_info("socket"))
             route, forwarded_path = self._route(request)
             route_name = route.name
+            route.policy.check(caller, request.method, forwarded_path)
             response = await self._proxy(request, route, forwarded_path)
             upstream_status = response.status
             outcome = "proxied"
@@ -71,6 +89,14 @@ class Handler:
             outcome = exc.code
             if isinstance(exc, RequestRefused):
                 self._metrics.denied.labels(exc.code).inc()
+                self._audit.emit(
+                    "request.denied",
+                    reason=exc.code,
+                    route=exc.route,
+                    method=request.method[:16],
+                    path=request.rel_url.raw_path[:256],
+                    caller=caller.attributes(),
+                )
             server_log.warning(
                 "%s %s → %d %s: %s",
                 request.method,
@@ -94,16 +120,28 @@ class Handler:
         return response
 
     def _route(self, request: web.BaseRequest) -> tuple[RouteRuntime, str]:
-        if request.method == "CONNECT":
-            raise MethodRefused()
-        if request.message.url.absolute or not request.rel_url.raw_path.startswith("/"):
-            raise ForwardProxyRefused()
-        host = request_host(request.headers.get("Host"))
-        match = self._runtime.table.match(host, request.rel_url.raw_path)
+        target = request.message.url
+        forward_proxy = target.absolute  # HTTP_PROXY users send absolute-form targets
+        # No browser omits Host; a local HTTP/1.0 client may.
+        host_header = request.headers.get("Host", "localhost")
+        host = (target.host or "").lower() if forward_proxy else request_host(host_header)
+        runtime = self._runtime
+        runtime.guard.check(request.method, host, request.headers, forward_proxy=forward_proxy)
+        raw_path = request.rel_url.raw_path
+        if not raw_path.startswith("/"):
+            raise InvalidPath("not an origin-form path")
+        dotted, path = normalize_path(raw_path)
+        match = runtime.table.match(host, path, host_routes_only=forward_proxy)
         if match is None:
+            if forward_proxy:
+                raise DestinationNotAllowed(f"no route names host {host!r}")
             raise RouteNotFound(f"no route for host {host!r}")
+        if dotted != path:
+            before = runtime.table.match(host, dotted, host_routes_only=forward_proxy)
+            if before is None or before[0] != match[0]:
+                raise PathEscapesRoute(f"{dotted!r} normalizes to {path!r} in another route")
         index, forwarded_path = match
-        return self._runtime.routes[index], forwarded_path
+        return runtime.routes[index], forwarded_path
 
     async def _proxy(
         self, request: web.BaseRequest, route: RouteRuntime, forwarded_path: str

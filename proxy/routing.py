@@ -12,6 +12,56 @@ from dataclasses import dataclass
 from yarl import URL
 
 from .config import Route
+from .errors import InvalidPath
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_REFUSED_ENCODINGS = frozenset({"2F", "5C", "00"})  # '/', '\', NUL
+_HEX = frozenset("0123456789ABCDEFabcdef")
+
+
+def normalize_path(raw_path: str) -> tuple[str, str]:
+    """Canonical form of a raw (percent-encoded) path, RFC 3986 §6.2.2: unreserved characters
+    decoded, other escapes upper-cased. Returns (with dot segments, without dot segments).
+
+    Refused (``InvalidPath``): encoded '/', '\\' or NUL, a literal backslash or NUL, an empty
+    segment ('//'), a malformed escape.
+    """
+    if "\\" in raw_path or "\0" in raw_path:
+        raise InvalidPath("backslash or NUL in path")
+    if "%" in raw_path:
+        pieces = raw_path.split("%")
+        out = [pieces[0]]
+        for piece in pieces[1:]:
+            code = piece[:2]
+            if len(code) < 2 or not set(code) <= _HEX:
+                raise InvalidPath("malformed percent-encoding")
+            code = code.upper()
+            if code in _REFUSED_ENCODINGS:
+                raise InvalidPath(f"encoded %{code} in path")
+            char = chr(int(code, 16))
+            out.append((char if char in _UNRESERVED else "%" + code) + piece[2:])
+        raw_path = "".join(out)
+    if "//" in raw_path:
+        raise InvalidPath("empty path segment")
+    return raw_path, _remove_dot_segments(raw_path)
+
+
+def _remove_dot_segments(path: str) -> str:
+    """RFC 3986 §5.2.4 for an absolute path; '..' above the root stays at the root."""
+    if "." not in path:
+        return path
+    segments = path.split("/")[1:]
+    out: list[str] = []
+    for i, segment in enumerate(segments):
+        last = i == len(segments) - 1
+        if segment in (".", ".."):
+            if segment == ".." and out:
+                out.pop()
+            if last:
+                out.append("")
+            continue
+        out.append(segment)
+    return "/" + "/".join(out)
 
 
 def _origin(url: URL) -> str:
@@ -73,10 +123,15 @@ class RouteTable:
         ]
         self._entries = sorted(entries, key=lambda e: (-len(e.prefix), e.host is None))
 
-    def match(self, host: str | None, raw_path: str) -> tuple[int, str] | None:
-        """Return (route index, forwarded raw path) or None; ``raw_path`` excludes the query."""
+    def match(
+        self, host: str | None, raw_path: str, *, host_routes_only: bool = False
+    ) -> tuple[int, str] | None:
+        """Return (route index, forwarded raw path) or None; ``raw_path`` excludes the query.
+        ``host_routes_only``: forward-proxy requests may only reach routes that name a host."""
         for entry in self._entries:
             if entry.host is not None and entry.host != host:
+                continue
+            if host_routes_only and entry.host is None:
                 continue
             prefix = entry.prefix
             if raw_path == prefix or raw_path.startswith(prefix + "/") or not prefix:

@@ -15,9 +15,11 @@ from .audit import Audit
 from .config import Config, Route
 from .dpop import DPoPKey
 from .forwarder import CREDENTIAL_HEADERS, HOP_BY_HOP, ssl_context
+from .guard import Guard
 from .injectors import Injector, make_injector
 from .issuers import ISSUERS, OAuth2Issuer
 from .metrics import Metrics
+from .policy import RoutePolicy
 from .routing import RouteTable, Target
 from .token_cache import CacheKey, Token, TokenSource
 
@@ -32,11 +34,13 @@ class RouteRuntime:
     strip: frozenset[str]
     timeout: aiohttp.ClientTimeout
     ssl: ssl.SSLContext | bool
+    policy: RoutePolicy
     nonce: str | None = field(default=None)  # the resource server's latest DPoP-Nonce
 
 
 @dataclass(eq=False)
 class Runtime:
+    guard: Guard
     table: RouteTable
     routes: list[RouteRuntime]
     sources: dict[CacheKey, TokenSource]
@@ -87,9 +91,11 @@ def build(
                     sock_read=route.timeouts.idle_s,
                 ),
                 ssl=tls or True,
+                policy=RoutePolicy(route.allow, config.callers),
             )
         )
-    return Runtime(RouteTable(config.routes), routes, sources, dpop_key)
+    guard = Guard([*config.local_names, *(route.host for route in config.routes if route.host)])
+    return Runtime(guard, RouteTable(config.routes), routes, sources, dpop_key)
 
 
 def _source(key: CacheKey, issuer: OAuth2Issuer, *, metrics: Metrics, audit: Audit) -> TokenSource:

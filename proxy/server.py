@@ -8,13 +8,16 @@ import os
 import signal
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import aiohttp
 import uvloop
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .audit import Audit
+from .callers import CallerCache
 from .config import Address, Config, parse_address
 from .errors import CredentialUnavailable
 from .forwarder import new_session
@@ -22,6 +25,18 @@ from .handler import Handler
 from .log import server_log
 from .metrics import Metrics
 from .runtime import Runtime, build
+
+
+class _AppServer(web.Server):
+    """The low-level server, told when a connection closes so its caller is forgotten."""
+
+    def __init__(self, handler: Handler, callers: CallerCache, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self._callers = callers
+
+    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
+        super().connection_lost(handler, exc)
+        self._callers.forget(handler)
 
 
 class StartError(Exception):
@@ -74,9 +89,13 @@ class Server:
         )
         if self.config.warm_up:
             await self._warm_up()
-        handler = Handler(self._runtime, self._session, self.metrics)
+        callers = CallerCache()
+        handler = Handler(
+            self._runtime, self._session, metrics=self.metrics, audit=self.audit, callers=callers
+        )
         app_runner = web.ServerRunner(
-            web.Server(handler, access_log=None), shutdown_timeout=self.config.shutdown_timeout_s
+            _AppServer(handler, callers, access_log=None),
+            shutdown_timeout=self.config.shutdown_timeout_s,
         )
         await self._setup(app_runner)
         for value in self.config.listen:

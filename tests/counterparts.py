@@ -424,12 +424,15 @@ issuers:
     client_auth: {client_auth}
     {credential_file}
 {extra_issuer}
+callers:
+  test-suite: {{uid: 0}}
 routes:
   - name: payments
     path_prefix: /payments/
     upstream: {upstream}
     strip_headers: [X-Api-Key]
     credential: {{issuer: test-idp, audience: "{audience}", scope: payments.write, inject: {inject}}}
+    allow: [{{callers: [test-suite]}}]
 {extra_route}
 audit: {{file: "{{audit}}"}}
 log: {{format: json}}

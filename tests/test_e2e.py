@@ -255,11 +255,13 @@ async def test_host_routing_and_kept_prefix(idp, upstream, credproxy, client):
     host: payments.local
     upstream: {upstream.origin}
     credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.read}}
+    allow: [{{callers: [test-suite]}}]
   - name: kept
     path_prefix: /keep/
     strip_prefix: false
     upstream: {upstream.origin}/base
     credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.read}}
+    allow: [{{callers: [test-suite]}}]
 """
     proc = credproxy(_proxy_config(idp, upstream, extra_route=extra))
     async with client.get(proc.url + "/x/y", headers={"Host": "payments.local:15001"}) as response:
@@ -280,7 +282,7 @@ async def test_connect_and_absolute_form_are_refused(idp, upstream, credproxy):
     host, port = proc.url.removeprefix("http://").rsplit(":", 1)
     for request_line, status, code in [
         ("CONNECT example.com:443 HTTP/1.1", 405, "method_not_allowed"),
-        ("GET http://example.com/payments/x HTTP/1.1", 400, "forward_proxy_not_supported"),
+        ("GET http://example.com/payments/x HTTP/1.1", 403, "destination_not_allowed"),
     ]:
         reader, writer = await asyncio.open_connection(host, int(port))
         writer.write(f"{request_line}\r\nHost: example.com\r\nConnection: close\r\n\r\n".encode())
@@ -301,6 +303,7 @@ async def test_upstream_unreachable_is_502_problem(idp, upstream, credproxy, cli
     path_prefix: /dead/
     upstream: {dead}
     credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.read}}
+    allow: [{{callers: [test-suite]}}]
 """
     proc = credproxy(_proxy_config(idp, upstream, extra_route=extra))
     async with client.get(proc.url + "/dead/x") as response:

@@ -168,6 +168,7 @@ async def test_stalled_upstream_is_504_problem_and_proxy_keeps_serving(
     upstream: {stalled}
     timeouts: {{connect_s: 1, idle_s: 1, total_s: 5}}
     credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.read}}
+    allow: [{{callers: [test-suite]}}]
 """
         proc = credproxy(
             config(idp=idp, upstream=upstream.origin, audience=upstream.audience, extra_route=extra)
@@ -198,6 +199,7 @@ async def test_tls_upstream_verified_with_route_ca_bundle(tmp_path, credproxy, c
     path_prefix: /untrusted/
     upstream: {server.origin}
     credential: {{issuer: test-idp, audience: "{server.audience}", scope: payments.read}}
+    allow: [{{callers: [test-suite]}}]
 """
         text = config(idp=idp, upstream=server.origin, audience=server.audience, extra_route=extra)
         text = text.replace(

@@ -15,6 +15,7 @@ async def test_no_credential_value_appears_in_any_output(idp, upstream, credprox
     path_prefix: /legacy/
     upstream: {upstream.origin}
     credential: {{issuer: legacy-idp, audience: "{upstream.audience}", scope: payments.read, inject: bearer}}
+    allow: [{{callers: [test-suite]}}]
 """
     legacy_issuer = f"""\
   legacy-idp:

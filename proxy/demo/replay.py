@@ -1,6 +1,7 @@
 """Run as a separate process by the demo: an attacker who copied a token and a proof off the
-wire tries to reuse them without the sidecar's key. Reads ``token``, ``proof`` and ``url``
-(one per line) from stdin, prints one JSON object of status codes."""
+wire tries to reuse them without the sidecar's key, then asks the sidecar itself. Reads
+``token``, ``proof``, the upstream ``url`` and the sidecar's ``url`` (one per line) from stdin,
+prints one JSON object of status codes."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ def _status(url: str, headers: dict[str, str]) -> int:
 
 
 def main() -> None:
-    token, proof, url = (line.strip() for line in sys.stdin.read().splitlines()[:3])
+    token, proof, url, sidecar = (line.strip() for line in sys.stdin.read().splitlines()[:4])
     print(
         json.dumps(
             {
@@ -29,6 +30,7 @@ def main() -> None:
                 "token_with_replayed_proof": _status(
                     url, {"Authorization": f"DPoP {token}", "DPoP": proof}
                 ),
+                "sidecar_asked_by_another_program": _status(sidecar, {}),
             }
         )
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -38,11 +39,14 @@ issuers:
     client_id: orders-service
     client_auth: private_key_jwt
     client_key_file: {workdir}/client.pem
+callers:
+  demo-app: {{uid: {uid}, exe: "{exe}"}}
 routes:
   - name: payments
     path_prefix: /payments/
     upstream: {upstream}
     credential: {{issuer: demo-idp, audience: "{upstream}", scope: payments.write, inject: dpop}}
+    allow: [{{callers: [demo-app], methods: [GET, POST], paths: ["/v1/charges/**"]}}]
 audit: {{file: {workdir}/audit.jsonl}}
 log: {{access: false}}
 """
@@ -107,12 +111,21 @@ async def _run(tour: _Tour, workdir: Path) -> None:
     print(f"   demo IdP at {idp_url}; verifying upstream (checks DPoP) at {upstream}")
 
     config_file = workdir / "credproxy.yaml"
-    config_file.write_text(_CONFIG.format(idp=idp_url, workdir=workdir, upstream=upstream))
+    config_file.write_text(
+        _CONFIG.format(
+            idp=idp_url,
+            workdir=workdir,
+            upstream=upstream,
+            uid=os.getuid(),
+            exe=os.path.realpath(sys.executable),
+        )
+    )
     loaded = config.load(config_file)
     try:
         async with Server(loaded, audit=Audit(loaded.audit.file)) as server:
             await _as_the_app(tour, server, verifier)
-            await _replay_elsewhere(tour, verifier, upstream)
+            sidecar = f"http://127.0.0.1:{server.app_addresses[0].port}"
+            await _replay_elsewhere(tour, verifier, upstream, sidecar)
             await _observe(tour, server, idp)
     finally:
         await rs_runner.cleanup()
@@ -121,7 +134,10 @@ async def _run(tour: _Tour, workdir: Path) -> None:
         json.loads(line)["event"] for line in (workdir / "audit.jsonl").read_text().splitlines()
     ]
     tour.step("5. The audit trail holds fingerprints, never values")
-    tour.check(events.count("credential.issued") == 1, f"audit events: {events}")
+    tour.check(
+        events.count("credential.issued") == 1 and "request.denied" in events,
+        f"audit events: {events}",
+    )
 
 
 async def _as_the_app(tour: _Tour, server: Server, verifier: Verifier) -> None:
@@ -155,29 +171,37 @@ async def _as_the_app(tour: _Tour, server: Server, verifier: Verifier) -> None:
             )
 
 
-async def _replay_elsewhere(tour: _Tour, verifier: Verifier, upstream: str) -> None:
-    tour.step("3. Another process replays the captured token and proof at the upstream")
+async def _replay_elsewhere(tour: _Tour, verifier: Verifier, upstream: str, sidecar: str) -> None:
+    tour.step("3. Another program on this host replays the captured token and proof")
     if not verifier.seen:
         tour.check(False, "nothing reached the upstream, so nothing to replay")
         return
     token, proof = verifier.seen[-1]
+    # A different executable: a copy of the interpreter under another path.
+    other = Path(tempfile.mkdtemp(prefix="credproxy-demo-other-")) / "other-program"
+    shutil.copy2(os.path.realpath(sys.executable), other)
+    package_root = str(Path(__file__).resolve().parents[2])
     replay = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "proxy.demo.replay",
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    stdin = f"{token}\n{proof}\n{upstream}/payments/v1/charges\n".encode()
-    stdout, stderr = await asyncio.wait_for(replay.communicate(stdin), timeout=30)
+        str(other), "-m", "proxy.demo.replay",
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE, env={**os.environ, "PYTHONPATH": package_root},
+    )  # fmt: skip
+    lines = f"{token}\n{proof}\n{upstream}/payments/v1/charges\n{sidecar}/payments/v1/charges\n"
+    stdout, stderr = await asyncio.wait_for(replay.communicate(lines.encode()), timeout=30)
+    shutil.rmtree(other.parent, ignore_errors=True)
     try:
         statuses = json.loads(stdout)
     except ValueError:
         tour.check(False, f"replay process failed: {stderr.decode().strip()[-300:]}")
         return
+    sidecar_status = statuses.pop("sidecar_asked_by_another_program")
     for attempt, status in statuses.items():
-        tour.check(status == 401, f"{attempt.replace('_', ' ')} → {status}")
+        tour.check(status == 401, f"at the upstream, {attempt.replace('_', ' ')} → {status}")
+    tour.check(
+        sidecar_status == 403,
+        f"through the sidecar as {other.name} (same uid, other executable) → {sidecar_status} "
+        "caller_not_allowed",
+    )
 
 
 async def _observe(tour: _Tour, server: Server, idp: DemoIdP) -> None:

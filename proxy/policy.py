@@ -1,0 +1,85 @@
+"""Who may use a route: caller × method × path → allow, or a 403. Default deny, fail closed.
+
+Caller attributes come from ``callers.Caller`` (the kernel's account); an attribute that could
+not be determined never matches.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from .callers import Caller
+from .config import AllowRule, CallerRule
+from .errors import CallerNotAllowed, PathNotAllowed
+
+
+def compile_glob(pattern: str) -> re.Pattern[str]:
+    """``*`` matches within one segment, a ``**`` segment matches any number of segments."""
+    regex = ""
+    for part in pattern.split("/")[1:]:
+        if part == "**":
+            regex += "(?:/[^/]*)*"
+        else:
+            regex += "/" + "[^/]*".join(re.escape(piece) for piece in part.split("*"))
+    return re.compile(regex)
+
+
+class CallerMatcher:
+    __slots__ = ("name", "_rule")
+
+    def __init__(self, name: str, rule: CallerRule) -> None:
+        self.name = name
+        self._rule = rule
+
+    def matches(self, caller: Caller) -> bool:
+        rule = self._rule
+        if rule.any_local:
+            return True
+        # Cheapest first: uid needs no lookup; pid-derived attributes read /proc once each.
+        return (
+            (rule.uid is None or (caller.uid is not None and caller.uid == rule.uid))
+            and (rule.gid is None or (caller.gid is not None and caller.gid == rule.gid))
+            and (rule.exe is None or (caller.exe is not None and caller.exe == rule.exe))
+            and (rule.cgroup is None or _under(caller.cgroup, rule.cgroup))
+            and (rule.exe_sha256 is None or caller.exe_sha256 == rule.exe_sha256)
+        )
+
+
+def _under(cgroup: str | None, prefix: str) -> bool:
+    if cgroup is None:
+        return False
+    prefix = prefix.rstrip("/")
+    return cgroup == prefix or cgroup.startswith(prefix + "/") or prefix == ""
+
+
+class _CompiledRule:
+    __slots__ = ("callers", "methods", "paths")
+
+    def __init__(self, rule: AllowRule, callers: Mapping[str, CallerRule]) -> None:
+        self.callers = [CallerMatcher(name, callers[name]) for name in rule.callers]
+        self.methods = frozenset(rule.methods) if rule.methods is not None else None
+        self.paths = [compile_glob(p) for p in rule.paths]
+
+
+class RoutePolicy:
+    """The compiled ``allow`` rules of one route."""
+
+    def __init__(self, rules: Sequence[AllowRule], callers: Mapping[str, CallerRule]) -> None:
+        self._rules = [_CompiledRule(rule, callers) for rule in rules]
+
+    def check(self, caller: Caller, method: str, path: str) -> str:
+        """Return the name of the caller rule that allowed the request, or raise a 403."""
+        known_caller = False
+        for rule in self._rules:
+            matched = next((m.name for m in rule.callers if m.matches(caller)), None)
+            if matched is None:
+                continue
+            known_caller = True
+            if (rule.methods is None or method in rule.methods) and any(
+                p.fullmatch(path) for p in rule.paths
+            ):
+                return matched
+        if known_caller:
+            raise PathNotAllowed(f"{method} {path} is not allowed for this caller")
+        raise CallerNotAllowed("no allow rule of this route matches the caller")
