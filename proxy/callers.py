@@ -199,19 +199,25 @@ def _pid_of_socket(inode: int, uid: int | None) -> int | None:
     that held earlier callers' sockets are searched first: a workload reconnects from the same
     process, so the usual cost is one process's fd table, not a scan of /proc."""
     target = f"socket:[{inode}]"
+    for pid in reversed(list(_recent_pids)):
+        if _holds(pid, target, uid):
+            return _remember(pid)
     try:
-        others = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+        candidates = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
     except OSError:
         return None
-    recent = list(reversed(_recent_pids))
-    for pid in recent + [pid for pid in others if pid not in _recent_pids]:
-        if _holds(pid, target, uid):
-            _recent_pids.pop(pid, None)
-            _recent_pids[pid] = None
-            while len(_recent_pids) > 32:
-                del _recent_pids[next(iter(_recent_pids))]
-            return pid
+    for pid in candidates:
+        if pid not in _recent_pids and _holds(pid, target, uid):
+            return _remember(pid)
     return None
+
+
+def _remember(pid: int) -> int:
+    _recent_pids.pop(pid, None)
+    _recent_pids[pid] = None
+    while len(_recent_pids) > 32:
+        del _recent_pids[next(iter(_recent_pids))]
+    return pid
 
 
 def _holds(pid: int, target: str, uid: int | None) -> bool:

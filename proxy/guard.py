@@ -5,9 +5,7 @@ No I/O: a ``Guard`` is built once per config and consulted per request.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
-from multidict import MultiMapping
+from collections.abc import Iterable, Mapping
 
 from .config import is_loopback
 from .errors import BrowserRefused, HostNotAllowed, MethodRefused
@@ -19,7 +17,7 @@ class Guard:
         self._local_names = frozenset(name.lower() for name in local_names) | {"localhost"}
 
     def check(
-        self, method: str, host: str | None, headers: MultiMapping[str], *, forward_proxy: bool
+        self, method: str, host: str | None, headers: Mapping[str, str], *, forward_proxy: bool
     ) -> None:
         """``host`` is the Host header's name part (``routing.request_host``). In forward-proxy
         mode the target's host is checked against the routes instead (by the route table)."""

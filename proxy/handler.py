@@ -132,14 +132,14 @@ class Handler:
             raise InvalidPath("not an origin-form path")
         dotted, path = normalize_path(raw_path)
         match = runtime.table.match(host, path, host_routes_only=forward_proxy)
+        if dotted != path:
+            named = runtime.table.match(host, dotted, host_routes_only=forward_proxy)
+            if named is not None and (match is None or named[0] != match[0]):
+                raise PathEscapesRoute(f"{dotted!r} leaves its route as {path!r}")
         if match is None:
             if forward_proxy:
                 raise DestinationNotAllowed(f"no route names host {host!r}")
             raise RouteNotFound(f"no route for host {host!r}")
-        if dotted != path:
-            before = runtime.table.match(host, dotted, host_routes_only=forward_proxy)
-            if before is None or before[0] != match[0]:
-                raise PathEscapesRoute(f"{dotted!r} normalizes to {path!r} in another route")
         index, forwarded_path = match
         return runtime.routes[index], forwarded_path
 

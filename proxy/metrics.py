@@ -61,6 +61,11 @@ class Metrics:
             ["route", "reason"],
             registry=r,
         )
+        self.app_connections = Gauge(
+            "credproxy_app_connections",
+            "Open app connections whose caller has been identified.",
+            registry=r,
+        )
         self.credential_backoff = Gauge(
             "credproxy_credential_backoff_seconds",
             "Current retry delay after failed token requests (0: healthy).",

@@ -90,6 +90,7 @@ class Server:
         if self.config.warm_up:
             await self._warm_up()
         callers = CallerCache()
+        self.metrics.app_connections.set_function(lambda: len(callers.callers))
         handler = Handler(
             self._runtime, self._session, metrics=self.metrics, audit=self.audit, callers=callers
         )

@@ -200,3 +200,27 @@ def test_schema_is_json_schema_of_the_config():
 def test_usage_error_exits_2():
     """No command is a usage error (exit 2)."""
     assert _cli().returncode == 2
+
+
+def test_callers_and_allow_rules_are_checked():
+    """Allow rules must name defined callers and use whole-segment '**' globs."""
+    text = VALID.replace("routes:", "callers:\n  app: {uid: 1000}\nroutes:") + (
+        '    allow: [{callers: [app, ghost], paths: ["/v1/a**"]}]\n'
+    )
+    errors = _errors(text)
+    assert any(
+        "routes[0].allow[0].callers: 'ghost' is not defined under callers" in e for e in errors
+    )
+    assert any(
+        e.startswith("routes[0].allow[0].paths[0]: '**' must be a whole path segment")
+        for e in errors
+    )
+
+
+def test_route_without_allow_rules_is_flagged_by_check_config(tmp_path):
+    """check-config warns that a route with no allow rules refuses every request (default deny)."""
+    path = tmp_path / "c.yaml"
+    path.write_text(VALID)
+    result = _cli("check-config", str(path))
+    assert result.returncode == 0
+    assert "routes[0].allow: empty, so every request on this route is refused" in result.stderr

@@ -59,3 +59,25 @@ def test_target_urls_and_htu():
     assert str(target.url_for("/x%2Fy?q=%20")) == "https://u.example/base/x%2Fy?q=%20"
     assert target.htu_for("/x") == "https://u.example/base/x"
     assert Target.of("http://127.0.0.1:8080").htu_for("/") == "http://127.0.0.1:8080/"
+
+
+def test_normalize_path_decodes_unreserved_and_removes_dot_segments():
+    """RFC 3986 §6.2.2: unreserved escapes decoded, others upper-cased, dot segments removed."""
+    from proxy.routing import normalize_path
+
+    assert normalize_path("/a/%7e%41/%c3%a9") == ("/a/~A/%C3%A9", "/a/~A/%C3%A9")
+    assert normalize_path("/a/%2E%2E/b") == ("/a/../b", "/b")
+    assert normalize_path("/a/./b/.")[1] == "/a/b/"
+    assert normalize_path("/../../x")[1] == "/x"
+
+
+def test_normalize_path_refuses_ambiguous_forms():
+    """Encoded '/', '\\' and NUL, backslashes, empty segments and bad escapes are refused."""
+    import pytest
+
+    from proxy.errors import InvalidPath
+    from proxy.routing import normalize_path
+
+    for raw in ("/a%2fb", "/a%2Fb", "/a%5cb", "/a%00", "/a\\b", "/a//b", "/a%4", "/a%g1"):
+        with pytest.raises(InvalidPath):
+            normalize_path(raw)
