@@ -6,29 +6,25 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.counterparts import Credproxy, IdP, ResourceServer, environment_ok
+from tests.counterparts import Credproxy, IdP, ResourceServer, environment_ok, idp_and_upstream
 
 
 @pytest.fixture(scope="session")
-def idp(tmp_path_factory: pytest.TempPathFactory) -> Iterator[IdP]:
-    """The shared oidc-provider; resources are registered by the ``upstream`` fixture."""
+def counterparts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[IdP, ResourceServer]]:
+    """The shared oidc-provider and verifying resource server (60 s and 5 s token audiences)."""
     environment_ok()
-    yield IdP(tmp_path_factory.mktemp("idp"))
+    with idp_and_upstream(tmp_path_factory.mktemp("idp")) as pair:
+        yield pair
 
 
 @pytest.fixture(scope="session")
-def upstream(idp: IdP) -> Iterator[ResourceServer]:
-    """The shared verifying resource server, with a 60 s and a 5 s token audience at the IdP."""
-    server = ResourceServer(idp)
-    idp.add_resource(server.audience, ttl_s=60)
-    idp.add_resource(server.short_audience, ttl_s=5)
-    idp.start()
-    server.start()
-    yield server
-    server.stop()
-    idp.records()
-    server.seen()
-    idp.stop()
+def idp(counterparts: tuple[IdP, ResourceServer]) -> IdP:
+    return counterparts[0]
+
+
+@pytest.fixture(scope="session")
+def upstream(counterparts: tuple[IdP, ResourceServer]) -> ResourceServer:
+    return counterparts[1]
 
 
 @pytest.fixture

@@ -21,7 +21,8 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -329,6 +330,27 @@ class ResourceServer(ThreadedApp):
 
         app.on_startup.append(load_keys)
         return app
+
+
+@contextmanager
+def idp_and_upstream(
+    workdir: Path, *, ttls_s: tuple[int, int] = (60, 5), tls: ssl.SSLContext | None = None
+) -> Iterator[tuple[IdP, ResourceServer]]:
+    """A running IdP and a resource server trusting it; the resource server's audience and its
+    short-lived audience get tokens of ``ttls_s`` seconds. Secrets seen are entered in LEDGER."""
+    idp = IdP(workdir)
+    server = ResourceServer(idp, tls=tls)
+    idp.add_resource(server.audience, ttl_s=ttls_s[0])
+    idp.add_resource(server.short_audience, ttl_s=ttls_s[1])
+    idp.start()
+    try:
+        server.start()
+        yield idp, server
+    finally:
+        server.stop()
+        idp.records()
+        server.seen()
+        idp.stop()
 
 
 class Credproxy:

@@ -299,3 +299,44 @@ async def test_caller_lookup_survives_connection_churn_without_leaks(idp, upstre
     async with aiohttp.ClientSession() as admin:
         async with admin.get(proc.admin_url + "/metrics") as response:
             assert "credproxy_app_connections 0.0" in await response.text()  # callers forgotten
+
+
+@pytest.mark.parametrize("family_host", ["127.0.0.1", "::1"])
+def test_sock_diag_and_proc_net_tcp_agree(family_host):
+    """The netlink lookup and the /proc/net/tcp{,6} fallback find the same owner uid and inode."""
+    import socket
+
+    from proxy import callers
+
+    family = socket.AF_INET6 if ":" in family_host else socket.AF_INET
+    with socket.socket(family) as server:
+        server.bind((family_host, 0))
+        server.listen()
+        with socket.create_connection(server.getsockname()[:2]) as client:
+            conn, _ = server.accept()
+            with conn:
+                wanted = (
+                    callers._address_key(*conn.getpeername()[:2]),
+                    callers._address_key(*conn.getsockname()[:2]),
+                )
+                table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
+                from_netlink = callers._sock_diag(*wanted)
+                assert from_netlink == callers._find_socket(table, wanted)
+                assert from_netlink is not None and from_netlink[0] == os.getuid()
+                caller = callers.from_socket(conn)
+                assert caller.pid == os.getpid()  # the client socket is ours
+                assert client.fileno() > 0
+
+
+def test_caller_executable_and_its_hash_come_from_proc():
+    """exe is the running binary's path and exe_sha256 the hash of what actually runs."""
+    import hashlib
+
+    from proxy.callers import Caller
+
+    caller = Caller("unix", os.getuid(), pid=os.getpid())
+    exe = os.path.realpath(sys.executable)
+    assert caller.exe == exe
+    with open(exe, "rb") as binary:
+        assert caller.exe_sha256 == hashlib.file_digest(binary, "sha256").hexdigest()
+    assert Caller("unix", 0, pid=0).exe is None  # pid unknown (other PID namespace): fail closed

@@ -10,7 +10,7 @@ import json
 import aiohttp
 import pytest
 
-from tests.counterparts import IdP, ResourceServer, config, wait_until
+from tests.counterparts import config, idp_and_upstream, wait_until
 
 MIB = 1024 * 1024
 
@@ -18,16 +18,8 @@ MIB = 1024 * 1024
 @pytest.fixture
 def private_idp(tmp_path):
     """An IdP + resource server pair of this test's own, so stopping the IdP disturbs nobody."""
-    idp = IdP(tmp_path)
-    server = ResourceServer(idp)
-    idp.add_resource(server.short_audience, ttl_s=6)
-    idp.start()
-    server.start()
-    yield idp, server
-    server.stop()
-    idp.records()
-    server.seen()
-    idp.stop()
+    with idp_and_upstream(tmp_path, ttls_s=(60, 6)) as pair:
+        yield pair
 
 
 async def test_idp_outage_serves_until_expiry_then_503_then_recovers(
@@ -188,12 +180,7 @@ async def test_tls_upstream_verified_with_route_ca_bundle(tmp_path, credproxy, c
     from tests.tls import make_ca_and_server_cert
 
     ca_file, server_tls = make_ca_and_server_cert(tmp_path)
-    idp = IdP(tmp_path)
-    server = ResourceServer(idp, tls=server_tls)
-    idp.add_resource(server.audience, ttl_s=60)
-    idp.start()
-    server.start()
-    try:
+    with idp_and_upstream(tmp_path, tls=server_tls) as (idp, server):
         extra = f"""\
   - name: untrusted
     path_prefix: /untrusted/
@@ -215,11 +202,6 @@ async def test_tls_upstream_verified_with_route_ca_bundle(tmp_path, credproxy, c
             problem = await response.json()
             assert response.status == 502 and problem["code"] == "upstream_tls_error"
         assert server.verifier.accepted == 1  # nothing reached the server over the untrusted route
-    finally:
-        server.stop()
-        idp.records()
-        server.seen()
-        idp.stop()
 
 
 async def test_sigterm_drains_in_flight_response_then_exits_0(idp, upstream, credproxy):
