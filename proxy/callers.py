@@ -9,6 +9,7 @@ cached per connection; an attribute that cannot be determined is ``None`` and fa
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import ipaddress
 import os
@@ -153,6 +154,7 @@ def _sock_diag(src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[int, int
     try:
         if _diag_socket is None:
             _diag_socket = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+            atexit.register(_diag_socket.close)
         _diag_socket.send(request)
         reply = _diag_socket.recv(65536)
     except OSError:

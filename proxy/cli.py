@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from . import __version__, config
+from . import __version__, config, config_file
 from .errors import ConfigError, IdentityError
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "schema":
-        print(json.dumps(config.json_schema(), indent=2))
+        print(json.dumps(config_file.json_schema(), indent=2))
         return 0
     if args.command == "demo":
         from .demo.tour import main as demo_main
@@ -38,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         return demo_main()
     path: Path = args.file if args.command == "check-config" else args.config
     try:
-        loaded = config.load(path)
+        loaded = config_file.load(path)
     except ConfigError as exc:
         print(f"credproxy: {path}: {len(exc.errors)} error(s):", file=sys.stderr)
         for line in exc.errors:
             print(f"  {line}", file=sys.stderr)
         return 1
-    for note in config.warnings(loaded):
+    for note in config_file.warnings(loaded):
         print(f"credproxy: warning: {note}", file=sys.stderr)
     if args.command == "check-config":
         print(f"{path}: valid ({len(loaded.routes)} route(s), {len(loaded.issuers)} issuer(s))")

@@ -1,6 +1,7 @@
-"""YAML → frozen typed models. Every error names its path and offending value, all at once.
+"""The configuration as frozen typed models: the public shape users write (DESIGN.md).
 
 Secrets never appear here: the config points at files that only the sidecar can read.
+Reading a file into these models, with path-named errors, is ``config_file``'s job.
 """
 
 from __future__ import annotations
@@ -11,20 +12,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
     Field,
-    ValidationError,
     model_validator,
 )
 from yarl import URL
 
-from .errors import ConfigError
-
+_REGION = r"^[a-z]{2}(?:-[a-z]+)+-\d$"
 _INLINE_SECRET_KEYS = ("client_secret", "secret", "token", "password", "private_key", "api_key")
 _LOCAL_NAMES = ("localhost",)
 
@@ -114,11 +112,98 @@ class OAuth2Issuer(Model):
         return self
 
 
+class AWSIssuer(Model):
+    """AWS STS ``AssumeRoleWithWebIdentity`` with the workload's token file (EKS IRSA style),
+    optionally chained into ``AssumeRole``; or, as a marked legacy mode, static keys from a file."""
+
+    type: Literal["aws"]
+    role_arn: str | None = Field(None, pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/.+$")
+    token_file: Path | None = Field(None, description="default: identity.token_file")
+    assume_role_arn: str | None = Field(
+        None, pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/.+$", description="chained AssumeRole"
+    )
+    region: str = Field(pattern=_REGION)
+    sts_endpoint: str | None = Field(
+        None, description="default: https://sts.<region>.amazonaws.com"
+    )
+    session_name: str = Field("credproxy", pattern=r"^[\w+=,.@-]{2,64}$")
+    duration_s: int = Field(3600, ge=900, le=43200)
+    static_credentials_file: Path | None = Field(
+        None, description="legacy: JSON {access_key_id, secret_access_key}; audited as legacy"
+    )
+    ca_file: Path | None = None
+    allow_insecure_http: bool = False
+    refresh_ahead_s: Duration | None = None
+    max_lifetime_s: Duration = Field(
+        43200.0, description="treat credentials as expiring after this long, if STS says later"
+    )
+    request_timeout_s: Duration = 10.0
+    backoff_max_s: Duration = 30.0
+
+    _no_inline = model_validator(mode="before")(_reject_inline_secrets)
+
+    @model_validator(mode="after")
+    def _check(self) -> AWSIssuer:
+        if (self.role_arn is None) == (self.static_credentials_file is None):
+            raise ValueError(
+                "set exactly one of role_arn (web identity) or static_credentials_file"
+            )
+        if self.sts_endpoint is not None:
+            _check_http_url(
+                self.sts_endpoint, insecure_ok=self.allow_insecure_http, what="sts_endpoint"
+            )
+        return self
+
+    @property
+    def sts_url(self) -> str:
+        return self.sts_endpoint or f"https://sts.{self.region}.amazonaws.com"
+
+
+def aws_service_region(host: str) -> tuple[str | None, str | None]:
+    """Derive (signing service, region) from an AWS endpoint host name, where it says them."""
+    match = re.fullmatch(r"(?:.+\.)?([a-z0-9-]+)[.-](" + _REGION[1:-1] + r")\.amazonaws\.com", host)
+    if match:
+        return match[1], match[2]
+    return None, None
+
+
+_SIGNING_NAMES_NOT_IN_BOTOCORE_LIST = frozenset({"execute-api", "es", "aoss", "s3-object-lambda"})
+
+
+def known_aws_service(name: str) -> bool | None:
+    """Whether botocore knows the service; None when botocore (credproxy[aws]) is not installed."""
+    try:
+        import botocore.session
+    except ImportError:
+        return None
+    services = botocore.session.get_session().get_available_services()
+    return name in services or name in _SIGNING_NAMES_NOT_IN_BOTOCORE_LIST
+
+
+def sigv4_scope(
+    service: str | None, region: str | None, upstream: str, issuer_region: str | None
+) -> tuple[str | None, str | None]:
+    """The (service, region) a sigv4 route signs for: as configured, else from the upstream
+    host (``dynamodb.eu-west-1.amazonaws.com``), else the region of the route's issuer."""
+    derived_service, derived_region = aws_service_region(URL(upstream).host or "")
+    return service or derived_service, region or derived_region or issuer_region
+
+
 class Credential(Model):
     issuer: str
     audience: str | None = None
     scope: str | None = None
-    inject: Literal["bearer", "dpop"] = "dpop"
+    inject: Literal["bearer", "dpop", "sigv4"] = "dpop"
+    service: str | None = Field(
+        None, pattern=r"^[a-z0-9-]+$", description="sigv4 signing name, e.g. s3, dynamodb, sqs"
+    )
+    region: str | None = Field(None, pattern=_REGION, description="sigv4; default: from upstream")
+    payload: Literal["unsigned", "signed"] | None = Field(
+        None,
+        description="sigv4 body handling: unsigned streams (S3 accepts UNSIGNED-PAYLOAD); signed "
+        "buffers up to payload_max_bytes to hash it. Default: unsigned for s3, signed otherwise",
+    )
+    payload_max_bytes: int = Field(8 * 1024 * 1024, ge=0, le=256 * 1024 * 1024)
 
 
 class CallerRule(Model):
@@ -224,7 +309,10 @@ class Config(Model):
     )
     identity: Identity = Identity()
     callers: dict[str, CallerRule] = {}
-    issuers: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")], OAuth2Issuer]
+    issuers: dict[
+        Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")],
+        Annotated[OAuth2Issuer | AWSIssuer, Field(discriminator="type")],
+    ]
     routes: tuple[Route, ...] = Field(min_length=1)
     audit: Audit = Audit()
     log: Log = Log()
@@ -257,178 +345,3 @@ def parse_address(value: str) -> Address:
     if not match or int(match[2]) > 65535:
         raise ValueError(f"'{value}' is not host:port, [v6]:port or unix:/path")
     return Address(host=match[1], port=int(match[2]))
-
-
-def _items(value: Any) -> list[Any]:
-    return list(value) if isinstance(value, list | tuple) else [value]
-
-
-def _cross_checks(data: dict[str, Any]) -> list[str]:
-    """Checks that span sections. They read the raw document, defensively, so they run (and
-    report) even when pydantic found shape errors elsewhere: all errors come at once."""
-    errors: list[str] = []
-    allow_remote = data.get("allow_non_loopback") is True
-    addresses: dict[str, str] = {}
-    listen = [(f"listen[{i}]", v) for i, v in enumerate(_items(data.get("listen", [])))]
-    admin = [("admin", data["admin"])] if isinstance(data.get("admin"), str) else []
-    for where, value in [*listen, *admin]:
-        if not isinstance(value, str):
-            continue  # pydantic reports the type
-        try:
-            address = parse_address(value)
-        except ValueError as exc:
-            errors.append(f"{where}: {exc}")
-            continue
-        if address.host and not is_loopback(address.host) and not allow_remote:
-            errors.append(
-                f"{where}: '{value}' is not a loopback address; credproxy serves only the local "
-                "workload unless allow_non_loopback: true is set"
-            )
-        if str(address) in addresses and address.port != 0:
-            errors.append(f"{where}: '{value}' is already used by {addresses[str(address)]}")
-        addresses[str(address)] = where
-    raw_issuers = data.get("issuers")
-    issuers: dict[Any, Any] = raw_issuers if isinstance(raw_issuers, dict) else {}
-    seen_names: dict[str, int] = {}
-    seen_matches: dict[tuple[str | None, str | None], int] = {}
-    raw_callers = data.get("callers")
-    callers: dict[Any, Any] = raw_callers if isinstance(raw_callers, dict) else {}
-    raw_routes = data.get("routes")
-    routes: list[Any] = raw_routes if isinstance(raw_routes, list) else []
-    for i, route in enumerate(routes):
-        if not isinstance(route, dict):
-            continue
-        name = route.get("name")
-        if isinstance(name, str) and name in seen_names:
-            errors.append(f"routes[{i}].name: '{name}' is also routes[{seen_names[name]}]")
-        if isinstance(name, str):
-            seen_names.setdefault(name, i)
-        host = route.get("host")
-        match = (host.lower() if isinstance(host, str) else None, route.get("path_prefix"))
-        if match in seen_matches:
-            errors.append(
-                f"routes[{i}]: host and path_prefix are the same as routes[{seen_matches[match]}]; "
-                "the second route could never match"
-            )
-        seen_matches.setdefault(match, i)
-        for j, rule in enumerate(route.get("allow") or []):
-            names = rule.get("callers") if isinstance(rule, dict) else None
-            for name in names if isinstance(names, list) else []:
-                if isinstance(name, str) and name not in callers:
-                    errors.append(
-                        f"routes[{i}].allow[{j}].callers: '{name}' is not defined under callers "
-                        f"(defined: {', '.join(sorted(map(str, callers))) or 'none'})"
-                    )
-        credential = route.get("credential")
-        issuer = credential.get("issuer") if isinstance(credential, dict) else None
-        if isinstance(issuer, str) and issuer not in issuers:
-            known = ", ".join(sorted(map(str, issuers))) or "none"
-            errors.append(
-                f"routes[{i}].credential.issuer: '{issuer}' is not defined "
-                f"under issuers (defined: {known})"
-            )
-    return errors
-
-
-def warnings(config: Config) -> list[str]:
-    """Things that are allowed but deserve a second look; ``check-config`` prints them."""
-    notes: list[str] = []
-    for name, issuer in config.issuers.items():
-        if URL(issuer.issuer_url).scheme == "http":
-            notes.append(f"issuers.{name}.issuer_url: plain http; acceptable for a local IdP only")
-        for field in ("client_key_file", "client_secret_file", "ca_file"):
-            path = getattr(issuer, field)
-            if path is not None and not path.is_file():
-                notes.append(f"issuers.{name}.{field}: {path} does not exist here")
-    for i, route in enumerate(config.routes):
-        if URL(route.upstream).scheme == "http":
-            notes.append(f"routes[{i}].upstream: plain http; the credential crosses unencrypted")
-        if not route.allow:
-            notes.append(f"routes[{i}].allow: empty, so every request on this route is refused")
-        for j, rule in enumerate(route.allow):
-            for name in rule.callers:
-                if name in config.callers and config.callers[name].any_local:
-                    notes.append(
-                        f"routes[{i}].allow[{j}]: caller '{name}' is any_local: every local "
-                        "process may use this route's credential"
-                    )
-    return notes
-
-
-def _format_location(loc: tuple[str | int, ...]) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out or "(top level)"
-
-
-def _format_error(error: Any) -> str:
-    where = _format_location(tuple(error["loc"]))
-    message = error["msg"].removeprefix("Value error, ")
-    if error["type"] == "extra_forbidden":
-        return f"{where}: unknown key (check its spelling and indentation)"
-    if error["type"] == "missing":
-        return f"{where}: field required"
-    if not isinstance(error["input"], str | int | float | bool):
-        return f"{where}: {message}"  # a whole section: repeating it helps nobody
-    shown = repr(error["input"])
-    if len(shown) > 80:
-        shown = shown[:77] + "..."
-    return f"{where}: {message} (got {shown})"
-
-
-def _format_errors(exc: ValidationError) -> list[str]:
-    errors = exc.errors()
-    failed_inside = {tuple(e["loc"][:n]) for e in errors for n in range(1, len(e["loc"]))}
-    # A list whose items failed also reports "too short"; only the items' errors help.
-    return [
-        _format_error(e)
-        for e in errors
-        if not (e["type"] == "too_short" and tuple(e["loc"]) in failed_inside)
-    ]
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A duplicate key in YAML silently wins in PyYAML; in a security config it is an error."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        keys = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if key in keys:
-                mark = key_node.start_mark
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}' (line {mark.line + 1})", mark
-                )
-            keys.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def parse(text: str, *, source: str = "<config>") -> Config:
-    """Parse YAML text into a ``Config``; raise ``ConfigError`` listing every problem."""
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
-    except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError([f"{source}: the top level must be a mapping of keys (listen, routes…)"])
-    errors = _cross_checks(data)
-    try:
-        config = Config.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(_format_errors(exc) + errors) from None
-    if errors:
-        raise ConfigError(errors)
-    return config
-
-
-def load(path: Path) -> Config:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"{path}: cannot read the config file: {exc.strerror}"]) from None
-    return parse(text, source=str(path))
-
-
-def json_schema() -> dict[str, Any]:
-    return Config.model_json_schema()

@@ -7,6 +7,7 @@
         ├── RequestRefused                    4xx the proxy decided on its own
         │   ├── RouteNotFound                 404 route_not_found
         │   ├── InvalidPath                   400 invalid_path
+        │   ├── PayloadTooLarge               413 payload_too_large
         │   ├── PathEscapesRoute              400 path_escapes_route
         │   ├── MethodRefused                 405 method_not_allowed (CONNECT)
         │   ├── HostNotAllowed                403 host_not_allowed (DNS rebinding)
@@ -74,6 +75,15 @@ class InvalidPath(RequestRefused):
     public_detail = (
         "The path contains an encoded '/' or '\\', a backslash, NUL, an empty segment ('//') "
         "or a malformed percent-encoding; send the canonical path."
+    )
+
+
+class PayloadTooLarge(RequestRefused):
+    status = 413
+    code = "payload_too_large"
+    public_detail = (
+        "The route signs the request body, so it must buffer it, and the body is larger than "
+        "the route's credential.payload_max_bytes."
     )
 
 

@@ -14,11 +14,13 @@ from .errors import (
     DestinationNotAllowed,
     InvalidPath,
     PathEscapesRoute,
+    PayloadTooLarge,
     ProblemError,
     RequestRefused,
     RouteNotFound,
 )
 from .forwarder import Scrubber, request_headers, response_headers, upstream_errors
+from .injectors import Outbound
 from .log import access_log, server_log
 from .metrics import Metrics
 from .routing import normalize_path, request_host
@@ -147,27 +149,27 @@ class Handler:
         self, request: web.BaseRequest, route: RouteRuntime, forwarded_path: str
     ) -> web.StreamResponse:
         query = request.rel_url.raw_query_string
-        url = route.target.url_for(forwarded_path + ("?" + query if query else ""))
-        htu = route.target.htu_for(forwarded_path)
-        headers = request_headers(request.headers, route.strip)
-        body: bytes | aiohttp.StreamReader | None = None
-        replayable = True
-        if request.body_exists:
-            length = request.content_length
-            if length is not None and length <= route.config.retry_body_max_bytes:
-                body = await request.read()
-            else:
-                body, replayable = request.content, False
+        injector = route.injector
+        body, replayable = await _request_body(request, route)
+        outbound = Outbound(
+            method=request.method,
+            url=route.target.url_for(forwarded_path + ("?" + query if query else "")),
+            htu=route.target.htu_for(forwarded_path),
+            headers=request_headers(request.headers, route.strip),
+            body=body if isinstance(body, bytes) else None,
+        )
         token = await route.source.get()
         where = f"route {route.name} upstream {route.target.base}"
+        prefetched: bytes | None = None
         for attempt in (1, 2):
-            route.injector.apply(headers, token, request.method, htu, route.nonce)
+            outbound.nonce = route.nonce
+            injector.apply(outbound, token)
             started = time.perf_counter()
             with upstream_errors(where):
                 upstream = await self._session.request(
                     request.method,
-                    url,
-                    headers=headers,
+                    outbound.url,
+                    headers=outbound.headers,
                     data=body,
                     allow_redirects=False,
                     timeout=route.timeout,
@@ -178,7 +180,16 @@ class Handler:
             )
             if nonce := upstream.headers.get("DPoP-Nonce"):
                 route.nonce = nonce
-            retry = _retry_reason(upstream) if attempt == 1 and replayable else None
+            if attempt == 2 or not replayable:
+                break
+            retry = _retry_reason(upstream)
+            if retry is None and injector.clock_sensitive and upstream.status == 403:
+                with upstream_errors(where):
+                    prefetched = await _small_body(upstream)
+                if prefetched is not None and injector.corrects_clock(
+                    403, prefetched, upstream.headers.get("Date")
+                ):
+                    retry, prefetched = "clock_skew", None
             if retry is None:
                 break
             upstream.release()
@@ -186,10 +197,15 @@ class Handler:
             if retry == "invalid_token":
                 route.source.invalidate(token)
                 token = await route.source.get()
-        return await self._stream_back(request, upstream, token, where)
+        return await self._stream_back(request, upstream, token, where, prefetched)
 
     async def _stream_back(
-        self, request: web.BaseRequest, upstream: aiohttp.ClientResponse, token: Token, where: str
+        self,
+        request: web.BaseRequest,
+        upstream: aiohttp.ClientResponse,
+        token: Token,
+        where: str,
+        prefetched: bytes | None,
     ) -> web.StreamResponse:
         secret = token.value.reveal()
         response = web.StreamResponse(
@@ -200,9 +216,12 @@ class Handler:
         try:
             await response.prepare(request)
             scrubber = Scrubber(secret)
-            with upstream_errors(where):
-                async for chunk in upstream.content.iter_any():
-                    await response.write(scrubber.feed(chunk))
+            if prefetched is not None:
+                await response.write(scrubber.feed(prefetched))
+            else:
+                with upstream_errors(where):
+                    async for chunk in upstream.content.iter_any():
+                        await response.write(scrubber.feed(chunk))
             await response.write(scrubber.flush())
             await response.write_eof()
         except ProblemError as exc:
@@ -215,6 +234,37 @@ class Handler:
         finally:
             upstream.release()
         return response
+
+
+async def _request_body(
+    request: web.BaseRequest, route: RouteRuntime
+) -> tuple[bytes | aiohttp.StreamReader | None, bool]:
+    """The body to send and whether it can be sent twice. Streams unless the injector must hash
+    it (bounded: 413 beyond) or it is small enough to keep for one replay."""
+    if not request.body_exists:
+        return None, True
+    length = request.content_length
+    bound = route.injector.body_max_bytes
+    if route.injector.needs_body:
+        if length is not None and length > bound:
+            raise PayloadTooLarge(f"body of {length} bytes, route limit {bound}")
+        chunks, size = [], 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+            if size > bound:
+                raise PayloadTooLarge(f"body over the route limit of {bound} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks), True
+    if length is not None and length <= route.config.retry_body_max_bytes:
+        return await request.read(), True
+    return request.content, False
+
+
+async def _small_body(upstream: aiohttp.ClientResponse) -> bytes | None:
+    """An error body worth inspecting: small and of known length; None leaves it streaming."""
+    if upstream.content_length is None or upstream.content_length > 65536:
+        return None
+    return await upstream.read()
 
 
 def _retry_reason(upstream: aiohttp.ClientResponse) -> str | None:

@@ -17,7 +17,7 @@ from .dpop import DPoPKey
 from .forwarder import CREDENTIAL_HEADERS, HOP_BY_HOP, ssl_context
 from .guard import Guard
 from .injectors import Injector, make_injector
-from .issuers import ISSUERS, OAuth2Issuer
+from .issuers import ISSUERS, AWSIssuer, OAuth2Issuer
 from .metrics import Metrics
 from .policy import RoutePolicy
 from .routing import RouteTable, Target
@@ -56,13 +56,14 @@ def build(
 ) -> Runtime:
     """Raise ``IdentityError`` (naming the config path) when a key or secret file is unusable."""
     dpop_key = DPoPKey(config.identity.dpop_alg)
-    issuers = {
+    issuers: dict[str, OAuth2Issuer | AWSIssuer] = {
         name: ISSUERS[issuer.type](
             name,
-            issuer,
+            issuer,  # type: ignore[arg-type]  # the table pairs each type with its config model
             session=session,
             dpop_key=dpop_key,
             ssl_context=ssl_context(str(issuer.ca_file) if issuer.ca_file else None),
+            identity=config.identity,
         )
         for name, issuer in config.issuers.items()
     }
@@ -70,7 +71,8 @@ def build(
     routes: list[RouteRuntime] = []
     for route in config.routes:
         credential = route.credential
-        injector = make_injector(credential.inject, dpop_key)
+        issuer = issuers[credential.issuer]
+        injector = make_injector(route, issuer.region, dpop_key)
         key = CacheKey(
             credential.issuer, credential.audience, credential.scope, injector.binds_token
         )
@@ -84,7 +86,10 @@ def build(
                 target=Target.of(route.upstream),
                 source=sources[key],
                 injector=injector,
-                strip=HOP_BY_HOP | CREDENTIAL_HEADERS | {h.lower() for h in route.strip_headers},
+                strip=HOP_BY_HOP
+                | CREDENTIAL_HEADERS
+                | injector.strip
+                | {h.lower() for h in route.strip_headers},
                 timeout=aiohttp.ClientTimeout(
                     total=route.timeouts.total_s,
                     sock_connect=route.timeouts.connect_s,
@@ -98,9 +103,11 @@ def build(
     return Runtime(guard, RouteTable(config.routes), routes, sources, dpop_key)
 
 
-def _source(key: CacheKey, issuer: OAuth2Issuer, *, metrics: Metrics, audit: Audit) -> TokenSource:
+def _source(
+    key: CacheKey, issuer: OAuth2Issuer | AWSIssuer, *, metrics: Metrics, audit: Audit
+) -> TokenSource:
     async def fetch() -> Token:
-        return await issuer.fetch(audience=key.audience, scope=key.scope, bound=key.bound)
+        return await issuer.fetch(key)
 
     return TokenSource(
         key,

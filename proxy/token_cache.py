@@ -26,11 +26,17 @@ _BACKOFF_BASE_S = 0.5
 
 @dataclass(frozen=True, slots=True)
 class Token:
+    """A short-lived credential. ``value`` is what travels in requests (an access token, an AWS
+    session token); ``signing_secret`` is what only signs (an AWS secret key), never sent."""
+
     value: Secret
-    token_type: str  # "Bearer" or "DPoP", as the issuer answered
+    token_type: str  # "Bearer", "DPoP" or "AWS4"
     lifetime_s: float
     obtained_at: float = field(default_factory=time.time)
     obtained_mono: float = field(default_factory=time.monotonic)
+    key_id: str | None = None
+    signing_secret: Secret | None = None
+    legacy: bool = False  # a long-lived static secret, audited so owners can retire it
     ath: str = field(init=False)  # DPoP ``ath``, hashed once per token, not per request
 
     def __post_init__(self) -> None:
@@ -182,8 +188,12 @@ class TokenSource:
             attempt.set_result(None)
 
     async def _sleep_until_refresh(self, token: Token) -> None:
-        ahead_s = self._refresh_ahead_s or min(60.0, 0.2 * token.lifetime_s)
-        ahead_s = min(ahead_s, 0.5 * token.lifetime_s)
+        if self._refresh_ahead_s is None:
+            ahead_s = min(60.0, 0.2 * token.lifetime_s)
+        else:  # as configured, short of a refresh loop tighter than a second
+            ahead_s = min(
+                self._refresh_ahead_s, max(token.lifetime_s - 1.0, 0.5 * token.lifetime_s)
+            )
         delay_s = token.obtained_mono + token.lifetime_s - ahead_s - time.monotonic()
         try:
             await asyncio.wait_for(self._wake.wait(), timeout=max(delay_s, 0.0))
@@ -209,6 +219,7 @@ class TokenSource:
             fingerprint=token.value.fingerprint,
             expires_at=round(token.expires_at, 3),
             lifetime_s=token.lifetime_s,
+            **({"legacy": True} if token.legacy else {}),
         )
         credentials_log.info(
             "credential %s for issuer %s (%s), lifetime %.0fs",

@@ -226,6 +226,7 @@ class ThreadedApp:
             ready.set()
             self._loop.run_forever()
             self._loop.run_until_complete(runner.cleanup())
+            self._loop.run_until_complete(asyncio.sleep(0.1))  # let closing transports finish
 
         self._thread = threading.Thread(target=serve, daemon=True, name=type(self).__name__)
         self._thread.start()
@@ -236,6 +237,7 @@ class ThreadedApp:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(10)
             self._thread = None
+            self._loop.close()
 
 
 def _pattern(n: int) -> bytes:

@@ -175,6 +175,7 @@ async def _raw(
     )
     raw = await reader.read()
     writer.close()
+    await writer.wait_closed()
     head, _, body = raw.partition(b"\r\n\r\n")
     status = int(head.split()[1])
     document = json.loads(body) if body.startswith(b"{") else {}

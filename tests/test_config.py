@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config
+from proxy import config_file
+from proxy.config import OAuth2Issuer
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -32,16 +33,17 @@ routes:
 
 def _errors(text: str) -> list[str]:
     with pytest.raises(ConfigError) as caught:
-        config.parse(text)
+        config_file.parse(text)
     return caught.value.errors
 
 
 def test_valid_config_parses_into_frozen_models_with_defaults():
     """A minimal config gets secure defaults and cannot be mutated after loading."""
-    loaded = config.parse(VALID)
+    loaded = config_file.parse(VALID)
     assert loaded.admin == "127.0.0.1:15090"
     assert loaded.routes[0].credential.inject == "dpop"
-    assert loaded.issuers["idp"].client_auth == "private_key_jwt"
+    issuer = loaded.issuers["idp"]
+    assert isinstance(issuer, OAuth2Issuer) and issuer.client_auth == "private_key_jwt"
     with pytest.raises(ValueError):
         loaded.routes[0].credential.inject = "bearer"  # type: ignore[misc]
 
@@ -89,12 +91,12 @@ BAD = [
     (
         "unknown injector",
         VALID.replace("scope: payments.write}", "scope: payments.write, inject: magic}"),
-        "routes[0].credential.inject: Input should be 'bearer' or 'dpop' (got 'magic')",
+        "routes[0].credential.inject: Input should be 'bearer', 'dpop' or 'sigv4' (got 'magic')",
     ),
     (
         "unknown issuer type",
-        VALID.replace("type: oauth2", "type: aws"),
-        "issuers.idp.type: Input should be 'oauth2' (got 'aws')",
+        VALID.replace("type: oauth2", "type: gcp"),
+        "issuers.idp.type: 'gcp' is not a supported type (expected one of 'oauth2', 'aws')",
     ),
     (
         "assertion too long-lived",
@@ -168,7 +170,7 @@ def test_check_config_accepts_the_example():
     """config/example.yaml, the reference users copy, passes check-config."""
     result = _cli("check-config", "config/example.yaml")
     assert result.returncode == 0, result.stderr
-    assert "valid (2 route(s), 2 issuer(s))" in result.stdout
+    assert "valid (4 route(s), 3 issuer(s))" in result.stdout
 
 
 def test_check_config_rejects_with_exit_1_and_errors_on_stderr(tmp_path):
@@ -224,3 +226,83 @@ def test_route_without_allow_rules_is_flagged_by_check_config(tmp_path):
     result = _cli("check-config", str(path))
     assert result.returncode == 0
     assert "routes[0].allow: empty, so every request on this route is refused" in result.stderr
+
+
+AWS = """\
+listen: 127.0.0.1:15001
+issuers:
+  aws:
+    type: aws
+    role_arn: arn:aws:iam::123456789012:role/app
+    token_file: /var/run/secrets/eks.amazonaws.com/serviceaccount/token
+    region: eu-west-1
+routes:
+  - name: s3
+    path_prefix: /s3/
+    upstream: https://s3.eu-west-1.amazonaws.com
+    credential: {issuer: aws, inject: sigv4}
+"""
+
+AWS_BAD = [
+    (
+        "unknown service",
+        AWS.replace("inject: sigv4}", "inject: sigv4, service: nosuchservice}"),
+        "routes[0].credential.service: 'nosuchservice' is not an AWS service botocore knows",
+    ),
+    (
+        "no service",
+        AWS.replace("https://s3.eu-west-1.amazonaws.com", "https://storage.internal"),
+        "routes[0].credential.service: required for sigv4",
+    ),
+    ("no region", AWS.replace("    region: eu-west-1\n", ""), "issuers.aws.region: field required"),
+    (
+        "bad region",
+        AWS.replace("inject: sigv4}", "inject: sigv4, region: moon-1}"),
+        "routes[0].credential.region: String should match pattern",
+    ),
+    (
+        "sigv4 with an oauth2 issuer",
+        VALID.replace("scope: payments.write}", "scope: payments.write, inject: sigv4}"),
+        "routes[0].credential.inject: sigv4 goes with an issuer of type aws",
+    ),
+    (
+        "role and static keys",
+        AWS.replace("    region:", "    static_credentials_file: /k.json\n    region:"),
+        "issuers.aws: set exactly one of role_arn (web identity) or static_credentials_file",
+    ),
+    (
+        "bad role arn",
+        AWS.replace("role/app", "user/app"),
+        "issuers.aws.role_arn: String should match pattern",
+    ),
+    (
+        "too short a session",
+        AWS.replace("    region:", "    duration_s: 60\n    region:"),
+        "issuers.aws.duration_s: Input should be greater than or equal to 900 (got 60)",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [(t, e) for _, t, e in AWS_BAD], ids=[n for n, _, _ in AWS_BAD]
+)
+def test_bad_aws_config_names_path(text, expected):
+    """AWS issuer and sigv4 route mistakes are reported with their config path."""
+    errors = _errors(text)
+    assert any(expected in line for line in errors), errors
+
+
+def test_aws_service_and_region_derive_from_the_upstream_host():
+    """s3.eu-west-1.amazonaws.com needs no explicit service or region."""
+    from proxy.config import sigv4_scope
+
+    config_file.parse(AWS)
+    assert sigv4_scope(None, None, "https://dynamodb.us-east-2.amazonaws.com", None) == (
+        "dynamodb",
+        "us-east-2",
+    )
+    assert sigv4_scope(None, None, "https://bucket.s3.eu-west-1.amazonaws.com", "us-east-1") == (
+        "s3",
+        "eu-west-1",
+    )
+    assert sigv4_scope("sqs", None, "http://127.0.0.1:4566", "us-east-1") == ("sqs", "us-east-1")

@@ -288,6 +288,7 @@ async def test_connect_and_absolute_form_are_refused(idp, upstream, credproxy):
         writer.write(f"{request_line}\r\nHost: example.com\r\nConnection: close\r\n\r\n".encode())
         raw = await reader.read()
         writer.close()
+        await writer.wait_closed()
         head, _, body = raw.partition(b"\r\n\r\n")
         assert head.startswith(f"HTTP/1.1 {status}".encode()), head
         assert json.loads(body)["code"] == code

@@ -132,20 +132,20 @@ class StalledUpstream:
     """Fault injector: accepts connections and reads the request, then never answers."""
 
     async def __aenter__(self) -> str:
-        self._release = asyncio.Event()
+        self._writers: list[asyncio.StreamWriter] = []
 
         async def stall(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self._writers.append(writer)
             await reader.read(65536)
-            await self._release.wait()
-            writer.close()
-            await writer.wait_closed()
 
         self._server = await asyncio.start_server(stall, "127.0.0.1", 0)
         return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
 
     async def __aexit__(self, *exc: object) -> None:
-        self._release.set()
         self._server.close()
+        for writer in self._writers:
+            writer.close()
+            await writer.wait_closed()
         await self._server.wait_closed()
 
 
@@ -202,6 +202,7 @@ async def test_tls_upstream_verified_with_route_ca_bundle(tmp_path, credproxy, c
             problem = await response.json()
             assert response.status == 502 and problem["code"] == "upstream_tls_error"
         assert server.verifier.accepted == 1  # nothing reached the server over the untrusted route
+        proc.stop()  # close credproxy's TLS connections before the server goes away
 
 
 async def test_sigterm_drains_in_flight_response_then_exits_0(idp, upstream, credproxy):

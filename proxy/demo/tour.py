@@ -22,7 +22,7 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .. import config, log
+from .. import config_file, log
 from ..audit import Audit
 from ..secret import fingerprint
 from ..server import Server
@@ -110,8 +110,8 @@ async def _run(tour: _Tour, workdir: Path) -> None:
     await web.SockSite(rs_runner, rs_sock).start()
     print(f"   demo IdP at {idp_url}; verifying upstream (checks DPoP) at {upstream}")
 
-    config_file = workdir / "credproxy.yaml"
-    config_file.write_text(
+    config_path = workdir / "credproxy.yaml"
+    config_path.write_text(
         _CONFIG.format(
             idp=idp_url,
             workdir=workdir,
@@ -120,7 +120,7 @@ async def _run(tour: _Tour, workdir: Path) -> None:
             exe=os.path.realpath(sys.executable),
         )
     )
-    loaded = config.load(config_file)
+    loaded = config_file.load(config_path)
     try:
         async with Server(loaded, audit=Audit(loaded.audit.file)) as server:
             await _as_the_app(tour, server, verifier)

@@ -1,35 +1,28 @@
 """Injectors put a credential into one outbound request; one module per kind.
 
-``INJECTORS`` maps the route's ``credential.inject`` to the implementation (STYLE habit 5).
+``INJECTORS`` maps the route's ``credential.inject`` to a factory (STYLE habit 5).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
 
-from multidict import CIMultiDict
-
+from ..config import Route
 from ..dpop import DPoPKey
-from ..token_cache import Token
+from .base import Injector, Outbound
 from .bearer import BearerInjector
 from .dpop import DPoPInjector
+from .sigv4 import SigV4Injector
 
-
-class Injector(Protocol):
-    binds_token: bool  # the token must be bound to the sidecar's DPoP key
-
-    def apply(
-        self, headers: CIMultiDict[str], token: Token, method: str, htu: str, nonce: str | None
-    ) -> None: ...
-
-
-def make_injector(kind: str, dpop_key: DPoPKey) -> Injector:
-    return INJECTORS[kind](dpop_key)
-
-
-INJECTORS: dict[str, type[BearerInjector] | type[DPoPInjector]] = {
-    "bearer": BearerInjector,
-    "dpop": DPoPInjector,
+INJECTORS: dict[str, Callable[[Route, str | None, DPoPKey], Injector]] = {
+    "bearer": lambda route, issuer_region, dpop_key: BearerInjector(),
+    "dpop": lambda route, issuer_region, dpop_key: DPoPInjector(dpop_key),
+    "sigv4": lambda route, issuer_region, dpop_key: SigV4Injector.for_route(route, issuer_region),
 }
 
-__all__ = ["INJECTORS", "Injector", "make_injector"]
+
+def make_injector(route: Route, issuer_region: str | None, dpop_key: DPoPKey) -> Injector:
+    return INJECTORS[route.credential.inject](route, issuer_region, dpop_key)
+
+
+__all__ = ["INJECTORS", "Injector", "Outbound", "make_injector"]

@@ -2,19 +2,10 @@
 
 from __future__ import annotations
 
-from multidict import CIMultiDict
-
-from ..dpop import DPoPKey
 from ..token_cache import Token
+from .base import Injector, Outbound
 
 
-class BearerInjector:
-    binds_token = False
-
-    def __init__(self, dpop_key: DPoPKey) -> None:
-        del dpop_key  # a bearer token is not bound to a key
-
-    def apply(
-        self, headers: CIMultiDict[str], token: Token, method: str, htu: str, nonce: str | None
-    ) -> None:
-        headers["Authorization"] = "Bearer " + token.value.reveal()
+class BearerInjector(Injector):
+    def apply(self, outbound: Outbound, token: Token) -> None:
+        outbound.headers["Authorization"] = "Bearer " + token.value.reveal()

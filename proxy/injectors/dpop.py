@@ -6,20 +6,19 @@ server's latest nonce, so neither the token nor the proof can be replayed elsewh
 
 from __future__ import annotations
 
-from multidict import CIMultiDict
-
 from ..dpop import DPoPKey
 from ..token_cache import Token
+from .base import Injector, Outbound
 
 
-class DPoPInjector:
+class DPoPInjector(Injector):
     binds_token = True
 
     def __init__(self, dpop_key: DPoPKey) -> None:
         self._key = dpop_key
 
-    def apply(
-        self, headers: CIMultiDict[str], token: Token, method: str, htu: str, nonce: str | None
-    ) -> None:
-        headers["Authorization"] = "DPoP " + token.value.reveal()
-        headers["DPoP"] = self._key.proof(method, htu, ath=token.ath, nonce=nonce)
+    def apply(self, outbound: Outbound, token: Token) -> None:
+        outbound.headers["Authorization"] = "DPoP " + token.value.reveal()
+        outbound.headers["DPoP"] = self._key.proof(
+            outbound.method, outbound.htu, ath=token.ath, nonce=outbound.nonce
+        )

@@ -5,8 +5,23 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
+from ..token_cache import CacheKey, Token
+from .aws import AWSIssuer
 from .oauth2 import OAuth2Issuer
 
-ISSUERS = {"oauth2": OAuth2Issuer}
 
-__all__ = ["ISSUERS", "OAuth2Issuer"]
+class Issuer(Protocol):
+    name: str
+    region: str | None  # where the issuer's credentials are scoped (AWS), else None
+
+    async def fetch(self, key: CacheKey) -> Token: ...
+
+
+ISSUERS: dict[str, type[OAuth2Issuer] | type[AWSIssuer]] = {
+    "oauth2": OAuth2Issuer,
+    "aws": AWSIssuer,
+}
+
+__all__ = ["ISSUERS", "AWSIssuer", "Issuer", "OAuth2Issuer"]

@@ -22,14 +22,14 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
+from ..config import Identity, is_loopback
 from ..config import OAuth2Issuer as OAuth2Config
-from ..config import is_loopback
 from ..dpop import DPoPKey
 from ..errors import IssuerError
 from ..identity import load_signing_key, read_secret_file
 from ..jose import Signer
 from ..secret import Secret
-from ..token_cache import Token
+from ..token_cache import CacheKey, Token
 
 _MAX_RESPONSE_BYTES = 64 * 1024
 _DEFAULT_LIFETIME_S = 300.0
@@ -53,8 +53,11 @@ class OAuth2Issuer:
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
         ssl_context: ssl.SSLContext | None,
+        identity: Identity,
     ) -> None:
+        del identity  # the client key or secret file is this issuer's identity
         self.name = name
+        self.region: str | None = None
         self.config = config
         self._session = session
         self._dpop_key = dpop_key
@@ -79,7 +82,8 @@ class OAuth2Issuer:
                 config.client_secret_file, what=f"{self._where}.client_secret_file"
             )
 
-    async def fetch(self, *, audience: str | None, scope: str | None, bound: bool) -> Token:
+    async def fetch(self, key: CacheKey) -> Token:
+        audience, scope, bound = key.audience, key.scope, key.bound
         metadata = await self.metadata()
         form: dict[str, str] = {"grant_type": "client_credentials"}
         if scope:

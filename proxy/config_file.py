@@ -1,0 +1,245 @@
+"""Reading a config file: YAML (duplicate keys refused) → ``config.Config``, with every error
+named by its path and offending value, all at once, plus cross-section checks and warnings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import ValidationError
+from yarl import URL
+
+from .config import (
+    AWSIssuer,
+    Config,
+    OAuth2Issuer,
+    is_loopback,
+    known_aws_service,
+    parse_address,
+    sigv4_scope,
+)
+from .errors import ConfigError
+
+
+def _items(value: Any) -> list[Any]:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def _cross_checks(data: dict[str, Any]) -> list[str]:
+    """Checks that span sections. They read the raw document, defensively, so they run (and
+    report) even when pydantic found shape errors elsewhere: all errors come at once."""
+    errors: list[str] = []
+    allow_remote = data.get("allow_non_loopback") is True
+    addresses: dict[str, str] = {}
+    listen = [(f"listen[{i}]", v) for i, v in enumerate(_items(data.get("listen", [])))]
+    admin = [("admin", data["admin"])] if isinstance(data.get("admin"), str) else []
+    for where, value in [*listen, *admin]:
+        if not isinstance(value, str):
+            continue  # pydantic reports the type
+        try:
+            address = parse_address(value)
+        except ValueError as exc:
+            errors.append(f"{where}: {exc}")
+            continue
+        if address.host and not is_loopback(address.host) and not allow_remote:
+            errors.append(
+                f"{where}: '{value}' is not a loopback address; credproxy serves only the local "
+                "workload unless allow_non_loopback: true is set"
+            )
+        if str(address) in addresses and address.port != 0:
+            errors.append(f"{where}: '{value}' is already used by {addresses[str(address)]}")
+        addresses[str(address)] = where
+    raw_issuers = data.get("issuers")
+    issuers: dict[Any, Any] = raw_issuers if isinstance(raw_issuers, dict) else {}
+    seen_names: dict[str, int] = {}
+    seen_matches: dict[tuple[str | None, str | None], int] = {}
+    raw_callers = data.get("callers")
+    callers: dict[Any, Any] = raw_callers if isinstance(raw_callers, dict) else {}
+    raw_routes = data.get("routes")
+    routes: list[Any] = raw_routes if isinstance(raw_routes, list) else []
+    for i, route in enumerate(routes):
+        if not isinstance(route, dict):
+            continue
+        name = route.get("name")
+        if isinstance(name, str) and name in seen_names:
+            errors.append(f"routes[{i}].name: '{name}' is also routes[{seen_names[name]}]")
+        if isinstance(name, str):
+            seen_names.setdefault(name, i)
+        host = route.get("host")
+        match = (host.lower() if isinstance(host, str) else None, route.get("path_prefix"))
+        if match in seen_matches:
+            errors.append(
+                f"routes[{i}]: host and path_prefix are the same as routes[{seen_matches[match]}]; "
+                "the second route could never match"
+            )
+        seen_matches.setdefault(match, i)
+        for j, rule in enumerate(route.get("allow") or []):
+            names = rule.get("callers") if isinstance(rule, dict) else None
+            for name in names if isinstance(names, list) else []:
+                if isinstance(name, str) and name not in callers:
+                    errors.append(
+                        f"routes[{i}].allow[{j}].callers: '{name}' is not defined under callers "
+                        f"(defined: {', '.join(sorted(map(str, callers))) or 'none'})"
+                    )
+        credential = route.get("credential")
+        issuer = credential.get("issuer") if isinstance(credential, dict) else None
+        if isinstance(issuer, str) and issuer not in issuers:
+            known = ", ".join(sorted(map(str, issuers))) or "none"
+            errors.append(
+                f"routes[{i}].credential.issuer: '{issuer}' is not defined "
+                f"under issuers (defined: {known})"
+            )
+        elif isinstance(credential, dict) and isinstance(issuers.get(issuer), dict):
+            errors.extend(
+                _sigv4_checks(f"routes[{i}].credential", route, credential, issuers[issuer])
+            )
+    return errors
+
+
+def _sigv4_checks(
+    where: str, route: dict[str, Any], credential: dict[str, Any], issuer: dict[str, Any]
+) -> list[str]:
+    sigv4 = credential.get("inject") == "sigv4"
+    if sigv4 != (issuer.get("type") == "aws"):
+        return [
+            f"{where}.inject: sigv4 goes with an issuer of type aws, and an aws issuer with sigv4"
+        ]
+    if not sigv4 or not isinstance(route.get("upstream"), str):
+        return []
+    service, region = sigv4_scope(
+        credential.get("service"), credential.get("region"), route["upstream"], issuer.get("region")
+    )
+    if service is None:
+        return [f"{where}.service: required for sigv4 (the upstream host does not name one)"]
+    if region is None:
+        return [
+            f"{where}.region: required for sigv4 (neither the upstream host nor the issuer names one)"
+        ]
+    known = known_aws_service(service)
+    if known is None:
+        return [f"{where}.inject: sigv4 needs the aws extra: pip install 'credproxy[aws]'"]
+    if not known:
+        return [f"{where}.service: '{service}' is not an AWS service botocore knows"]
+    return []
+
+
+def warnings(config: Config) -> list[str]:
+    """Things that are allowed but deserve a second look; ``check-config`` prints them."""
+    notes: list[str] = []
+    for name, issuer in config.issuers.items():
+        url = issuer.issuer_url if isinstance(issuer, OAuth2Issuer) else issuer.sts_url
+        if URL(url).scheme == "http":
+            notes.append(
+                f"issuers.{name}: plain http to {url}; acceptable for a local service only"
+            )
+        if isinstance(issuer, AWSIssuer) and issuer.static_credentials_file is not None:
+            notes.append(f"issuers.{name}: static AWS keys (legacy); prefer role_arn + token_file")
+        for field in (
+            "client_key_file",
+            "client_secret_file",
+            "ca_file",
+            "token_file",
+            "static_credentials_file",
+        ):
+            path = getattr(issuer, field, None)
+            if path is not None and not path.is_file():
+                notes.append(f"issuers.{name}.{field}: {path} does not exist here")
+    for i, route in enumerate(config.routes):
+        if URL(route.upstream).scheme == "http":
+            notes.append(f"routes[{i}].upstream: plain http; the credential crosses unencrypted")
+        if not route.allow:
+            notes.append(f"routes[{i}].allow: empty, so every request on this route is refused")
+        for j, rule in enumerate(route.allow):
+            for name in rule.callers:
+                if name in config.callers and config.callers[name].any_local:
+                    notes.append(
+                        f"routes[{i}].allow[{j}]: caller '{name}' is any_local: every local "
+                        "process may use this route's credential"
+                    )
+    return notes
+
+
+def _format_location(loc: tuple[str | int, ...]) -> str:
+    if len(loc) > 2 and loc[0] == "issuers" and loc[2] in ("oauth2", "aws"):
+        loc = loc[:2] + loc[3:]  # pydantic adds the union's tag; users never wrote it
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out or "(top level)"
+
+
+def _format_error(error: Any) -> str:
+    where = _format_location(tuple(error["loc"]))
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        return f"{where}: unknown key (check its spelling and indentation)"
+    if error["type"] == "missing":
+        return f"{where}: field required"
+    if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
+        expected = error.get("ctx", {}).get("expected_tags", "")
+        got = error.get("ctx", {}).get("tag", "nothing")
+        return f"{where}.type: {got!r} is not a supported type (expected one of {expected})"
+    if not isinstance(error["input"], str | int | float | bool):
+        return f"{where}: {message}"  # a whole section: repeating it helps nobody
+    shown = repr(error["input"])
+    if len(shown) > 80:
+        shown = shown[:77] + "..."
+    return f"{where}: {message} (got {shown})"
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    errors = exc.errors()
+    failed_inside = {tuple(e["loc"][:n]) for e in errors for n in range(1, len(e["loc"]))}
+    # A list whose items failed also reports "too short"; only the items' errors help.
+    return [
+        _format_error(e)
+        for e in errors
+        if not (e["type"] == "too_short" and tuple(e["loc"]) in failed_inside)
+    ]
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A duplicate key in YAML silently wins in PyYAML; in a security config it is an error."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        keys = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in keys:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key '{key}' (line {mark.line + 1})", mark
+                )
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse(text: str, *, source: str = "<config>") -> Config:
+    """Parse YAML text into a ``Config``; raise ``ConfigError`` listing every problem."""
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError([f"{source}: the top level must be a mapping of keys (listen, routes…)"])
+    errors = _cross_checks(data)
+    try:
+        config = Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(exc) + errors) from None
+    if errors:
+        raise ConfigError(errors)
+    return config
+
+
+def load(path: Path) -> Config:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{path}: cannot read the config file: {exc.strerror}"]) from None
+    return parse(text, source=str(path))
+
+
+def json_schema() -> dict[str, Any]:
+    return Config.model_json_schema()

@@ -1,0 +1,39 @@
+"""What every injector is given (``Outbound``) and what it may tell the handler (``Injector``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from multidict import CIMultiDict
+from yarl import URL
+
+from ..token_cache import Token
+
+
+@dataclass(slots=True)
+class Outbound:
+    """The request about to be sent upstream; injectors add headers to it."""
+
+    method: str
+    url: URL  # full target, query included
+    htu: str  # target without query, as DPoP wants it
+    headers: CIMultiDict[str]
+    body: bytes | None  # the buffered body, or None when there is none or it streams
+    nonce: str | None = None  # the resource server's latest DPoP-Nonce
+
+
+class Injector:
+    """Defaults: the token is not key-bound, the body may stream, no clock to correct."""
+
+    binds_token = False  # the token must be bound to the sidecar's DPoP key
+    needs_body = False  # the whole body must be buffered (and hashed) before signing
+    body_max_bytes = 0  # bound on that buffer; larger bodies get 413
+    strip: frozenset[str] = frozenset()  # app headers this scheme sets itself
+    clock_sensitive = False  # a 403 may mean "clock skew": inspect it (``corrects_clock``)
+
+    def apply(self, outbound: Outbound, token: Token) -> None:
+        raise NotImplementedError
+
+    def corrects_clock(self, status: int, body: bytes, date: str | None) -> bool:
+        """Whether this answer means "your clock is off", now corrected: worth one replay."""
+        return False
