@@ -19,7 +19,9 @@ from tests.counterparts import LEDGER, _wait_http, free_port
 
 ROLE_POLICY = {
     "Version": "2012-10-17",
-    "Statement": [{"Effect": "Allow", "Action": ["s3:*", "dynamodb:*"], "Resource": "*"}],
+    "Statement": [
+        {"Effect": "Allow", "Action": ["s3:*", "dynamodb:*", "sts:AssumeRole"], "Resource": "*"}
+    ],
 }
 REGION = "us-east-1"
 
@@ -32,6 +34,7 @@ class Moto:
         self.process: subprocess.Popen[bytes] | None = None
         self.admin: dict[str, Any] = {}
         self.role_arn = ""
+        self.chained_role_arn = ""
         self.bucket = "credproxy-test"
         self.token_file = workdir / "web-identity-token"
 
@@ -70,6 +73,23 @@ class Moto:
         ]["Arn"]
         iam.put_role_policy(
             RoleName="app", PolicyName="app", PolicyDocument=json.dumps(ROLE_POLICY)
+        )
+        chain_trust = {
+            "Version": "2012-10-17",
+            "Statement": [
+                {
+                    "Effect": "Allow",
+                    "Action": "sts:AssumeRole",
+                    # a role-session principal: valid in AWS, and the form moto matches exactly
+                    "Principal": {"AWS": "arn:aws:sts::123456789012:assumed-role/app/credproxy"},
+                }
+            ],
+        }
+        self.chained_role_arn = iam.create_role(
+            RoleName="cross-account", AssumeRolePolicyDocument=json.dumps(chain_trust)
+        )["Role"]["Arn"]
+        iam.put_role_policy(
+            RoleName="cross-account", PolicyName="s3", PolicyDocument=json.dumps(ROLE_POLICY)
         )
         iam.create_user(UserName="admin")
         admin_policy = {

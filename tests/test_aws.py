@@ -14,6 +14,7 @@ import hashlib
 import json
 import socket
 import time
+import urllib.request
 
 import aiohttp
 import boto3
@@ -334,3 +335,22 @@ def test_static_legacy_keys_work_and_are_audited_as_legacy(moto, sts_relay, cred
     app_client(proc, "s3").list_objects_v2(Bucket=moto.bucket)
     assert all(event.get("legacy") is True for event in _audit(proc))
     LEDGER.secret(moto.admin["aws_secret_access_key"])
+
+
+def test_chained_assume_role(moto, sts_relay, credproxy):
+    """With assume_role_arn, the web-identity credentials assume a second role and those sign."""
+    text = aws_config(moto, sts_relay.url).replace(
+        "    region: us-east-1\n",
+        f"    region: us-east-1\n    assume_role_arn: {moto.chained_role_arn}\n",
+        1,
+    )
+    proc = credproxy(text)
+    app_client(proc, "s3").put_object(Bucket=moto.bucket, Key="chained.txt", Body=b"c")
+    assert (
+        moto.client("s3").head_object(Bucket=moto.bucket, Key="chained.txt")["ContentLength"] == 1
+    )
+    with urllib.request.urlopen(moto.url + "/moto-api/data.json", timeout=10) as response:
+        roles = json.load(response)["sts"]["AssumedRole"]
+    assert any(r["role_arn"] == moto.chained_role_arn for r in roles), [
+        r["role_arn"] for r in roles
+    ]
