@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -462,6 +462,27 @@ audit: {{file: "{{audit}}"}}
 log: {{format: json}}
 {top}
 """
+
+
+async def rss_peak_during(proc: Credproxy, work: Callable[[], Awaitable[None]]) -> tuple[int, int]:
+    """Run ``work`` while sampling credproxy's RSS; return (RSS before, peak RSS during)."""
+    before = proc.rss_bytes()
+    peak = before
+    done = asyncio.Event()
+
+    async def sample() -> None:
+        nonlocal peak
+        while not done.is_set():
+            peak = max(peak, proc.rss_bytes())
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.ensure_future(sample())  # noqa: TID251 - test-local sampler
+    try:
+        await work()
+    finally:
+        done.set()
+        await sampler
+    return before, peak
 
 
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 10, what: str = "") -> None:

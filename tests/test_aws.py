@@ -23,7 +23,7 @@ from botocore import UNSIGNED
 from botocore.config import Config
 
 from tests.aws_counterparts import REGION, Moto, Relay, aws_config
-from tests.counterparts import LEDGER, ThreadedApp
+from tests.counterparts import LEDGER, ThreadedApp, rss_peak_during
 
 MIB = 1024 * 1024
 APP_CONFIG = Config(
@@ -191,27 +191,15 @@ async def test_256_mib_upload_streams_with_flat_memory(moto, sts_relay, credprox
         for _ in range(total // len(block)):
             yield block
 
-    before = peak = proc.rss_bytes()
-    done = asyncio.Event()
-
-    async def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.rss_bytes())
-            await asyncio.sleep(0.05)
-
-    sampler = asyncio.ensure_future(sample())  # noqa: TID251 - test-local sampler
-    try:
+    async def upload() -> None:
         async with aiohttp.ClientSession() as client:
             url = f"{proc.url}/s3/{moto.bucket}/big.bin"
             headers = {"Content-Length": str(total), "Content-Type": "application/octet-stream"}
-            async with client.put(
-                url, data=chunks(), headers=headers, timeout=aiohttp.ClientTimeout(total=600)
-            ) as response:
+            timeout = aiohttp.ClientTimeout(total=600)
+            async with client.put(url, data=chunks(), headers=headers, timeout=timeout) as response:
                 assert response.status == 200, await response.text()
-    finally:
-        done.set()
-        await sampler
+
+    before, peak = await rss_peak_during(proc, upload)
     head = await asyncio.to_thread(moto.client("s3").head_object, Bucket=moto.bucket, Key="big.bin")
     assert head["ContentLength"] == total and head["ETag"].strip('"') == md5.hexdigest()
     print(f"256 MiB upload: credproxy RSS {before / MIB:.1f} → peak {peak / MIB:.1f} MiB")

@@ -10,7 +10,7 @@ import json
 import aiohttp
 import pytest
 
-from tests.counterparts import config, idp_and_upstream, wait_until
+from tests.counterparts import config, idp_and_upstream, rss_peak_during, wait_until
 
 MIB = 1024 * 1024
 
@@ -63,27 +63,6 @@ async def test_idp_outage_serves_until_expiry_then_503_then_recovers(
         assert response.status == 200
 
 
-async def _rss_peak_during(proc, work) -> tuple[int, int]:
-    """Run ``work`` while sampling credproxy's RSS; return (RSS before, peak RSS during)."""
-    before = proc.rss_bytes()
-    peak = before
-    done = asyncio.Event()
-
-    async def sample() -> None:
-        nonlocal peak
-        while not done.is_set():
-            peak = max(peak, proc.rss_bytes())
-            await asyncio.sleep(0.02)
-
-    sampler = asyncio.ensure_future(sample())  # noqa: TID251 - test-local sampler
-    try:
-        await work()
-    finally:
-        done.set()
-        await sampler
-    return before, peak
-
-
 async def test_100_mib_upload_and_download_stream_with_flat_memory(idp, upstream, credproxy):
     """100 MiB each way pass intact while credproxy's RSS grows by far less than the body."""
     proc = credproxy(config(idp=idp, upstream=upstream.origin, audience=upstream.audience))
@@ -106,7 +85,8 @@ async def test_100_mib_upload_and_download_stream_with_flat_memory(idp, upstream
                     "sha256": hashlib.sha256(block * (total // len(block))).hexdigest(),
                 }
 
-        before, peak = await _rss_peak_during(proc, upload)
+        before, peak = await rss_peak_during(proc, upload)
+        print(f"100 MiB upload: credproxy RSS {before / MIB:.1f} → peak {peak / MIB:.1f} MiB")
         assert peak - before < 30 * MIB, f"upload: RSS {before / MIB:.0f} → {peak / MIB:.0f} MiB"
 
         async def download() -> None:
@@ -124,7 +104,8 @@ async def test_100_mib_upload_and_download_stream_with_flat_memory(idp, upstream
                 digest.hexdigest() == hashlib.sha256(pattern * (total // len(pattern))).hexdigest()
             )
 
-        before, peak = await _rss_peak_during(proc, download)
+        before, peak = await rss_peak_during(proc, download)
+        print(f"100 MiB download: credproxy RSS {before / MIB:.1f} → peak {peak / MIB:.1f} MiB")
         assert peak - before < 30 * MIB, f"download: RSS {before / MIB:.0f} → {peak / MIB:.0f} MiB"
 
 
