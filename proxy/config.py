@@ -98,6 +98,9 @@ class OAuth2Issuer(Model):
     )
     request_timeout_s: Duration = 10.0
     max_lifetime_s: Duration = Field(86400.0, description="cap on an issuer's expires_in")
+    revoke_on_shutdown: bool = Field(
+        True, description="revoke cached tokens at the revocation endpoint (RFC 7009) on exit"
+    )
     backoff_max_s: Duration = 30.0
 
     _no_inline = model_validator(mode="before")(_reject_inline_secrets)
@@ -321,6 +324,7 @@ class Config(Model):
         "not_ready", description="when warm-up cannot get a credential: stay not-ready or exit 1"
     )
     shutdown_timeout_s: Duration = 10.0
+    revoke_timeout_s: Duration = Field(5.0, description="budget for revocations at shutdown")
 
 
 @dataclass(frozen=True)

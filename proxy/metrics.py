@@ -55,6 +55,12 @@ class Metrics:
             ["issuer", "credential"],
             registry=r,
         )
+        self.credential_revoked = Counter(
+            "credproxy_credential_revoked",
+            "Revocations of cached credentials (revoked, unsupported, failed).",
+            ["issuer", "outcome"],
+            registry=r,
+        )
         self.credential_retries = Counter(
             "credproxy_credential_retries",
             "Requests replayed once after a 401 (invalid_token or use_dpop_nonce).",

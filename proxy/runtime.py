@@ -6,6 +6,7 @@ so the request path only looks them up.
 
 from __future__ import annotations
 
+import asyncio
 import ssl
 from dataclasses import dataclass, field
 
@@ -44,7 +45,27 @@ class Runtime:
     table: RouteTable
     routes: list[RouteRuntime]
     sources: dict[CacheKey, TokenSource]
+    issuers: dict[str, OAuth2Issuer | AWSIssuer]
     dpop_key: DPoPKey
+
+    async def revoke(
+        self, *, reason: str, issuer: str | None = None, route: str | None = None
+    ) -> list[dict[str, str]]:
+        """Revoke cached credentials (all, or an issuer's, or a route's); one result each."""
+        wanted = {r.source.key for r in self.routes if route is None or r.name == route}
+        sources = [
+            source for key, source in self.sources.items()
+            if key in wanted and (issuer is None or key.issuer == issuer)
+            and (reason != "shutdown" or self.issuers[key.issuer].revoke_on_shutdown)
+        ]  # fmt: skip
+        outcomes = await asyncio.gather(
+            *(s.revoke(reason=reason, rotate=reason != "shutdown") for s in sources)
+        )
+        return [
+            {"issuer": s.key.issuer, "credential": s.key.label, "outcome": outcome}
+            for s, outcome in zip(sources, outcomes, strict=True)
+            if outcome is not None
+        ]
 
     async def aclose(self) -> None:
         for source in self.sources.values():
@@ -100,7 +121,7 @@ def build(
             )
         )
     guard = Guard([*config.local_names, *(route.host for route in config.routes if route.host)])
-    return Runtime(guard, RouteTable(config.routes), routes, sources, dpop_key)
+    return Runtime(guard, RouteTable(config.routes), routes, sources, issuers, dpop_key)
 
 
 def _source(
@@ -112,6 +133,7 @@ def _source(
     return TokenSource(
         key,
         fetch,
+        revoke=issuer.revoke,
         metrics=metrics,
         audit=audit,
         refresh_ahead_s=issuer.config.refresh_ahead_s,

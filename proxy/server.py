@@ -150,7 +150,22 @@ class Server:
         app.router.add_get("/metrics", self._metrics)
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
+        app.router.add_post("/credentials/revoke", self._revoke)
         return app
+
+    async def _revoke(self, request: web.Request) -> web.Response:
+        """Revoke cached credentials now (``?issuer=``, ``?route=`` narrow it); new ones are
+        fetched at once. Browsers are refused: a web page must not trigger this."""
+        if "Origin" in request.headers:
+            raise web.HTTPForbidden(text="requests from web pages are refused")
+        route = request.query.get("route")
+        if route is not None and route not in {r.name for r in self.runtime.routes}:
+            raise web.HTTPNotFound(text=f"no route named {route!r}")
+        results = await self.runtime.revoke(
+            reason="admin", issuer=request.query.get("issuer"), route=route
+        )
+        server_log.info("revocation requested on the admin listener: %s", results)
+        return web.json_response({"revoked": results})
 
     async def _metrics(self, request: web.Request) -> web.Response:
         body = generate_latest(self.metrics.registry)
@@ -175,6 +190,15 @@ class Server:
             await runner.cleanup()  # stops accepting, then waits for in-flight requests
         self._runners.clear()
         if self._runtime is not None:
+            try:
+                async with asyncio.timeout(self.config.revoke_timeout_s):
+                    results = await self._runtime.revoke(reason="shutdown")
+                server_log.info("revoked at shutdown: %s", results)
+            except TimeoutError:
+                server_log.warning(
+                    "revocations at shutdown exceeded %gs; exiting anyway",
+                    self.config.revoke_timeout_s,
+                )
             await self._runtime.aclose()
         if self._session is not None:
             await self._session.close()

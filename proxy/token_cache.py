@@ -72,6 +72,7 @@ class TokenSource:
         key: CacheKey,
         fetch: Callable[[], Awaitable[Token]],
         *,
+        revoke: Callable[[Token], Awaitable[str]] | None = None,
         metrics: Metrics,
         audit: Audit,
         refresh_ahead_s: float | None = None,
@@ -79,6 +80,7 @@ class TokenSource:
     ) -> None:
         self.key = key
         self._fetch = fetch
+        self._revoke = revoke
         self._metrics = metrics
         self._audit = audit
         self._refresh_ahead_s = refresh_ahead_s
@@ -128,6 +130,32 @@ class TokenSource:
             self._token = None
             if self._attempt is None and time.monotonic() >= self._backoff_until:
                 self._begin_attempt()
+
+    async def revoke(self, *, reason: str, rotate: bool) -> str | None:
+        """Revoke the cached token at its issuer and drop it (None: nothing cached). A failure is
+        logged, counted and audited, never raised. ``rotate`` fetches a replacement at once."""
+        token, self._token = self._token, None
+        if token is None:
+            return None
+        if rotate:
+            self._begin_attempt()
+        try:
+            outcome = await self._revoke(token) if self._revoke else "unsupported"
+        except CredentialUnavailable as exc:
+            outcome = "failed"
+            credentials_log.warning("revocation of %s failed: %s", token.value.fingerprint, exc)
+        self._metrics.credential_revoked.labels(self.key.issuer, outcome).inc()
+        self._metrics.credential_expiry.labels(self.key.issuer, self.key.label).set(0)
+        self._audit.emit(
+            "credential.revoked",
+            issuer=self.key.issuer,
+            audience=self.key.audience,
+            scope=self.key.scope,
+            fingerprint=token.value.fingerprint,
+            outcome=outcome,
+            reason=reason,
+        )
+        return outcome
 
     async def aclose(self) -> None:
         self._closed = True

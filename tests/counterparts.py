@@ -125,9 +125,15 @@ class IdP:
         self._nonce_secret = secrets.token_hex(32)
 
     def add_resource(
-        self, audience: str, *, ttl_s: int, scope: str = "payments.read payments.write"
+        self,
+        audience: str,
+        *,
+        ttl_s: int,
+        scope: str = "payments.read payments.write",
+        opaque: bool = False,
     ) -> None:
-        self.resources[audience] = {"scope": scope, "ttl_s": ttl_s}
+        token_format = "opaque" if opaque else "jwt"
+        self.resources[audience] = {"scope": scope, "ttl_s": ttl_s, "format": token_format}
 
     def start(self) -> None:
         scope = " ".join(self.scopes)
@@ -187,12 +193,29 @@ class IdP:
         )
         urllib.request.urlopen(request, timeout=5).close()
 
+    def introspect(self, token: str) -> dict[str, Any]:
+        """RFC 7662 at the IdP, authenticated as the legacy client (client_secret_basic)."""
+        import base64
+        from urllib.parse import urlencode
+
+        basic = base64.b64encode(f"{self.LEGACY_CLIENT_ID}:{self._legacy_secret}".encode()).decode()
+        request = urllib.request.Request(
+            self.issuer + "/token/introspection",
+            data=urlencode({"token": token}).encode(),
+            headers={
+                "Authorization": f"Basic {basic}",
+                "Content-Type": "application/x-www-form-urlencoded",
+            },
+        )
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return dict(json.load(response))
+
     def records(self) -> list[dict[str, Any]]:
         if not self.record_file.exists():
             return []
         entries = [json.loads(line) for line in self.record_file.read_text().splitlines()]
         for entry in entries:
-            for field in ("client_assertion", "dpop", "access_token"):
+            for field in ("client_assertion", "dpop", "access_token", "token"):
                 LEDGER.secret(entry.get(field))
         return entries
 
@@ -254,6 +277,7 @@ class ResourceServer(ThreadedApp):
         self.idp = idp
         self.audience = self.origin
         self.short_audience = self.origin + "/short-lived"
+        self.opaque_audience = self.origin + "/opaque"  # opaque tokens: revocable at the IdP
         self.uploads: list[dict[str, Any]] = []
 
         async def jwks() -> dict[str, Any]:
@@ -344,6 +368,7 @@ def idp_and_upstream(
     server = ResourceServer(idp, tls=tls)
     idp.add_resource(server.audience, ttl_s=ttls_s[0])
     idp.add_resource(server.short_audience, ttl_s=ttls_s[1])
+    idp.add_resource(server.opaque_audience, ttl_s=ttls_s[0], opaque=True)
     idp.start()
     try:
         server.start()

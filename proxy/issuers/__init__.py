@@ -15,8 +15,11 @@ from .oauth2 import OAuth2Issuer
 class Issuer(Protocol):
     name: str
     region: str | None  # where the issuer's credentials are scoped (AWS), else None
+    revoke_on_shutdown: bool
 
     async def fetch(self, key: CacheKey) -> Token: ...
+
+    async def revoke(self, token: Token) -> str: ...
 
 
 ISSUERS: dict[str, type[OAuth2Issuer] | type[AWSIssuer]] = {

@@ -59,6 +59,12 @@ class AWSIssuer:
         )
         self._verify: str | bool = str(config.ca_file) if config.ca_file else True
 
+    revoke_on_shutdown = False
+
+    async def revoke(self, token: Token) -> str:
+        del token  # STS sessions cannot be revoked one by one; they expire
+        return "unsupported"
+
     async def fetch(self, key: CacheKey) -> Token:
         del key  # one set of AWS credentials per issuer
         return await asyncio.to_thread(self._fetch)

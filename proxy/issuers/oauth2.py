@@ -58,6 +58,7 @@ class OAuth2Issuer:
         del identity  # the client key or secret file is this issuer's identity
         self.name = name
         self.region: str | None = None
+        self.revoke_on_shutdown = config.revoke_on_shutdown
         self.config = config
         self._session = session
         self._dpop_key = dpop_key
@@ -143,19 +144,7 @@ class OAuth2Issuer:
     ) -> dict[str, Any] | None:
         """POST to the token endpoint; None means 'retry with the nonce just received'."""
         endpoint = metadata.token_endpoint
-        headers = {
-            "Accept": "application/json",
-            "Content-Type": "application/x-www-form-urlencoded",
-        }
-        body = dict(form)
-        if self._signer is not None:
-            body["client_id"] = self.config.client_id
-            body["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
-            body["client_assertion"] = self._client_assertion(metadata)
-        else:
-            assert self._client_secret is not None
-            basic = f"{quote(self.config.client_id, safe='')}:{quote(self._client_secret.reveal(), safe='')}"
-            headers["Authorization"] = "Basic " + _b64(basic)
+        body, headers = self._authenticated(metadata, form)
         if bound:
             headers["DPoP"] = self._dpop_key.proof("POST", endpoint, nonce=self._dpop_nonce)
         status, raw, response_headers = await self._call(
@@ -171,6 +160,42 @@ class OAuth2Issuer:
         raise self._error(
             f"token endpoint {endpoint} answered HTTP {status}: {error or 'no error code'}"
         )
+
+    async def revoke(self, token: Token) -> str:
+        """RFC 7009 revocation: "revoked", or "unsupported" where the issuer advertises no
+        revocation endpoint or refuses the token type (e.g. structured JWT access tokens)."""
+        metadata = await self.metadata()
+        endpoint = metadata.revocation_endpoint
+        if endpoint is None:
+            return "unsupported"
+        form = {"token": token.value.reveal(), "token_type_hint": "access_token"}
+        body, headers = self._authenticated(metadata, form)
+        status, raw, _ = await self._call("POST", endpoint, data=urlencode(body), headers=headers)
+        if status == 200:
+            return "revoked"
+        error = self._oauth_error(raw)
+        if error.startswith("unsupported_token_type"):
+            return "unsupported"
+        raise self._error(f"revocation endpoint {endpoint} answered HTTP {status}: {error or '?'}")
+
+    def _authenticated(
+        self, metadata: Metadata, form: dict[str, str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """The form and headers of a request authenticated as this client."""
+        headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+        body = dict(form)
+        if self._signer is not None:
+            body["client_id"] = self.config.client_id
+            body["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+            body["client_assertion"] = self._client_assertion(metadata)
+        else:
+            assert self._client_secret is not None
+            basic = f"{quote(self.config.client_id, safe='')}:{quote(self._client_secret.reveal(), safe='')}"
+            headers["Authorization"] = "Basic " + _b64(basic)
+        return body, headers
 
     def _client_assertion(self, metadata: Metadata) -> str:
         assert self._signer is not None

@@ -17,6 +17,7 @@ const provider = new Provider(cfg.issuer, {
     devInteractions: { enabled: false },
     clientCredentials: { enabled: true },
     revocation: { enabled: true },
+    introspection: { enabled: true },
     dPoP: {
       enabled: true,
       nonceSecret: Buffer.from(cfg.nonce_secret_hex, 'hex'),
@@ -33,7 +34,7 @@ const provider = new Provider(cfg.issuer, {
           scope: rs.scope,
           audience: indicator,
           accessTokenTTL: rs.ttl_s,
-          accessTokenFormat: 'jwt',
+          accessTokenFormat: rs.format ?? 'jwt',
           jwt: { sign: { alg: 'ES256' } },
         };
       },
@@ -58,6 +59,10 @@ provider.use(async (ctx, next) => {
   const isToken = ctx.path === '/token' && ctx.method === 'POST';
   if (isToken) stats.token_requests += 1;
   await next();
+  if (ctx.path === '/token/revocation') {
+    record({ revocation: ctx.status, token: ctx.oidc?.params?.token, error: ctx.body?.error });
+    return;
+  }
   if (!isToken) return;
   const params = ctx.oidc?.params ?? {};
   const issued = ctx.status === 200 && ctx.body?.access_token;
