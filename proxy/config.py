@@ -162,6 +162,34 @@ class AWSIssuer(Model):
         return self.sts_endpoint or f"https://sts.{self.region}.amazonaws.com"
 
 
+class StaticIssuer(Model):
+    """A long-lived secret (API key) read from a file: legacy, audited as such, so owners can
+    find and retire it. The file is re-read every ``reread_s``: rotation needs no restart."""
+
+    type: Literal["static"]
+    secret_file: Path
+    reread_s: Duration = 5.0
+
+    _no_inline = model_validator(mode="before")(_reject_inline_secrets)
+
+
+class SelfSignedJWTIssuer(Model):
+    """A JWT minted per request and signed by the sidecar; upstreams verify it against the JWKS
+    published on the admin listener (``/.well-known/jwks.json``)."""
+
+    type: Literal["self_signed_jwt"]
+    iss: str = Field(min_length=1)
+    sub: str = Field(min_length=1)
+    key_file: Path | None = Field(
+        None, description="PEM key, re-read on change; default: generated"
+    )
+    alg: Literal["ES256", "EdDSA", "RS256"] = Field("ES256", description="for a generated key")
+    lifetime_s: float = Field(30.0, gt=0, le=60)
+    request_claims: bool = Field(False, description="add htm and htu (method, URL sans query)")
+
+    _no_inline = model_validator(mode="before")(_reject_inline_secrets)
+
+
 def aws_service_region(host: str) -> tuple[str | None, str | None]:
     """Derive (signing service, region) from an AWS endpoint host name, where it says them."""
     match = re.fullmatch(r"(?:.+\.)?([a-z0-9-]+)[.-](" + _REGION[1:-1] + r")\.amazonaws\.com", host)
@@ -196,7 +224,12 @@ class Credential(Model):
     issuer: str
     audience: str | None = None
     scope: str | None = None
-    inject: Literal["bearer", "dpop", "sigv4"] = "dpop"
+    inject: Literal["bearer", "dpop", "sigv4", "header", "query"] = "dpop"
+    header: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9-]+$", description="inject: header, e.g. X-Api-Key"
+    )
+    header_prefix: str = Field("", description="inject: header, e.g. 'Token '")
+    query_param: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="inject: query")
     service: str | None = Field(
         None, pattern=r"^[a-z0-9-]+$", description="sigv4 signing name, e.g. s3, dynamodb, sqs"
     )
@@ -314,7 +347,10 @@ class Config(Model):
     callers: dict[str, CallerRule] = {}
     issuers: dict[
         Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")],
-        Annotated[OAuth2Issuer | AWSIssuer, Field(discriminator="type")],
+        Annotated[
+            OAuth2Issuer | AWSIssuer | StaticIssuer | SelfSignedJWTIssuer,
+            Field(discriminator="type"),
+        ],
     ]
     routes: tuple[Route, ...] = Field(min_length=1)
     audit: Audit = Audit()

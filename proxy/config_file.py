@@ -14,6 +14,7 @@ from .config import (
     AWSIssuer,
     Config,
     OAuth2Issuer,
+    StaticIssuer,
     is_loopback,
     known_aws_service,
     parse_address,
@@ -92,20 +93,41 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
             )
         elif isinstance(credential, dict) and isinstance(issuers.get(issuer), dict):
             errors.extend(
-                _sigv4_checks(f"routes[{i}].credential", route, credential, issuers[issuer])
+                _injection_checks(f"routes[{i}].credential", route, credential, issuers[issuer])
             )
     return errors
+
+
+_INJECTS_BY_ISSUER = {
+    "oauth2": ("bearer", "dpop"),
+    "aws": ("sigv4",),
+    "static": ("header", "query", "bearer"),
+    "self_signed_jwt": ("bearer", "header"),
+}
+ISSUER_TYPES = tuple(_INJECTS_BY_ISSUER)
+
+
+def _injection_checks(
+    where: str, route: dict[str, Any], credential: dict[str, Any], issuer: dict[str, Any]
+) -> list[str]:
+    inject = credential.get("inject", "dpop")
+    allowed = _INJECTS_BY_ISSUER.get(str(issuer.get("type")), ())
+    if allowed and inject not in allowed:
+        return [
+            f"{where}.inject: '{inject}' does not go with an issuer of type {issuer.get('type')} "
+            f"(use {' or '.join(allowed)})"
+        ]
+    if inject == "header" and not credential.get("header"):
+        return [f"{where}.header: required with inject: header (e.g. X-Api-Key)"]
+    if inject == "query" and not credential.get("query_param"):
+        return [f"{where}.query_param: required with inject: query"]
+    return _sigv4_checks(where, route, credential, issuer)
 
 
 def _sigv4_checks(
     where: str, route: dict[str, Any], credential: dict[str, Any], issuer: dict[str, Any]
 ) -> list[str]:
-    sigv4 = credential.get("inject") == "sigv4"
-    if sigv4 != (issuer.get("type") == "aws"):
-        return [
-            f"{where}.inject: sigv4 goes with an issuer of type aws, and an aws issuer with sigv4"
-        ]
-    if not sigv4 or not isinstance(route.get("upstream"), str):
+    if credential.get("inject") != "sigv4" or not isinstance(route.get("upstream"), str):
         return []
     service, region = sigv4_scope(
         credential.get("service"), credential.get("region"), route["upstream"], issuer.get("region")
@@ -128,19 +150,24 @@ def warnings(config: Config) -> list[str]:
     """Things that are allowed but deserve a second look; ``check-config`` prints them."""
     notes: list[str] = []
     for name, issuer in config.issuers.items():
-        url = issuer.issuer_url if isinstance(issuer, OAuth2Issuer) else issuer.sts_url
-        if URL(url).scheme == "http":
+        url = issuer.issuer_url if isinstance(issuer, OAuth2Issuer) else None
+        url = issuer.sts_url if isinstance(issuer, AWSIssuer) else url
+        if url is not None and URL(url).scheme == "http":
             notes.append(
                 f"issuers.{name}: plain http to {url}; acceptable for a local service only"
             )
         if isinstance(issuer, AWSIssuer) and issuer.static_credentials_file is not None:
             notes.append(f"issuers.{name}: static AWS keys (legacy); prefer role_arn + token_file")
+        if isinstance(issuer, StaticIssuer):
+            notes.append(f"issuers.{name}: a static secret (legacy); audited so it can be retired")
         for field in (
             "client_key_file",
             "client_secret_file",
             "ca_file",
             "token_file",
             "static_credentials_file",
+            "secret_file",
+            "key_file",
         ):
             path = getattr(issuer, field, None)
             if path is not None and not path.is_file():
@@ -161,7 +188,7 @@ def warnings(config: Config) -> list[str]:
 
 
 def _format_location(loc: tuple[str | int, ...]) -> str:
-    if len(loc) > 2 and loc[0] == "issuers" and loc[2] in ("oauth2", "aws"):
+    if len(loc) > 2 and loc[0] == "issuers" and loc[2] in ISSUER_TYPES:
         loc = loc[:2] + loc[3:]  # pydantic adds the union's tag; users never wrote it
     out = ""
     for part in loc:

@@ -58,7 +58,7 @@ def response_headers(upstream: MultiMapping[str], secret: str) -> CIMultiDict[st
     drop = HOP_BY_HOP | _connection_listed(upstream)
     mask = "*" * len(secret)
     return CIMultiDict(
-        (name, value.replace(secret, mask) if secret in value else value)
+        (name, value.replace(secret, mask) if secret and secret in value else value)
         for name, value in upstream.items()
         if name.lower() not in drop
     )
@@ -79,6 +79,8 @@ class Scrubber:
         self._tail = b""
 
     def feed(self, chunk: bytes) -> bytes:
+        if not self._secret:
+            return chunk  # nothing was injected that could be echoed
         data = self._tail + chunk if self._tail else chunk
         if self._secret in data:
             data = data.replace(self._secret, self._mask)

@@ -25,7 +25,6 @@ from .log import access_log, server_log
 from .metrics import Metrics
 from .routing import normalize_path, request_host
 from .runtime import RouteRuntime, Runtime
-from .token_cache import Token
 
 _PROBLEM_PREFIX = "urn:credproxy:problem:"
 
@@ -197,17 +196,16 @@ class Handler:
             if retry == "invalid_token":
                 route.source.invalidate(token)
                 token = await route.source.get()
-        return await self._stream_back(request, upstream, token, where, prefetched)
+        return await self._stream_back(request, upstream, outbound.secret, where, prefetched)
 
     async def _stream_back(
         self,
         request: web.BaseRequest,
         upstream: aiohttp.ClientResponse,
-        token: Token,
+        secret: str,
         where: str,
         prefetched: bytes | None,
     ) -> web.StreamResponse:
-        secret = token.value.reveal()
         response = web.StreamResponse(
             status=upstream.status,
             reason=upstream.reason,

@@ -18,11 +18,11 @@ from .dpop import DPoPKey
 from .forwarder import CREDENTIAL_HEADERS, HOP_BY_HOP, ssl_context
 from .guard import Guard
 from .injectors import Injector, make_injector
-from .issuers import ISSUERS, AWSIssuer, OAuth2Issuer
+from .issuers import ISSUERS, Issuer, SelfSignedJWTIssuer
 from .metrics import Metrics
 from .policy import RoutePolicy
 from .routing import RouteTable, Target
-from .token_cache import CacheKey, Token, TokenSource
+from .token_cache import CacheKey, MintingSource, Token, TokenSource
 
 
 @dataclass(eq=False)
@@ -30,7 +30,7 @@ class RouteRuntime:
     name: str
     config: Route
     target: Target
-    source: TokenSource
+    source: TokenSource | MintingSource
     injector: Injector
     strip: frozenset[str]
     timeout: aiohttp.ClientTimeout
@@ -44,8 +44,8 @@ class Runtime:
     guard: Guard
     table: RouteTable
     routes: list[RouteRuntime]
-    sources: dict[CacheKey, TokenSource]
-    issuers: dict[str, OAuth2Issuer | AWSIssuer]
+    sources: dict[CacheKey, TokenSource | MintingSource]
+    issuers: dict[str, Issuer]
     dpop_key: DPoPKey
 
     async def revoke(
@@ -77,28 +77,32 @@ def build(
 ) -> Runtime:
     """Raise ``IdentityError`` (naming the config path) when a key or secret file is unusable."""
     dpop_key = DPoPKey(config.identity.dpop_alg)
-    issuers: dict[str, OAuth2Issuer | AWSIssuer] = {
+    issuers: dict[str, Issuer] = {
         name: ISSUERS[issuer.type](
             name,
-            issuer,  # type: ignore[arg-type]  # the table pairs each type with its config model
+            issuer,  # the table pairs each type with its config model
             session=session,
             dpop_key=dpop_key,
-            ssl_context=ssl_context(str(issuer.ca_file) if issuer.ca_file else None),
+            ssl_context=ssl_context(str(ca) if (ca := getattr(issuer, "ca_file", None)) else None),
             identity=config.identity,
         )
         for name, issuer in config.issuers.items()
     }
-    sources: dict[CacheKey, TokenSource] = {}
+    sources: dict[CacheKey, TokenSource | MintingSource] = {}
     routes: list[RouteRuntime] = []
     for route in config.routes:
         credential = route.credential
         issuer = issuers[credential.issuer]
-        injector = make_injector(route, issuer.region, dpop_key)
+        injector = make_injector(route, issuer, dpop_key)
         key = CacheKey(
             credential.issuer, credential.audience, credential.scope, injector.binds_token
         )
         if key not in sources:
-            sources[key] = _source(key, issuers[key.issuer], metrics=metrics, audit=audit)
+            sources[key] = (
+                MintingSource(key, key_id=issuer.kid, audit=audit)
+                if isinstance(issuer, SelfSignedJWTIssuer)
+                else _source(key, issuer, metrics=metrics, audit=audit)
+            )
         tls = ssl_context(str(route.ca_file) if route.ca_file else None)
         routes.append(
             RouteRuntime(
@@ -124,9 +128,7 @@ def build(
     return Runtime(guard, RouteTable(config.routes), routes, sources, issuers, dpop_key)
 
 
-def _source(
-    key: CacheKey, issuer: OAuth2Issuer | AWSIssuer, *, metrics: Metrics, audit: Audit
-) -> TokenSource:
+def _source(key: CacheKey, issuer: Issuer, *, metrics: Metrics, audit: Audit) -> TokenSource:
     async def fetch() -> Token:
         return await issuer.fetch(key)
 
@@ -136,6 +138,6 @@ def _source(
         revoke=issuer.revoke,
         metrics=metrics,
         audit=audit,
-        refresh_ahead_s=issuer.config.refresh_ahead_s,
-        backoff_max_s=issuer.config.backoff_max_s,
+        refresh_ahead_s=getattr(issuer.config, "refresh_ahead_s", None),
+        backoff_max_s=getattr(issuer.config, "backoff_max_s", 30.0),
     )

@@ -22,6 +22,7 @@ from .config import Address, Config, parse_address
 from .errors import CredentialUnavailable
 from .forwarder import new_session
 from .handler import Handler
+from .issuers import SelfSignedJWTIssuer
 from .log import server_log
 from .metrics import Metrics
 from .runtime import Runtime, build
@@ -151,7 +152,18 @@ class Server:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_post("/credentials/revoke", self._revoke)
+        app.router.add_get("/.well-known/jwks.json", self._jwks)
         return app
+
+    async def _jwks(self, request: web.Request) -> web.Response:
+        """Public keys of the self_signed_jwt issuers, for upstreams to verify their JWTs."""
+        keys = [
+            key
+            for issuer in self.runtime.issuers.values()
+            if isinstance(issuer, SelfSignedJWTIssuer)
+            for key in issuer.jwks()["keys"]
+        ]
+        return web.json_response({"keys": keys}, headers={"Cache-Control": "max-age=60"})
 
     async def _revoke(self, request: web.Request) -> web.Response:
         """Revoke cached credentials now (``?issuer=``, ``?route=`` narrow it); new ones are

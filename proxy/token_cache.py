@@ -94,6 +94,7 @@ class TokenSource:
         self._closed = False
         self.refreshes = 0
         self.last_refresh_at: float | None = None
+        self._last_fingerprint = ""
 
     @property
     def ready(self) -> bool:
@@ -238,6 +239,9 @@ class TokenSource:
         self._metrics.credential_refresh_duration.labels(self.key.issuer).observe(duration_s)
         self._metrics.credential_expiry.labels(*labels).set(token.expires_at)
         self._metrics.credential_backoff.labels(*labels).set(0)
+        if token.value.fingerprint == self._last_fingerprint:
+            return  # a static secret re-read unchanged: nothing new to audit
+        self._last_fingerprint = token.value.fingerprint
         self._audit.emit(
             "credential.issued" if self.refreshes == 1 else "credential.refreshed",
             issuer=self.key.issuer,
@@ -256,3 +260,43 @@ class TokenSource:
             self.key.label,
             token.lifetime_s,
         )
+
+
+class MintingSource:
+    """The source of a route whose credential is minted per request (self-signed JWTs): nothing
+    to cache or refresh, always ready. ``get()`` returns a placeholder the injector ignores."""
+
+    refreshes = 0
+    last_refresh_at: float | None = None
+    ready = True
+
+    def __init__(self, key: CacheKey, *, key_id: str, audit: Audit) -> None:
+        self.key = key
+        self._key_id = key_id
+        self._audit = audit
+        self._placeholder = Token(value=Secret(""), token_type="minted", lifetime_s=float("inf"))
+        self._started = False
+
+    def start(self) -> None:
+        if not self._started:
+            self._started = True
+            self._audit.emit(
+                "credential.issued",
+                issuer=self.key.issuer,
+                audience=self.key.audience,
+                per_request=True,
+                key_id=self._key_id,
+            )
+
+    async def get(self) -> Token:
+        return self._placeholder
+
+    def invalidate(self, token: Token) -> None:
+        del token  # a fresh JWT is minted for the replay anyway
+
+    async def revoke(self, *, reason: str, rotate: bool) -> str | None:
+        del reason, rotate
+        return None  # nothing held: each JWT expires within a minute
+
+    async def aclose(self) -> None:
+        return None

@@ -91,12 +91,12 @@ BAD = [
     (
         "unknown injector",
         VALID.replace("scope: payments.write}", "scope: payments.write, inject: magic}"),
-        "routes[0].credential.inject: Input should be 'bearer', 'dpop' or 'sigv4' (got 'magic')",
+        "routes[0].credential.inject: Input should be 'bearer', 'dpop', 'sigv4', 'header' or 'query' (got 'magic')",
     ),
     (
         "unknown issuer type",
         VALID.replace("type: oauth2", "type: gcp"),
-        "issuers.idp.type: 'gcp' is not a supported type (expected one of 'oauth2', 'aws')",
+        "issuers.idp.type: 'gcp' is not a supported type (expected one of 'oauth2', 'aws', 'static', 'self_signed_jwt')",
     ),
     (
         "assertion too long-lived",
@@ -170,7 +170,7 @@ def test_check_config_accepts_the_example():
     """config/example.yaml, the reference users copy, passes check-config."""
     result = _cli("check-config", "config/example.yaml")
     assert result.returncode == 0, result.stderr
-    assert "valid (4 route(s), 3 issuer(s))" in result.stdout
+    assert "valid (6 route(s), 5 issuer(s))" in result.stdout
 
 
 def test_check_config_rejects_with_exit_1_and_errors_on_stderr(tmp_path):
@@ -263,7 +263,7 @@ AWS_BAD = [
     (
         "sigv4 with an oauth2 issuer",
         VALID.replace("scope: payments.write}", "scope: payments.write, inject: sigv4}"),
-        "routes[0].credential.inject: sigv4 goes with an issuer of type aws",
+        "routes[0].credential.inject: 'sigv4' does not go with an issuer of type oauth2",
     ),
     (
         "role and static keys",
@@ -306,3 +306,44 @@ def test_aws_service_and_region_derive_from_the_upstream_host():
         "eu-west-1",
     )
     assert sigv4_scope("sqs", None, "http://127.0.0.1:4566", "us-east-1") == ("sqs", "us-east-1")
+
+
+STATIC = """\
+listen: 127.0.0.1:15001
+issuers:
+  key: {type: static, secret_file: /secrets/api-key}
+  self: {type: self_signed_jwt, iss: orders, sub: orders}
+routes:
+  - name: api
+    path_prefix: /api/
+    upstream: https://api.example.com
+    credential: {issuer: key, inject: header, header: X-Api-Key}
+"""
+
+
+def test_static_and_self_signed_configs():
+    """Static secrets need a header or query name; schemes must fit their issuer; JWTs live ≤ 60 s."""
+    config_file.parse(STATIC)
+    cases = {
+        STATIC.replace(
+            ", header: X-Api-Key", ""
+        ): "routes[0].credential.header: required with inject: header",
+        STATIC.replace(
+            "inject: header, header: X-Api-Key", "inject: query"
+        ): "routes[0].credential.query_param: required",
+        STATIC.replace(
+            "inject: header, header: X-Api-Key", "inject: dpop"
+        ): "'dpop' does not go with an issuer of type static",
+        STATIC.replace(
+            "{issuer: key, inject: header, header: X-Api-Key}", "{issuer: self, inject: sigv4}"
+        ): "'sigv4' does not go with an issuer of type self_signed_jwt",
+        STATIC.replace(
+            "sub: orders}", "sub: orders, lifetime_s: 600}"
+        ): "issuers.self.lifetime_s: Input should be less than or equal to 60",
+        STATIC.replace(
+            "secret_file: /secrets/api-key", "secret: hunter2"
+        ): "issuers.key: 'secret' must not be written inline",
+    }
+    for text, expected in cases.items():
+        errors = _errors(text)
+        assert any(expected in line for line in errors), (expected, errors)

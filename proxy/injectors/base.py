@@ -20,6 +20,7 @@ class Outbound:
     headers: CIMultiDict[str]
     body: bytes | None  # the buffered body, or None when there is none or it streams
     nonce: str | None = None  # the resource server's latest DPoP-Nonce
+    secret: str = ""  # what the injector put on the wire, to scrub from the response
 
 
 class Injector:

@@ -8,4 +8,5 @@ from .base import Injector, Outbound
 
 class BearerInjector(Injector):
     def apply(self, outbound: Outbound, token: Token) -> None:
-        outbound.headers["Authorization"] = "Bearer " + token.value.reveal()
+        outbound.secret = token.value.reveal()
+        outbound.headers["Authorization"] = "Bearer " + outbound.secret

@@ -18,7 +18,8 @@ class DPoPInjector(Injector):
         self._key = dpop_key
 
     def apply(self, outbound: Outbound, token: Token) -> None:
-        outbound.headers["Authorization"] = "DPoP " + token.value.reveal()
+        outbound.secret = token.value.reveal()
+        outbound.headers["Authorization"] = "DPoP " + outbound.secret
         outbound.headers["DPoP"] = self._key.proof(
             outbound.method, outbound.htu, ath=token.ath, nonce=outbound.nonce
         )

@@ -40,6 +40,7 @@ class SigV4Injector(Injector):
 
     @classmethod
     def for_route(cls, route: Route, issuer_region: str | None) -> SigV4Injector:
+        """Service and region as configured, else from the upstream host, else the issuer's."""
         credential = route.credential
         service, region = sigv4_scope(
             credential.service, credential.region, route.upstream, issuer_region
@@ -59,6 +60,7 @@ class SigV4Injector(Injector):
 
         assert token.key_id is not None and token.signing_secret is not None
         session_token = None if token.legacy else token.value.reveal()
+        outbound.secret = session_token or ""  # the secret key itself never travels
         credentials = Credentials(token.key_id, token.signing_secret.reveal(), session_token)
         signed: dict[str, str] = {
             name: value

@@ -5,15 +5,19 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 from ..token_cache import CacheKey, Token
 from .aws import AWSIssuer
 from .oauth2 import OAuth2Issuer
+from .self_signed_jwt import SelfSignedJWTIssuer
+from .static import StaticIssuer
 
 
 class Issuer(Protocol):
     name: str
+    config: Any
     region: str | None  # where the issuer's credentials are scoped (AWS), else None
     revoke_on_shutdown: bool
 
@@ -22,9 +26,11 @@ class Issuer(Protocol):
     async def revoke(self, token: Token) -> str: ...
 
 
-ISSUERS: dict[str, type[OAuth2Issuer] | type[AWSIssuer]] = {
+ISSUERS: dict[str, Callable[..., Issuer]] = {
     "oauth2": OAuth2Issuer,
     "aws": AWSIssuer,
+    "static": StaticIssuer,
+    "self_signed_jwt": SelfSignedJWTIssuer,
 }
 
-__all__ = ["ISSUERS", "AWSIssuer", "Issuer", "OAuth2Issuer"]
+__all__ = ["ISSUERS", "AWSIssuer", "Issuer", "OAuth2Issuer", "SelfSignedJWTIssuer", "StaticIssuer"]

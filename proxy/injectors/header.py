@@ -1,0 +1,35 @@
+"""A credential in a custom header (``inject: header``) or query parameter (``inject: query``):
+how static API keys travel. The app's own value of that header or parameter is never forwarded."""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from yarl import URL
+
+from ..token_cache import Token
+from .base import Injector, Outbound
+
+
+class HeaderInjector(Injector):
+    def __init__(self, header: str, prefix: str = "") -> None:
+        self._header = header
+        self._prefix = prefix
+        self.strip = frozenset({header.lower()})
+
+    def apply(self, outbound: Outbound, token: Token) -> None:
+        outbound.secret = token.value.reveal()
+        outbound.headers[self._header] = self._prefix + outbound.secret
+
+
+class QueryInjector(Injector):
+    def __init__(self, param: str) -> None:
+        self._param = param
+        self._prefix = param + "="
+
+    def apply(self, outbound: Outbound, token: Token) -> None:
+        outbound.secret = token.value.reveal()
+        url = outbound.url
+        kept = [p for p in url.raw_query_string.split("&") if p and not p.startswith(self._prefix)]
+        kept.append(self._prefix + quote(outbound.secret, safe=""))
+        outbound.url = URL(str(url.with_query(None)) + "?" + "&".join(kept), encoded=True)

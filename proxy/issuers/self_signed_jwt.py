@@ -1,0 +1,98 @@
+"""JWTs minted by the sidecar for each request: ``iss``/``sub`` from config, ``aud`` the upstream
+(or configured), ``iat``, ``exp`` ≤ 60 s later, a unique ``jti``, and optionally ``htm``/``htu``.
+Upstreams verify them with the JWKS on the admin listener. A ``key_file`` is re-read when it
+changes; the previous public key stays in the JWKS so tokens already in flight still verify.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import ssl
+import time
+from typing import Any
+
+import aiohttp
+
+from ..config import Identity
+from ..config import SelfSignedJWTIssuer as JWTConfig
+from ..dpop import DPoPKey
+from ..identity import generate_key, load_signing_key
+from ..jose import Signer, SigningKey, public_jwk, thumbprint
+from ..token_cache import CacheKey, Token
+
+_STAT_INTERVAL_S = 1.0
+
+
+class SelfSignedJWTIssuer:
+    region: str | None = None
+    revoke_on_shutdown = False
+    per_request = True  # no token cache: every request gets its own JWT
+
+    def __init__(
+        self,
+        name: str,
+        config: JWTConfig,
+        *,
+        session: aiohttp.ClientSession,
+        dpop_key: DPoPKey,
+        ssl_context: ssl.SSLContext | None,
+        identity: Identity,
+    ) -> None:
+        del session, dpop_key, ssl_context, identity  # the signing key is this issuer's identity
+        self.name = name
+        self.config = config
+        self._keys: list[dict[str, str]] = []  # published public keys, newest last
+        self._key_mtime_ns = 0
+        self._checked_at = 0.0
+        self._signer: Signer
+        if config.key_file is None:
+            self._use(generate_key(config.alg))
+        else:
+            self._load()
+
+    @property
+    def kid(self) -> str:
+        return self._keys[-1]["kid"]
+
+    def jwks(self) -> dict[str, Any]:
+        return {"keys": list(self._keys)}
+
+    def mint(self, audience: str, htm: str, htu: str) -> str:
+        if (
+            self.config.key_file is not None
+            and time.monotonic() - self._checked_at > _STAT_INTERVAL_S
+        ):
+            self._checked_at = time.monotonic()
+            if os.stat(self.config.key_file).st_mtime_ns != self._key_mtime_ns:
+                self._load()
+        now = int(time.time())
+        claims: dict[str, Any] = {
+            "iss": self.config.iss,
+            "sub": self.config.sub,
+            "aud": audience,
+            "iat": now,
+            "exp": now + int(self.config.lifetime_s),
+            "jti": secrets.token_urlsafe(16),
+        }
+        if self.config.request_claims:
+            claims["htm"], claims["htu"] = htm, htu
+        return self._signer.sign(claims)
+
+    async def fetch(self, key: CacheKey) -> Token:
+        raise NotImplementedError("self-signed JWTs are minted per request, never cached")
+
+    async def revoke(self, token: Token) -> str:
+        del token
+        return "unsupported"  # they expire within a minute
+
+    def _load(self) -> None:
+        assert self.config.key_file is not None
+        self._key_mtime_ns = os.stat(self.config.key_file).st_mtime_ns
+        self._use(load_signing_key(self.config.key_file, what=f"issuers.{self.name}.key_file"))
+
+    def _use(self, key: SigningKey) -> None:
+        jwk = public_jwk(key)
+        kid = thumbprint(jwk)
+        self._signer = Signer(key, {"typ": "JWT", "kid": kid})
+        self._keys = [*self._keys[-1:], {**jwk, "kid": kid, "alg": self._signer.alg, "use": "sig"}]

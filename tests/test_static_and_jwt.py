@@ -1,0 +1,207 @@
+"""Two more schemes behind the same routes and policy: legacy static secrets (header or query)
+and self-signed per-request JWTs, each against an independent verifier on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from typing import Any
+
+import aiohttp
+import jwt
+from aiohttp import web
+
+from tests.counterparts import LEDGER, ThreadedApp, ec_private_pem
+
+
+class ApiKeyServer(ThreadedApp):
+    """An API that accepts the key currently in ``key_file`` as X-Api-Key or ?api_key=."""
+
+    def __init__(self, key_file) -> None:
+        super().__init__()
+        self.key_file = key_file
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            expected = self.key_file.read_text().strip()
+            LEDGER.secret(expected)
+            sent = request.headers.get("X-Api-Key") or request.query.get("api_key")
+            if sent != expected:
+                return web.json_response({"error": "bad key"}, status=401)
+            return web.json_response({
+                "path": request.path,
+                "query": {k: v for k, v in request.query.items() if k != "api_key"},
+                "api_key_values": len(request.query.getall("api_key", [])) + len(request.headers.getall("X-Api-Key", [])),
+            })  # fmt: skip
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+class JWTServer(ThreadedApp):
+    """An API that verifies self-signed JWTs with pyjwt against credproxy's published JWKS."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.jwks_url = ""
+        self.jtis: set[str] = set()
+        self.kids: list[str] = []
+        self.accepted: list[str] = []
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            LEDGER.secret(token)
+            try:
+                kid = jwt.get_unverified_header(token)["kid"]
+                async with aiohttp.ClientSession() as session:
+                    async with session.get(self.jwks_url) as response:
+                        keys = jwt.PyJWKSet.from_dict(await response.json())
+                key = next(k for k in keys.keys if k.key_id == kid)
+                claims: dict[str, Any] = jwt.decode(
+                    token, key.key, algorithms=["ES256", "EdDSA", "RS256"], audience=self.origin,
+                    issuer="orders-service", options={"require": ["exp", "iat", "jti", "sub"]},
+                )  # fmt: skip
+            except (jwt.PyJWTError, KeyError, StopIteration) as exc:
+                return web.json_response({"error": f"invalid: {exc}"}, status=401)
+            if claims["exp"] - claims["iat"] > 60:
+                return web.json_response({"error": "too long-lived"}, status=401)
+            if (
+                claims.get("htu") != self.origin + request.path
+                or claims.get("htm") != request.method
+            ):
+                return web.json_response({"error": "made for another request"}, status=401)
+            if claims["jti"] in self.jtis:
+                return web.json_response({"error": "replayed"}, status=401)
+            self.jtis.add(claims["jti"])
+            self.kids.append(kid)
+            self.accepted.append(token)
+            return web.json_response({"sub": claims["sub"], "kid": kid})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+def _config(api: ApiKeyServer, jwt_server: JWTServer, key_file, jwt_key) -> str:
+    return f"""\
+listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+callers:
+  test-suite: {{uid: 0}}
+issuers:
+  legacy-key:
+    type: static
+    secret_file: {key_file}
+    reread_s: 2
+  self:
+    type: self_signed_jwt
+    iss: orders-service
+    sub: orders-service
+    key_file: {jwt_key}
+    request_claims: true
+routes:
+  - name: by-header
+    path_prefix: /h/
+    upstream: {api.origin}
+    credential: {{issuer: legacy-key, inject: header, header: X-Api-Key}}
+    allow: [{{callers: [test-suite]}}]
+  - name: by-query
+    path_prefix: /q/
+    upstream: {api.origin}
+    credential: {{issuer: legacy-key, inject: query, query_param: api_key}}
+    allow: [{{callers: [test-suite]}}]
+  - name: jwt
+    path_prefix: /jwt/
+    upstream: {jwt_server.origin}
+    credential: {{issuer: self, inject: bearer}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+"""
+
+
+async def test_static_secret_in_header_and_query_with_rotation(tmp_path, credproxy, client):
+    """The file's key reaches the API as a header or query parameter (the app's own is dropped),
+    is audited as legacy once per value, and a rotated file is picked up without restart."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("legacy-key-0123456789abcdef\n")
+    jwt_key = tmp_path / "jwt.pem"
+    jwt_key.write_bytes(ec_private_pem()[0])
+    api, jwt_server = ApiKeyServer(key_file), JWTServer()
+    api.start()
+    jwt_server.start()
+    try:
+        proc = credproxy(_config(api, jwt_server, key_file, jwt_key))
+        async with client.get(
+            proc.url + "/h/v1/items", headers={"X-Api-Key": "app-junk"}
+        ) as response:
+            assert response.status == 200 and (await response.json())["api_key_values"] == 1
+        async with client.get(proc.url + "/q/v1/items?page=2&api_key=app-junk") as response:
+            body = await response.json()
+            assert (
+                response.status == 200
+                and body["query"] == {"page": "2"}
+                and body["api_key_values"] == 1
+            )
+        key_file.write_text("legacy-key-rotated-fedcba9876\n")
+        for _ in range(100):
+            async with client.get(proc.url + "/h/v1/items") as response:
+                if response.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+        assert response.status == 200  # the new key, no restart
+        issued = [json.loads(line) for line in proc.audit_file.read_text().splitlines()]
+        legacy = [e for e in issued if e.get("issuer") == "legacy-key"]
+        assert [e["event"] for e in legacy] == ["credential.issued", "credential.refreshed"]
+        assert all(e["legacy"] is True for e in legacy)
+    finally:
+        api.stop()
+        jwt_server.stop()
+
+
+async def test_self_signed_jwt_per_request_verified_against_published_jwks(
+    tmp_path, credproxy, client
+):
+    """Each request carries a fresh JWT the API verifies with the admin JWKS; a captured JWT
+    replayed, or used for another request, is refused; a rotated key file is picked up."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("legacy-key-0123456789abcdef\n")
+    jwt_key = tmp_path / "jwt.pem"
+    jwt_key.write_bytes(ec_private_pem()[0])
+    api, jwt_server = ApiKeyServer(key_file), JWTServer()
+    api.start()
+    jwt_server.start()
+    try:
+        proc = credproxy(_config(api, jwt_server, key_file, jwt_key))
+        jwt_server.jwks_url = proc.admin_url + "/.well-known/jwks.json"
+        for _ in range(5):
+            async with client.post(
+                proc.url + "/jwt/v1/orders", headers={"Authorization": "Bearer app-junk"}
+            ) as response:
+                assert response.status == 200, await response.text()
+        assert len(jwt_server.jtis) == 5
+        captured = jwt_server.accepted[-1]
+        async with aiohttp.ClientSession() as attacker:
+            for path, error in [
+                ("/v1/orders", "replayed"),
+                ("/v1/refunds", "made for another request"),
+            ]:
+                headers = {"Authorization": f"Bearer {captured}"}
+                async with attacker.post(jwt_server.origin + path, headers=headers) as response:
+                    assert response.status == 401 and (await response.json())["error"] == error
+        old_kid = jwt_server.kids[-1]
+        time.sleep(0.01)
+        jwt_key.write_bytes(ec_private_pem()[0])
+        await asyncio.sleep(1.2)  # the key file is checked at most once a second
+        async with client.post(proc.url + "/jwt/v1/orders") as response:
+            assert response.status == 200
+        assert jwt_server.kids[-1] != old_kid
+        async with client.get(proc.admin_url + "/.well-known/jwks.json") as response:
+            kids = [k["kid"] for k in (await response.json())["keys"]]
+        assert kids == [old_kid, jwt_server.kids[-1]]  # the previous key stays for in-flight tokens
+    finally:
+        api.stop()
+        jwt_server.stop()
