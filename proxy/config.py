@@ -292,6 +292,10 @@ class Route(Model):
     strip_prefix: bool = True
     upstream: str
     ca_file: Path | None = None
+    client_cert_file: Path | None = Field(
+        None, description="mTLS to the upstream; re-read when it changes (rotation)"
+    )
+    client_key_file: Path | None = None
     allow_insecure_http: bool = False
     credential: Credential
     strip_headers: tuple[str, ...] = Field(
@@ -312,6 +316,8 @@ class Route(Model):
     def _check(self) -> Route:
         if self.path_prefix is None and self.host is None:
             raise ValueError("a route needs path_prefix, host, or both")
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file go together")
         _check_http_url(self.upstream, insecure_ok=self.allow_insecure_http, what="upstream")
         return self
 

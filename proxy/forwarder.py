@@ -5,7 +5,6 @@ Third-party errors are translated here, once, into the ``UpstreamError`` family.
 
 from __future__ import annotations
 
-import ssl
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -105,11 +104,6 @@ def new_session() -> aiohttp.ClientSession:
         skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
         trust_env=False,  # the app's HTTP_PROXY may point at us: never loop back
     )
-
-
-def ssl_context(ca_file: str | None) -> ssl.SSLContext | None:
-    """Verified TLS; with ``ca_file`` the given bundle replaces the system trust store."""
-    return ssl.create_default_context(cafile=ca_file) if ca_file else None
 
 
 @contextmanager

@@ -172,7 +172,7 @@ class Handler:
                     data=body,
                     allow_redirects=False,
                     timeout=route.timeout,
-                    ssl=route.ssl,
+                    ssl=route.tls.current(),
                 )
             self._metrics.upstream_duration.labels(route.name).observe(
                 time.perf_counter() - started

@@ -7,7 +7,6 @@ so the request path only looks them up.
 from __future__ import annotations
 
 import asyncio
-import ssl
 from dataclasses import dataclass, field
 
 import aiohttp
@@ -15,13 +14,14 @@ import aiohttp
 from .audit import Audit
 from .config import Config, Route
 from .dpop import DPoPKey
-from .forwarder import CREDENTIAL_HEADERS, HOP_BY_HOP, ssl_context
+from .forwarder import CREDENTIAL_HEADERS, HOP_BY_HOP
 from .guard import Guard
 from .injectors import Injector, make_injector
 from .issuers import ISSUERS, Issuer, SelfSignedJWTIssuer
 from .metrics import Metrics
 from .policy import RoutePolicy
 from .routing import RouteTable, Target
+from .tls import ClientTLS, ssl_context
 from .token_cache import CacheKey, MintingSource, Token, TokenSource
 
 
@@ -34,7 +34,7 @@ class RouteRuntime:
     injector: Injector
     strip: frozenset[str]
     timeout: aiohttp.ClientTimeout
-    ssl: ssl.SSLContext | bool
+    tls: ClientTLS
     policy: RoutePolicy
     nonce: str | None = field(default=None)  # the resource server's latest DPoP-Nonce
 
@@ -90,7 +90,7 @@ def build(
     }
     sources: dict[CacheKey, TokenSource | MintingSource] = {}
     routes: list[RouteRuntime] = []
-    for route in config.routes:
+    for i, route in enumerate(config.routes):
         credential = route.credential
         issuer = issuers[credential.issuer]
         injector = make_injector(route, issuer, dpop_key)
@@ -103,7 +103,9 @@ def build(
                 if isinstance(issuer, SelfSignedJWTIssuer)
                 else _source(key, issuer, metrics=metrics, audit=audit)
             )
-        tls = ssl_context(str(route.ca_file) if route.ca_file else None)
+        tls = ClientTLS(
+            route.ca_file, route.client_cert_file, route.client_key_file, where=f"routes[{i}]"
+        )
         routes.append(
             RouteRuntime(
                 name=route.name,
@@ -120,7 +122,7 @@ def build(
                     sock_connect=route.timeouts.connect_s,
                     sock_read=route.timeouts.idle_s,
                 ),
-                ssl=tls or True,
+                tls=tls,
                 policy=RoutePolicy(route.allow, config.callers),
             )
         )

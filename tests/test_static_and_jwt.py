@@ -205,3 +205,67 @@ async def test_self_signed_jwt_per_request_verified_against_published_jwks(
     finally:
         api.stop()
         jwt_server.stop()
+
+
+class MTLSEcho(ThreadedApp):
+    """An upstream that demands a client certificate from the test CA and names it back."""
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            peer = request.transport.get_extra_info("peercert") if request.transport else None
+            subject = dict(item[0] for item in peer["subject"]) if peer else {}
+            return web.json_response({"client_cn": subject.get("commonName")})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+async def test_mtls_to_upstream_with_client_certificate_rotation(tmp_path, credproxy, client):
+    """A route with a client certificate passes an upstream that requires one; without, the TLS
+    handshake fails (502); replaced certificate files are used without restart."""
+    from tests.tls import TestCA
+
+    ca = TestCA(tmp_path)
+    cert, key = ca.issue("orders-workload-v1", server=False, stem="client")
+    upstream = MTLSEcho(tls=ca.server_context(require_client_cert=True))
+    upstream.start()
+    secret = tmp_path / "api-key"
+    secret.write_text("k-0123456789abcdef\n")
+    routes = "".join(
+        f"""\
+  - name: {name}
+    path_prefix: /{name}/
+    upstream: {upstream.origin}
+    ca_file: {ca.ca_file}
+{extra}    credential: {{issuer: key, inject: header, header: X-Api-Key}}
+    allow: [{{callers: [test-suite]}}]
+"""
+        for name, extra in [
+            ("mtls", f"    client_cert_file: {cert}\n    client_key_file: {key}\n"),
+            ("plain", ""),
+        ]
+    )
+    text = f"""\
+listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+callers:
+  test-suite: {{uid: 0}}
+issuers:
+  key: {{type: static, secret_file: {secret}}}
+routes:
+{routes}audit: {{file: "{{audit}}"}}
+"""
+    try:
+        proc = credproxy(text)
+        async with client.get(proc.url + "/mtls/x") as response:
+            assert (await response.json()) == {"client_cn": "orders-workload-v1"}
+        async with client.get(proc.url + "/plain/x") as response:
+            assert response.status == 502
+        ca.issue("orders-workload-v2", server=False, stem="client")  # rotated in place
+        await asyncio.sleep(1.2)  # certificate files are checked at most once a second
+        async with aiohttp.ClientSession() as fresh:  # a new connection: a new handshake
+            async with fresh.get(proc.url + "/mtls/y", headers={"Connection": "close"}) as response:
+                assert (await response.json()) == {"client_cn": "orders-workload-v2"}
+    finally:
+        upstream.stop()
