@@ -10,6 +10,7 @@ from typing import Any
 
 import aiohttp
 import jwt
+import pytest
 from aiohttp import web
 
 from tests.counterparts import LEDGER, ThreadedApp, ec_private_pem
@@ -85,6 +86,21 @@ class JWTServer(ThreadedApp):
         return app
 
 
+@pytest.fixture
+def servers(tmp_path):
+    """The API-key checker and the JWT verifier, with the files credproxy reads."""
+    key_file = tmp_path / "api-key"
+    key_file.write_text("legacy-key-0123456789abcdef\n")
+    jwt_key = tmp_path / "jwt.pem"
+    jwt_key.write_bytes(ec_private_pem()[0])
+    api, jwt_server = ApiKeyServer(key_file), JWTServer()
+    api.start()
+    jwt_server.start()
+    yield api, jwt_server, key_file, jwt_key
+    api.stop()
+    jwt_server.stop()
+
+
 def _config(api: ApiKeyServer, jwt_server: JWTServer, key_file, jwt_key) -> str:
     return f"""\
 listen: 127.0.0.1:0
@@ -123,88 +139,66 @@ log: {{format: json}}
 """
 
 
-async def test_static_secret_in_header_and_query_with_rotation(tmp_path, credproxy, client):
+async def test_static_secret_in_header_and_query_with_rotation(servers, credproxy, client):
     """The file's key reaches the API as a header or query parameter (the app's own is dropped),
     is audited as legacy once per value, and a rotated file is picked up without restart."""
-    key_file = tmp_path / "api-key"
-    key_file.write_text("legacy-key-0123456789abcdef\n")
-    jwt_key = tmp_path / "jwt.pem"
-    jwt_key.write_bytes(ec_private_pem()[0])
-    api, jwt_server = ApiKeyServer(key_file), JWTServer()
-    api.start()
-    jwt_server.start()
-    try:
-        proc = credproxy(_config(api, jwt_server, key_file, jwt_key))
-        async with client.get(
-            proc.url + "/h/v1/items", headers={"X-Api-Key": "app-junk"}
-        ) as response:
-            assert response.status == 200 and (await response.json())["api_key_values"] == 1
-        async with client.get(proc.url + "/q/v1/items?page=2&api_key=app-junk") as response:
-            body = await response.json()
-            assert (
-                response.status == 200
-                and body["query"] == {"page": "2"}
-                and body["api_key_values"] == 1
-            )
-        key_file.write_text("legacy-key-rotated-fedcba9876\n")
-        for _ in range(100):
-            async with client.get(proc.url + "/h/v1/items") as response:
-                if response.status == 200:
-                    break
-            await asyncio.sleep(0.1)
-        assert response.status == 200  # the new key, no restart
-        issued = [json.loads(line) for line in proc.audit_file.read_text().splitlines()]
-        legacy = [e for e in issued if e.get("issuer") == "legacy-key"]
-        assert [e["event"] for e in legacy] == ["credential.issued", "credential.refreshed"]
-        assert all(e["legacy"] is True for e in legacy)
-    finally:
-        api.stop()
-        jwt_server.stop()
+    api, jwt_server, key_file, jwt_key = servers
+    proc = credproxy(_config(api, jwt_server, key_file, jwt_key))
+    async with client.get(proc.url + "/h/v1/items", headers={"X-Api-Key": "app-junk"}) as response:
+        assert response.status == 200 and (await response.json())["api_key_values"] == 1
+    async with client.get(proc.url + "/q/v1/items?page=2&api_key=app-junk") as response:
+        body = await response.json()
+        assert (
+            response.status == 200
+            and body["query"] == {"page": "2"}
+            and body["api_key_values"] == 1
+        )
+    key_file.write_text("legacy-key-rotated-fedcba9876\n")
+    for _ in range(100):
+        async with client.get(proc.url + "/h/v1/items") as response:
+            if response.status == 200:
+                break
+        await asyncio.sleep(0.1)
+    assert response.status == 200  # the new key, no restart
+    issued = [json.loads(line) for line in proc.audit_file.read_text().splitlines()]
+    legacy = [e for e in issued if e.get("issuer") == "legacy-key"]
+    assert [e["event"] for e in legacy] == ["credential.issued", "credential.refreshed"]
+    assert all(e["legacy"] is True for e in legacy)
 
 
 async def test_self_signed_jwt_per_request_verified_against_published_jwks(
-    tmp_path, credproxy, client
+    servers, credproxy, client
 ):
     """Each request carries a fresh JWT the API verifies with the admin JWKS; a captured JWT
     replayed, or used for another request, is refused; a rotated key file is picked up."""
-    key_file = tmp_path / "api-key"
-    key_file.write_text("legacy-key-0123456789abcdef\n")
-    jwt_key = tmp_path / "jwt.pem"
+    api, jwt_server, key_file, jwt_key = servers
+    proc = credproxy(_config(api, jwt_server, key_file, jwt_key))
+    jwt_server.jwks_url = proc.admin_url + "/.well-known/jwks.json"
+    for _ in range(5):
+        async with client.post(
+            proc.url + "/jwt/v1/orders", headers={"Authorization": "Bearer app-junk"}
+        ) as response:
+            assert response.status == 200, await response.text()
+    assert len(jwt_server.jtis) == 5
+    captured = jwt_server.accepted[-1]
+    async with aiohttp.ClientSession() as attacker:
+        for path, error in [
+            ("/v1/orders", "replayed"),
+            ("/v1/refunds", "made for another request"),
+        ]:
+            headers = {"Authorization": f"Bearer {captured}"}
+            async with attacker.post(jwt_server.origin + path, headers=headers) as response:
+                assert response.status == 401 and (await response.json())["error"] == error
+    old_kid = jwt_server.kids[-1]
+    time.sleep(0.01)
     jwt_key.write_bytes(ec_private_pem()[0])
-    api, jwt_server = ApiKeyServer(key_file), JWTServer()
-    api.start()
-    jwt_server.start()
-    try:
-        proc = credproxy(_config(api, jwt_server, key_file, jwt_key))
-        jwt_server.jwks_url = proc.admin_url + "/.well-known/jwks.json"
-        for _ in range(5):
-            async with client.post(
-                proc.url + "/jwt/v1/orders", headers={"Authorization": "Bearer app-junk"}
-            ) as response:
-                assert response.status == 200, await response.text()
-        assert len(jwt_server.jtis) == 5
-        captured = jwt_server.accepted[-1]
-        async with aiohttp.ClientSession() as attacker:
-            for path, error in [
-                ("/v1/orders", "replayed"),
-                ("/v1/refunds", "made for another request"),
-            ]:
-                headers = {"Authorization": f"Bearer {captured}"}
-                async with attacker.post(jwt_server.origin + path, headers=headers) as response:
-                    assert response.status == 401 and (await response.json())["error"] == error
-        old_kid = jwt_server.kids[-1]
-        time.sleep(0.01)
-        jwt_key.write_bytes(ec_private_pem()[0])
-        await asyncio.sleep(1.2)  # the key file is checked at most once a second
-        async with client.post(proc.url + "/jwt/v1/orders") as response:
-            assert response.status == 200
-        assert jwt_server.kids[-1] != old_kid
-        async with client.get(proc.admin_url + "/.well-known/jwks.json") as response:
-            kids = [k["kid"] for k in (await response.json())["keys"]]
-        assert kids == [old_kid, jwt_server.kids[-1]]  # the previous key stays for in-flight tokens
-    finally:
-        api.stop()
-        jwt_server.stop()
+    await asyncio.sleep(1.2)  # the key file is checked at most once a second
+    async with client.post(proc.url + "/jwt/v1/orders") as response:
+        assert response.status == 200
+    assert jwt_server.kids[-1] != old_kid
+    async with client.get(proc.admin_url + "/.well-known/jwks.json") as response:
+        kids = [k["kid"] for k in (await response.json())["keys"]]
+    assert kids == [old_kid, jwt_server.kids[-1]]  # the previous key stays for in-flight tokens
 
 
 class MTLSEcho(ThreadedApp):
