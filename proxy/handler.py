@@ -7,6 +7,7 @@ import time
 
 import aiohttp
 from aiohttp import web
+from yarl import URL
 
 from .audit import Audit
 from .callers import UNKNOWN, CallerCache
@@ -106,6 +107,9 @@ class Handler:
                 exc.code,
                 exc,
             )
+        except Exception:  # a bug, not the app's fault: still a problem+json, never a trace
+            server_log.exception("%s %s: unexpected error", request.method, route_name)
+            response, outcome = problem_response(ProblemError()), "internal_error"
         duration_s = time.perf_counter() - started
         self._metrics.requests.labels(route_name, str(response.status), outcome).inc()
         self._metrics.request_duration.labels(route_name).observe(duration_s)
@@ -121,11 +125,12 @@ class Handler:
         return response
 
     def _route(self, request: web.BaseRequest) -> tuple[RouteRuntime, str]:
-        target = request.message.url
-        forward_proxy = target.absolute  # HTTP_PROXY users send absolute-form targets
-        # No browser omits Host; a local HTTP/1.0 client may.
-        host_header = request.headers.get("Host", "localhost")
-        host = (target.host or "").lower() if forward_proxy else request_host(host_header)
+        # HTTP_PROXY users send absolute-form targets; raw_path is the request-target as sent.
+        forward_proxy = "://" in request.raw_path and not request.raw_path.startswith("/")
+        if forward_proxy:
+            host: str | None = (URL(request.raw_path).host or "").lower()
+        else:  # No browser omits Host; a local HTTP/1.0 client may.
+            host = request_host(request.headers.get("Host", "localhost"))
         runtime = self._runtime
         runtime.guard.check(request.method, host, request.headers, forward_proxy=forward_proxy)
         raw_path = request.rel_url.raw_path

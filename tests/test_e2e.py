@@ -421,3 +421,29 @@ def test_signal_stops_cleanly(idp, upstream, credproxy, signal_name):
     proc.process.send_signal(getattr(signals, signal_name))
     assert proc.process.wait(timeout=20) == 0
     assert "stopped" in proc.log()
+
+
+async def test_unexpected_error_is_a_problem_not_a_trace(idp, upstream, client, tmp_path):
+    """A bug inside credproxy answers 500 problem+json (internal_error), logs it, and keeps serving."""
+    from proxy import config_file
+    from proxy.audit import Audit
+    from proxy.server import Server
+
+    text = _proxy_config(idp, upstream).replace("{audit}", str(tmp_path / "audit.jsonl"))
+    loaded = config_file.parse(text)
+    async with Server(loaded, audit=Audit(loaded.audit.file)) as server:
+        base = f"http://127.0.0.1:{server.app_addresses[0].port}"
+        injector = server.runtime.routes[0].injector
+
+        def broken(outbound, token):
+            raise RuntimeError("a bug")
+
+        injector.apply = broken  # type: ignore[method-assign]
+        async with client.get(base + "/payments/v1/x") as response:
+            body = await response.text()
+            assert response.status == 500 and response.content_type == "application/problem+json"
+            assert json.loads(body)["code"] == "internal_error" and "Traceback" not in body
+            assert "a bug" not in body
+        del injector.apply
+        async with client.get(base + "/payments/v1/x") as response:
+            assert response.status == 200
