@@ -4,7 +4,7 @@ FROM python:3.11.10-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY proxy ./proxy
-RUN pip install --no-cache-dir --prefix=/install .
+RUN pip install --no-cache-dir --prefix=/install . botocore==1.44.5  # the aws extra, pinned
 
 FROM python:3.11.10-slim-bookworm
 COPY --from=build /install /usr/local

@@ -155,6 +155,7 @@ async def test_short_lived_tokens_refresh_ahead_under_steady_traffic(
             statuses.append(response.status)
         await asyncio.sleep(0.05)
     token_requests = idp.stats()["token_requests"] - before
+    print(f"5 s tokens, 30 s traffic: {len(statuses)} requests, {token_requests} token requests")
     assert statuses and set(statuses) == {200}, f"{statuses.count(200)}/{len(statuses)} ok"
     # refresh ahead = min(60, 20 % of 5 s) = 1 s → one token per 4 s → 7 or 8 in 30 s
     assert 6 <= token_requests <= 9, token_requests

@@ -51,7 +51,12 @@ async def test_no_credential_value_appears_in_any_output(idp, upstream, credprox
     assert any(token for token, _ in seen) and any(proof for _, proof in seen)
     assert len(LEDGER.secrets) >= 6 and len(LEDGER.files) >= 2
     assert "credential" in proc.log() and "credential.issued" in proc.audit_file.read_text()
-    assert LEDGER.hits() == []
+    hits = LEDGER.hits()
+    print(
+        f"leak scan: {len(LEDGER.secrets)} credential values × {len(LEDGER.files)} files "
+        f"+ {len(LEDGER.texts)} outputs: {len(hits)} hits"
+    )
+    assert hits == []
 
 
 def test_the_scan_finds_a_planted_leak():
