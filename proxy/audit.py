@@ -8,6 +8,7 @@ import time
 import uuid
 from typing import IO, Any
 
+from .errors import StartError
 from .log import server_log
 
 
@@ -15,9 +16,15 @@ class Audit:
     """Writes events to a file (appended) or stdout. ``aclose()`` closes the file."""
 
     def __init__(self, file: str = "-") -> None:
-        self._stream: IO[str] = (
-            sys.stdout if file == "-" else open(file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
-        )
+        try:
+            self._stream: IO[str] = (
+                sys.stdout if file == "-" else open(file, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+            )
+        except OSError as exc:
+            raise StartError(
+                f"audit.file: cannot append to {file}: {exc.strerror}; mount a writable volume "
+                "there or use '-' for stdout"
+            ) from None
         self._owned = file != "-"
 
     def emit(self, event: str, **fields: Any) -> None:

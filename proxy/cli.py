@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from . import __version__, config, config_file
-from .errors import ConfigError, IdentityError
+from .errors import ConfigError, CredproxyError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +58,7 @@ def _run(loaded: config.Config) -> int:
     log.configure(fmt=loaded.log.format, level=loaded.log.level, access=loaded.log.access)
     try:
         server.run(loaded)
-    except (IdentityError, server.StartError) as exc:
+    except CredproxyError as exc:
         log.server_log.error("cannot start: %s", exc)
         return 1
     return 0

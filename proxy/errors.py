@@ -3,6 +3,7 @@
     CredproxyError
     ├── ConfigError(ValueError)               bad configuration; never reaches the app
     ├── IdentityError(ValueError)             key or secret file unreadable or unusable
+    ├── StartError                            cannot listen, audit, or get a first credential
     └── ProblemError                          answered to the app as problem+json
         ├── RequestRefused                    4xx the proxy decided on its own
         │   ├── RouteNotFound                 404 route_not_found
@@ -44,6 +45,10 @@ class ConfigError(CredproxyError, ValueError):
 
 class IdentityError(CredproxyError, ValueError):
     """A key, certificate or secret file named by the configuration cannot be used."""
+
+
+class StartError(CredproxyError):
+    """The sidecar cannot start; the message says what and where."""
 
 
 class ProblemError(CredproxyError):

@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from .audit import Audit
 from .callers import CallerCache
 from .config import Address, Config, parse_address
-from .errors import CredentialUnavailable
+from .errors import CredentialUnavailable, StartError
 from .forwarder import new_session
 from .handler import Handler
 from .issuers import SelfSignedJWTIssuer
@@ -38,10 +38,6 @@ class _AppServer(web.Server):
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
         self._callers.forget(handler)
-
-
-class StartError(Exception):
-    """The sidecar cannot start; the message says what and where."""
 
 
 class Server:

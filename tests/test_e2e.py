@@ -448,3 +448,13 @@ async def test_unexpected_error_is_a_problem_not_a_trace(idp, upstream, client, 
         del injector.apply
         async with client.get(base + "/payments/v1/x") as response:
             assert response.status == 200
+
+
+def test_unwritable_audit_file_fails_start_clearly(idp, upstream, credproxy, tmp_path):
+    """An audit file that cannot be opened stops the start with its config path, no traceback."""
+    text = _proxy_config(idp, upstream).replace(
+        'audit: {file: "{audit}"}', f'audit: {{file: "{tmp_path}/missing/dir/audit.jsonl"}}'
+    )
+    proc = credproxy(text, expect_ready=False)
+    assert proc.process is not None and proc.process.wait(timeout=30) == 1
+    assert "audit.file: cannot append to" in proc.log() and "Traceback" not in proc.log()
