@@ -93,7 +93,6 @@ class TokenSource:
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self.refreshes = 0
-        self.last_refresh_at: float | None = None
         self._last_fingerprint = ""
 
     @property
@@ -206,7 +205,6 @@ class TokenSource:
             self._last_failure = ""
             self._token = token
             self.refreshes += 1
-            self.last_refresh_at = token.obtained_at
             self._record(token, time.monotonic() - started)
             self._finish_attempt()
             await self._sleep_until_refresh(token)
@@ -266,8 +264,6 @@ class MintingSource:
     """The source of a route whose credential is minted per request (self-signed JWTs): nothing
     to cache or refresh, always ready. ``get()`` returns a placeholder the injector ignores."""
 
-    refreshes = 0
-    last_refresh_at: float | None = None
     ready = True
 
     def __init__(self, key: CacheKey, *, key_id: str, audit: Audit) -> None:
