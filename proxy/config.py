@@ -115,6 +115,15 @@ class OAuth2Issuer(Model):
         return self
 
 
+class TokenExchangeIssuer(OAuth2Issuer):
+    """RFC 8693 token exchange: the workload's identity token (projected service-account token,
+    JWT-SVID) is exchanged at the IdP; client authentication as for ``oauth2``."""
+
+    type: Literal["token_exchange"]  # type: ignore[assignment]
+    subject_token_file: Path | None = Field(None, description="default: identity.token_file")
+    subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"
+
+
 class AWSIssuer(Model):
     """AWS STS ``AssumeRoleWithWebIdentity`` with the workload's token file (EKS IRSA style),
     optionally chained into ``AssumeRole``; or, as a marked legacy mode, static keys from a file."""
@@ -354,7 +363,7 @@ class Config(Model):
     issuers: dict[
         Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")],
         Annotated[
-            OAuth2Issuer | AWSIssuer | StaticIssuer | SelfSignedJWTIssuer,
+            OAuth2Issuer | TokenExchangeIssuer | AWSIssuer | StaticIssuer | SelfSignedJWTIssuer,
             Field(discriminator="type"),
         ],
     ]

@@ -100,6 +100,7 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
 
 _INJECTS_BY_ISSUER = {
     "oauth2": ("bearer", "dpop"),
+    "token_exchange": ("bearer", "dpop"),
     "aws": ("sigv4",),
     "static": ("header", "query", "bearer"),
     "self_signed_jwt": ("bearer", "header"),

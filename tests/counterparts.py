@@ -98,6 +98,7 @@ class IdP:
     """node-oidc-provider on a fixed loopback port; survives stop()/start() with the same keys."""
 
     CLIENT_ID = "orders-service"
+    SUBJECT_ISSUER = "https://kubernetes.default.svc"
     LEGACY_CLIENT_ID = "legacy-service"
 
     def __init__(
@@ -120,6 +121,8 @@ class IdP:
         self._signing_jwk = {**public_jwk(signing), "d": b64url(d), "kid": "idp-1", "alg": "ES256"}
         self._client_jwk = {**public_jwk(client_key), "alg": "ES256"}
         self._legacy_secret = secret
+        self._cluster_key = ec.generate_private_key(ec.SECP256R1())  # signs "projected" tokens
+        self._cluster_jwk = {**public_jwk(self._cluster_key), "kid": "cluster-1", "alg": "ES256"}
         self.record_file = workdir / "idp-records.jsonl"
         self._process: subprocess.Popen[bytes] | None = None
         self._nonce_secret = secrets.token_hex(32)
@@ -138,7 +141,10 @@ class IdP:
     def start(self) -> None:
         scope = " ".join(self.scopes)
         base = {
-            "grant_types": ["client_credentials"],
+            "grant_types": [
+                "client_credentials",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ],
             "response_types": [],
             "redirect_uris": [],
             "id_token_signed_response_alg": "ES256",
@@ -151,6 +157,8 @@ class IdP:
             "signing_jwk": self._signing_jwk,
             "nonce_secret_hex": self._nonce_secret,
             "resources": self.resources,
+            "subject_issuer": self.SUBJECT_ISSUER,
+            "subject_jwks": [self._cluster_jwk],
             "record_file": str(self.record_file),
             "clients": [
                 {
@@ -193,6 +201,20 @@ class IdP:
         )
         urllib.request.urlopen(request, timeout=5).close()
 
+    def subject_token(
+        self, *, lifetime_s: int = 600, key: ec.EllipticCurvePrivateKey | None = None
+    ) -> str:
+        """A Kubernetes-style projected service-account token for token exchange."""
+        from proxy.jose import Signer
+
+        now = int(time.time())
+        token = Signer(key or self._cluster_key, {"typ": "JWT", "kid": "cluster-1"}).sign({
+            "iss": self.SUBJECT_ISSUER, "sub": "system:serviceaccount:shop:orders",
+            "aud": self.issuer, "iat": now, "exp": now + lifetime_s, "jti": secrets.token_hex(8),
+        })  # fmt: skip
+        LEDGER.secret(token)
+        return token
+
     def introspect(self, token: str) -> dict[str, Any]:
         """RFC 7662 at the IdP, authenticated as the legacy client (client_secret_basic)."""
         import base64
@@ -215,7 +237,7 @@ class IdP:
             return []
         entries = [json.loads(line) for line in self.record_file.read_text().splitlines()]
         for entry in entries:
-            for field in ("client_assertion", "dpop", "access_token", "token"):
+            for field in ("client_assertion", "dpop", "access_token", "token", "subject_token"):
                 LEDGER.secret(entry.get(field))
         return entries
 

@@ -13,6 +13,7 @@ from .aws import AWSIssuer
 from .oauth2 import OAuth2Issuer
 from .self_signed_jwt import SelfSignedJWTIssuer
 from .static import StaticIssuer
+from .token_exchange import TokenExchangeIssuer
 
 
 class Issuer(Protocol):
@@ -28,9 +29,18 @@ class Issuer(Protocol):
 
 ISSUERS: dict[str, Callable[..., Issuer]] = {
     "oauth2": OAuth2Issuer,
+    "token_exchange": TokenExchangeIssuer,
     "aws": AWSIssuer,
     "static": StaticIssuer,
     "self_signed_jwt": SelfSignedJWTIssuer,
 }
 
-__all__ = ["ISSUERS", "AWSIssuer", "Issuer", "OAuth2Issuer", "SelfSignedJWTIssuer", "StaticIssuer"]
+__all__ = [
+    "ISSUERS",
+    "AWSIssuer",
+    "Issuer",
+    "OAuth2Issuer",
+    "SelfSignedJWTIssuer",
+    "StaticIssuer",
+    "TokenExchangeIssuer",
+]

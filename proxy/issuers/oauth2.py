@@ -86,7 +86,7 @@ class OAuth2Issuer:
     async def fetch(self, key: CacheKey) -> Token:
         audience, scope, bound = key.audience, key.scope, key.bound
         metadata = await self.metadata()
-        form: dict[str, str] = {"grant_type": "client_credentials"}
+        form = self._grant()
         if scope:
             form["scope"] = scope
         if audience:
@@ -97,6 +97,10 @@ class OAuth2Issuer:
             if answer is None:
                 raise self._error(f"{metadata.token_endpoint} asked for a DPoP nonce twice")
         return self._token(answer, bound=bound, endpoint=metadata.token_endpoint)
+
+    def _grant(self) -> dict[str, str]:
+        """The grant-specific part of the token request form."""
+        return {"grant_type": "client_credentials"}
 
     async def metadata(self) -> Metadata:
         if self._metadata is None:

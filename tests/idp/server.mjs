@@ -2,10 +2,13 @@
 // private_key_jwt (and a legacy client_secret client), DPoP, and JWT access tokens per resource.
 // Started by tests/counterparts.py with a JSON config file; test-only endpoints under /__test/.
 import fs from 'node:fs';
+import { createLocalJWKSet, jwtVerify } from 'jose';
 import Provider, { errors } from 'oidc-provider';
+import { handler as clientCredentials } from 'oidc-provider/lib/actions/grants/client_credentials.js';
+import * as grantHelpers from 'oidc-provider/lib/helpers/grants.js';
 
 const cfg = JSON.parse(fs.readFileSync(process.argv[2], 'utf8'));
-const stats = { token_requests: 0, token_issued: 0, dpop_bound: 0 };
+const stats = { token_requests: 0, token_issued: 0, dpop_bound: 0, token_exchanges: 0 };
 let requireNonce = Boolean(cfg.require_nonce);
 const record = (entry) => fs.appendFileSync(cfg.record_file, `${JSON.stringify(entry)}\n`);
 
@@ -46,6 +49,28 @@ const provider = new Provider(cfg.issuer, {
   },
 });
 
+// RFC 8693 token exchange: the subject token (a Kubernetes-style projected JWT) must be signed
+// by the cluster key the test registers; the access token is then issued like client_credentials
+// (so resource indicators, DPoP binding and JWT format apply unchanged).
+const TOKEN_EXCHANGE = 'urn:ietf:params:oauth:grant-type:token-exchange';
+const subjectKeys = createLocalJWKSet({ keys: cfg.subject_jwks ?? [] });
+const helpers = Object.fromEntries(
+  Object.entries(grantHelpers).map(([name, helper]) => [name, helper.bind(undefined, provider)]),
+);
+provider.registerGrantType(TOKEN_EXCHANGE, async (ctx) => {
+  const { subject_token: subjectToken, subject_token_type: subjectType } = ctx.oidc.params;
+  if (subjectType !== 'urn:ietf:params:oauth:token-type:jwt') {
+    throw new errors.InvalidRequest('subject_token_type must be urn:ietf:params:oauth:token-type:jwt');
+  }
+  try {
+    await jwtVerify(subjectToken, subjectKeys, { issuer: cfg.subject_issuer, audience: cfg.issuer });
+  } catch (err) {
+    throw new errors.InvalidGrant(`subject_token rejected: ${err.code ?? err.message}`);
+  }
+  stats.token_exchanges += 1;
+  await clientCredentials(provider, helpers, ctx);
+}, ['subject_token', 'subject_token_type', 'requested_token_type', 'scope', 'resource'], ['resource']);
+
 provider.use(async (ctx, next) => {
   if (ctx.path === '/__test/stats') {
     ctx.body = { ...stats, require_nonce: requireNonce };
@@ -74,6 +99,7 @@ provider.use(async (ctx, next) => {
     status: ctx.status,
     error: ctx.body?.error,
     client_assertion: params.client_assertion,
+    subject_token: params.subject_token,
     dpop: ctx.get('dpop') || undefined,
     access_token: issued ? ctx.body.access_token : undefined,
   });
