@@ -9,6 +9,7 @@ cached per connection; an attribute that cannot be determined is ``None`` and fa
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import hashlib
 import ipaddress
@@ -16,7 +17,6 @@ import os
 import socket
 import struct
 from collections.abc import Hashable
-from dataclasses import dataclass
 from typing import Any
 
 _UNSET: Any = object()
@@ -274,19 +274,17 @@ def _file_sha256(path: str) -> str | None:
         return None
 
 
-@dataclass
 class CallerCache:
     """Callers resolved once per connection, dropped when the connection closes."""
 
-    callers: dict[Hashable, Caller]
-
     def __init__(self) -> None:
-        self.callers = {}
+        self.callers: dict[Hashable, Caller] = {}
 
-    def get(self, connection: Hashable, sock: socket.socket | None) -> Caller:
+    def get(self, connection: Hashable, transport: asyncio.BaseTransport) -> Caller:
+        """The connection's caller; the socket is looked at only on its first request."""
         caller = self.callers.get(connection)
         if caller is None:
-            caller = self.callers[connection] = from_socket(sock)
+            caller = self.callers[connection] = from_socket(transport.get_extra_info("socket"))
         return caller
 
     def forget(self, connection: Hashable) -> None:

@@ -78,7 +78,7 @@ class Handler:
         try:
             transport = request.transport
             if transport is not None:
-                caller = self._callers.get(request.protocol, transport.get_extra_info("socket"))
+                caller = self._callers.get(request.protocol, transport)
             route, forwarded_path = self._route(request)
             route_name = route.name
             route.policy.check(caller, request.method, forwarded_path)

@@ -15,7 +15,7 @@ from typing import Any
 
 import boto3
 
-from tests.counterparts import LEDGER, _wait_http, free_port
+from tests.counterparts import LEDGER, PREAMBLE, _wait_http, free_port
 
 ROLE_POLICY = {
     "Version": "2012-10-17",
@@ -200,11 +200,7 @@ def aws_config(
     moto: Moto, sts_url: str, *, extra_issuer: str = "", extra_route: str = "", top: str = ""
 ) -> str:
     return f"""\
-listen: 127.0.0.1:0
-admin: 127.0.0.1:0
-callers:
-  test-suite: {{uid: 0}}
-issuers:
+{PREAMBLE}issuers:
   aws:
     type: aws
     role_arn: {moto.role_arn}

@@ -532,6 +532,10 @@ async def rss_peak_during(proc: Credproxy, work: Callable[[], Awaitable[None]]) 
     return before, peak
 
 
+# Every test config starts so: ephemeral loopback ports, the test process (root) as the caller.
+PREAMBLE = "listen: 127.0.0.1:0\nadmin: 127.0.0.1:0\ncallers:\n  test-suite: {uid: 0}\n"
+
+
 def wait_until(predicate: Callable[[], bool], timeout_s: float = 10, what: str = "") -> None:
     deadline = time.monotonic() + timeout_s
     while not predicate():

@@ -347,3 +347,17 @@ def test_static_and_self_signed_configs():
     for text, expected in cases.items():
         errors = _errors(text)
         assert any(expected in line for line in errors), (expected, errors)
+
+
+def test_check_config_warns_about_plain_http_to_loopback(tmp_path):
+    """Invariant 8: plain http is accepted only for loopback, and check-config still says so."""
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        VALID.replace("https://idp.example.com", "http://127.0.0.1:8080").replace(
+            "upstream: https://payments.example.com", "upstream: http://localhost:9000"
+        )
+    )
+    result = _cli("check-config", str(path))
+    assert result.returncode == 0, result.stderr
+    assert "issuers.idp: plain http to http://127.0.0.1:8080" in result.stderr
+    assert "routes[0].upstream: plain http" in result.stderr

@@ -13,7 +13,7 @@ import jwt
 import pytest
 from aiohttp import web
 
-from tests.counterparts import LEDGER, ThreadedApp, ec_private_pem
+from tests.counterparts import LEDGER, PREAMBLE, ThreadedApp, ec_private_pem
 
 
 class ApiKeyServer(ThreadedApp):
@@ -103,11 +103,7 @@ def servers(tmp_path):
 
 def _config(api: ApiKeyServer, jwt_server: JWTServer, key_file, jwt_key) -> str:
     return f"""\
-listen: 127.0.0.1:0
-admin: 127.0.0.1:0
-callers:
-  test-suite: {{uid: 0}}
-issuers:
+{PREAMBLE}issuers:
   legacy-key:
     type: static
     secret_file: {key_file}
@@ -241,11 +237,7 @@ async def test_mtls_to_upstream_with_client_certificate_rotation(tmp_path, credp
         ]
     )
     text = f"""\
-listen: 127.0.0.1:0
-admin: 127.0.0.1:0
-callers:
-  test-suite: {{uid: 0}}
-issuers:
+{PREAMBLE}issuers:
   key: {{type: static, secret_file: {secret}}}
 routes:
 {routes}audit: {{file: "{{audit}}"}}

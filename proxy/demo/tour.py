@@ -65,13 +65,11 @@ class _Tour:
         print(f"\n── {text}")
 
 
-async def _serve(app: web.Application) -> tuple[web.AppRunner, str]:
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
+async def _start(app: web.Application, sock: socket.socket) -> web.AppRunner:
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
     await web.SockSite(runner, sock).start()
-    return runner, f"http://127.0.0.1:{sock.getsockname()[1]}"
+    return runner
 
 
 def _bind_origin() -> tuple[socket.socket, str]:
@@ -96,18 +94,14 @@ async def _run(tour: _Tour, workdir: Path) -> None:
 
     idp_sock, idp_url = _bind_origin()
     idp = DemoIdP(idp_url, client_id="orders-service", client_key=client_key.public_key())
-    idp_runner = web.AppRunner(idp.app(), access_log=None)
-    await idp_runner.setup()
-    await web.SockSite(idp_runner, idp_sock).start()
+    idp_runner = await _start(idp.app(), idp_sock)
 
     async def jwks() -> dict[str, Any]:
         return idp.jwks()
 
     rs_sock, upstream = _bind_origin()
     verifier = Verifier(issuer=idp_url, audience=upstream, jwks=jwks, origin=upstream)
-    rs_runner = web.AppRunner(resource_app(verifier), access_log=None)
-    await rs_runner.setup()
-    await web.SockSite(rs_runner, rs_sock).start()
+    rs_runner = await _start(resource_app(verifier), rs_sock)
     print(f"   demo IdP at {idp_url}; verifying upstream (checks DPoP) at {upstream}")
 
     config_path = workdir / "credproxy.yaml"
