@@ -133,12 +133,14 @@ class TokenSource:
 
     async def revoke(self, *, reason: str, rotate: bool) -> str | None:
         """Revoke the cached token at its issuer and drop it (None: nothing cached). A failure is
-        logged, counted and audited, never raised. ``rotate`` fetches a replacement at once."""
+        logged, counted and audited, never raised. ``rotate`` fetches a replacement at once and
+        returns once that first attempt has ended, so the caller sees the source's new state."""
         token, self._token = self._token, None
         if token is None:
             return None
         if rotate:
             self._begin_attempt()
+        replacement = self._attempt
         try:
             outcome = await self._revoke(token) if self._revoke else "unsupported"
         except CredentialUnavailable as exc:
@@ -155,6 +157,8 @@ class TokenSource:
             outcome=outcome,
             reason=reason,
         )
+        if rotate and replacement is not None:
+            await asyncio.shield(replacement)
         return outcome
 
     async def aclose(self) -> None:
