@@ -229,11 +229,57 @@ def sigv4_scope(
     return service or derived_service, region or derived_region or issuer_region
 
 
+_DERIVED_COMPONENTS = (
+    "@method",
+    "@target-uri",
+    "@authority",
+    "@scheme",
+    "@request-target",
+    "@path",
+    "@query",
+)
+
+
+def _check_component(name: str) -> str:
+    if name.startswith("@") and name not in _DERIVED_COMPONENTS:
+        raise ValueError(f"'{name}' is not a derived component ({', '.join(_DERIVED_COMPONENTS)})")
+    if not name.startswith("@") and not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", name):
+        raise ValueError(f"'{name}' is not a lowercase header field name")
+    return name
+
+
+class HTTPSignature(Model):
+    """RFC 9421 parameters for ``inject: http_signature``."""
+
+    components: tuple[Annotated[str, AfterValidator(_check_component)], ...] = Field(
+        ("@method", "@target-uri", "content-digest", "date"),
+        min_length=1,
+        description="covered components; content-digest (RFC 9530) only when a body exists, "
+        "date added when absent",
+    )
+    label: str = Field("sig1", pattern=r"^[a-z*][a-z0-9_.*-]*$")
+    lifetime_s: int = Field(60, ge=1, le=300, description="expires = created + lifetime_s")
+    nonce: bool = Field(True, description="a unique nonce per signature, for replay checks")
+    tag: str | None = Field(None, pattern=r"^[\x20-\x7e]+$", description="application tag")
+    key_id: str | None = Field(
+        None,
+        pattern=r"^[\x20-\x7e]+$",
+        description="keyid; default: the JWK thumbprint (self_signed_jwt); required for static "
+        "(HMAC-SHA256 with the secret)",
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> HTTPSignature:
+        if len(set(self.components)) != len(self.components):
+            raise ValueError("components must not repeat")
+        return self
+
+
 class Credential(Model):
     issuer: str
     audience: str | None = None
     scope: str | None = None
-    inject: Literal["bearer", "dpop", "sigv4", "header", "query"] = "dpop"
+    inject: Literal["bearer", "dpop", "sigv4", "header", "query", "http_signature"] = "dpop"
     header: str | None = Field(
         None, pattern=r"^[A-Za-z0-9-]+$", description="inject: header, e.g. X-Api-Key"
     )
@@ -248,7 +294,15 @@ class Credential(Model):
         description="sigv4 body handling: unsigned streams (S3 accepts UNSIGNED-PAYLOAD); signed "
         "buffers up to payload_max_bytes to hash it. Default: unsigned for s3, signed otherwise",
     )
-    payload_max_bytes: int = Field(8 * 1024 * 1024, ge=0, le=256 * 1024 * 1024)
+    payload_max_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=0,
+        le=256 * 1024 * 1024,
+        description="bound on a body buffered to hash it (sigv4 signed, http_signature digest)",
+    )
+    signature: HTTPSignature = Field(
+        default_factory=HTTPSignature, description="inject: http_signature"
+    )
 
 
 class CallerRule(Model):

@@ -102,8 +102,8 @@ _INJECTS_BY_ISSUER = {
     "oauth2": ("bearer", "dpop"),
     "token_exchange": ("bearer", "dpop"),
     "aws": ("sigv4",),
-    "static": ("header", "query", "bearer"),
-    "self_signed_jwt": ("bearer", "header"),
+    "static": ("header", "query", "bearer", "http_signature"),
+    "self_signed_jwt": ("bearer", "header", "http_signature"),
 }
 ISSUER_TYPES = tuple(_INJECTS_BY_ISSUER)
 
@@ -122,6 +122,15 @@ def _injection_checks(
         return [f"{where}.header: required with inject: header (e.g. X-Api-Key)"]
     if inject == "query" and not credential.get("query_param"):
         return [f"{where}.query_param: required with inject: query"]
+    signature = credential.get("signature")
+    key_id = signature.get("key_id") if isinstance(signature, dict) else None
+    if inject == "http_signature" and issuer.get("type") == "static" and not key_id:
+        return [f"{where}.signature.key_id: required to sign with a static (HMAC) secret"]
+    if inject == "http_signature" and issuer.get("type") == "self_signed_jwt" and key_id:
+        return [
+            f"{where}.signature.key_id: the keyid is the key's JWK thumbprint, as in the admin "
+            "JWKS; remove key_id"
+        ]
     return _sigv4_checks(where, route, credential, issuer)
 
 

@@ -9,6 +9,7 @@
         │   ├── RouteNotFound                 404 route_not_found
         │   ├── InvalidPath                   400 invalid_path
         │   ├── PayloadTooLarge               413 payload_too_large
+        │   ├── UnsignableRequest             400 request_not_signable (http_signature)
         │   ├── PathEscapesRoute              400 path_escapes_route
         │   ├── MethodRefused                 405 method_not_allowed (CONNECT)
         │   ├── HostNotAllowed                403 host_not_allowed (DNS rebinding)
@@ -89,6 +90,15 @@ class PayloadTooLarge(RequestRefused):
     public_detail = (
         "The route signs the request body, so it must buffer it, and the body is larger than "
         "the route's credential.payload_max_bytes."
+    )
+
+
+class UnsignableRequest(RequestRefused):
+    status = 400
+    code = "request_not_signable"
+    public_detail = (
+        "The route signs a header (credential.signature.components) that this request lacks "
+        "or carries with non-ASCII bytes; send it in ASCII or change the route."
     )
 
 

@@ -88,9 +88,10 @@ class Signer:
 
     def sign(self, claims: dict[str, Any]) -> str:
         signing_input = f"{self._header_b64}.{_json_b64(claims)}"
-        return f"{signing_input}.{b64url(self._signature(signing_input.encode('ascii')))}"
+        return f"{signing_input}.{b64url(self.sign_bytes(signing_input.encode('ascii')))}"
 
-    def _signature(self, data: bytes) -> bytes:
+    def sign_bytes(self, data: bytes) -> bytes:
+        """The raw JWS signature (ECDSA as r‖s), which RFC 9421 uses as well."""
         key = self._key
         if isinstance(key, ec.EllipticCurvePrivateKey):
             r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))

@@ -89,9 +89,28 @@ BAD = [
         "listen[0]: 'localhost' is not host:port",
     ),
     (
+        "static secret signing without a keyid",
+        VALID.replace(
+            "scope: payments.write}", "scope: payments.write, inject: http_signature}"
+        ).replace(
+            VALID[VALID.index("    type: oauth2") : VALID.index("routes:")],
+            "    type: static\n    secret_file: /secrets/hmac-key\n",
+        ),
+        "routes[0].credential.signature.key_id: required to sign with a static (HMAC) secret",
+    ),
+    (
+        "unknown derived signature component",
+        VALID.replace(
+            "scope: payments.write}",
+            "scope: payments.write, inject: dpop, signature: {components: ['@body']}}",
+        ),
+        "routes[0].credential.signature.components[0]: '@body' is not a derived component",
+    ),
+    (
         "unknown injector",
         VALID.replace("scope: payments.write}", "scope: payments.write, inject: magic}"),
-        "routes[0].credential.inject: Input should be 'bearer', 'dpop', 'sigv4', 'header' or 'query' (got 'magic')",
+        "routes[0].credential.inject: Input should be 'bearer', 'dpop', 'sigv4', 'header', 'query' "
+        "or 'http_signature' (got 'magic')",
     ),
     (
         "unknown issuer type",
@@ -170,7 +189,7 @@ def test_check_config_accepts_the_example():
     """config/example.yaml, the reference users copy, passes check-config."""
     result = _cli("check-config", "config/example.yaml")
     assert result.returncode == 0, result.stderr
-    assert "valid (6 route(s), 6 issuer(s))" in result.stdout
+    assert "valid (7 route(s), 6 issuer(s))" in result.stdout
 
 
 def test_check_config_rejects_with_exit_1_and_errors_on_stderr(tmp_path):

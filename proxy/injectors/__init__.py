@@ -17,6 +17,7 @@ from .base import Injector, Outbound
 from .bearer import BearerInjector
 from .dpop import DPoPInjector
 from .header import HeaderInjector, QueryInjector
+from .http_signature import HTTPSignatureInjector, hmac_key
 from .jwt import JWTInjector
 from .sigv4 import SigV4Injector
 
@@ -28,12 +29,19 @@ INJECTORS: dict[str, Callable[[Route, Any, DPoPKey], Injector]] = {
         route.credential.header or "", route.credential.header_prefix
     ),
     "query": lambda route, issuer, dpop_key: QueryInjector(route.credential.query_param or ""),
+    "http_signature": lambda route, issuer, dpop_key: HTTPSignatureInjector(
+        issuer.signing_key
+        if getattr(issuer, "per_request", False)
+        else hmac_key(route.credential.signature.key_id or ""),
+        route.credential.signature,
+        body_max_bytes=route.credential.payload_max_bytes,
+    ),
 }
 
 
 def make_injector(route: Route, issuer: Any, dpop_key: DPoPKey) -> Injector:
     credential = route.credential
-    if getattr(issuer, "per_request", False):
+    if getattr(issuer, "per_request", False) and credential.inject != "http_signature":
         upstream = URL(route.upstream)
         audience = credential.audience or f"{upstream.scheme}://{upstream.authority}"
         if credential.inject == "header":

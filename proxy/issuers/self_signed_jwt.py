@@ -10,6 +10,7 @@ import os
 import secrets
 import ssl
 import time
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
@@ -22,6 +23,11 @@ from ..jose import Signer, SigningKey, public_jwk, thumbprint
 from ..token_cache import CacheKey, Token
 
 _STAT_INTERVAL_S = 1.0
+_HTTP_SIGNATURE_ALGS = {
+    "ES256": "ecdsa-p256-sha256",
+    "EdDSA": "ed25519",
+    "RS256": "rsa-v1_5-sha256",
+}
 
 
 class SelfSignedJWTIssuer:
@@ -59,13 +65,7 @@ class SelfSignedJWTIssuer:
         return {"keys": list(self._keys)}
 
     def mint(self, audience: str, htm: str, htu: str) -> str:
-        if (
-            self.config.key_file is not None
-            and time.monotonic() - self._checked_at > _STAT_INTERVAL_S
-        ):
-            self._checked_at = time.monotonic()
-            if os.stat(self.config.key_file).st_mtime_ns != self._key_mtime_ns:
-                self._load()
+        self._reload_if_changed()
         now = int(time.time())
         claims: dict[str, Any] = {
             "iss": self.config.iss,
@@ -78,6 +78,22 @@ class SelfSignedJWTIssuer:
         if self.config.request_claims:
             claims["htm"], claims["htu"] = htm, htu
         return self._signer.sign(claims)
+
+    def signing_key(self, token: Token) -> tuple[str, str, Callable[[bytes], bytes]]:
+        """(kid, RFC 9421 algorithm, sign) of the current key, whose public half is in the JWKS:
+        for HTTP Message Signatures."""
+        del token  # nothing cached: the key is this issuer's
+        self._reload_if_changed()
+        return self.kid, _HTTP_SIGNATURE_ALGS[self._signer.alg], self._signer.sign_bytes
+
+    def _reload_if_changed(self) -> None:
+        if (
+            self.config.key_file is not None
+            and time.monotonic() - self._checked_at > _STAT_INTERVAL_S
+        ):
+            self._checked_at = time.monotonic()
+            if os.stat(self.config.key_file).st_mtime_ns != self._key_mtime_ns:
+                self._load()
 
     async def fetch(self, key: CacheKey) -> Token:
         raise NotImplementedError("self-signed JWTs are minted per request, never cached")
