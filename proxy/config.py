@@ -82,8 +82,15 @@ class OAuth2Issuer(Model):
     type: Literal["oauth2"]
     issuer_url: str
     client_id: str = Field(min_length=1)
-    client_auth: Literal["private_key_jwt", "client_secret"] = "private_key_jwt"
-    client_key_file: Path | None = None
+    client_auth: Literal["private_key_jwt", "tls_client_auth", "client_secret"] = "private_key_jwt"
+    client_key_file: Path | None = Field(
+        None, description="private_key_jwt: the assertion key; tls_client_auth: the cert's key"
+    )
+    client_cert_file: Path | None = Field(
+        None,
+        description="tls_client_auth (RFC 8705): PEM client certificate, re-read on rotation; "
+        "routes without their own client certificate present it too (certificate-bound tokens)",
+    )
     client_key_id: str | None = Field(None, description="'kid' header of client assertions")
     client_secret_file: Path | None = None
     assertion_audience: Literal["issuer", "token_endpoint"] = "issuer"
@@ -112,6 +119,14 @@ class OAuth2Issuer(Model):
             raise ValueError("client_auth private_key_jwt needs client_key_file")
         if self.client_auth == "client_secret" and self.client_secret_file is None:
             raise ValueError("client_auth client_secret needs client_secret_file")
+        if self.client_auth == "tls_client_auth" and (
+            self.client_cert_file is None or self.client_key_file is None
+        ):
+            raise ValueError(
+                "client_auth tls_client_auth needs client_cert_file and client_key_file"
+            )
+        if self.client_auth == "tls_client_auth" and URL(self.issuer_url).scheme != "https":
+            raise ValueError("client_auth tls_client_auth needs an https issuer_url")
         return self
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 
@@ -21,7 +22,7 @@ from .issuers import ISSUERS, Issuer, SelfSignedJWTIssuer
 from .metrics import Metrics
 from .policy import RoutePolicy
 from .routing import RouteTable, Target
-from .tls import ClientTLS, ssl_context
+from .tls import ClientTLS
 from .token_cache import CacheKey, MintingSource, Token, TokenSource
 
 
@@ -83,7 +84,6 @@ def build(
             issuer,  # the table pairs each type with its config model
             session=session,
             dpop_key=dpop_key,
-            ssl_context=ssl_context(str(ca) if (ca := getattr(issuer, "ca_file", None)) else None),
             identity=config.identity,
         )
         for name, issuer in config.issuers.items()
@@ -103,9 +103,7 @@ def build(
                 if isinstance(issuer, SelfSignedJWTIssuer)
                 else _source(key, issuer, metrics=metrics, audit=audit)
             )
-        tls = ClientTLS(
-            route.ca_file, route.client_cert_file, route.client_key_file, where=f"routes[{i}]"
-        )
+        tls = ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=f"routes[{i}]")
         routes.append(
             RouteRuntime(
                 name=route.name,
@@ -128,6 +126,17 @@ def build(
         )
     guard = Guard([*config.local_names, *(route.host for route in config.routes if route.host)])
     return Runtime(guard, RouteTable(config.routes), routes, sources, issuers, dpop_key)
+
+
+def _client_certificate(route: Route, issuer: Issuer) -> tuple[Path | None, Path | None]:
+    """The route's own client certificate; else, when its issuer authenticates with one
+    (tls_client_auth), that one: the issuer's tokens may be bound to it (RFC 8705 §3)."""
+    if route.client_cert_file is not None:
+        return route.client_cert_file, route.client_key_file
+    config = issuer.config
+    if getattr(config, "client_auth", None) == "tls_client_auth":
+        return config.client_cert_file, config.client_key_file
+    return None, None
 
 
 def _source(key: CacheKey, issuer: Issuer, *, metrics: Metrics, audit: Audit) -> TokenSource:

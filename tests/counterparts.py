@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from proxy.demo.resource_server import Verifier, resource_app
 from proxy.jose import b64url, public_jwk
+from tests.tls import TestCA
 
 ROOT = Path(__file__).resolve().parent.parent
 IDP_DIR = ROOT / "tests" / "idp"
@@ -74,11 +75,11 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _wait_http(url: str, timeout_s: float = 20.0) -> None:
+def _wait_http(url: str, timeout_s: float = 20.0, context: ssl.SSLContext | None = None) -> None:
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            with urllib.request.urlopen(url, timeout=2):
+            with urllib.request.urlopen(url, timeout=2, context=context):
                 return
         except OSError:
             if time.monotonic() > deadline:
@@ -101,12 +102,23 @@ class IdP:
     SUBJECT_ISSUER = "https://kubernetes.default.svc"
     LEGACY_CLIENT_ID = "legacy-service"
 
+    MTLS_CLIENT_ID = "orders-mtls"
+    MTLS_SUBJECT = "CN=orders-workload"
+
     def __init__(
-        self, workdir: Path, *, scopes: Iterable[str] = ("payments.read", "payments.write")
+        self,
+        workdir: Path,
+        *,
+        scopes: Iterable[str] = ("payments.read", "payments.write"),
+        tls: TestCA | None = None,
     ):
+        """With ``tls``, the IdP serves https with a certificate from that CA, asks clients for
+        certificates, and registers ``MTLS_CLIENT_ID`` (tls_client_auth, certificate-bound)."""
         self.workdir = workdir
         self.port = free_port()
-        self.issuer = f"http://127.0.0.1:{self.port}"
+        self.issuer = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
+        self.tls = tls
+        self.ssl = ssl.create_default_context(cafile=tls.ca_file) if tls else None
         self.scopes = list(scopes)
         self.resources: dict[str, dict[str, Any]] = {}
         pem, client_key = ec_private_pem()
@@ -150,7 +162,7 @@ class IdP:
             "id_token_signed_response_alg": "ES256",
             "scope": scope,
         }
-        config = {
+        config: dict[str, Any] = {
             "port": self.port,
             "issuer": self.issuer,
             "scopes": self.scopes,
@@ -176,6 +188,16 @@ class IdP:
                 },
             ],
         }
+        if self.tls is not None:
+            cert, key = self.tls.issue("idp", server=True, stem="idp")
+            config["tls"] = {"cert": str(cert), "key": str(key), "ca": str(self.tls.ca_file)}
+            config["clients"].append({
+                **base,
+                "client_id": self.MTLS_CLIENT_ID,
+                "token_endpoint_auth_method": "tls_client_auth",
+                "tls_client_auth_subject_dn": self.MTLS_SUBJECT,
+                "tls_client_certificate_bound_access_tokens": True,
+            })  # fmt: skip
         config_file = self.workdir / "idp.json"
         config_file.write_text(json.dumps(config))
         log = open(self.workdir / "idp.log", "ab")  # noqa: SIM115 - closed with the process
@@ -183,7 +205,7 @@ class IdP:
             ["node", "server.mjs", str(config_file)], cwd=IDP_DIR, stdout=log, stderr=log
         )
         log.close()
-        _wait_http(self.issuer + "/.well-known/openid-configuration")
+        _wait_http(self.issuer + "/.well-known/openid-configuration", context=self.ssl)
 
     def stop(self) -> None:
         if self._process is not None:
@@ -192,14 +214,16 @@ class IdP:
             self._process = None
 
     def stats(self) -> dict[str, Any]:
-        with urllib.request.urlopen(self.issuer + "/__test/stats", timeout=5) as response:
+        with urllib.request.urlopen(
+            self.issuer + "/__test/stats", timeout=5, context=self.ssl
+        ) as response:
             return dict(json.load(response))
 
     def require_nonce(self, on: bool) -> None:
         request = urllib.request.Request(
             f"{self.issuer}/__test/require-nonce?on={int(on)}", method="POST"
         )
-        urllib.request.urlopen(request, timeout=5).close()
+        urllib.request.urlopen(request, timeout=5, context=self.ssl).close()
 
     def subject_token(
         self, *, lifetime_s: int = 600, key: ec.EllipticCurvePrivateKey | None = None
@@ -229,7 +253,7 @@ class IdP:
                 "Content-Type": "application/x-www-form-urlencoded",
             },
         )
-        with urllib.request.urlopen(request, timeout=5) as response:
+        with urllib.request.urlopen(request, timeout=5, context=self.ssl) as response:
             return dict(json.load(response))
 
     def records(self) -> list[dict[str, Any]]:

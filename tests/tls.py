@@ -19,6 +19,8 @@ def _name(common_name: str) -> x509.Name:
 
 
 class TestCA:
+    __test__ = False  # a helper, not a test class
+
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self._key = ec.generate_private_key(ec.SECP256R1())

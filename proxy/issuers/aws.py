@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import datetime
 import json
-import ssl
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,9 @@ class AWSIssuer:
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        ssl_context: ssl.SSLContext | None,
         identity: Identity,
     ) -> None:
-        del session, dpop_key, ssl_context  # botocore brings its own HTTP client and trust store
+        del session, dpop_key  # botocore brings its own HTTP client and trust store
         import botocore.session
         from botocore.config import Config
 

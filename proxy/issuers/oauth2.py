@@ -1,7 +1,8 @@
 """OAuth2 ``client_credentials`` (RFC 6749 §4.4) with discovery (OIDC / RFC 8414).
 
-Client authentication: ``private_key_jwt`` (RFC 7523 assertion, fresh ``jti``, lifetime ≤ 60 s)
-or, as the legacy fallback, ``client_secret`` read from a file (HTTP Basic). Tokens can be bound
+Client authentication: ``private_key_jwt`` (RFC 7523 assertion, fresh ``jti``, lifetime ≤ 60 s),
+``tls_client_auth`` (RFC 8705: a client certificate, re-read on rotation; the IdP may bind the
+tokens to it) or, as the legacy fallback, ``client_secret`` read from a file (HTTP Basic). Tokens can be bound
 to the sidecar's DPoP key (RFC 9449): the token request then carries a proof, and an IdP's
 ``use_dpop_nonce`` answer is honoured with exactly one retry.
 """
@@ -12,7 +13,6 @@ import asyncio
 import base64
 import json
 import secrets
-import ssl
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +29,7 @@ from ..errors import IssuerError
 from ..identity import load_signing_key, read_secret_file
 from ..jose import Signer
 from ..secret import Secret
+from ..tls import ClientTLS
 from ..token_cache import CacheKey, Token
 
 _MAX_RESPONSE_BYTES = 64 * 1024
@@ -52,7 +53,6 @@ class OAuth2Issuer:
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        ssl_context: ssl.SSLContext | None,
         identity: Identity,
     ) -> None:
         del identity  # the client key or secret file is this issuer's identity
@@ -62,8 +62,14 @@ class OAuth2Issuer:
         self.config = config
         self._session = session
         self._dpop_key = dpop_key
-        self._ssl: ssl.SSLContext | bool = ssl_context or True
         self._where = f"issuers.{name}"
+        mtls = config.client_auth == "tls_client_auth"
+        self._tls = ClientTLS(
+            config.ca_file,
+            config.client_cert_file if mtls else None,
+            config.client_key_file if mtls else None,
+            where=self._where,
+        )
         self._metadata: Metadata | None = None
         self._discovery_lock = asyncio.Lock()
         self._dpop_nonce: str | None = None
@@ -77,7 +83,7 @@ class OAuth2Issuer:
                 **({"kid": config.client_key_id} if config.client_key_id else {}),
             }
             self._signer = Signer(key, header)
-        else:
+        elif config.client_auth == "client_secret":
             assert config.client_secret_file is not None
             self._client_secret = read_secret_file(
                 config.client_secret_file, what=f"{self._where}.client_secret_file"
@@ -191,7 +197,9 @@ class OAuth2Issuer:
             "Content-Type": "application/x-www-form-urlencoded",
         }
         body = dict(form)
-        if self._signer is not None:
+        if self.config.client_auth == "tls_client_auth":
+            body["client_id"] = self.config.client_id  # RFC 8705 §2: the certificate proves it
+        elif self._signer is not None:
             body["client_id"] = self.config.client_id
             body["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
             body["client_assertion"] = self._client_assertion(metadata)
@@ -249,7 +257,12 @@ class OAuth2Issuer:
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
         try:
             async with self._session.request(
-                method, url, timeout=timeout, ssl=self._ssl, allow_redirects=False, **kwargs
+                method,
+                url,
+                timeout=timeout,
+                ssl=self._tls.current(),
+                allow_redirects=False,
+                **kwargs,
             ) as response:
                 body = await _read_limited(response)
                 return response.status, body, response.headers.copy()

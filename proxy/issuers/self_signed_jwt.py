@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,10 +41,9 @@ class SelfSignedJWTIssuer:
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        ssl_context: ssl.SSLContext | None,
         identity: Identity,
     ) -> None:
-        del session, dpop_key, ssl_context, identity  # the signing key is this issuer's identity
+        del session, dpop_key, identity  # the signing key is this issuer's identity
         self.name = name
         self.config = config
         self._keys: list[dict[str, str]] = []  # published public keys, newest last

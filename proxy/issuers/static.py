@@ -4,8 +4,6 @@ it, and audited as legacy so owners can find and retire it. The file is re-read 
 
 from __future__ import annotations
 
-import ssl
-
 import aiohttp
 
 from ..config import Identity
@@ -27,10 +25,9 @@ class StaticIssuer:
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        ssl_context: ssl.SSLContext | None,
         identity: Identity,
     ) -> None:
-        del session, dpop_key, ssl_context, identity  # the secret file is the whole identity
+        del session, dpop_key, identity  # the secret file is the whole identity
         self.name = name
         self.config = config
         self._where = f"issuers.{name}.secret_file"

@@ -5,8 +5,6 @@ Everything else (discovery, client authentication, DPoP binding, nonces) is the 
 
 from __future__ import annotations
 
-import ssl
-
 import aiohttp
 
 from ..config import Identity
@@ -28,7 +26,6 @@ class TokenExchangeIssuer(OAuth2Issuer):
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        ssl_context: ssl.SSLContext | None,
         identity: Identity,
     ) -> None:
         super().__init__(
@@ -36,7 +33,6 @@ class TokenExchangeIssuer(OAuth2Issuer):
             config,
             session=session,
             dpop_key=dpop_key,
-            ssl_context=ssl_context,
             identity=identity,
         )
         subject_file = config.subject_token_file or identity.token_file

@@ -1,7 +1,9 @@
 // The test suite's OpenID provider: node-oidc-provider configured for client_credentials with
 // private_key_jwt (and a legacy client_secret client), DPoP, and JWT access tokens per resource.
 // Started by tests/counterparts.py with a JSON config file; test-only endpoints under /__test/.
+import { X509Certificate } from 'node:crypto';
 import fs from 'node:fs';
+import https from 'node:https';
 import { createLocalJWKSet, jwtVerify } from 'jose';
 import Provider, { errors } from 'oidc-provider';
 import { handler as clientCredentials } from 'oidc-provider/lib/actions/grants/client_credentials.js';
@@ -14,10 +16,24 @@ const record = (entry) => fs.appendFileSync(cfg.record_file, `${JSON.stringify(e
 
 const provider = new Provider(cfg.issuer, {
   clients: cfg.clients,
+  clientAuthMethods: ['client_secret_basic', 'private_key_jwt', ...(cfg.tls ? ['tls_client_auth'] : [])],
   jwks: { keys: [cfg.signing_jwk] },
   scopes: ['openid', ...cfg.scopes],
   features: {
     devInteractions: { enabled: false },
+    // RFC 8705, when served over TLS: tls_client_auth by subject DN, certificate-bound tokens
+    mTLS: {
+      enabled: Boolean(cfg.tls),
+      tlsClientAuth: true,
+      certificateBoundAccessTokens: true,
+      getCertificate: (ctx) => {
+        const peer = ctx.socket.getPeerCertificate?.();
+        return peer?.raw ? new X509Certificate(peer.raw) : undefined;
+      },
+      certificateAuthorized: (ctx) => ctx.socket.authorized === true,
+      certificateSubjectMatches: (ctx, property, expected) => property === 'tls_client_auth_subject_dn'
+        && new X509Certificate(ctx.socket.getPeerCertificate().raw).subject === expected,
+    },
     clientCredentials: { enabled: true },
     revocation: { enabled: true },
     introspection: { enabled: true },
@@ -105,6 +121,17 @@ provider.use(async (ctx, next) => {
   });
 });
 
-provider.listen(cfg.port, '127.0.0.1', () => {
-  console.log(`oidc-provider listening on ${cfg.issuer}`);
-});
+const listening = () => console.log(`oidc-provider listening on ${cfg.issuer}`);
+if (cfg.tls) {
+  // Client certificates are asked for, never required: discovery and introspection go without.
+  const tls = {
+    cert: fs.readFileSync(cfg.tls.cert),
+    key: fs.readFileSync(cfg.tls.key),
+    ca: fs.readFileSync(cfg.tls.ca),
+    requestCert: true,
+    rejectUnauthorized: false,
+  };
+  https.createServer(tls, provider.callback()).listen(cfg.port, '127.0.0.1', listening);
+} else {
+  provider.listen(cfg.port, '127.0.0.1', listening);
+}
