@@ -304,9 +304,10 @@ class Credential(Model):
         None, pattern=r"^[a-z0-9-]+$", description="sigv4 signing name, e.g. s3, dynamodb, sqs"
     )
     region: str | None = Field(None, pattern=_REGION, description="sigv4; default: from upstream")
-    payload: Literal["unsigned", "signed"] | None = Field(
+    payload: Literal["unsigned", "streaming", "signed"] | None = Field(
         None,
-        description="sigv4 body handling: unsigned streams (S3 accepts UNSIGNED-PAYLOAD); signed "
+        description="sigv4 body handling: unsigned streams (S3 accepts UNSIGNED-PAYLOAD); "
+        "streaming streams aws-chunked with a CRC32 trailer (S3, needs Content-Length); signed "
         "buffers up to payload_max_bytes to hash it. Default: unsigned for s3, signed otherwise",
     )
     payload_max_bytes: int = Field(

@@ -148,6 +148,8 @@ def _sigv4_checks(
         return [
             f"{where}.region: required for sigv4 (neither the upstream host nor the issuer names one)"
         ]
+    if credential.get("payload") == "streaming" and service != "s3":
+        return [f"{where}.payload: streaming (aws-chunked with a checksum trailer) is for s3 only"]
     known = known_aws_service(service)
     if known is None:
         return [f"{where}.inject: sigv4 needs the aws extra: pip install 'credproxy[aws]'"]

@@ -10,6 +10,7 @@
         │   ├── InvalidPath                   400 invalid_path
         │   ├── PayloadTooLarge               413 payload_too_large
         │   ├── UnsignableRequest             400 request_not_signable (http_signature)
+        │   ├── LengthRequired                411 length_required (sigv4 streaming)
         │   ├── PathEscapesRoute              400 path_escapes_route
         │   ├── MethodRefused                 405 method_not_allowed (CONNECT)
         │   ├── HostNotAllowed                403 host_not_allowed (DNS rebinding)
@@ -90,6 +91,15 @@ class PayloadTooLarge(RequestRefused):
     public_detail = (
         "The route signs the request body, so it must buffer it, and the body is larger than "
         "the route's credential.payload_max_bytes."
+    )
+
+
+class LengthRequired(RequestRefused):
+    status = 411
+    code = "length_required"
+    public_detail = (
+        "The route signs the body as it streams (sigv4 payload: streaming), which needs the "
+        "body's Content-Length; send one."
     )
 
 

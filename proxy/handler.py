@@ -161,6 +161,7 @@ class Handler:
             htu=route.target.htu_for(forwarded_path),
             headers=request_headers(request.headers, route.strip),
             body=body if isinstance(body, bytes) else None,
+            has_body=body is not None,
         )
         token = await route.source.get()
         where = f"route {route.name} upstream {route.target.base}"
@@ -174,7 +175,7 @@ class Handler:
                     request.method,
                     outbound.url,
                     headers=outbound.headers,
-                    data=body,
+                    data=injector.encode(outbound, body),
                     allow_redirects=False,
                     timeout=route.timeout,
                     ssl=route.tls.current(),

@@ -273,6 +273,13 @@ AWS_BAD = [
         AWS.replace("https://s3.eu-west-1.amazonaws.com", "https://storage.internal"),
         "routes[0].credential.service: required for sigv4",
     ),
+    (
+        "streaming payload for a service that needs a hash",
+        AWS.replace("s3.eu-west-1", "dynamodb.eu-west-1").replace(
+            "inject: sigv4}", "inject: sigv4, payload: streaming}"
+        ),
+        "routes[0].credential.payload: streaming (aws-chunked with a checksum trailer) is for s3",
+    ),
     ("no region", AWS.replace("    region: eu-west-1\n", ""), "issuers.aws.region: field required"),
     (
         "bad region",

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterable
 from dataclasses import dataclass
 
+from aiohttp import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
 
 from ..token_cache import Token
+
+Body = bytes | StreamReader | AsyncIterable[bytes] | None
 
 
 @dataclass(slots=True)
@@ -19,6 +23,7 @@ class Outbound:
     htu: str  # target without query, as DPoP wants it
     headers: CIMultiDict[str]
     body: bytes | None  # the buffered body, or None when there is none or it streams
+    has_body: bool = False  # buffered or streaming
     nonce: str | None = None  # the resource server's latest DPoP-Nonce
     secret: str = ""  # what the injector put on the wire, to scrub from the response
 
@@ -34,6 +39,10 @@ class Injector:
 
     def apply(self, outbound: Outbound, token: Token) -> None:
         raise NotImplementedError
+
+    def encode(self, outbound: Outbound, body: Body) -> Body:
+        """The body as it goes upstream, after ``apply`` on ``outbound``; by default unchanged."""
+        return body
 
     def corrects_clock(self, status: int, body: bytes, date: str | None) -> bool:
         """Whether this answer means "your clock is off", now corrected: worth one replay."""
