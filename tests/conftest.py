@@ -34,9 +34,9 @@ def credproxy(tmp_path: Path) -> Iterator[Callable[..., Credproxy]]:
 
     def start(config_text: str, *, expect_ready: bool = True, name: str = "credproxy") -> Credproxy:
         """``expect_ready=False``: return once listening (or exited), without waiting for /readyz."""
-        proc = Credproxy(tmp_path, config_text, name=name).start(expect_ready=expect_ready)
-        started.append(proc)
-        return proc
+        proc = Credproxy(tmp_path, config_text, name=name)
+        started.append(proc)  # first: a start that fails still gets its process stopped
+        return proc.start(expect_ready=expect_ready)
 
     yield start
     for proc in started:
