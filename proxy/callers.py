@@ -80,10 +80,19 @@ class Caller:
             self._cgroup = _cgroup_v2(self.pid) if self.pid else None
         return self._cgroup  # type: ignore[no-any-return]
 
+    @classmethod
+    def recorded(cls, attributes: dict[str, Any]) -> Caller:
+        """A caller as an audit event recorded it: what was not recorded is unknown (never
+        matches a rule), and nothing is looked up again."""
+        caller = cls(str(attributes.get("transport", "unknown")), attributes.get("uid"))
+        for name in ("gid", "pid", "exe", "exe_sha256", "cgroup"):
+            setattr(caller, "_" + name, attributes.get(name))
+        return caller
+
     def attributes(self) -> dict[str, object]:
         """For audit events and logs: what is already known, without new lookups."""
         known: dict[str, object] = {"transport": self.transport, "uid": self.uid}
-        for name in ("gid", "pid", "exe", "cgroup"):
+        for name in ("gid", "pid", "exe", "exe_sha256", "cgroup"):
             value = getattr(self, "_" + name)
             if value is not _UNSET and value is not None:
                 known[name] = value

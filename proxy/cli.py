@@ -1,6 +1,7 @@
-"""Command line: ``credproxy run | check-config | schema | demo``.
+"""Command line: ``credproxy run | check-config | schema | inventory | evidence | demo``.
 
-Exit codes: 0 success, 1 invalid configuration or failed start, 2 usage error.
+Exit codes: 0 success, 1 invalid configuration, failed start or a failed evidence check,
+2 usage error.
 """
 
 from __future__ import annotations
@@ -8,6 +9,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from . import __version__, config, config_file
@@ -26,6 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     check = commands.add_parser("check-config", help="validate a config file (exit 0/1)")
     check.add_argument("file", type=Path, metavar="FILE")
     commands.add_parser("schema", help="print the config's JSON Schema")
+    listing = commands.add_parser(
+        "inventory", help="list the credentials held (live from the admin listener) or configured"
+    )
+    listing.add_argument("-c", "--config", type=Path, required=True, metavar="FILE")
+    listing.add_argument("--json", action="store_true", help="JSON instead of a Markdown table")
+    evidence = commands.add_parser(
+        "evidence", help="summarize an audit log for an auditor, with checks (exit 1 on a FAIL)"
+    )
+    evidence.add_argument("--audit", type=Path, required=True, metavar="FILE")
+    evidence.add_argument("--since", metavar="WHEN", help="24h, 30m, 7d or an ISO 8601 time")
+    evidence.add_argument(
+        "-c", "--config", type=Path, metavar="FILE", help="check each use against this policy"
+    )
+    evidence.add_argument("--format", choices=("markdown", "json"), default="markdown")
     commands.add_parser("demo", help="a scripted tour that needs no external service")
     args = parser.parse_args(argv)
 
@@ -36,28 +53,82 @@ def main(argv: list[str] | None = None) -> int:
         from .demo.tour import main as demo_main
 
         return demo_main()
+    if args.command == "evidence":
+        return _evidence(args)
     path: Path = args.file if args.command == "check-config" else args.config
-    try:
-        loaded = config_file.load(path)
-    except ConfigError as exc:
-        print(f"credproxy: {path}: {len(exc.errors)} error(s):", file=sys.stderr)
-        for line in exc.errors:
-            print(f"  {line}", file=sys.stderr)
+    loaded = _load(path)
+    if loaded is None:
         return 1
+    if args.command == "inventory":
+        return _inventory(loaded, as_json=args.json)
     for note in config_file.warnings(loaded):
         print(f"credproxy: warning: {note}", file=sys.stderr)
     if args.command == "check-config":
         print(f"{path}: valid ({len(loaded.routes)} route(s), {len(loaded.issuers)} issuer(s))")
         return 0
-    return _run(loaded)
+    return _run(loaded, path)
 
 
-def _run(loaded: config.Config) -> int:
+def _load(path: Path) -> config.Config | None:
+    try:
+        return config_file.load(path)
+    except ConfigError as exc:
+        print(f"credproxy: {path}: {len(exc.errors)} error(s):", file=sys.stderr)
+        for line in exc.errors:
+            print(f"  {line}", file=sys.stderr)
+        return None
+
+
+def _inventory(loaded: config.Config, *, as_json: bool) -> int:
+    """Live from the running sidecar's admin listener when it answers, else from the config."""
+    from . import inventory
+
+    entries, live = inventory.from_config(loaded), False
+    if loaded.admin:
+        address = config.parse_address(loaded.admin)
+        url = f"http://{address.host}:{address.port}/credentials"
+        try:
+            with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310 - http to admin
+                entries, live = json.load(response)["credentials"], True
+        except (OSError, ValueError, KeyError) as exc:
+            print(f"credproxy: {url} not answering ({exc}); listing the config", file=sys.stderr)
+    if as_json:
+        print(json.dumps({"live": live, "credentials": entries}, indent=2))
+    else:
+        print(inventory.markdown(entries, live=live), end="")
+    return 0
+
+
+def _evidence(args: argparse.Namespace) -> int:
+    from . import evidence
+
+    now = time.time()
+    policy = None
+    if args.config is not None:
+        policy = _load(args.config)
+        if policy is None:
+            return 1
+    try:
+        since = evidence.parse_since(args.since, now=now) if args.since else None
+        with args.audit.open(encoding="utf-8", errors="replace") as lines:
+            report = evidence.build(lines, since=since, config=policy)
+    except (OSError, ValueError) as exc:
+        print(f"credproxy: evidence: {exc}", file=sys.stderr)
+        return 1
+    source = str(args.audit)
+    if args.format == "json":
+        print(json.dumps(evidence.as_json(report, source=source, now=now), indent=2))
+    else:
+        print(evidence.markdown(report, source=source, now=now), end="")
+    return 1 if any(status == "FAIL" for status, _, _ in report.checks(now)) else 0
+
+
+def _run(loaded: config.Config, path: Path) -> int:
     from . import log, server
 
     log.configure(fmt=loaded.log.format, level=loaded.log.level, access=loaded.log.access)
     try:
-        server.run(loaded)
+        server.run(loaded, path)
     except CredproxyError as exc:
         log.server_log.error("cannot start: %s", exc)
         return 1

@@ -31,6 +31,14 @@ class Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class Owned(Model):
+    """Governance fields: who answers for a credential or route, and what it is for. Shown in
+    the inventory (``GET /credentials``, ``credproxy inventory``); never used for decisions."""
+
+    owner: str | None = Field(None, max_length=200, description="team or person accountable")
+    purpose: str | None = Field(None, max_length=500, description="why the workload needs it")
+
+
 def is_loopback(host: str) -> bool:
     if host.lower() in _LOCAL_NAMES:
         return True
@@ -76,7 +84,7 @@ class Timeouts(Model):
     total_s: Duration = Field(300.0, gt=0, description="whole exchange, headers and body")
 
 
-class OAuth2Issuer(Model):
+class OAuth2Issuer(Owned):
     """OAuth2 ``client_credentials`` with OIDC / RFC 8414 discovery."""
 
     type: Literal["oauth2"]
@@ -139,7 +147,7 @@ class TokenExchangeIssuer(OAuth2Issuer):
     subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"
 
 
-class AWSIssuer(Model):
+class AWSIssuer(Owned):
     """AWS STS ``AssumeRoleWithWebIdentity`` with the workload's token file (EKS IRSA style),
     optionally chained into ``AssumeRole``; or, as a marked legacy mode, static keys from a file."""
 
@@ -186,7 +194,7 @@ class AWSIssuer(Model):
         return self.sts_endpoint or f"https://sts.{self.region}.amazonaws.com"
 
 
-class StaticIssuer(Model):
+class StaticIssuer(Owned):
     """A long-lived secret (API key) read from a file: legacy, audited as such, so owners can
     find and retire it. The file is re-read every ``reread_s``: rotation needs no restart."""
 
@@ -197,7 +205,7 @@ class StaticIssuer(Model):
     _no_inline = model_validator(mode="before")(_reject_inline_secrets)
 
 
-class SelfSignedJWTIssuer(Model):
+class SelfSignedJWTIssuer(Owned):
     """A JWT minted per request and signed by the sidecar; upstreams verify it against the JWKS
     published on the admin listener (``/.well-known/jwks.json``)."""
 
@@ -364,7 +372,7 @@ class AllowRule(Model):
     paths: tuple[Annotated[str, AfterValidator(_check_glob)], ...] = ("/**",)
 
 
-class Route(Model):
+class Route(Owned):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     path_prefix: str | None = Field(None, pattern=r"^/")
     host: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]+$")
@@ -413,7 +421,16 @@ class Log(Model):
 
 
 class Audit(Model):
-    file: str = Field("-", description="JSON-lines audit file; '-' is stdout")
+    file: str = Field("-", description="JSON-lines audit file ('-': stdout); SIGUSR1 reopens it")
+    used: Literal["interval", "request", "off"] = Field(
+        "interval",
+        description="credential.used events: per (route, credential, caller, method) and "
+        "interval, per request, or none",
+    )
+    used_interval_s: Duration = 60.0
+    queue_size: int = Field(
+        10000, ge=100, description="events waiting for the disk; beyond, dropped and counted"
+    )
 
 
 def _as_tuple(value: Any) -> Any:

@@ -10,7 +10,7 @@ from aiohttp import web
 from yarl import URL
 
 from .audit import Audit
-from .callers import UNKNOWN, CallerCache
+from .callers import UNKNOWN, Caller, CallerCache
 from .errors import (
     DestinationNotAllowed,
     InvalidPath,
@@ -26,6 +26,7 @@ from .log import access_log, server_log
 from .metrics import Metrics
 from .routing import normalize_path, request_host
 from .runtime import RouteRuntime, Runtime
+from .usage import Usage
 
 _PROBLEM_PREFIX = "urn:credproxy:problem:"
 
@@ -63,12 +64,14 @@ class Handler:
         metrics: Metrics,
         audit: Audit,
         callers: CallerCache,
+        usage: Usage,
     ) -> None:
-        self._runtime = runtime
+        self.runtime = runtime  # replaced whole on reload (SIGHUP)
         self._session = session
         self._metrics = metrics
         self._audit = audit
         self._callers = callers
+        self._usage = usage
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
@@ -79,10 +82,11 @@ class Handler:
             transport = request.transport
             if transport is not None:
                 caller = self._callers.get(request.protocol, transport)
-            route, forwarded_path = self._route(request)
+            runtime = self.runtime  # one config for the whole request, even across a reload
+            route, forwarded_path = self._route(runtime, request)
             route_name = route.name
             route.policy.check(caller, request.method, forwarded_path)
-            response = await self._proxy(request, route, forwarded_path)
+            response = await self._proxy(request, route, forwarded_path, caller)
             upstream_status = response.status
             outcome = "proxied"
         except ProblemError as exc:
@@ -124,14 +128,13 @@ class Handler:
         )
         return response
 
-    def _route(self, request: web.BaseRequest) -> tuple[RouteRuntime, str]:
+    def _route(self, runtime: Runtime, request: web.BaseRequest) -> tuple[RouteRuntime, str]:
         # HTTP_PROXY users send absolute-form targets; raw_path is the request-target as sent.
         forward_proxy = "://" in request.raw_path and not request.raw_path.startswith("/")
         if forward_proxy:
             host: str | None = (URL(request.raw_path).host or "").lower()
         else:  # No browser omits Host; a local HTTP/1.0 client may.
             host = request_host(request.headers.get("Host", "localhost"))
-        runtime = self._runtime
         runtime.guard.check(request.method, host, request.headers, forward_proxy=forward_proxy)
         raw_path = request.rel_url.raw_path
         if not raw_path.startswith("/"):
@@ -150,7 +153,7 @@ class Handler:
         return runtime.routes[index], forwarded_path
 
     async def _proxy(
-        self, request: web.BaseRequest, route: RouteRuntime, forwarded_path: str
+        self, request: web.BaseRequest, route: RouteRuntime, forwarded_path: str, caller: Caller
     ) -> web.StreamResponse:
         query = request.rel_url.raw_query_string
         injector = route.injector
@@ -202,6 +205,16 @@ class Handler:
             if retry == "invalid_token":
                 route.source.invalidate(token)
                 token = await route.source.get()
+        key = route.source.key
+        self._usage.record(
+            route=route.name,
+            issuer=key.issuer,
+            label=key.label,
+            fingerprint=token.fingerprint,
+            caller=caller.attributes(),
+            method=request.method,
+            path=forwarded_path,
+        )
         return await self._stream_back(request, upstream, outbound.secret, where, prefetched)
 
     async def _stream_back(

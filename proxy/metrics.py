@@ -72,6 +72,17 @@ class Metrics:
             "Open app connections whose caller has been identified.",
             registry=r,
         )
+        self.audit_dropped = Counter(
+            "credproxy_audit_dropped",
+            "Audit events dropped because the writer queue was full (slow disk).",
+            registry=r,
+        )
+        self.config_reloads = Counter(
+            "credproxy_config_reloads",
+            "Config reloads on SIGHUP, by outcome (applied, rejected).",
+            ["outcome"],
+            registry=r,
+        )
         self.credential_backoff = Gauge(
             "credproxy_credential_backoff_seconds",
             "Current retry delay after failed token requests (0: healthy).",

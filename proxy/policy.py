@@ -68,6 +68,16 @@ class RoutePolicy:
     def __init__(self, rules: Sequence[AllowRule], callers: Mapping[str, CallerRule]) -> None:
         self._rules = [_CompiledRule(rule, callers) for rule in rules]
 
+    def permits(self, caller: Caller, method: str, path: str | None) -> bool:
+        """Whether a rule allows this caller and method, and path when known: the evidence
+        report's check of recorded uses."""
+        return any(
+            any(m.matches(caller) for m in rule.callers)
+            and (rule.methods is None or method in rule.methods)
+            and (path is None or any(p.fullmatch(path) for p in rule.paths))
+            for rule in self._rules
+        )
+
     def check(self, caller: Caller, method: str, path: str) -> str:
         """Return the name of the caller rule that allowed the request, or raise a 403."""
         known_caller = False

@@ -48,6 +48,7 @@ class Runtime:
     sources: dict[CacheKey, TokenSource | MintingSource]
     issuers: dict[str, Issuer]
     dpop_key: DPoPKey
+    config: Config
 
     async def revoke(
         self, *, reason: str, issuer: str | None = None, route: str | None = None
@@ -68,18 +69,34 @@ class Runtime:
             if outcome is not None
         ]
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, keep: Runtime | None = None) -> None:
+        """Stop the token sources, except those ``keep`` (the reloaded runtime) took over."""
+        kept = {id(source) for source in keep.sources.values()} if keep is not None else set()
         for source in self.sources.values():
-            await source.aclose()
+            if id(source) not in kept:
+                await source.aclose()
 
 
 def build(
-    config: Config, *, session: aiohttp.ClientSession, metrics: Metrics, audit: Audit
+    config: Config,
+    *,
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+    audit: Audit,
+    previous: Runtime | None = None,
 ) -> Runtime:
-    """Raise ``IdentityError`` (naming the config path) when a key or secret file is unusable."""
-    dpop_key = DPoPKey(config.identity.dpop_alg)
+    """Raise ``IdentityError`` (naming the config path) when a key or secret file is unusable.
+
+    On a reload, ``previous`` lends what did not change: the DPoP key (cached tokens are bound to
+    it), issuers whose config is the same, and their token sources with the tokens they hold."""
+    if previous is not None and previous.config.identity == config.identity:
+        same, dpop_key = previous.issuers, previous.dpop_key
+    else:
+        same, dpop_key = {}, DPoPKey(config.identity.dpop_alg)
     issuers: dict[str, Issuer] = {
-        name: ISSUERS[issuer.type](
+        name: same[name]
+        if name in same and same[name].config == issuer
+        else ISSUERS[issuer.type](
             name,
             issuer,  # the table pairs each type with its config model
             session=session,
@@ -97,7 +114,10 @@ def build(
         key = CacheKey(
             credential.issuer, credential.audience, credential.scope, injector.binds_token
         )
-        if key not in sources:
+        kept = previous.sources.get(key) if previous is not None else None
+        if kept is not None and issuers[key.issuer] is same.get(key.issuer):
+            sources[key] = kept
+        elif key not in sources:
             sources[key] = (
                 MintingSource(key, key_id=issuer.kid, audit=audit)
                 if isinstance(issuer, SelfSignedJWTIssuer)
@@ -125,7 +145,7 @@ def build(
             )
         )
     guard = Guard([*config.local_names, *(route.host for route in config.routes if route.host)])
-    return Runtime(guard, RouteTable(config.routes), routes, sources, issuers, dpop_key)
+    return Runtime(guard, RouteTable(config.routes), routes, sources, issuers, dpop_key, config)
 
 
 def _client_certificate(route: Route, issuer: Issuer) -> tuple[Path | None, Path | None]:

@@ -16,16 +16,20 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from . import config_file
 from .audit import Audit
 from .callers import CallerCache
 from .config import Address, Config, parse_address
-from .errors import CredentialUnavailable, StartError
+from .errors import ConfigError, CredentialUnavailable, IdentityError, StartError
 from .forwarder import new_session
 from .handler import Handler
+from .inventory import inventory
 from .issuers import SelfSignedJWTIssuer
 from .log import server_log
 from .metrics import Metrics
 from .runtime import Runtime, build
+from .tasks import spawn
+from .usage import Usage
 
 
 class _AppServer(web.Server):
@@ -46,10 +50,17 @@ class Server:
     def __init__(self, config: Config, *, audit: Audit | None = None) -> None:
         self.config = config
         self.metrics = Metrics()
-        self.audit = audit or Audit(config.audit.file)
+        self.audit = audit or Audit(config.audit.file, queue_size=config.audit.queue_size)
+        self.audit.on_drop = self.metrics.audit_dropped.inc
+        self.usage = Usage(
+            self.audit, mode=config.audit.used, interval_s=config.audit.used_interval_s
+        )
         self.draining = False
         self._runners: list[web.BaseRunner] = []
         self._runtime: Runtime | None = None
+        self._handler: Handler | None = None
+        self._retiring: dict[asyncio.Task[None], Runtime] = {}  # replaced by reloads
+        self._reload_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
         self.app_addresses: list[Address] = []
         self.admin_address: Address | None = None
@@ -88,8 +99,13 @@ class Server:
             await self._warm_up()
         callers = CallerCache()
         self.metrics.app_connections.set_function(lambda: len(callers.callers))
-        handler = Handler(
-            self._runtime, self._session, metrics=self.metrics, audit=self.audit, callers=callers
+        handler = self._handler = Handler(
+            self._runtime,
+            self._session,
+            metrics=self.metrics,
+            audit=self.audit,
+            callers=callers,
+            usage=self.usage,
         )
         app_runner = web.ServerRunner(
             _AppServer(handler, callers, access_log=None),
@@ -148,6 +164,7 @@ class Server:
         app.router.add_get("/healthz", self._healthz)
         app.router.add_get("/readyz", self._readyz)
         app.router.add_post("/credentials/revoke", self._revoke)
+        app.router.add_get("/credentials", self._credentials)
         app.router.add_get("/.well-known/jwks.json", self._jwks)
         return app
 
@@ -192,11 +209,82 @@ class Server:
         body = {"ready": ready, "draining": self.draining, "routes_without_credential": waiting}
         return web.json_response(body, status=200 if ready else 503)
 
+    async def _credentials(self, request: web.Request) -> web.Response:
+        """The inventory: each credential held or to be held, with its governance fields and
+        life so far — never a value."""
+        return web.json_response({"credentials": inventory(self.runtime, self.usage)})
+
+    async def reload(self, path: Path) -> bool:
+        """SIGHUP: the new config whole, or not at all — an invalid one is logged with its
+        path-named errors and the running one keeps serving. Unchanged issuers keep their
+        tokens; listeners, admin and audit settings need a restart."""
+        async with self._reload_lock:
+            try:
+                config = config_file.load(path)
+                runtime = build(
+                    config,
+                    session=self._session or new_session(),
+                    metrics=self.metrics,
+                    audit=self.audit,
+                    previous=self.runtime,
+                )
+            except (ConfigError, IdentityError) as exc:
+                errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+                for line in errors:
+                    server_log.error("reload of %s rejected: %s", path, line)
+                self.metrics.config_reloads.labels("rejected").inc()
+                self.audit.emit("config.reloaded", outcome="rejected", errors=errors[:20])
+                return False
+            for source in runtime.sources.values():
+                source.start()
+            old, self._runtime = self.runtime, runtime
+            assert self._handler is not None
+            self._handler.runtime = runtime
+            previous_config, self.config = self.config, config
+            retire = spawn(self._retire(old, runtime), name="retire-runtime")
+            self._retiring[retire] = old
+            needs_restart = [
+                name
+                for name in ("listen", "admin", "allow_non_loopback", "unix_socket_mode", "audit")
+                if getattr(config, name) != getattr(previous_config, name)
+            ]
+            for name in needs_restart:
+                server_log.warning("reload: %s changed; it takes effect on restart", name)
+            kept = sum(source in old.sources.values() for source in runtime.sources.values())
+            server_log.info(
+                "reloaded %s: %d route(s), %d issuer(s), %d credential(s) kept",
+                path,
+                len(runtime.routes),
+                len(runtime.issuers),
+                kept,
+            )
+            self.metrics.config_reloads.labels("applied").inc()
+            self.audit.emit(
+                "config.reloaded",
+                outcome="applied",
+                routes=[r.name for r in runtime.routes],
+                issuers=sorted(runtime.issuers),
+                needs_restart=needs_restart,
+            )
+            return True
+
+    async def _retire(self, old: Runtime, new: Runtime) -> None:
+        """Requests already routed by the old config finish with it; then its sources stop."""
+        await asyncio.sleep(self.config.shutdown_timeout_s)
+        await old.aclose(keep=new)
+        self._retiring.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+
     async def aclose(self) -> None:
         self.draining = True
         for runner in reversed(self._runners):
             await runner.cleanup()  # stops accepting, then waits for in-flight requests
         self._runners.clear()
+        for task, old in list(self._retiring.items()):
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await old.aclose(keep=self._runtime)
+        self._retiring.clear()
+        await self.usage.aclose()  # the last uses are audited before any revocation
         if self._runtime is not None:
             try:
                 async with asyncio.timeout(self.config.revoke_timeout_s):
@@ -217,13 +305,16 @@ class Server:
         self.audit.aclose()
 
 
-async def serve(config: Config) -> None:
-    """Run until SIGTERM or SIGINT, then drain and exit."""
+async def serve(config: Config, path: Path) -> None:
+    """Run until SIGTERM or SIGINT, then drain and exit. SIGHUP reloads ``path``; SIGUSR1
+    reopens the audit file (logrotate)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with Server(config) as server:
+        loop.add_signal_handler(signal.SIGHUP, lambda: spawn(server.reload(path), name="reload"))
+        loop.add_signal_handler(signal.SIGUSR1, server.audit.reopen)
         await stop.wait()
         server.draining = True
         server_log.info(
@@ -232,5 +323,5 @@ async def serve(config: Config) -> None:
     server_log.info("stopped")
 
 
-def run(config: Config) -> None:
-    uvloop.run(serve(config))
+def run(config: Config, path: Path) -> None:
+    uvloop.run(serve(config, path))

@@ -43,6 +43,12 @@ class Token:
         object.__setattr__(self, "ath", access_token_hash(self.value.reveal()))
 
     @property
+    def fingerprint(self) -> str:
+        """What audit events name it by: the value's fingerprint; for credentials minted per
+        request (one JWT each) the placeholder's label, ``per-request:<issuer>``."""
+        return self.value.fingerprint if self.token_type != "minted" else self.value.reveal()
+
+    @property
     def expires_at(self) -> float:
         return self.obtained_at + self.lifetime_s
 
@@ -99,6 +105,11 @@ class TokenSource:
     def ready(self) -> bool:
         token = self._token
         return token is not None and time.monotonic() < token.usable_until_mono
+
+    @property
+    def token(self) -> Token | None:
+        """The cached token, for the inventory (never its value)."""
+        return self._token
 
     def start(self) -> None:
         if self._closed:
@@ -269,12 +280,14 @@ class MintingSource:
     to cache or refresh, always ready. ``get()`` returns a placeholder the injector ignores."""
 
     ready = True
+    token = None  # nothing cached
 
     def __init__(self, key: CacheKey, *, key_id: str, audit: Audit) -> None:
         self.key = key
         self._key_id = key_id
         self._audit = audit
-        self._placeholder = Token(value=Secret(""), token_type="minted", lifetime_s=float("inf"))
+        label = Secret(f"per-request:{key.issuer}")  # not a secret: names the minted JWTs
+        self._placeholder = Token(value=label, token_type="minted", lifetime_s=float("inf"))
         self._started = False
 
     def start(self) -> None:
@@ -285,6 +298,7 @@ class MintingSource:
                 issuer=self.key.issuer,
                 audience=self.key.audience,
                 per_request=True,
+                fingerprint=self._placeholder.fingerprint,
                 key_id=self._key_id,
             )
 

@@ -468,6 +468,19 @@ class Credproxy:
             _wait_http(self.admin_url + "/readyz", timeout_s)
         return self
 
+    def audit(self, event: str | None = None) -> list[dict[str, Any]]:
+        """The audit events so far (of one kind). The sidecar writes them from a thread, so this
+        reads until the file has not changed for 100 ms."""
+        text, deadline = None, time.monotonic() + 5
+        while time.monotonic() < deadline:
+            current = self.audit_file.read_text() if self.audit_file.exists() else ""
+            if current == text:
+                break
+            text = current
+            time.sleep(0.1)
+        events = [json.loads(line) for line in (text or "").splitlines()]
+        return [e for e in events if event is None or e["event"] == event]
+
     def log(self) -> str:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 

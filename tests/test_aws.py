@@ -62,7 +62,7 @@ def app_client(proc, service: str, **kwargs):
 
 
 def _audit(proc) -> list[dict[str, object]]:
-    events = [json.loads(line) for line in proc.audit_file.read_text().splitlines()]
+    events = proc.audit()
     return [e for e in events if e["event"].startswith("credential.")]
 
 

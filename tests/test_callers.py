@@ -81,11 +81,7 @@ def test_other_uid_is_refused_on_tcp_and_unix_socket(idp, upstream, credproxy, s
         assert _run_client(system_python, script, *target) == {"status": 200, "code": None}, target
         refused = _run_client(system_python, script, *target, user=NOBODY)
         assert refused == {"status": 403, "code": "caller_not_allowed"}, target
-    denied = [
-        json.loads(line)
-        for line in proc.audit_file.read_text().splitlines()
-        if '"request.denied"' in line
-    ]
+    denied = proc.audit("request.denied")
     assert [(d["reason"], d["caller"]["uid"], d["caller"]["transport"]) for d in denied] == [
         ("caller_not_allowed", NOBODY, "tcp"),
         ("caller_not_allowed", NOBODY, "unix"),

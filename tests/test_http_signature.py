@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import json
 import time
 from typing import Any
 
@@ -278,7 +277,7 @@ async def test_unsignable_requests_get_clear_problems(verifiers, credproxy, clie
     async with client.get(proc.url + "/api/items", headers={"X-Request-Id": "r2"}) as resp:
         assert resp.status == 200
         assert '"x-request-id"' in (await resp.json())["covered"]
-    events = [json.loads(line) for line in proc.audit_file.read_text().splitlines()]
+    events = proc.audit()
     assert [e["reason"] for e in events if e["event"] == "request.denied"] == [
         "payload_too_large",
         "request_not_signable",

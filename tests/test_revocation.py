@@ -4,7 +4,6 @@ at shutdown; every revocation is an audit event; a failed one never blocks the e
 from __future__ import annotations
 
 import hashlib
-import json
 
 from tests.counterparts import config, idp_and_upstream
 
@@ -28,11 +27,6 @@ def _fingerprint(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()[:12]
 
 
-def _audit(proc, event: str) -> list[dict[str, object]]:
-    lines = proc.audit_file.read_text().splitlines()
-    return [e for e in map(json.loads, lines) if e["event"] == event]
-
-
 async def test_admin_revoke_revokes_at_the_idp_and_fetches_a_new_token(
     idp, upstream, credproxy, client
 ):
@@ -45,7 +39,7 @@ async def test_admin_revoke_revokes_at_the_idp_and_fetches_a_new_token(
         assert response.status == 200
         assert (await response.json())["revoked"][0]["outcome"] == "revoked"
     assert idp.introspect(token)["active"] is False
-    revoked = _audit(proc, "credential.revoked")
+    revoked = proc.audit("credential.revoked")
     assert [(e["fingerprint"], e["outcome"], e["reason"]) for e in revoked] == [
         (_fingerprint(token), "revoked", "admin")
     ]
@@ -65,7 +59,7 @@ async def test_structured_jwt_tokens_are_reported_unsupported(idp, upstream, cre
     proc = credproxy(config(idp=idp, upstream=upstream.origin, audience=upstream.audience))
     async with client.post(proc.admin_url + "/credentials/revoke") as response:
         assert [r["outcome"] for r in (await response.json())["revoked"]] == ["unsupported"]
-    assert [e["outcome"] for e in _audit(proc, "credential.revoked")] == ["unsupported"]
+    assert [e["outcome"] for e in proc.audit("credential.revoked")] == ["unsupported"]
 
 
 async def test_admin_revoke_refuses_browsers_and_unknown_routes(idp, upstream, credproxy, client):
@@ -77,7 +71,7 @@ async def test_admin_revoke_refuses_browsers_and_unknown_routes(idp, upstream, c
         assert response.status == 403
     async with client.post(proc.admin_url + "/credentials/revoke?route=nope") as response:
         assert response.status == 404
-    assert _audit(proc, "credential.revoked") == []
+    assert proc.audit("credential.revoked") == []
 
 
 def test_shutdown_revokes_cached_tokens(idp, upstream, credproxy):
@@ -87,7 +81,7 @@ def test_shutdown_revokes_cached_tokens(idp, upstream, credproxy):
     [token] = _issued_since(idp, before)
     assert proc.stop() == 0
     assert idp.introspect(token)["active"] is False
-    assert [(e["outcome"], e["reason"]) for e in _audit(proc, "credential.revoked")] == [
+    assert [(e["outcome"], e["reason"]) for e in proc.audit("credential.revoked")] == [
         ("revoked", "shutdown")
     ]
 
@@ -99,4 +93,4 @@ def test_failed_revocation_at_shutdown_is_logged_and_the_exit_still_clean(tmp_pa
         idp.stop()
         assert proc.stop(timeout_s=20) == 0
     assert "revocation of" in proc.log() and "failed" in proc.log()
-    assert [e["outcome"] for e in _audit(proc, "credential.revoked")] == ["failed"]
+    assert [e["outcome"] for e in proc.audit("credential.revoked")] == ["failed"]

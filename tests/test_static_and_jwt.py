@@ -4,7 +4,6 @@ and self-signed per-request JWTs, each against an independent verifier on loopba
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from typing import Any
 
@@ -156,7 +155,7 @@ async def test_static_secret_in_header_and_query_with_rotation(servers, credprox
                 break
         await asyncio.sleep(0.1)
     assert response.status == 200  # the new key, no restart
-    issued = [json.loads(line) for line in proc.audit_file.read_text().splitlines()]
+    issued = proc.audit()
     legacy = [e for e in issued if e.get("issuer") == "legacy-key"]
     assert [e["event"] for e in legacy] == ["credential.issued", "credential.refreshed"]
     assert all(e["legacy"] is True for e in legacy)

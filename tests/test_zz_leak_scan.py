@@ -50,7 +50,7 @@ async def test_no_credential_value_appears_in_any_output(idp, upstream, credprox
     assert any(r.get("client_assertion") for r in records) and any(r.get("dpop") for r in records)
     assert any(token for token, _ in seen) and any(proof for _, proof in seen)
     assert len(LEDGER.secrets) >= 6 and len(LEDGER.files) >= 2
-    assert "credential" in proc.log() and "credential.issued" in proc.audit_file.read_text()
+    assert "credential" in proc.log() and proc.audit("credential.issued")
     hits = LEDGER.hits()
     print(
         f"leak scan: {len(LEDGER.secrets)} credential values × {len(LEDGER.files)} files "
