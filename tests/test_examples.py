@@ -3,12 +3,20 @@ checks as `check-config`, and the sidecar shape DESIGN.md promises."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import yaml
 
 from proxy import config_file
+from proxy.metrics import Metrics
+from tests.counterparts import config, free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -42,3 +50,131 @@ def test_kubernetes_example_is_a_native_sidecar_holding_the_identity_alone():
         and token["serviceAccountToken"]["expirationSeconds"] <= 86400
     )
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def _metric_names(expr: str) -> set[str]:
+    return set(re.findall(r"\bcredproxy_[a-z_]+", expr))
+
+
+def _exported_names() -> set[str]:
+    """Every series name credproxy's registry can expose (counters as _total, histograms with
+    _bucket/_sum/_count), from the code itself."""
+    names: set[str] = set()
+    for family in Metrics().registry.collect():
+        suffixes = {
+            "counter": ("_total",),
+            "histogram": ("_bucket", "_sum", "_count"),
+        }.get(family.type, ("",))
+        names.update(family.name + suffix for suffix in suffixes)
+    return names
+
+
+def test_example_yaml_passes_yamllint():
+    """Every YAML users copy (config/, examples/) is lint-clean under the repository's rules."""
+    result = subprocess.run(
+        [str(Path(sys.executable).with_name("yamllint")), "--strict", "examples", "config"],
+        cwd=EXAMPLES.parent, capture_output=True, text=True,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_compose_example_is_a_sidecar_holding_the_secret_alone():
+    """The app shares credproxy's network namespace, calls loopback, and mounts no secret; the
+    credproxy config in the example is valid and names the app's uid."""
+    compose = yaml.safe_load((EXAMPLES / "compose" / "compose.yaml").read_text())
+    services = compose["services"]
+    assert {"idp", "api", "credproxy", "app", "prometheus"} <= set(services)
+    app, sidecar = services["app"], services["credproxy"]
+    assert app["network_mode"] == "service:credproxy"
+    assert "secrets" not in app and "volumes" not in app
+    assert "127.0.0.1:15001" in " ".join(app["command"])
+    assert sidecar["read_only"] is True and sidecar["secrets"][0]["source"] == "client_secret"
+    loaded = config_file.load(EXAMPLES / "compose" / "credproxy.yaml")
+    assert loaded.callers["app"].uid == int(app["user"].split(":")[0])
+    realm = json.loads((EXAMPLES / "compose" / "realm.json").read_text())
+    [client] = realm["clients"]
+    assert client["clientId"] == loaded.issuers["keycloak"].client_id  # type: ignore[union-attr]
+    assert client["secret"] == "${CREDPROXY_CLIENT_SECRET}"  # never a literal secret
+
+
+def test_alerts_and_dashboard_use_only_exported_metrics():
+    """Each credproxy_* name in the alert rules and the Grafana dashboard is one credproxy
+    exports; promtool (Prometheus' own checker) accepts the scrape config and the rules."""
+    exported = _exported_names()
+    rules = yaml.safe_load((EXAMPLES / "prometheus" / "alerts.yml").read_text())
+    used = {
+        n for group in rules["groups"] for r in group["rules"] for n in _metric_names(r["expr"])
+    }
+    dashboard = json.loads((EXAMPLES / "grafana" / "credproxy-dashboard.json").read_text())
+    panels = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used_by_dashboard = {name for expr in panels for name in _metric_names(expr)}
+    assert used and used_by_dashboard
+    assert used - exported == set() and used_by_dashboard - exported == set()
+    assert len(used_by_dashboard) >= 10  # the dashboard covers the metric set, not a sample
+    for args in (["check", "config"], ["check", "rules"]):
+        target = "prometheus.yml" if args[1] == "config" else "alerts.yml"
+        result = subprocess.run(
+            ["promtool", *args, target], cwd=EXAMPLES / "prometheus", capture_output=True, text=True
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def test_prometheus_scrapes_credproxy_with_the_example_config(
+    idp, upstream, credproxy, client, tmp_path
+):
+    """Real Prometheus, with the example scrape config and rules aimed at a running credproxy,
+    ingests credproxy_* series with their labels and types: valid for a real scraper."""
+    proc = credproxy(config(idp=idp, upstream=upstream.origin, audience=upstream.audience))
+    async with client.get(proc.url + "/payments/api/x") as response:
+        assert response.status == 200
+    admin = proc.admin_url.removeprefix("http://")
+    scrape = yaml.safe_load((EXAMPLES / "prometheus" / "prometheus.yml").read_text())
+    scrape["global"] = {"scrape_interval": "1s", "evaluation_interval": "1s"}
+    scrape["scrape_configs"][0]["static_configs"] = [{"targets": [admin]}]
+    scrape["rule_files"] = [str(EXAMPLES / "prometheus" / "alerts.yml")]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(scrape))
+    port = free_port()
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115 - closed below
+    server = subprocess.Popen(
+        ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}",
+         f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    api = f"http://127.0.0.1:{port}/api/v1"
+    prom = aiohttp.ClientSession()  # decompressing, unlike the app's client
+    try:
+        series: list[dict[str, Any]] = []
+        for _ in range(300):
+            try:
+                async with prom.get(api + "/query", params={"query": QUERY}) as response:
+                    series = (await response.json())["data"]["result"]
+            except (aiohttp.ClientError, KeyError):
+                pass
+            if series:
+                break
+            await asyncio.sleep(0.1)
+        by_name = {s["metric"]["__name__"]: s["metric"] for s in series}
+        assert by_name["credproxy_requests_total"]["route"] == "payments"
+        assert by_name["credproxy_credential_issued_total"]["issuer"] == "test-idp"
+        assert "credproxy_request_duration_seconds_bucket" in by_name
+        async with prom.get(api + "/metadata") as response:
+            metadata = (await response.json())["data"]
+        assert metadata["credproxy_requests_total"][0]["type"] == "counter"
+        assert metadata["credproxy_credential_expiry_seconds"][0]["type"] == "gauge"
+        health: set[str] = set()
+        for _ in range(100):  # until the rules have been evaluated once
+            async with prom.get(api + "/rules") as response:
+                groups = (await response.json())["data"]["groups"]
+            health = {r["health"] for g in groups for r in g["rules"]}
+            if "unknown" not in health:
+                break
+            await asyncio.sleep(0.1)
+        assert health == {"ok"}
+    finally:
+        await prom.close()
+        server.terminate()
+        server.wait(10)
+        log.close()
+
+
+QUERY = '{__name__=~"credproxy_.+", job="credproxy"}'
