@@ -144,6 +144,8 @@ def build(
                 policy=RoutePolicy(route.allow, config.callers),
             )
         )
+    for source in sources.values():
+        source.routes = tuple(r.name for r in routes if r.source is source)
     guard = Guard([*config.local_names, *(route.host for route in config.routes if route.host)])
     return Runtime(guard, RouteTable(config.routes), routes, sources, issuers, dpop_key, config)
 

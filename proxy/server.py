@@ -275,8 +275,8 @@ class Server:
         self._retiring.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
 
     async def aclose(self) -> None:
-        self.draining = True
-        for runner in reversed(self._runners):
+        self.draining = True  # /readyz answers 503 from now on
+        for runner in self._runners:  # the app listener first, the admin one last
             await runner.cleanup()  # stops accepting, then waits for in-flight requests
         self._runners.clear()
         for task, old in list(self._retiring.items()):

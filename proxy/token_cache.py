@@ -100,6 +100,7 @@ class TokenSource:
         self._closed = False
         self.refreshes = 0
         self._last_fingerprint = ""
+        self.routes: tuple[str, ...] = ()  # the routes it serves, for audit events
 
     @property
     def ready(self) -> bool:
@@ -162,6 +163,7 @@ class TokenSource:
         self._audit.emit(
             "credential.revoked",
             issuer=self.key.issuer,
+            routes=self.routes,
             audience=self.key.audience,
             scope=self.key.scope,
             fingerprint=token.value.fingerprint,
@@ -258,6 +260,7 @@ class TokenSource:
         self._audit.emit(
             "credential.issued" if self.refreshes == 1 else "credential.refreshed",
             issuer=self.key.issuer,
+            routes=self.routes,
             audience=self.key.audience,
             scope=self.key.scope,
             binding="dpop" if self.key.bound else "bearer",
@@ -289,6 +292,7 @@ class MintingSource:
         label = Secret(f"per-request:{key.issuer}")  # not a secret: names the minted JWTs
         self._placeholder = Token(value=label, token_type="minted", lifetime_s=float("inf"))
         self._started = False
+        self.routes: tuple[str, ...] = ()
 
     def start(self) -> None:
         if not self._started:
@@ -296,6 +300,7 @@ class MintingSource:
             self._audit.emit(
                 "credential.issued",
                 issuer=self.key.issuer,
+                routes=self.routes,
                 audience=self.key.audience,
                 per_request=True,
                 fingerprint=self._placeholder.fingerprint,

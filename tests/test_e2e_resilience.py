@@ -187,7 +187,8 @@ async def test_tls_upstream_verified_with_route_ca_bundle(tmp_path, credproxy, c
 
 
 async def test_sigterm_drains_in_flight_response_then_exits_0(idp, upstream, credproxy):
-    """A response being streamed when SIGTERM arrives completes in full; then the process exits 0."""
+    """A response being streamed when SIGTERM arrives completes in full while /readyz says 503
+    (draining); then the process exits 0."""
     import signal
 
     proc = credproxy(config(idp=idp, upstream=upstream.origin, audience=upstream.audience))
@@ -198,6 +199,8 @@ async def test_sigterm_drains_in_flight_response_then_exits_0(idp, upstream, cre
             received = len(await response.content.readexactly(MIB))
             proc.process.send_signal(signal.SIGTERM)
             await asyncio.sleep(0.3)
+            async with client.get(proc.admin_url + "/readyz") as ready:
+                assert ready.status == 503 and (await ready.json())["draining"] is True
             async for chunk in response.content.iter_chunked(MIB):
                 received += len(chunk)
     assert received == total

@@ -62,6 +62,7 @@ async def test_audit_trail_and_evidence_report(idp, upstream, credproxy, client)
     assert proc.stop() == 0  # SIGTERM: drain, then revoke what the IdP can revoke
     issued = proc.audit("credential.issued") + proc.audit("credential.refreshed")
     expiry = max(e["expires_at"] for e in issued)
+    assert {tuple(e["routes"]) for e in issued} == {("payments",), ("refunds",)}
     await asyncio.sleep(max(0.0, expiry - time.time()) + 0.5)
 
     code, report = _evidence(proc, "-c", str(proc.config_file))
