@@ -3,6 +3,7 @@ named by its path and offending value, all at once, plus cross-section checks an
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -68,14 +69,18 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
         if isinstance(name, str):
             seen_names.setdefault(name, i)
         host = route.get("host")
-        match = (host.lower() if isinstance(host, str) else None, route.get("path_prefix"))
+        prefix = route.get("path_prefix")
+        match = (host.lower() if isinstance(host, str) else None, prefix)
+        if not isinstance(prefix, str | None):
+            match = (match[0], repr(prefix))  # pydantic reports the type; keep this hashable
         if match in seen_matches:
             errors.append(
                 f"routes[{i}]: host and path_prefix are the same as routes[{seen_matches[match]}]; "
                 "the second route could never match"
             )
         seen_matches.setdefault(match, i)
-        for j, rule in enumerate(route.get("allow") or []):
+        rules = route.get("allow")
+        for j, rule in enumerate(rules if isinstance(rules, list) else []):
             names = rule.get("callers") if isinstance(rule, dict) else None
             for name in names if isinstance(names, list) else []:
                 if isinstance(name, str) and name not in callers:
@@ -91,7 +96,7 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
                 f"routes[{i}].credential.issuer: '{issuer}' is not defined "
                 f"under issuers (defined: {known})"
             )
-        elif isinstance(credential, dict) and isinstance(issuers.get(issuer), dict):
+        elif isinstance(issuer, str) and isinstance(issuers.get(issuer), dict):
             errors.extend(
                 _injection_checks(f"routes[{i}].credential", route, credential, issuers[issuer])
             )
@@ -204,7 +209,13 @@ def _format_location(loc: tuple[str | int, ...]) -> str:
         loc = loc[:2] + loc[3:]  # pydantic adds the union's tag; users never wrote it
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+            continue
+        name = str(part)
+        if not re.fullmatch(r"[\w.@/-]+", name):
+            name = repr(name)  # a key with spaces, colons or control characters, shown exactly
+        out += f".{name}" if out else name
     return out or "(top level)"
 
 
@@ -254,12 +265,22 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _yaml_error(exc: yaml.YAMLError, source: str) -> str:
+    """One line: ``file:line:column: not valid YAML: what``."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark is not None else source
+    problem = getattr(exc, "problem", None) or str(exc)
+    context = getattr(exc, "context", None)
+    text = f"{context}: {problem}" if context else problem
+    return f"{where}: not valid YAML: {' '.join(str(text).split())}"
+
+
 def parse(text: str, *, source: str = "<config>") -> Config:
     """Parse YAML text into a ``Config``; raise ``ConfigError`` listing every problem."""
     try:
         data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError([f"{source}: not valid YAML: {exc}"]) from None
+        raise ConfigError([_yaml_error(exc, source)]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping of keys (listen, routes…)"])
     errors = _cross_checks(data)
