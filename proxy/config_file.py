@@ -24,6 +24,16 @@ from .config import (
 from .errors import ConfigError
 
 
+def _shown(name: object) -> str:
+    """A name the user wrote: as is when plain, else quoted with control characters escaped."""
+    text = str(name)
+    return text if re.fullmatch(r"[\w.@/-]+", text) else repr(text)
+
+
+def _names(keys: Any) -> str:
+    return ", ".join(sorted(_shown(k) for k in keys)) or "none"
+
+
 def _items(value: Any) -> list[Any]:
     return list(value) if isinstance(value, list | tuple) else [value]
 
@@ -46,11 +56,11 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
             continue
         if address.host and not is_loopback(address.host) and not allow_remote:
             errors.append(
-                f"{where}: '{value}' is not a loopback address; credproxy serves only the local "
+                f"{where}: {value!r} is not a loopback address; credproxy serves only the local "
                 "workload unless allow_non_loopback: true is set"
             )
         if str(address) in addresses and address.port != 0:
-            errors.append(f"{where}: '{value}' is already used by {addresses[str(address)]}")
+            errors.append(f"{where}: {value!r} is already used by {addresses[str(address)]}")
         addresses[str(address)] = where
     raw_issuers = data.get("issuers")
     issuers: dict[Any, Any] = raw_issuers if isinstance(raw_issuers, dict) else {}
@@ -65,7 +75,7 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
             continue
         name = route.get("name")
         if isinstance(name, str) and name in seen_names:
-            errors.append(f"routes[{i}].name: '{name}' is also routes[{seen_names[name]}]")
+            errors.append(f"routes[{i}].name: {name!r} is also routes[{seen_names[name]}]")
         if isinstance(name, str):
             seen_names.setdefault(name, i)
         host = route.get("host")
@@ -85,21 +95,21 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
             for name in names if isinstance(names, list) else []:
                 if isinstance(name, str) and name not in callers:
                     errors.append(
-                        f"routes[{i}].allow[{j}].callers: '{name}' is not defined under callers "
-                        f"(defined: {', '.join(sorted(map(str, callers))) or 'none'})"
+                        f"routes[{i}].allow[{j}].callers: {name!r} is not defined under callers "
+                        f"(defined: {_names(callers)})"
                     )
         credential = route.get("credential")
         issuer = credential.get("issuer") if isinstance(credential, dict) else None
         if isinstance(issuer, str) and issuer not in issuers:
-            known = ", ".join(sorted(map(str, issuers))) or "none"
+            known = _names(issuers)
             errors.append(
-                f"routes[{i}].credential.issuer: '{issuer}' is not defined "
+                f"routes[{i}].credential.issuer: {issuer!r} is not defined "
                 f"under issuers (defined: {known})"
             )
-        elif isinstance(issuer, str) and isinstance(issuers.get(issuer), dict):
-            errors.extend(
-                _injection_checks(f"routes[{i}].credential", route, credential, issuers[issuer])
-            )
+        elif isinstance(credential, dict) and isinstance(issuer, str):
+            if isinstance(issuers.get(issuer), dict):
+                where = f"routes[{i}].credential"
+                errors.extend(_injection_checks(where, route, credential, issuers[issuer]))
     return errors
 
 
@@ -120,7 +130,7 @@ def _injection_checks(
     allowed = _INJECTS_BY_ISSUER.get(str(issuer.get("type")), ())
     if allowed and inject not in allowed:
         return [
-            f"{where}.inject: '{inject}' does not go with an issuer of type {issuer.get('type')} "
+            f"{where}.inject: {inject!r} does not go with an issuer of type {issuer.get('type')} "
             f"(use {' or '.join(allowed)})"
         ]
     if inject == "header" and not credential.get("header"):
@@ -159,7 +169,7 @@ def _sigv4_checks(
     if known is None:
         return [f"{where}.inject: sigv4 needs the aws extra: pip install 'credproxy[aws]'"]
     if not known:
-        return [f"{where}.service: '{service}' is not an AWS service botocore knows"]
+        return [f"{where}.service: {service!r} is not an AWS service botocore knows"]
     return []
 
 
@@ -198,7 +208,7 @@ def warnings(config: Config) -> list[str]:
             for name in rule.callers:
                 if name in config.callers and config.callers[name].any_local:
                     notes.append(
-                        f"routes[{i}].allow[{j}]: caller '{name}' is any_local: every local "
+                        f"routes[{i}].allow[{j}]: caller {name!r} is any_local: every local "
                         "process may use this route's credential"
                     )
     return notes
@@ -212,9 +222,10 @@ def _format_location(loc: tuple[str | int, ...]) -> str:
         if isinstance(part, int):
             out += f"[{part}]"
             continue
-        name = str(part)
-        if not re.fullmatch(r"[\w.@/-]+", name):
-            name = repr(name)  # a key with spaces, colons or control characters, shown exactly
+        if part == "[key]":  # pydantic: the key itself (not its value) is wrong
+            out += part
+            continue
+        name = _shown(part)
         out += f".{name}" if out else name
     return out or "(top level)"
 
@@ -259,7 +270,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key in keys:
                 mark = key_node.start_mark
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key '{key}' (line {mark.line + 1})", mark
+                    None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark
                 )
             keys.add(key)
         return super().construct_mapping(node, deep=deep)

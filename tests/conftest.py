@@ -1,12 +1,20 @@
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import aiohttp
 import pytest
+from hypothesis import settings
 
 from tests.counterparts import Credproxy, IdP, ResourceServer, environment_ok, idp_and_upstream
+
+# CI replays the same generated examples every run (a red CI is a regression, not a new draw);
+# local runs explore new ones.
+settings.register_profile("ci", derandomize=True)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")
