@@ -179,7 +179,12 @@ class CredentialUnavailable(ProblemError):
 
 
 class IssuerError(CredentialUnavailable):
-    """A token request or discovery failed; the message names the issuer and endpoint."""
+    """A token request or discovery failed; the message names the issuer and endpoint.
+    ``asked_delay_s``: the issuer's own ``Retry-After`` (429, 503), which backoff honours."""
+
+    def __init__(self, log_detail: str = "", *, asked_delay_s: float | None = None) -> None:
+        super().__init__(log_detail)
+        self.asked_delay_s = asked_delay_s
 
 
 class UpstreamError(ProblemError):

@@ -22,6 +22,7 @@ from .secret import Secret
 from .tasks import spawn
 
 _BACKOFF_BASE_S = 0.5
+_RETRY_AFTER_MAX_S = 300.0  # an issuer asking for longer is retried after 5 minutes anyway
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +208,9 @@ class TokenSource:
             except CredentialUnavailable as exc:
                 failures += 1
                 delay_s = self._backoff_s(failures)
+                asked_s = getattr(exc, "asked_delay_s", None)
+                if asked_s is not None:  # the issuer's Retry-After, within reason
+                    delay_s = max(delay_s, min(asked_s, _RETRY_AFTER_MAX_S))
                 self._backoff_until = time.monotonic() + delay_s
                 self._last_failure = str(exc)
                 self._metrics.credential_issued.labels(self.key.issuer, "failure").inc()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import json
 import secrets
 import time
@@ -167,8 +168,11 @@ class OAuth2Issuer:
         error = self._oauth_error(raw)
         if bound and error.startswith("use_dpop_nonce") and nonce:
             return None
-        raise self._error(
-            f"token endpoint {endpoint} answered HTTP {status}: {error or 'no error code'}"
+        self._metadata = None  # the endpoint may have moved: discover again next time
+        raise IssuerError(
+            f"{self._where}: token endpoint {endpoint} answered HTTP {status}: "
+            f"{error or 'no error code'}",
+            asked_delay_s=_retry_after_s(response_headers.get("Retry-After")),
         )
 
     async def revoke(self, token: Token) -> str:
@@ -307,6 +311,21 @@ class OAuth2Issuer:
 
     def _error(self, detail: str) -> IssuerError:
         return IssuerError(f"{self._where}: {detail}")
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """RFC 9110 §10.2.3: delay seconds or an HTTP date; None when absent or unreadable."""
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, moment.timestamp() - time.time())
 
 
 def _b64(text: str) -> str:
