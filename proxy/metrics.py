@@ -72,6 +72,11 @@ class Metrics:
             "Open app connections whose caller has been identified.",
             registry=r,
         )
+        self.tasks = Gauge(
+            "credproxy_event_loop_tasks",
+            "Tasks alive on the event loop (flat under steady load: no task leak).",
+            registry=r,
+        )
         self.audit_dropped = Counter(
             "credproxy_audit_dropped",
             "Audit events dropped because the writer queue was full (slow disk).",

@@ -99,6 +99,7 @@ class Server:
             await self._warm_up()
         callers = CallerCache()
         self.metrics.app_connections.set_function(lambda: len(callers.callers))
+        self.metrics.tasks.set_function(lambda: len(asyncio.all_tasks()))
         handler = self._handler = Handler(
             self._runtime,
             self._session,
