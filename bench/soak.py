@@ -32,6 +32,8 @@ sys.path.insert(0, str(ROOT))
 from tests.counterparts import (  # noqa: E402
     PREAMBLE,
     Credproxy,
+    IdP,
+    ResourceServer,
     ThreadedApp,
     environment_ok,
     idp_and_upstream,
@@ -52,7 +54,7 @@ class PlainUpstream(ThreadedApp):
         return app
 
 
-def _config(idp, upstream, plain: PlainUpstream, key_file: Path) -> str:
+def _config(idp: IdP, upstream: ResourceServer, plain: PlainUpstream, key_file: Path) -> str:
     return f"""\
 {PREAMBLE}issuers:
   idp:
@@ -99,7 +101,9 @@ def _sample(proc: Credproxy, metrics: str) -> dict[str, float]:
     }
 
 
-async def _load(proc: Credproxy, idp, duration_s: float, concurrency: int) -> dict[str, object]:
+async def _load(
+    proc: Credproxy, idp: IdP, duration_s: float, concurrency: int
+) -> dict[str, object]:
     paths = ["/dpop/api/x", "/bearer/api/x", "/static/x", "/jwt/x"]
     statuses: Counter[int] = Counter()
     series: list[dict[str, float]] = []
