@@ -61,7 +61,7 @@ async def test_audit_trail_and_evidence_report(idp, upstream, credproxy, client)
         assert response.status == 403  # GET is not an allowed method there
     assert proc.stop() == 0  # SIGTERM: drain, then revoke what the IdP can revoke
     issued = proc.audit("credential.issued") + proc.audit("credential.refreshed")
-    expiry = max(e["expires_at"] for e in issued)
+    expiry = max(e["expires_at"] for e in issued if e["audience"] == upstream.short_audience)
     assert {tuple(e["routes"]) for e in issued} == {("payments",), ("refunds",)}
     await asyncio.sleep(max(0.0, expiry - time.time()) + 0.5)
 
@@ -84,6 +84,12 @@ async def test_audit_trail_and_evidence_report(idp, upstream, credproxy, client)
     code, report = _evidence(proc, "-c", str(proc.config_file))
     assert code == 1
     assert [c["status"] for c in report["checks"]] == ["FAIL", "PASS", "FAIL"]
+    code, later = _evidence(proc, "--since", "2099-01-01T00:00:00")
+    assert code == 0 and later["events"] == 0  # nothing in the window
+    code, recent = _evidence(proc, "--since", "1h")
+    assert recent["events"] == report["events"]
+    bad = _cli("evidence", "--audit", str(proc.audit_file), "--since", "yesterday")
+    assert bad.returncode == 1 and "--since: 'yesterday'" in bad.stderr
     markdown = _cli("evidence", "--audit", str(proc.audit_file)).stdout
     assert "# credproxy evidence report" in markdown and "**FAIL**" in markdown
     assert "**SKIP** no use by a caller outside policy" in markdown  # no -c given
