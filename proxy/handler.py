@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 import aiohttp
@@ -117,15 +118,16 @@ class Handler:
         duration_s = time.perf_counter() - started
         self._metrics.requests.labels(route_name, str(response.status), outcome).inc()
         self._metrics.request_duration.labels(route_name).observe(duration_s)
-        access_log.info(
-            "%s %s route=%s status=%d upstream=%d ms=%.1f",
-            request.method,
-            request.rel_url.raw_path,
-            route_name,
-            response.status,
-            upstream_status,
-            duration_s * 1000,
-        )
+        if access_log.isEnabledFor(logging.INFO):  # nothing formatted when access is off
+            access_log.info(
+                "%s %s route=%s status=%d upstream=%d ms=%.1f",
+                request.method,
+                request.rel_url.raw_path,
+                route_name,
+                response.status,
+                upstream_status,
+                duration_s * 1000,
+            )
         return response
 
     def _route(self, runtime: Runtime, request: web.BaseRequest) -> tuple[RouteRuntime, str]:
@@ -211,7 +213,7 @@ class Handler:
             issuer=key.issuer,
             label=key.label,
             fingerprint=token.fingerprint,
-            caller=caller.attributes(),
+            caller=caller,
             method=request.method,
             path=forwarded_path,
         )

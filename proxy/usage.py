@@ -5,12 +5,12 @@ method) and interval (``interval``, the default), which keeps the trail small un
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
 from .audit import Audit
+from .callers import Caller
 from .tasks import spawn
 
 
@@ -27,7 +27,8 @@ class Usage:
         self._mode = mode
         self._interval_s = interval_s
         self.totals: dict[tuple[str, str], Tally] = {}  # (issuer, credential label) → uses
-        self._pending: dict[tuple[str, str, str, str, str, str], Tally] = {}
+        # the caller's attributes as a tuple: hashable and cheap, one entry per distinct caller
+        self._pending: dict[tuple[str, str, str, tuple[tuple[str, object], ...], str], Tally] = {}
         self._task: asyncio.Task[None] | None = None
 
     def record(
@@ -37,7 +38,7 @@ class Usage:
         issuer: str,
         label: str,
         fingerprint: str,
-        caller: dict[str, object],
+        caller: Caller,
         method: str,
         path: str,
     ) -> None:
@@ -50,10 +51,10 @@ class Usage:
         if self._mode == "request":
             self._audit.emit(
                 "credential.used", route=route, issuer=issuer, fingerprint=fingerprint,
-                caller=caller, method=method, path=path[:256], count=1,
+                caller=caller.attributes(), method=method, path=path[:256], count=1,
             )  # fmt: skip
             return
-        key = (route, issuer, fingerprint, json.dumps(caller, sort_keys=True), method, label)
+        key = (route, issuer, fingerprint, tuple(caller.attributes().items()), method)
         tally = self._pending.get(key)
         if tally is None:
             tally = self._pending[key] = Tally(first_ts=now)
@@ -70,10 +71,10 @@ class Usage:
     def flush(self) -> None:
         """Audit the uses counted since the last flush (also at shutdown, before revocation)."""
         pending, self._pending = self._pending, {}
-        for (route, issuer, fingerprint, caller, method, _), tally in pending.items():
+        for (route, issuer, fingerprint, caller, method), tally in pending.items():
             self._audit.emit(
                 "credential.used", route=route, issuer=issuer, fingerprint=fingerprint,
-                caller=json.loads(caller), method=method, count=tally.count,
+                caller=dict(caller), method=method, count=tally.count,
                 first_ts=round(tally.first_ts, 3), last_ts=round(tally.last_ts, 3),
             )  # fmt: skip
 
