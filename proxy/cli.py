@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -26,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="serve with a config file")
     run.add_argument("-c", "--config", type=Path, required=True, metavar="FILE")
+    run.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        choices=range(1, 65),
+        metavar="N",
+        help="worker processes sharing the listeners (SO_REUSEPORT); default 1",
+    )
     check = commands.add_parser("check-config", help="validate a config file (exit 0/1)")
     check.add_argument("file", type=Path, metavar="FILE")
     commands.add_parser("schema", help="print the config's JSON Schema")
@@ -66,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "check-config":
         print(f"{path}: valid ({len(loaded.routes)} route(s), {len(loaded.issuers)} issuer(s))")
         return 0
-    return _run(loaded, path)
+    return _run(loaded, path, workers=args.workers)
 
 
 def _load(path: Path) -> config.Config | None:
@@ -123,15 +134,23 @@ def _evidence(args: argparse.Namespace) -> int:
     return 1 if any(status == "FAIL" for status, _, _ in report.checks(now)) else 0
 
 
-def _run(loaded: config.Config, path: Path) -> int:
+def _run(loaded: config.Config, path: Path, *, workers: int) -> int:
+    if workers > 1:  # before anything imports prometheus_client: workers share their metrics
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="credproxy-metrics-")
     from . import log, server
+    from . import workers as supervisor
 
     log.configure(fmt=loaded.log.format, level=loaded.log.level, access=loaded.log.access)
     try:
+        if workers > 1:
+            return supervisor.supervise(loaded, path, workers)
         server.run(loaded, path)
     except CredproxyError as exc:
         log.server_log.error("cannot start: %s", exc)
         return 1
+    finally:
+        if workers > 1:
+            shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     return 0
 
 

@@ -1,8 +1,16 @@
-"""Prometheus metrics. Labels are bounded: route, issuer and reason names come from the config."""
+"""Prometheus metrics. Labels are bounded: route, issuer and reason names come from the config.
+
+With ``--workers`` each process writes its values under ``PROMETHEUS_MULTIPROC_DIR`` and the
+admin listener (worker 0) exposes their aggregate: counters and histograms summed, gauges as
+their ``multiprocess_mode`` says (the soonest expiry, the longest backoff, summed connections).
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
@@ -54,6 +62,7 @@ class Metrics:
             "Unix time at which the cached credential expires (0: none cached).",
             ["issuer", "credential"],
             registry=r,
+            multiprocess_mode="livemin",
         )
         self.credential_revoked = Counter(
             "credproxy_credential_revoked",
@@ -71,11 +80,13 @@ class Metrics:
             "credproxy_app_connections",
             "Open app connections whose caller has been identified.",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.tasks = Gauge(
             "credproxy_event_loop_tasks",
             "Tasks alive on the event loop (flat under steady load: no task leak).",
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.audit_dropped = Counter(
             "credproxy_audit_dropped",
@@ -93,4 +104,13 @@ class Metrics:
             "Current retry delay after failed token requests (0: healthy).",
             ["issuer", "credential"],
             registry=r,
+            multiprocess_mode="livemax",
         )
+
+    def exposition(self) -> bytes:
+        """The text format for /metrics: this process's registry, or every worker's."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)

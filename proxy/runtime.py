@@ -84,6 +84,7 @@ def build(
     metrics: Metrics,
     audit: Audit,
     previous: Runtime | None = None,
+    dpop_key: DPoPKey | None = None,
 ) -> Runtime:
     """Raise ``IdentityError`` (naming the config path) when a key or secret file is unusable.
 
@@ -92,7 +93,7 @@ def build(
     if previous is not None and previous.config.identity == config.identity:
         same, dpop_key = previous.issuers, previous.dpop_key
     else:
-        same, dpop_key = {}, DPoPKey(config.identity.dpop_alg)
+        same, dpop_key = {}, dpop_key or DPoPKey(config.identity.dpop_alg)
     issuers: dict[str, Issuer] = {
         name: same[name]
         if name in same and same[name].config == issuer

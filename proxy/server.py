@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -14,12 +15,13 @@ import aiohttp
 import uvloop
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import config_file
 from .audit import Audit
 from .callers import CallerCache
 from .config import Address, Config, parse_address
+from .dpop import DPoPKey
 from .errors import ConfigError, CredentialUnavailable, IdentityError, StartError
 from .forwarder import new_session
 from .handler import Handler
@@ -30,6 +32,8 @@ from .metrics import Metrics
 from .runtime import Runtime, build
 from .tasks import spawn
 from .usage import Usage
+
+_GAUGE_INTERVAL_S = 5.0
 
 
 class _AppServer(web.Server):
@@ -47,8 +51,22 @@ class _AppServer(web.Server):
 class Server:
     """Owns the upstream session, the runtime and the listeners; an async context manager."""
 
-    def __init__(self, config: Config, *, audit: Audit | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        audit: Audit | None = None,
+        dpop_key: DPoPKey | None = None,
+        inherited: dict[str, socket.socket] | None = None,
+        reuse_port: bool = False,
+    ) -> None:
+        """``dpop_key``, ``inherited`` (listening sockets by listen address) and ``reuse_port``
+        are for workers: one DPoP key for all, Unix sockets shared, TCP ports shared."""
         self.config = config
+        self._dpop_key = dpop_key
+        self._inherited = inherited or {}
+        self._reuse_port = reuse_port
+        self._callers = CallerCache()
         self.metrics = Metrics()
         self.audit = audit or Audit(config.audit.file, queue_size=config.audit.queue_size)
         self.audit.on_drop = self.metrics.audit_dropped.inc
@@ -62,6 +80,7 @@ class Server:
         self._retiring: dict[asyncio.Task[None], Runtime] = {}  # replaced by reloads
         self._reload_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        self._gauges: asyncio.Task[None] | None = None
         self.app_addresses: list[Address] = []
         self.admin_address: Address | None = None
 
@@ -93,13 +112,16 @@ class Server:
     async def _start(self) -> None:
         self._session = new_session()
         self._runtime = build(
-            self.config, session=self._session, metrics=self.metrics, audit=self.audit
+            self.config,
+            session=self._session,
+            metrics=self.metrics,
+            audit=self.audit,
+            dpop_key=self._dpop_key,
         )
         if self.config.warm_up:
             await self._warm_up()
-        callers = CallerCache()
-        self.metrics.app_connections.set_function(lambda: len(callers.callers))
-        self.metrics.tasks.set_function(lambda: len(asyncio.all_tasks()))
+        callers = self._callers
+        self._gauges = spawn(self._sample_gauges_every(_GAUGE_INTERVAL_S), name="gauges")
         handler = self._handler = Handler(
             self._runtime,
             self._session,
@@ -114,7 +136,12 @@ class Server:
         )
         await self._setup(app_runner)
         for value in self.config.listen:
-            self.app_addresses.append(await self._listen(app_runner, parse_address(value)))
+            inherited = self._inherited.get(value)
+            if inherited is not None:
+                await web.SockSite(app_runner, inherited).start()
+                self.app_addresses.append(parse_address(value))
+            else:
+                self.app_addresses.append(await self._listen(app_runner, parse_address(value)))
         if self.config.admin:
             admin_runner = web.AppRunner(self._admin_app(), access_log=None)
             await self._setup(admin_runner)
@@ -151,7 +178,9 @@ class Server:
             await site.start()
             os.chmod(address.path, int(self.config.unix_socket_mode, 8))
             return address
-        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+        site = web.TCPSite(
+            runner, address.host, address.port, reuse_address=True, reuse_port=self._reuse_port
+        )
         try:
             await site.start()
         except OSError as exc:
@@ -194,7 +223,8 @@ class Server:
         return web.json_response({"revoked": results})
 
     async def _metrics(self, request: web.Request) -> web.Response:
-        body = generate_latest(self.metrics.registry)
+        self._sample_gauges()
+        body = self.metrics.exposition()
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     async def _healthz(self, request: web.Request) -> web.Response:
@@ -209,6 +239,16 @@ class Server:
         ready = not self.draining and not waiting
         body = {"ready": ready, "draining": self.draining, "routes_without_credential": waiting}
         return web.json_response(body, status=200 if ready else 503)
+
+    def _sample_gauges(self) -> None:
+        self.metrics.app_connections.set(len(self._callers.callers))
+        self.metrics.tasks.set(len(asyncio.all_tasks()))
+
+    async def _sample_gauges_every(self, interval_s: float) -> None:
+        """Also in workers without the admin listener, whose values /metrics aggregates."""
+        while True:
+            self._sample_gauges()
+            await asyncio.sleep(interval_s)
 
     async def _credentials(self, request: web.Request) -> web.Response:
         """The inventory: each credential held or to be held, with its governance fields and
@@ -277,6 +317,9 @@ class Server:
 
     async def aclose(self) -> None:
         self.draining = True  # /readyz answers 503 from now on
+        if self._gauges is not None:
+            self._gauges.cancel()
+            await asyncio.gather(self._gauges, return_exceptions=True)
         for runner in self._runners:  # the app listener first, the admin one last
             await runner.cleanup()  # stops accepting, then waits for in-flight requests
         self._runners.clear()
@@ -300,20 +343,20 @@ class Server:
         if self._session is not None:
             await self._session.close()
         for address in self.app_addresses:
-            if address.path:
+            if address.path and str(address) not in self._inherited:  # only sockets it made
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(address.path)
         self.audit.aclose()
 
 
-async def serve(config: Config, path: Path) -> None:
+async def serve(config: Config, path: Path, **worker: Any) -> None:
     """Run until SIGTERM or SIGINT, then drain and exit. SIGHUP reloads ``path``; SIGUSR1
-    reopens the audit file (logrotate)."""
+    reopens the audit file (logrotate). ``worker``: what a worker shares (see ``Server``)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
-    async with Server(config) as server:
+    async with Server(config, **worker) as server:
         loop.add_signal_handler(signal.SIGHUP, lambda: spawn(server.reload(path), name="reload"))
         loop.add_signal_handler(signal.SIGUSR1, server.audit.reopen)
         await stop.wait()
@@ -324,5 +367,5 @@ async def serve(config: Config, path: Path) -> None:
     server_log.info("stopped")
 
 
-def run(config: Config, path: Path) -> None:
-    uvloop.run(serve(config, path))
+def run(config: Config, path: Path, **worker: Any) -> None:
+    uvloop.run(serve(config, path, **worker))

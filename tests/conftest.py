@@ -40,9 +40,15 @@ def credproxy(tmp_path: Path) -> Iterator[Callable[..., Credproxy]]:
     """Start ``credproxy run`` processes; all are stopped (SIGTERM) at teardown."""
     started: list[Credproxy] = []
 
-    def start(config_text: str, *, expect_ready: bool = True, name: str = "credproxy") -> Credproxy:
+    def start(
+        config_text: str,
+        *,
+        expect_ready: bool = True,
+        name: str = "credproxy",
+        args: tuple[str, ...] = (),
+    ) -> Credproxy:
         """``expect_ready=False``: return once listening (or exited), without waiting for /readyz."""
-        proc = Credproxy(tmp_path, config_text, name=name)
+        proc = Credproxy(tmp_path, config_text, name=name, args=args)
         started.append(proc)  # first: a start that fails still gets its process stopped
         return proc.start(expect_ready=expect_ready)
 

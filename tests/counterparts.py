@@ -429,8 +429,11 @@ def idp_and_upstream(
 class Credproxy:
     """``credproxy run`` as a subprocess, its log captured to a file, ports learned from the log."""
 
-    def __init__(self, workdir: Path, config_text: str, name: str = "credproxy") -> None:
+    def __init__(
+        self, workdir: Path, config_text: str, name: str = "credproxy", args: tuple[str, ...] = ()
+    ) -> None:
         self.workdir = workdir
+        self.args = args  # more ``credproxy run`` arguments, e.g. --workers
         self.config_file = workdir / f"{name}.yaml"
         self.log_file = workdir / f"{name}.log"
         self.audit_file = workdir / f"{name}-audit.jsonl"
@@ -444,7 +447,7 @@ class Credproxy:
         """Start and wait for the listeners; with ``expect_ready`` also for ``/readyz`` = 200."""
         log = open(self.log_file, "ab")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "-c", str(self.config_file)],
+            [sys.executable, "-m", "proxy", "run", "-c", str(self.config_file), *self.args],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -452,7 +455,8 @@ class Credproxy:
         log.close()
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
-            match = re.search(r"credproxy serving (.+?); admin (\S+?);", self.log())
+            # with --workers, only worker 0 has the admin listener
+            match = re.search(r"credproxy serving (.+?); admin ((?!None)\S+?);", self.log())
             if match:
                 self.url = "http://" + match[1].split(",")[0]
                 self.admin_url = "http://" + match[2]

@@ -1,0 +1,144 @@
+"""``credproxy run --workers N``: a pre-fork supervisor. The parent binds what must be shared,
+forks N workers, forwards signals and restarts a worker that dies; it serves nothing itself.
+
+- TCP listeners: every worker binds the same port with ``SO_REUSEPORT`` and the kernel spreads
+  connections across them (a port 0 is resolved once, by the parent, first).
+- Unix socket listeners: the parent binds and listens once; the workers inherit the socket and
+  accept from it in turn (``SO_REUSEPORT`` does not apply to Unix sockets).
+- One DPoP key, made in memory by the parent before forking, so every worker's tokens are bound
+  to the same key. Token caches are per worker: the IdP sees up to N token requests per
+  credential and refresh window (the benchmark reports the count).
+- The admin listener runs in worker 0; /metrics aggregates all workers' values
+  (``PROMETHEUS_MULTIPROC_DIR``, set by the CLI before anything imports prometheus_client).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+
+from .config import Address, Config, parse_address
+from .dpop import DPoPKey
+from .errors import StartError
+from .log import server_log
+
+_RESTART_DELAY_S = 1.0
+
+
+def _shared_sockets(
+    config: Config,
+) -> tuple[list[str], dict[str, socket.socket], list[socket.socket]]:
+    """(listen values with TCP ports resolved, inherited Unix sockets, reservations to keep)."""
+    listen: list[str] = []
+    inherited: dict[str, socket.socket] = {}
+    reserved: list[socket.socket] = []
+    for value in config.listen:
+        address = parse_address(value)
+        if address.path:
+            with_path = _unix_listener(address, config.unix_socket_mode)
+            inherited[value] = with_path
+            listen.append(value)
+            continue
+        family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
+        reservation = socket.socket(family, socket.SOCK_STREAM)
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        try:
+            reservation.bind((address.host, address.port))
+        except OSError as exc:
+            raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
+        reserved.append(reservation)  # bound, never listening: it takes no connection
+        listen.append(str(Address(host=address.host, port=reservation.getsockname()[1])))
+    return listen, inherited, reserved
+
+
+def _unix_listener(address: Address, mode: str) -> socket.socket:
+    assert address.path is not None
+    path = Path(address.path)
+    if path.is_socket():
+        path.unlink()  # a stale socket from a previous run
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(address.path)
+    except OSError as exc:
+        raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
+    os.chmod(address.path, int(mode, 8))
+    sock.listen(1024)
+    return sock
+
+
+def supervise(config: Config, path: Path, count: int) -> int:
+    """Fork ``count`` workers and keep them running until SIGTERM/SIGINT; returns the exit code."""
+    from . import server  # the workers import the server; the parent only forks them
+
+    listen, inherited, reserved = _shared_sockets(config)
+    dpop_key = DPoPKey(config.identity.dpop_alg)
+    workers: dict[int, int] = {}  # pid → index
+    stopping = False
+
+    def start(index: int) -> None:
+        pid = os.fork()
+        if pid:
+            workers[pid] = index
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+            signal.signal(signum, signal.SIG_DFL)
+        worker_config = config.model_copy(
+            update={"listen": tuple(listen), "admin": config.admin if index == 0 else None}
+        )
+        code = 0
+        try:
+            server.run(worker_config, path, dpop_key=dpop_key, inherited=inherited, reuse_port=True)
+        except Exception:
+            server_log.exception("worker %d failed", index)
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        nonlocal stopping
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            stopping = True
+        for pid in list(workers):
+            os.kill(pid, signum)
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
+        signal.signal(signum, forward)
+    for index in range(count):
+        start(index)
+    server_log.info("supervising %d workers: %s", count, sorted(workers))
+    failed = False
+    while workers:
+        try:
+            pid, status = os.wait()
+        except ChildProcessError:
+            break
+        index = workers.pop(pid)
+        code = os.waitstatus_to_exitcode(status)
+        _mark_dead(pid)
+        if stopping:
+            failed |= code != 0
+            continue
+        server_log.error("worker %d (pid %d) exited with %d; restarting it", index, pid, code)
+        time.sleep(_RESTART_DELAY_S)
+        start(index)
+    for sock in [*reserved, *inherited.values()]:
+        sock.close()
+    for value in inherited:
+        Path(parse_address(value).path or "").unlink(missing_ok=True)
+    return 1 if failed else 0
+
+
+def _mark_dead(pid: int) -> None:
+    """Drop a dead worker's live gauges from the aggregate (its counters stay counted)."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)  # type: ignore[no-untyped-call]

@@ -1,0 +1,87 @@
+"""``credproxy run --workers N``: workers share the TCP port (SO_REUSEPORT) and Unix sockets,
+bind tokens to one DPoP key, aggregate their metrics on worker 0's admin listener, restart when
+one dies, and stop together on SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+
+import aiohttp
+
+from tests.counterparts import config, wait_until
+
+
+def _workers(proc) -> list[int]:
+    children = f"/proc/{proc.process.pid}/task/{proc.process.pid}/children"
+    with open(children) as listing:
+        return [int(pid) for pid in listing.read().split()]
+
+
+def _cpu_ticks(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return int(fields[11]) + int(fields[12])  # utime + stime
+
+
+async def test_two_workers_share_the_listeners_and_one_dpop_key(idp, upstream, credproxy, tmp_path):
+    """Both workers serve requests on the one TCP port and the Unix socket; the resource server
+    sees a single DPoP key; /metrics counts every worker's requests; the IdP's token requests
+    are one per worker (per-worker caches, as documented)."""
+    socket_path = tmp_path / "app.sock"
+    text = config(idp=idp, upstream=upstream.origin, audience=upstream.audience).replace(
+        "listen: 127.0.0.1:0", f"listen: [127.0.0.1:0, 'unix:{socket_path}']"
+    )
+    before = len([r for r in idp.records() if r.get("access_token")])
+    proc = credproxy(text, args=("--workers", "2"))
+    workers = _workers(proc)
+    assert len(workers) == 2
+    ticks = {pid: _cpu_ticks(pid) for pid in workers}
+    thumbprints: set[str] = set()
+    async with aiohttp.ClientSession() as client:
+        for _ in range(150):  # a fresh connection each: the kernel spreads them
+            async with client.get(
+                proc.url + "/payments/api/x", headers={"Connection": "close"}
+            ) as response:
+                assert response.status == 200
+                thumbprints.add((await response.json())["jkt"])
+    unix = aiohttp.UnixConnector(path=str(socket_path))
+    async with aiohttp.ClientSession(connector=unix) as client:
+        for _ in range(10):
+            async with client.get("http://localhost/payments/api/x") as response:
+                assert response.status == 200
+                thumbprints.add((await response.json())["jkt"])
+    assert all(_cpu_ticks(pid) > ticks[pid] for pid in workers)  # both did work
+    assert len(thumbprints) == 1  # every worker's tokens are bound to the one DPoP key
+    async with aiohttp.ClientSession() as client:
+        async with client.get(proc.admin_url + "/metrics") as response:
+            metrics = await response.text()
+    served = re.search(
+        r'credproxy_requests_total\{code="200",outcome="proxied",route="payments"\} (\S+)', metrics
+    )
+    assert served and float(served[1]) == 160
+    tokens = [r for r in idp.records() if r.get("access_token")][before:]
+    assert len(tokens) == 2
+
+
+async def test_a_dead_worker_is_replaced_and_sigterm_stops_all(idp, upstream, credproxy):
+    """A worker killed with SIGKILL is restarted and the service goes on; SIGTERM to the
+    supervisor drains and stops every worker, exit 0."""
+    proc = credproxy(
+        config(idp=idp, upstream=upstream.origin, audience=upstream.audience),
+        args=("--workers", "2"),
+    )
+    [first, second] = _workers(proc)
+    os.kill(second, signal.SIGKILL)
+    wait_until(lambda: len(_workers(proc)) == 2 and second not in _workers(proc), what="restart")
+    assert "exited with -9; restarting it" in proc.log()
+    async with aiohttp.ClientSession() as client:
+        for _ in range(20):
+            async with client.get(
+                proc.url + "/payments/api/x", headers={"Connection": "close"}
+            ) as response:
+                assert response.status == 200
+    workers = _workers(proc)
+    assert proc.stop() == 0
+    assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
