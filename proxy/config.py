@@ -84,6 +84,17 @@ class Timeouts(Model):
     total_s: Duration = Field(300.0, gt=0, description="whole exchange, headers and body")
 
 
+class AppTimeouts(Model):
+    """Bounds on what the app's side of a connection may take (slowloris)."""
+
+    keepalive_s: Duration = Field(
+        75.0, description="idle keep-alive connection, and the longest wait for a request head"
+    )
+    body_idle_s: Duration = Field(
+        30.0, description="longest wait for the next byte of a request body credproxy buffers"
+    )
+
+
 class OAuth2Issuer(Owned):
     """OAuth2 ``client_credentials`` with OIDC / RFC 8414 discovery."""
 
@@ -461,6 +472,7 @@ class Config(Model):
     on_start_failure: Literal["not_ready", "exit"] = Field(
         "not_ready", description="when warm-up cannot get a credential: stay not-ready or exit 1"
     )
+    app_timeouts: AppTimeouts = AppTimeouts()
     shutdown_timeout_s: Duration = 10.0
     revoke_timeout_s: Duration = Field(5.0, description="budget for revocations at shutdown")
 

@@ -9,6 +9,8 @@
         │   ├── RouteNotFound                 404 route_not_found
         │   ├── InvalidPath                   400 invalid_path
         │   ├── PayloadTooLarge               413 payload_too_large
+        │   ├── RequestTimeout                408 request_timeout (slow body)
+        │   ├── TransferCodingNotImplemented  501 transfer_coding_not_implemented
         │   ├── UnsignableRequest             400 request_not_signable (http_signature)
         │   ├── LengthRequired                411 length_required (sigv4 streaming)
         │   ├── PathEscapesRoute              400 path_escapes_route
@@ -91,6 +93,20 @@ class PayloadTooLarge(RequestRefused):
     public_detail = (
         "The route signs the request body, so it must buffer it, and the body is larger than "
         "the route's credential.payload_max_bytes."
+    )
+
+
+class RequestTimeout(RequestRefused):
+    status = 408
+    code = "request_timeout"
+    public_detail = "The request body stopped arriving; credproxy gave up waiting for it."
+
+
+class TransferCodingNotImplemented(RequestRefused):
+    status = 501
+    code = "transfer_coding_not_implemented"
+    public_detail = (
+        "credproxy forwards chunked request bodies only; send other codings as Content-Encoding."
     )
 
 

@@ -33,8 +33,9 @@ HOP_BY_HOP = frozenset(
         "proxy-authorization",
     }
 )
-# Inbound headers that could carry an app-supplied credential, or that we set ourselves.
-CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "dpop", "host"})
+# Inbound headers that could carry an app-supplied credential, or that we set or meet ourselves
+# (Expect: credproxy answers 100-continue itself, as it reads the body before the upstream does).
+CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "dpop", "host", "expect"})
 
 
 def _connection_listed(headers: MultiMapping[str]) -> frozenset[str]:

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 from yarl import URL
 
 from .audit import Audit
@@ -19,7 +21,9 @@ from .errors import (
     PayloadTooLarge,
     ProblemError,
     RequestRefused,
+    RequestTimeout,
     RouteNotFound,
+    TransferCodingNotImplemented,
 )
 from .forwarder import Scrubber, request_headers, response_headers, upstream_errors
 from .injectors import Outbound
@@ -30,6 +34,7 @@ from .runtime import RouteRuntime, Runtime
 from .usage import Usage
 
 _PROBLEM_PREFIX = "urn:credproxy:problem:"
+_MAX_CONTENT_LENGTH = 2**63 - 1  # beyond, signed 64-bit parsers upstream overflow
 
 
 def problem_response(exc: ProblemError) -> web.Response:
@@ -66,6 +71,7 @@ class Handler:
         audit: Audit,
         callers: CallerCache,
         usage: Usage,
+        body_idle_s: float = 30.0,
     ) -> None:
         self.runtime = runtime  # replaced whole on reload (SIGHUP)
         self._session = session
@@ -73,6 +79,7 @@ class Handler:
         self._audit = audit
         self._callers = callers
         self._usage = usage
+        self._body_idle_s = body_idle_s
 
     async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
         started = time.perf_counter()
@@ -134,7 +141,10 @@ class Handler:
         # HTTP_PROXY users send absolute-form targets; raw_path is the request-target as sent.
         forward_proxy = "://" in request.raw_path and not request.raw_path.startswith("/")
         if forward_proxy:
-            host: str | None = (URL(request.raw_path).host or "").lower()
+            try:  # raw_host: as sent, never IDNA-decoded (route hosts are ASCII)
+                host: str | None = (URL(request.raw_path).raw_host or "").lower()
+            except ValueError:
+                raise DestinationNotAllowed("undecodable absolute-form target") from None
         else:  # No browser omits Host; a local HTTP/1.0 client may.
             host = request_host(request.headers.get("Host", "localhost"))
         runtime.guard.check(request.method, host, request.headers, forward_proxy=forward_proxy)
@@ -159,12 +169,12 @@ class Handler:
     ) -> web.StreamResponse:
         query = request.rel_url.raw_query_string
         injector = route.injector
-        body, replayable = await _request_body(request, route)
+        body, replayable = await _request_body(request, route, self._body_idle_s)
         outbound = Outbound(
             method=request.method,
             url=route.target.url_for(forwarded_path + ("?" + query if query else "")),
             htu=route.target.htu_for(forwarded_path),
-            headers=request_headers(request.headers, route.strip),
+            headers=_framed(request_headers(request.headers, route.strip), request),
             body=body if isinstance(body, bytes) else None,
             has_body=body is not None,
         )
@@ -255,28 +265,56 @@ class Handler:
         return response
 
 
+def _framed(headers: CIMultiDict[str], request: web.BaseRequest) -> CIMultiDict[str]:
+    """The app's Content-Length re-serialised from the parsed value: the proxy's own framing."""
+    if "Content-Length" in headers and request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
+    return headers
+
+
 async def _request_body(
-    request: web.BaseRequest, route: RouteRuntime
+    request: web.BaseRequest, route: RouteRuntime, idle_s: float
 ) -> tuple[bytes | aiohttp.StreamReader | None, bool]:
     """The body to send and whether it can be sent twice. Streams unless the injector must hash
     it (bounded: 413 beyond) or it is small enough to keep for one replay."""
+    codings = ",".join(request.headers.getall("Transfer-Encoding", ())).lower()
+    if codings and [c.strip() for c in codings.split(",") if c.strip() != "identity"] != [
+        "chunked"
+    ]:
+        raise TransferCodingNotImplemented(f"Transfer-Encoding {codings[:60]!r}")
     if not request.body_exists:
         return None, True
     length = request.content_length
+    if length is not None and length > _MAX_CONTENT_LENGTH:
+        raise PayloadTooLarge(f"Content-Length {length}")
     bound = route.injector.body_max_bytes
+    if route.injector.needs_body and length is not None and length > bound:
+        raise PayloadTooLarge(f"body of {length} bytes, route limit {bound}")
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     if route.injector.needs_body:
-        if length is not None and length > bound:
-            raise PayloadTooLarge(f"body of {length} bytes, route limit {bound}")
-        chunks, size = [], 0
-        async for chunk in request.content.iter_any():
-            size += len(chunk)
-            if size > bound:
-                raise PayloadTooLarge(f"body over the route limit of {bound} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks), True
+        return await _read_body(request, bound, idle_s), True
     if length is not None and length <= route.config.retry_body_max_bytes:
-        return await request.read(), True
+        return await _read_body(request, length, idle_s), True
     return request.content, False
+
+
+async def _read_body(request: web.BaseRequest, bound: int, idle_s: float) -> bytes:
+    """The whole body, at most ``bound`` bytes (413 beyond), each read within ``idle_s`` (408)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await request.content.readany()
+        except TimeoutError:
+            raise RequestTimeout(f"no request body byte for {idle_s:g}s") from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > bound:
+            raise PayloadTooLarge(f"body over the route limit of {bound} bytes")
+        chunks.append(chunk)
 
 
 async def _small_body(upstream: aiohttp.ClientResponse) -> bytes | None:

@@ -16,6 +16,7 @@ import uvloop
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
+from yarl import URL
 
 from . import config_file
 from .audit import Audit
@@ -42,6 +43,16 @@ class _AppServer(web.Server):
     def __init__(self, handler: Handler, callers: CallerCache, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
         self._callers = callers
+
+    def _make_request(self, message: Any, *args: Any) -> web.BaseRequest:
+        try:
+            return super()._make_request(message, *args)
+        except ValueError:
+            # aiohttp IDNA-decodes an absolute-form host here, outside any handler: an invalid
+            # label would kill the connection unanswered. The handler refuses it from raw_path.
+            url = message.url
+            relative = URL.build(path=url.raw_path, query_string=url.raw_query_string, encoded=True)
+            return super()._make_request(message._replace(url=relative), *args)
 
     def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
         super().connection_lost(handler, exc)
@@ -129,9 +140,16 @@ class Server:
             audit=self.audit,
             callers=callers,
             usage=self.usage,
+            body_idle_s=self.config.app_timeouts.body_idle_s,
         )
         app_runner = web.ServerRunner(
-            _AppServer(handler, callers, access_log=None),
+            _AppServer(
+                handler,
+                callers,
+                access_log=None,
+                auto_decompress=False,  # request bodies pass byte for byte, Content-Length true
+                keepalive_timeout=self.config.app_timeouts.keepalive_s,
+            ),
             shutdown_timeout=self.config.shutdown_timeout_s,
         )
         await self._setup(app_runner)
