@@ -6,6 +6,7 @@ Reading a file into these models, with path-named errors, is ``config_file``'s j
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class Owned(Model):
     purpose: str | None = Field(None, max_length=500, description="why the workload needs it")
 
 
+@functools.lru_cache(maxsize=1024)  # consulted per request for the Host header
 def is_loopback(host: str) -> bool:
     if host.lower() in _LOCAL_NAMES:
         return True

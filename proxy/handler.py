@@ -123,8 +123,7 @@ class Handler:
             server_log.exception("%s %s: unexpected error", request.method, route_name)
             response, outcome = problem_response(ProblemError()), "internal_error"
         duration_s = time.perf_counter() - started
-        self._metrics.requests.labels(route_name, str(response.status), outcome).inc()
-        self._metrics.request_duration.labels(route_name).observe(duration_s)
+        self._metrics.count_request(route_name, response.status, outcome, duration_s)
         if access_log.isEnabledFor(logging.INFO):  # nothing formatted when access is off
             access_log.info(
                 "%s %s route=%s status=%d upstream=%d ms=%.1f",
@@ -195,9 +194,7 @@ class Handler:
                     timeout=route.timeout,
                     ssl=route.tls.current(),
                 )
-            self._metrics.upstream_duration.labels(route.name).observe(
-                time.perf_counter() - started
-            )
+            self._metrics.observe_upstream(route.name, time.perf_counter() - started)
             if nonce := upstream.headers.get("DPoP-Nonce"):
                 route.nonce = nonce
             if attempt == 2 or not replayable:

@@ -8,6 +8,7 @@ their ``multiprocess_mode`` says (the soonest expiry, the longest backoff, summe
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -21,6 +22,10 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        # children by label values: bounded, as the values are (routes, statuses, outcomes)
+        self._request_counters: dict[tuple[str, int, str], Any] = {}
+        self._durations: dict[str, Any] = {}
+        self._upstream_durations: dict[str, Any] = {}
         self.requests = Counter(
             "credproxy_requests",
             "Requests answered to the app.",
@@ -106,6 +111,26 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+
+    def count_request(self, route: str, status: int, outcome: str, duration_s: float) -> None:
+        """Per request: the labelled children are looked up once, then reused (hot path)."""
+        key = (route, status, outcome)
+        counter = self._request_counters.get(key)
+        if counter is None:
+            counter = self._request_counters[key] = self.requests.labels(
+                route, str(status), outcome
+            )
+        counter.inc()
+        histogram = self._durations.get(route)
+        if histogram is None:
+            histogram = self._durations[route] = self.request_duration.labels(route)
+        histogram.observe(duration_s)
+
+    def observe_upstream(self, route: str, duration_s: float) -> None:
+        histogram = self._upstream_durations.get(route)
+        if histogram is None:
+            histogram = self._upstream_durations[route] = self.upstream_duration.labels(route)
+        histogram.observe(duration_s)
 
     def exposition(self) -> bytes:
         """The text format for /metrics: this process's registry, or every worker's."""
