@@ -24,6 +24,7 @@ from .policy import RoutePolicy
 from .routing import RouteTable, Target
 from .tls import ClientTLS
 from .token_cache import CacheKey, MintingSource, Token, TokenSource
+from .token_share import SHARED_TYPES, LeaderClient
 
 
 @dataclass(eq=False)
@@ -85,6 +86,7 @@ def build(
     audit: Audit,
     previous: Runtime | None = None,
     dpop_key: DPoPKey | None = None,
+    leader: LeaderClient | None = None,
 ) -> Runtime:
     """Raise ``IdentityError`` (naming the config path) when a key or secret file is unusable.
 
@@ -122,7 +124,7 @@ def build(
             sources[key] = (
                 MintingSource(key, key_id=issuer.kid, audit=audit)
                 if isinstance(issuer, SelfSignedJWTIssuer)
-                else _source(key, issuer, metrics=metrics, audit=audit)
+                else _source(key, issuer, metrics=metrics, audit=audit, leader=leader)
             )
         tls = ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=f"routes[{i}]")
         routes.append(
@@ -162,14 +164,27 @@ def _client_certificate(route: Route, issuer: Issuer) -> tuple[Path | None, Path
     return None, None
 
 
-def _source(key: CacheKey, issuer: Issuer, *, metrics: Metrics, audit: Audit) -> TokenSource:
+def _source(
+    key: CacheKey,
+    issuer: Issuer,
+    *,
+    metrics: Metrics,
+    audit: Audit,
+    leader: LeaderClient | None,
+) -> TokenSource:
+    follower = leader is not None and issuer.config.type in SHARED_TYPES
+
     async def fetch() -> Token:
+        if follower:
+            assert leader is not None
+            return await leader.fetch(key)
         return await issuer.fetch(key)
 
     return TokenSource(
         key,
         fetch,
         revoke=issuer.revoke,
+        owns_tokens=not follower,  # the leader revokes what it fetched
         metrics=metrics,
         audit=audit,
         refresh_ahead_s=getattr(issuer.config, "refresh_ahead_s", None),

@@ -32,6 +32,7 @@ from .log import server_log
 from .metrics import Metrics
 from .runtime import Runtime, build
 from .tasks import spawn
+from .token_share import LeaderClient, leader_app
 from .usage import Usage
 
 _GAUGE_INTERVAL_S = 5.0
@@ -70,10 +71,16 @@ class Server:
         dpop_key: DPoPKey | None = None,
         inherited: dict[str, socket.socket] | None = None,
         reuse_port: bool = False,
+        leader_socket: str | None = None,
+        is_leader: bool = False,
     ) -> None:
-        """``dpop_key``, ``inherited`` (listening sockets by listen address) and ``reuse_port``
-        are for workers: one DPoP key for all, Unix sockets shared, TCP ports shared."""
+        """``dpop_key``, ``inherited`` (listening sockets by listen address), ``reuse_port`` and
+        ``leader_socket`` are for workers: one DPoP key for all, Unix sockets and TCP ports
+        shared, tokens fetched by the leader (``is_leader``) and shared over that socket."""
         self.config = config
+        self._leader_socket = leader_socket
+        self._is_leader = is_leader
+        self._leader: LeaderClient | None = None
         self._dpop_key = dpop_key
         self._inherited = inherited or {}
         self._reuse_port = reuse_port
@@ -122,13 +129,21 @@ class Server:
 
     async def _start(self) -> None:
         self._session = new_session()
+        if self._leader_socket is not None and not self._is_leader:
+            self._leader = LeaderClient(self._leader_socket)
         self._runtime = build(
             self.config,
             session=self._session,
             metrics=self.metrics,
             audit=self.audit,
             dpop_key=self._dpop_key,
+            leader=self._leader,
         )
+        if self._leader_socket is not None and self._is_leader:
+            shared = web.AppRunner(leader_app(lambda: self.runtime.sources), access_log=None)
+            await self._setup(shared)
+            await web.UnixSite(shared, self._leader_socket).start()
+            os.chmod(self._leader_socket, 0o600)
         if self.config.warm_up:
             await self._warm_up()
         callers = self._callers
@@ -286,6 +301,7 @@ class Server:
                     metrics=self.metrics,
                     audit=self.audit,
                     previous=self.runtime,
+                    leader=self._leader,
                 )
             except (ConfigError, IdentityError) as exc:
                 errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
@@ -358,6 +374,8 @@ class Server:
                     self.config.revoke_timeout_s,
                 )
             await self._runtime.aclose()
+        if self._leader is not None:
+            await self._leader.aclose()
         if self._session is not None:
             await self._session.close()
         for address in self.app_addresses:

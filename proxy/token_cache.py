@@ -84,8 +84,10 @@ class TokenSource:
         audit: Audit,
         refresh_ahead_s: float | None = None,
         backoff_max_s: float = 30.0,
+        owns_tokens: bool = True,
     ) -> None:
         self.key = key
+        self._owns_tokens = owns_tokens  # False: a worker's copy of the leader's tokens
         self._fetch = fetch
         self._revoke = revoke
         self._metrics = metrics
@@ -149,7 +151,7 @@ class TokenSource:
         logged, counted and audited, never raised. ``rotate`` fetches a replacement at once and
         returns once that first attempt has ended, so the caller sees the source's new state."""
         token, self._token = self._token, None
-        if token is None:
+        if token is None or not self._owns_tokens:
             return None
         if rotate:
             self._begin_attempt()

@@ -6,8 +6,9 @@ forks N workers, forwards signals and restarts a worker that dies; it serves not
 - Unix socket listeners: the parent binds and listens once; the workers inherit the socket and
   accept from it in turn (``SO_REUSEPORT`` does not apply to Unix sockets).
 - One DPoP key, made in memory by the parent before forking, so every worker's tokens are bound
-  to the same key. Token caches are per worker: the IdP sees up to N token requests per
-  credential and refresh window (the benchmark reports the count).
+  to the same key. Worker 0 is the leader: only it asks the IdP; the others take its tokens over
+  a Unix socket in a private directory (``token_share``), so the IdP sees one token request per
+  credential and refresh window.
 - The admin listener runs in worker 0; /metrics aggregates all workers' values
   (``PROMETHEUS_MULTIPROC_DIR``, set by the CLI before anything imports prometheus_client).
 """
@@ -15,9 +16,11 @@ forks N workers, forwards signals and restarts a worker that dies; it serves not
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import FrameType
@@ -78,6 +81,8 @@ def supervise(config: Config, path: Path, count: int) -> int:
 
     listen, inherited, reserved = _shared_sockets(config)
     dpop_key = DPoPKey(config.identity.dpop_alg)
+    private = tempfile.mkdtemp(prefix="credproxy-leader-")  # mode 0700: the sidecar's user only
+    leader_socket = os.path.join(private, "tokens.sock")
     workers: dict[int, int] = {}  # pid → index
     stopping = False
 
@@ -93,7 +98,15 @@ def supervise(config: Config, path: Path, count: int) -> int:
         )
         code = 0
         try:
-            server.run(worker_config, path, dpop_key=dpop_key, inherited=inherited, reuse_port=True)
+            server.run(
+                worker_config,
+                path,
+                dpop_key=dpop_key,
+                inherited=inherited,
+                reuse_port=True,
+                leader_socket=leader_socket,
+                is_leader=index == 0,
+            )
         except Exception:
             server_log.exception("worker %d failed", index)
             code = 1
@@ -133,6 +146,7 @@ def supervise(config: Config, path: Path, count: int) -> int:
         sock.close()
     for value in inherited:
         Path(parse_address(value).path or "").unlink(missing_ok=True)
+    shutil.rmtree(private, ignore_errors=True)
     return 1 if failed else 0
 
 
