@@ -245,9 +245,15 @@ class Handler:
             if prefetched is not None:
                 await response.write(scrubber.feed(prefetched))
             else:
-                with upstream_errors(where):
-                    async for chunk in upstream.content.iter_any():
-                        await response.write(scrubber.feed(chunk))
+                chunks = upstream.content.iter_any()
+                while True:
+                    with upstream_errors(
+                        where
+                    ):  # the upstream's read only: a write error is the app's
+                        chunk = await anext(chunks, b"")
+                    if not chunk:
+                        break
+                    await response.write(scrubber.feed(chunk))
             await response.write(scrubber.flush())
             await response.write_eof()
         except ProblemError as exc:

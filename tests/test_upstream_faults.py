@@ -78,6 +78,12 @@ class FaultyUpstream:
             await asyncio.sleep(0.1)
             _reset(writer)
             return False
+        if path == "/big":  # 16 MiB, written as fast as the reader takes it
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 16777216\r\n\r\n")
+            for _ in range(256):
+                writer.write(b"z" * 65536)
+                await writer.drain()
+            return True
         if path == "/reset-mid-request":
             await reader.readexactly(65536)  # part of the streamed body, then a reset
             _reset(writer)
@@ -204,3 +210,23 @@ async def test_keep_alive_connections_closed_by_the_upstream_do_not_fail_request
             assert response.status == 200 and await response.read() == b"ok"
         await asyncio.sleep(0.3)
     assert faulty_upstream.connections >= 5
+
+
+async def test_app_leaving_mid_response_is_not_blamed_on_the_upstream(
+    faulty_upstream, credproxy, tmp_path
+):
+    """The app closes while a large response streams: the log says the app left (info), not
+    that the upstream cut the response, and credproxy keeps serving."""
+    proc = credproxy(_config(faulty_upstream, tmp_path))
+    async with aiohttp.ClientSession() as app:
+        async with app.get(proc.url + "/big") as response:
+            await response.content.readexactly(65536)
+            response.close()  # the app goes away mid-body
+    async with aiohttp.ClientSession() as client:
+        for _ in range(50):
+            if "the app closed the connection mid-response" in proc.log():
+                break
+            await asyncio.sleep(0.1)
+        assert "the app closed the connection mid-response" in proc.log()
+        assert "response cut mid-body" not in proc.log()
+        await _still_serving(client, proc)
