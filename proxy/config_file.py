@@ -11,17 +11,16 @@ import yaml
 from pydantic import ValidationError
 from yarl import URL
 
-from .config import (
+from .config import Config, parse_address
+from .config_base import is_loopback
+from .errors import ConfigError
+from .issuer_config import (
     AWSIssuer,
-    Config,
     OAuth2Issuer,
     StaticIssuer,
-    is_loopback,
     known_aws_service,
-    parse_address,
     sigv4_scope,
 )
-from .errors import ConfigError
 
 
 def _shown(name: object) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-from .config import is_loopback
+from .config_base import is_loopback
 from .errors import BrowserRefused, HostNotAllowed, MethodRefused
 
 

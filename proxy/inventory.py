@@ -8,7 +8,8 @@ from __future__ import annotations
 import datetime
 from typing import Any
 
-from .config import AWSIssuer, Config, StaticIssuer
+from .config import Config
+from .issuer_config import AWSIssuer, StaticIssuer
 from .runtime import Runtime
 from .token_cache import MintingSource
 from .usage import Usage

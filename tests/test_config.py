@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from proxy import config_file
-from proxy.config import OAuth2Issuer
 from proxy.errors import ConfigError
+from proxy.issuer_config import OAuth2Issuer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -320,7 +320,7 @@ def test_bad_aws_config_names_path(text, expected):
 
 def test_aws_service_and_region_derive_from_the_upstream_host():
     """s3.eu-west-1.amazonaws.com needs no explicit service or region."""
-    from proxy.config import sigv4_scope
+    from proxy.issuer_config import sigv4_scope
 
     config_file.parse(AWS)
     assert sigv4_scope(None, None, "https://dynamodb.us-east-2.amazonaws.com", None) == (

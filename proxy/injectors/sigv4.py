@@ -20,8 +20,9 @@ from typing import Any
 
 from aiohttp import StreamReader
 
-from ..config import Route, sigv4_scope
+from ..config import Route
 from ..errors import LengthRequired
+from ..issuer_config import sigv4_scope
 from ..token_cache import Token
 from .base import Body, Injector, Outbound
 

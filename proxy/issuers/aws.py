@@ -14,11 +14,11 @@ from typing import Any
 
 import aiohttp
 
-from ..config import AWSIssuer as AWSConfig
 from ..config import Identity
 from ..dpop import DPoPKey
 from ..errors import IdentityError, IssuerError
 from ..identity import read_secret_file
+from ..issuer_config import AWSIssuer as AWSConfig
 from ..secret import Secret
 from ..token_cache import CacheKey, Token
 

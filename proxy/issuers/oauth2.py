@@ -23,11 +23,12 @@ import aiohttp
 from multidict import CIMultiDict
 from yarl import URL
 
-from ..config import Identity, is_loopback
-from ..config import OAuth2Issuer as OAuth2Config
+from ..config import Identity
+from ..config_base import is_loopback
 from ..dpop import DPoPKey
 from ..errors import IssuerError
 from ..identity import load_signing_key, read_secret_file
+from ..issuer_config import OAuth2Issuer as OAuth2Config
 from ..jose import Signer
 from ..secret import Secret
 from ..tls import ClientTLS

@@ -15,9 +15,9 @@ from typing import Any
 import aiohttp
 
 from ..config import Identity
-from ..config import SelfSignedJWTIssuer as JWTConfig
 from ..dpop import DPoPKey
 from ..identity import generate_key, load_signing_key
+from ..issuer_config import SelfSignedJWTIssuer as JWTConfig
 from ..jose import Signer, SigningKey, public_jwk, thumbprint
 from ..token_cache import CacheKey, Token
 

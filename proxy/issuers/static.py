@@ -7,10 +7,10 @@ from __future__ import annotations
 import aiohttp
 
 from ..config import Identity
-from ..config import StaticIssuer as StaticConfig
 from ..dpop import DPoPKey
 from ..errors import IdentityError, IssuerError
 from ..identity import read_secret_file
+from ..issuer_config import StaticIssuer as StaticConfig
 from ..token_cache import CacheKey, Token
 
 

@@ -8,10 +8,10 @@ from __future__ import annotations
 import aiohttp
 
 from ..config import Identity
-from ..config import TokenExchangeIssuer as TokenExchangeConfig
 from ..dpop import DPoPKey
 from ..errors import IdentityError, IssuerError
 from ..identity import read_secret_file
+from ..issuer_config import TokenExchangeIssuer as TokenExchangeConfig
 from .oauth2 import OAuth2Issuer
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
