@@ -115,6 +115,12 @@ class Server:
         await self.aclose()
 
     @property
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            raise RuntimeError("server not started")
+        return self._session
+
+    @property
     def runtime(self) -> Runtime:
         if self._runtime is None:
             raise RuntimeError("server not started")
@@ -297,7 +303,7 @@ class Server:
                 config = config_file.load(path)
                 runtime = build(
                     config,
-                    session=self._session or new_session(),
+                    session=self.session,
                     metrics=self.metrics,
                     audit=self.audit,
                     previous=self.runtime,

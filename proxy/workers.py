@@ -43,8 +43,7 @@ def _shared_sockets(
     for value in config.listen:
         address = parse_address(value)
         if address.path:
-            with_path = _unix_listener(address, config.unix_socket_mode)
-            inherited[value] = with_path
+            inherited[value] = _unix_listener(address, config.unix_socket_mode)
             listen.append(value)
             continue
         family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET

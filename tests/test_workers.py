@@ -5,9 +5,12 @@ one dies, and stop together on SIGTERM."""
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import re
 import signal
+import stat
+import tempfile
 import time
 
 import aiohttp
@@ -65,6 +68,10 @@ async def test_two_workers_share_the_listeners_and_one_dpop_key(idp, upstream, c
     assert served and float(served[1]) == 160
     tokens = [r for r in idp.records() if r.get("access_token")][before:]
     assert len(tokens) == 1  # the leader's, shared with the other worker
+    # invariant 1: the socket carrying token values is the sidecar user's alone
+    [leader_socket] = glob.glob(f"{tempfile.gettempdir()}/credproxy-leader-*/tokens.sock")
+    assert stat.S_IMODE(os.stat(os.path.dirname(leader_socket)).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(leader_socket).st_mode) == 0o600
 
 
 async def test_a_dead_worker_is_replaced_and_sigterm_stops_all(idp, upstream, credproxy):
