@@ -6,6 +6,7 @@
     ├── StartError                            cannot listen, audit, or get a first credential
     └── ProblemError                          answered to the app as problem+json
         ├── RequestRefused                    4xx the proxy decided on its own
+        │   ├── MalformedRequest              400 malformed_request (not valid HTTP/1.1)
         │   ├── RouteNotFound                 404 route_not_found
         │   ├── InvalidPath                   400 invalid_path
         │   ├── PayloadTooLarge               413 payload_too_large
@@ -33,6 +34,10 @@ log and may name files and endpoints, never a credential.
 """
 
 from __future__ import annotations
+
+import json
+
+_PROBLEM_PREFIX = "urn:credproxy:problem:"
 
 
 class CredproxyError(Exception):
@@ -65,11 +70,37 @@ class ProblemError(CredproxyError):
         super().__init__(log_detail or self.public_detail)
         self.route = route
 
+    def problem(self) -> tuple[dict[str, str], bytes]:
+        """Headers and RFC 9457 body with the stable code and the class's fixed public text,
+        never ``str(self)``."""
+        body: dict[str, object] = {
+            "type": _PROBLEM_PREFIX + self.code,
+            "title": self.code.replace("_", " "),
+            "status": self.status,
+            "code": self.code,
+            "detail": self.public_detail,
+        }
+        if self.route:
+            body["route"] = self.route
+        headers = {"Content-Type": "application/problem+json", "Cache-Control": "no-store"}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(int(self.retry_after_s))
+        return headers, json.dumps(body).encode()
+
 
 class RequestRefused(ProblemError):
     status = 400
     code = "request_refused"
     public_detail = "credproxy refused the request."
+
+
+class MalformedRequest(RequestRefused):
+    status = 400
+    code = "malformed_request"
+    public_detail = (
+        "The request is not valid HTTP/1.1 (framing, header syntax or a size limit); credproxy "
+        "closes the connection after this answer."
+    )
 
 
 class RouteNotFound(RequestRefused):

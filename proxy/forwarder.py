@@ -1,23 +1,10 @@
-"""The upstream side: one pooled keep-alive client, streaming bodies, hop-by-hop hygiene.
-
-Third-party errors are translated here, once, into the ``UpstreamError`` family.
-"""
+"""Header hygiene in both directions and the scrubbing of echoed credentials: no I/O."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Sequence
 
-import aiohttp
 from multidict import CIMultiDict, MultiMapping
-
-from .errors import (
-    UpstreamConnectError,
-    UpstreamError,
-    UpstreamProtocolError,
-    UpstreamTimeout,
-    UpstreamTLSError,
-)
 
 # RFC 9110 §7.6.1 (plus the widespread non-standard ones); never forwarded in either direction.
 HOP_BY_HOP = frozenset(
@@ -53,15 +40,33 @@ def request_headers(inbound: MultiMapping[str], strip: frozenset[str]) -> CIMult
     return CIMultiDict((name, value) for name, value in inbound.items() if name.lower() not in drop)
 
 
-def response_headers(upstream: MultiMapping[str], secret: str) -> CIMultiDict[str]:
-    """The upstream's headers minus hop-by-hop ones, with any echo of the credential masked."""
-    drop = HOP_BY_HOP | _connection_listed(upstream)
-    mask = "*" * len(secret)
-    return CIMultiDict(
-        (name, value.replace(secret, mask) if secret and secret in value else value)
-        for name, value in upstream.items()
-        if name.lower() not in drop
-    )
+_HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
+
+
+def response_head_lines(
+    raw_headers: Sequence[tuple[bytes, bytes]], secret: str
+) -> tuple[bytes, bool]:
+    """The upstream's header lines (``Name: value\\r\\n``, bytes as received) minus hop-by-hop
+    and ``Connection``-listed ones, any echo of the credential masked; and whether a
+    Content-Length still frames the body."""
+    names = [name.lower() for name, _ in raw_headers]
+    drop = _HOP_BY_HOP_BYTES
+    if b"connection" in names:
+        drop = drop | {
+            listed.strip().lower()
+            for (_, value), name in zip(raw_headers, names, strict=True)
+            if name == b"connection"
+            for listed in value.split(b",")
+        }
+    needle = secret.encode()
+    lines = []
+    for (name, value), lower in zip(raw_headers, names, strict=True):
+        if lower in drop:
+            continue
+        if needle and needle in value:
+            value = value.replace(needle, b"*" * len(needle))
+        lines.append(b"%s: %s\r\n" % (name, value))
+    return b"".join(lines), b"content-length" in names and b"content-length" not in drop
 
 
 class Scrubber:
@@ -93,36 +98,3 @@ class Scrubber:
     def flush(self) -> bytes:
         tail, self._tail = self._tail, b""
         return tail
-
-
-def new_session() -> aiohttp.ClientSession:
-    """The process's one upstream client: pooled keep-alive, no cookies, no added headers."""
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=30)
-    return aiohttp.ClientSession(
-        connector=connector,
-        cookie_jar=aiohttp.DummyCookieJar(),  # a proxy must never carry cookies between callers
-        auto_decompress=False,  # bodies pass through byte for byte
-        skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding", "Content-Type"),
-        trust_env=False,  # the app's HTTP_PROXY may point at us: never loop back
-    )
-
-
-@contextmanager
-def upstream_errors(where: str) -> Iterator[None]:
-    """Translate aiohttp and OS errors into the ``UpstreamError`` family, naming the upstream."""
-    try:
-        yield
-    except UpstreamError:
-        raise
-    except TimeoutError as exc:
-        raise UpstreamTimeout(f"{where}: timed out") from exc
-    except aiohttp.ClientSSLError as exc:
-        raise UpstreamTLSError(f"{where}: TLS failed: {exc}") from exc
-    except aiohttp.ClientConnectorError as exc:
-        raise UpstreamConnectError(f"{where}: cannot connect: {exc.os_error}") from exc
-    except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError) as exc:
-        raise UpstreamProtocolError(f"{where}: {exc.__class__.__name__}: {exc}") from exc
-    except aiohttp.ClientResponseError as exc:
-        raise UpstreamProtocolError(f"{where}: invalid response: {exc.message}") from exc
-    except (aiohttp.ClientError, OSError) as exc:
-        raise UpstreamError(f"{where}: {exc.__class__.__name__}: {exc}") from exc

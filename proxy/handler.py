@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
+from http import HTTPStatus
 
-import aiohttp
-from aiohttp import web
+from aiohttp import StreamReader
 from multidict import CIMultiDict
-from yarl import URL
 
+from .app_server import AppRequest
 from .audit import Audit
 from .callers import UNKNOWN, Caller, CallerCache
 from .errors import (
@@ -25,47 +24,32 @@ from .errors import (
     RouteNotFound,
     TransferCodingNotImplemented,
 )
-from .forwarder import Scrubber, request_headers, response_headers, upstream_errors
+from .forwarder import Scrubber, request_headers, response_head_lines
 from .injectors import Outbound
 from .log import access_log, server_log
 from .metrics import Metrics
 from .routing import normalize_path, request_host
 from .runtime import RouteRuntime, Runtime
+from .upstream import Answer, Upstreams, request_head
 from .usage import Usage
 
-_PROBLEM_PREFIX = "urn:credproxy:problem:"
 _MAX_CONTENT_LENGTH = 2**63 - 1  # beyond, signed 64-bit parsers upstream overflow
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
-def problem_response(exc: ProblemError) -> web.Response:
-    """RFC 9457 body with a stable code and the class's fixed public text, never ``str(exc)``."""
-    body: dict[str, object] = {
-        "type": _PROBLEM_PREFIX + exc.code,
-        "title": exc.code.replace("_", " "),
-        "status": exc.status,
-        "code": exc.code,
-        "detail": exc.public_detail,
-    }
-    if exc.route:
-        body["route"] = exc.route
-    headers = {"Cache-Control": "no-store"}
-    if exc.retry_after_s is not None:
-        headers["Retry-After"] = str(int(exc.retry_after_s))
-    return web.Response(
-        status=exc.status,
-        body=json.dumps(body).encode(),
-        content_type="application/problem+json",
-        headers=headers,
-    )
+def send_problem(request: AppRequest, exc: ProblemError) -> None:
+    headers, body = exc.problem()
+    request.send(exc.status, _REASONS.get(exc.status, ""), headers, body)
 
 
 class Handler:
-    """Called by aiohttp's low-level server for every request on an app listener."""
+    """Called by the app listener (``app_server``) for every request, one at a time per
+    connection; it always answers, with the upstream's answer or a problem."""
 
     def __init__(
         self,
         runtime: Runtime,
-        session: aiohttp.ClientSession,
+        upstreams: Upstreams,
         *,
         metrics: Metrics,
         audit: Audit,
@@ -74,33 +58,30 @@ class Handler:
         body_idle_s: float = 30.0,
     ) -> None:
         self.runtime = runtime  # replaced whole on reload (SIGHUP)
-        self._session = session
+        self._upstreams = upstreams
         self._metrics = metrics
         self._audit = audit
         self._callers = callers
         self._usage = usage
         self._body_idle_s = body_idle_s
 
-    async def __call__(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def __call__(self, request: AppRequest) -> None:
         started = time.perf_counter()
         route_name = "-"
-        upstream_status = 0
         caller = UNKNOWN
         try:
-            transport = request.transport
+            transport = request.connection.transport
             if transport is not None:
-                caller = self._callers.get(request.protocol, transport)
+                caller = self._callers.get(request.connection, transport)
             runtime = self.runtime  # one config for the whole request, even across a reload
             route, forwarded_path = self._route(runtime, request)
             route_name = route.name
             route.policy.check(caller, request.method, forwarded_path)
-            response = await self._proxy(request, route, forwarded_path, caller)
-            upstream_status = response.status
+            upstream_status = await self._proxy(request, route, forwarded_path, caller)
             outcome = "proxied"
         except ProblemError as exc:
             exc.route = exc.route or (route_name if route_name != "-" else None)
-            response = problem_response(exc)
-            outcome = exc.code
+            upstream_status, outcome = 0, exc.code
             if isinstance(exc, RequestRefused):
                 self._metrics.denied.labels(exc.code).inc()
                 self._audit.emit(
@@ -108,46 +89,55 @@ class Handler:
                     reason=exc.code,
                     route=exc.route,
                     method=request.method[:16],
-                    path=request.rel_url.raw_path[:256],
+                    path=request.url.raw_path[:256],
                     caller=caller.attributes(),
                 )
             server_log.warning(
-                "%s %s → %d %s: %s",
-                request.method,
-                request.rel_url.raw_path,
-                exc.status,
-                exc.code,
-                exc,
+                "%s %s → %d %s: %s", request.method, request.url.raw_path, exc.status, exc.code, exc
             )
+            self._answer_problem(request, exc)
+        except ConnectionError:  # the app left before its answer began
+            server_log.info("%s %s: the app closed the connection", request.method, route_name)
+            upstream_status, outcome = 0, "app_closed"
+            request.keep_alive = False
         except Exception:  # a bug, not the app's fault: still a problem+json, never a trace
             server_log.exception("%s %s: unexpected error", request.method, route_name)
-            response, outcome = problem_response(ProblemError()), "internal_error"
+            upstream_status, outcome = 0, "internal_error"
+            self._answer_problem(request, ProblemError())
         duration_s = time.perf_counter() - started
-        self._metrics.count_request(route_name, response.status, outcome, duration_s)
+        self._metrics.count_request(route_name, request.status, outcome, duration_s)
         if access_log.isEnabledFor(logging.INFO):  # nothing formatted when access is off
             access_log.info(
                 "%s %s route=%s status=%d upstream=%d ms=%.1f",
                 request.method,
-                request.rel_url.raw_path,
+                request.url.raw_path,
                 route_name,
-                response.status,
+                request.status,
                 upstream_status,
                 duration_s * 1000,
             )
-        return response
 
-    def _route(self, runtime: Runtime, request: web.BaseRequest) -> tuple[RouteRuntime, str]:
-        # HTTP_PROXY users send absolute-form targets; raw_path is the request-target as sent.
-        forward_proxy = "://" in request.raw_path and not request.raw_path.startswith("/")
-        if forward_proxy:
-            try:  # raw_host: as sent, never IDNA-decoded (route hosts are ASCII)
-                host: str | None = (URL(request.raw_path).raw_host or "").lower()
-            except ValueError:
-                raise DestinationNotAllowed("undecodable absolute-form target") from None
+    @staticmethod
+    def _answer_problem(request: AppRequest, exc: ProblemError) -> None:
+        if request.status:  # the answer had begun: a cut connection is the only signal left
+            request.abort()
+            return
+        try:
+            send_problem(request, exc)
+        except ConnectionError:
+            request.keep_alive = False
+
+    def _route(self, runtime: Runtime, request: AppRequest) -> tuple[RouteRuntime, str]:
+        # HTTP_PROXY users send absolute-form targets; target is the request-target as sent.
+        target = request.target
+        url = request.url
+        forward_proxy = "://" in target and not target.startswith("/")
+        if forward_proxy:  # raw_host: as sent, never IDNA-decoded (route hosts are ASCII)
+            host: str | None = (url.raw_host or "").lower()
         else:  # No browser omits Host; a local HTTP/1.0 client may.
             host = request_host(request.headers.get("Host", "localhost"))
         runtime.guard.check(request.method, host, request.headers, forward_proxy=forward_proxy)
-        raw_path = request.rel_url.raw_path
+        raw_path = url.raw_path
         if not raw_path.startswith("/"):
             raise InvalidPath("not an origin-form path")
         dotted, path = normalize_path(raw_path)
@@ -164,9 +154,10 @@ class Handler:
         return runtime.routes[index], forwarded_path
 
     async def _proxy(
-        self, request: web.BaseRequest, route: RouteRuntime, forwarded_path: str, caller: Caller
-    ) -> web.StreamResponse:
-        query = request.rel_url.raw_query_string
+        self, request: AppRequest, route: RouteRuntime, forwarded_path: str, caller: Caller
+    ) -> int:
+        """Forward, stream the answer back; return the upstream's status."""
+        query = request.url.raw_query_string
         injector = route.injector
         body, replayable = await _request_body(request, route, self._body_idle_s)
         outbound = Outbound(
@@ -183,33 +174,41 @@ class Handler:
         for attempt in (1, 2):
             outbound.nonce = route.nonce
             injector.apply(outbound, token)
+            sent = injector.encode(outbound, body)
+            head, chunked = request_head(
+                request.method,
+                outbound.url.raw_path_qs,
+                route.origin.host_header,
+                outbound.headers,
+                sent,
+            )
             started = time.perf_counter()
-            with upstream_errors(where):
-                upstream = await self._session.request(
-                    request.method,
-                    outbound.url,
-                    headers=outbound.headers,
-                    data=injector.encode(outbound, body),
-                    allow_redirects=False,
-                    timeout=route.timeout,
-                    ssl=route.tls.current(),
-                )
+            answer = await self._upstreams.exchange(
+                route.origin,
+                route.tls.current(),
+                head,
+                sent,
+                chunked=chunked,
+                method=request.method,
+                timeouts=route.timeouts,
+                where=where,
+            )
             self._metrics.observe_upstream(route.name, time.perf_counter() - started)
-            if nonce := upstream.headers.get("DPoP-Nonce"):
+            headers = answer.message.headers
+            if nonce := headers.get("DPoP-Nonce"):
                 route.nonce = nonce
             if attempt == 2 or not replayable:
                 break
-            retry = _retry_reason(upstream)
-            if retry is None and injector.clock_sensitive and upstream.status == 403:
-                with upstream_errors(where):
-                    prefetched = await _small_body(upstream)
+            retry = _retry_reason(answer)
+            if retry is None and injector.clock_sensitive and answer.status == 403:
+                prefetched = await _small_body(answer)
                 if prefetched is not None and injector.corrects_clock(
-                    403, prefetched, upstream.headers.get("Date")
+                    403, prefetched, headers.get("Date")
                 ):
                     retry, prefetched = "clock_skew", None
             if retry is None:
                 break
-            upstream.release()
+            answer.release()
             self._metrics.credential_retries.labels(route.name, retry).inc()
             if retry == "invalid_token":
                 route.source.invalidate(token)
@@ -224,51 +223,40 @@ class Handler:
             method=request.method,
             path=forwarded_path,
         )
-        return await self._stream_back(request, upstream, outbound.secret, where, prefetched)
-
-    async def _stream_back(
-        self,
-        request: web.BaseRequest,
-        upstream: aiohttp.ClientResponse,
-        secret: str,
-        where: str,
-        prefetched: bytes | None,
-    ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=response_headers(upstream.headers, secret),
-        )
-        try:
-            await response.prepare(request)
-            scrubber = Scrubber(secret)
-            if prefetched is not None:
-                await response.write(scrubber.feed(prefetched))
-            else:
-                chunks = upstream.content.iter_any()
-                while True:
-                    with upstream_errors(
-                        where
-                    ):  # the upstream's read only: a write error is the app's
-                        chunk = await anext(chunks, b"")
-                    if not chunk:
-                        break
-                    await response.write(scrubber.feed(chunk))
-            await response.write(scrubber.flush())
-            await response.write_eof()
-        except ProblemError as exc:
-            # Headers are already sent: the only honest signal left is a cut connection.
-            server_log.warning("%s: response cut mid-body: %s", where, exc)
-            if request.transport is not None:
-                request.transport.abort()
-        except ConnectionError:
-            server_log.info("%s: the app closed the connection mid-response", where)
-        finally:
-            upstream.release()
-        return response
+        await _stream_back(request, answer, outbound.secret, where, prefetched)
+        return answer.status
 
 
-def _framed(headers: CIMultiDict[str], request: web.BaseRequest) -> CIMultiDict[str]:
+async def _stream_back(
+    request: AppRequest, answer: Answer, secret: str, where: str, prefetched: bytes | None
+) -> None:
+    lines, has_length = response_head_lines(answer.message.raw_headers, secret)
+    request.start(answer.status, answer.message.reason, lines, has_length=has_length)
+    connection = request.connection
+    try:
+        scrubber = Scrubber(secret)
+        if prefetched is not None:
+            request.write(scrubber.feed(prefetched))
+        else:
+            body = answer.body
+            while chunk := await body.readany():  # the upstream's errors are UpstreamError
+                request.write(scrubber.feed(chunk))
+                if connection.writing_paused:
+                    await request.drain()
+        request.write(scrubber.flush())
+        request.end()
+    except ProblemError as exc:
+        # Headers are already sent: the only honest signal left is a cut connection.
+        server_log.warning("%s: response cut mid-body: %s", where, exc)
+        request.abort()
+    except ConnectionError:
+        server_log.info("%s: the app closed the connection mid-response", where)
+        request.keep_alive = False
+    finally:
+        answer.release()
+
+
+def _framed(headers: CIMultiDict[str], request: AppRequest) -> CIMultiDict[str]:
     """The app's Content-Length re-serialised from the parsed value: the proxy's own framing."""
     if "Content-Length" in headers and request.content_length is not None:
         headers["Content-Length"] = str(request.content_length)
@@ -276,8 +264,8 @@ def _framed(headers: CIMultiDict[str], request: web.BaseRequest) -> CIMultiDict[
 
 
 async def _request_body(
-    request: web.BaseRequest, route: RouteRuntime, idle_s: float
-) -> tuple[bytes | aiohttp.StreamReader | None, bool]:
+    request: AppRequest, route: RouteRuntime, idle_s: float
+) -> tuple[bytes | StreamReader | None, bool]:
     """The body to send and whether it can be sent twice. Streams unless the injector must hash
     it (bounded: 413 beyond) or it is small enough to keep for one replay."""
     codings = ",".join(request.headers.getall("Transfer-Encoding", ())).lower()
@@ -294,22 +282,22 @@ async def _request_body(
     if route.injector.needs_body and length is not None and length > bound:
         raise PayloadTooLarge(f"body of {length} bytes, route limit {bound}")
     if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.send_continue()
     if route.injector.needs_body:
-        return await _read_body(request, bound, idle_s), True
+        return await _read_body(request.body, bound, idle_s), True
     if length is not None and length <= route.config.retry_body_max_bytes:
-        return await _read_body(request, length, idle_s), True
-    return request.content, False
+        return await _read_body(request.body, length, idle_s), True
+    return request.body, False
 
 
-async def _read_body(request: web.BaseRequest, bound: int, idle_s: float) -> bytes:
+async def _read_body(body: StreamReader, bound: int, idle_s: float) -> bytes:
     """The whole body, at most ``bound`` bytes (413 beyond), each read within ``idle_s`` (408)."""
     chunks: list[bytes] = []
     size = 0
     while True:
         try:
             async with asyncio.timeout(idle_s):
-                chunk = await request.content.readany()
+                chunk = await body.readany()
         except TimeoutError:
             raise RequestTimeout(f"no request body byte for {idle_s:g}s") from None
         if not chunk:
@@ -320,19 +308,21 @@ async def _read_body(request: web.BaseRequest, bound: int, idle_s: float) -> byt
         chunks.append(chunk)
 
 
-async def _small_body(upstream: aiohttp.ClientResponse) -> bytes | None:
+async def _small_body(answer: Answer) -> bytes | None:
     """An error body worth inspecting: small and of known length; None leaves it streaming."""
-    if upstream.content_length is None or upstream.content_length > 65536:
+    length = answer.message.headers.get("Content-Length")
+    if length is None or int(length) > 65536:
         return None
-    return await upstream.read()
+    return await answer.body.read()
 
 
-def _retry_reason(upstream: aiohttp.ClientResponse) -> str | None:
+def _retry_reason(answer: Answer) -> str | None:
     """RFC 6750 / RFC 9449 errors after which one replay with a new token or nonce can succeed."""
-    if upstream.status != 401:
+    if answer.status != 401:
         return None
-    challenge = ",".join(upstream.headers.getall("WWW-Authenticate", ()))
-    if 'error="use_dpop_nonce"' in challenge and "DPoP-Nonce" in upstream.headers:
+    headers = answer.message.headers
+    challenge = ",".join(headers.getall("WWW-Authenticate", ()))
+    if 'error="use_dpop_nonce"' in challenge and "DPoP-Nonce" in headers:
         return "use_dpop_nonce"
     if 'error="invalid_token"' in challenge:
         return "invalid_token"

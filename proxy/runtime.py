@@ -25,6 +25,7 @@ from .routing import RouteTable, Target
 from .tls import ClientTLS
 from .token_cache import CacheKey, MintingSource, Token, TokenSource
 from .token_share import SHARED_TYPES, LeaderClient
+from .upstream import Origin, Timeouts
 
 
 @dataclass(eq=False)
@@ -35,7 +36,8 @@ class RouteRuntime:
     source: TokenSource | MintingSource
     injector: Injector
     strip: frozenset[str]
-    timeout: aiohttp.ClientTimeout
+    origin: Origin
+    timeouts: Timeouts
     tls: ClientTLS
     policy: RoutePolicy
     nonce: str | None = field(default=None)  # the resource server's latest DPoP-Nonce
@@ -138,10 +140,11 @@ def build(
                 | CREDENTIAL_HEADERS
                 | injector.strip
                 | {h.lower() for h in route.strip_headers},
-                timeout=aiohttp.ClientTimeout(
-                    total=route.timeouts.total_s,
-                    sock_connect=route.timeouts.connect_s,
-                    sock_read=route.timeouts.idle_s,
+                origin=Origin.of(route.upstream),
+                timeouts=Timeouts(
+                    connect_s=route.timeouts.connect_s,
+                    idle_s=route.timeouts.idle_s,
+                    total_s=route.timeouts.total_s,
                 ),
                 tls=tls,
                 policy=RoutePolicy(route.allow, config.callers),

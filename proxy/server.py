@@ -14,17 +14,15 @@ from typing import Any
 import aiohttp
 import uvloop
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST
-from yarl import URL
 
 from . import config_file
+from .app_server import AppListener
 from .audit import Audit
 from .callers import CallerCache
 from .config import Address, Config, parse_address
 from .dpop import DPoPKey
 from .errors import ConfigError, CredentialUnavailable, IdentityError, StartError
-from .forwarder import new_session
 from .handler import Handler
 from .inventory import inventory
 from .issuers import SelfSignedJWTIssuer
@@ -33,31 +31,18 @@ from .metrics import Metrics
 from .runtime import Runtime, build
 from .tasks import spawn
 from .token_share import LeaderClient, leader_app
+from .upstream import Upstreams
 from .usage import Usage
 
 _GAUGE_INTERVAL_S = 5.0
 
 
-class _AppServer(web.Server):
-    """The low-level server, told when a connection closes so its caller is forgotten."""
-
-    def __init__(self, handler: Handler, callers: CallerCache, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
-        self._callers = callers
-
-    def _make_request(self, message: Any, *args: Any) -> web.BaseRequest:
-        try:
-            return super()._make_request(message, *args)
-        except ValueError:
-            # aiohttp IDNA-decodes an absolute-form host here, outside any handler: an invalid
-            # label would kill the connection unanswered. The handler refuses it from raw_path.
-            url = message.url
-            relative = URL.build(path=url.raw_path, query_string=url.raw_query_string, encoded=True)
-            return super()._make_request(message._replace(url=relative), *args)
-
-    def connection_lost(self, handler: RequestHandler, exc: BaseException | None = None) -> None:
-        super().connection_lost(handler, exc)
-        self._callers.forget(handler)
+def new_session() -> aiohttp.ClientSession:
+    """The client for identity providers and the token leader: no cookies, no added headers."""
+    return aiohttp.ClientSession(
+        cookie_jar=aiohttp.DummyCookieJar(),  # never carry cookies between calls
+        trust_env=False,  # the app's HTTP_PROXY may point at us: never loop back
+    )
 
 
 class Server:
@@ -93,6 +78,9 @@ class Server:
         )
         self.draining = False
         self._runners: list[web.BaseRunner] = []
+        self._app_servers: list[asyncio.Server] = []
+        self._listener: AppListener | None = None
+        self._upstreams = Upstreams()
         self._runtime: Runtime | None = None
         self._handler: Handler | None = None
         self._retiring: dict[asyncio.Task[None], Runtime] = {}  # replaced by reloads
@@ -156,35 +144,23 @@ class Server:
         self._gauges = spawn(self._sample_gauges_every(_GAUGE_INTERVAL_S), name="gauges")
         handler = self._handler = Handler(
             self._runtime,
-            self._session,
+            self._upstreams,
             metrics=self.metrics,
             audit=self.audit,
             callers=callers,
             usage=self.usage,
             body_idle_s=self.config.app_timeouts.body_idle_s,
         )
-        app_runner = web.ServerRunner(
-            _AppServer(
-                handler,
-                callers,
-                access_log=None,
-                auto_decompress=False,  # request bodies pass byte for byte, Content-Length true
-                keepalive_timeout=self.config.app_timeouts.keepalive_s,
-            ),
-            shutdown_timeout=self.config.shutdown_timeout_s,
-        )
-        await self._setup(app_runner)
+        self._listener = AppListener(handler, callers, self.config.app_timeouts.keepalive_s)
         for value in self.config.listen:
-            inherited = self._inherited.get(value)
-            if inherited is not None:
-                await web.SockSite(app_runner, inherited).start()
-                self.app_addresses.append(parse_address(value))
-            else:
-                self.app_addresses.append(await self._listen(app_runner, parse_address(value)))
+            address = parse_address(value)
+            self.app_addresses.append(await self._listen(address, self._inherited.get(value)))
         if self.config.admin:
             admin_runner = web.AppRunner(self._admin_app(), access_log=None)
             await self._setup(admin_runner)
-            self.admin_address = await self._listen(admin_runner, parse_address(self.config.admin))
+            self.admin_address = await self._listen_admin(
+                admin_runner, parse_address(self.config.admin)
+            )
         server_log.info(
             "credproxy serving %s; admin %s; %d route(s)",
             ", ".join(map(str, self.app_addresses)),
@@ -207,25 +183,52 @@ class Server:
         await runner.setup()
         self._runners.append(runner)
 
-    async def _listen(self, runner: web.BaseRunner, address: Address) -> Address:
+    async def _listen(self, address: Address, inherited: socket.socket | None) -> Address:
+        """An app listener on ``address``, or on the socket a supervisor made for it."""
+        assert self._listener is not None
+        loop = asyncio.get_running_loop()
+        server: asyncio.Server
+        if address.path:
+            if inherited is None:
+                with contextlib.suppress(FileNotFoundError):
+                    if Path(address.path).is_socket():
+                        os.unlink(address.path)  # a stale socket from a previous run
+            server = await loop.create_unix_server(
+                self._listener, None if inherited else address.path, sock=inherited
+            )
+            if inherited is None:
+                os.chmod(address.path, int(self.config.unix_socket_mode, 8))
+            self._app_servers.append(server)
+            return address
+        try:
+            if inherited is not None:
+                server = await loop.create_server(self._listener, sock=inherited)
+            else:
+                server = await loop.create_server(
+                    self._listener,
+                    address.host,
+                    address.port,
+                    reuse_address=True,
+                    reuse_port=self._reuse_port,
+                )
+        except OSError as exc:
+            raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
+        self._app_servers.append(server)
+        return Address(host=address.host, port=server.sockets[0].getsockname()[1])
+
+    async def _listen_admin(self, runner: web.BaseRunner, address: Address) -> Address:
         site: web.BaseSite
         if address.path:
-            with contextlib.suppress(FileNotFoundError):
-                if Path(address.path).is_socket():
-                    os.unlink(address.path)  # a stale socket from a previous run
             site = web.UnixSite(runner, address.path)
             await site.start()
             os.chmod(address.path, int(self.config.unix_socket_mode, 8))
             return address
-        site = web.TCPSite(
-            runner, address.host, address.port, reuse_address=True, reuse_port=self._reuse_port
-        )
+        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
         try:
             await site.start()
         except OSError as exc:
             raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
-        bound = runner.addresses[-1]
-        return Address(host=address.host, port=bound[1])
+        return Address(host=address.host, port=runner.addresses[-1][1])
 
     def _admin_app(self) -> web.Application:
         app = web.Application()
@@ -360,8 +363,13 @@ class Server:
         if self._gauges is not None:
             self._gauges.cancel()
             await asyncio.gather(self._gauges, return_exceptions=True)
-        for runner in self._runners:  # the app listener first, the admin one last
-            await runner.cleanup()  # stops accepting, then waits for in-flight requests
+        for server in self._app_servers:
+            server.close()  # stops accepting
+        if self._listener is not None:  # in-flight requests finish, up to the timeout
+            await self._listener.drain(self.config.shutdown_timeout_s)
+        self._app_servers.clear()
+        for runner in self._runners:  # the admin listener last
+            await runner.cleanup()
         self._runners.clear()
         for task, old in list(self._retiring.items()):
             task.cancel()
@@ -382,6 +390,7 @@ class Server:
             await self._runtime.aclose()
         if self._leader is not None:
             await self._leader.aclose()
+        self._upstreams.close()
         if self._session is not None:
             await self._session.close()
         for address in self.app_addresses:

@@ -7,7 +7,7 @@ from proxy.forwarder import (
     HOP_BY_HOP,
     Scrubber,
     request_headers,
-    response_headers,
+    response_head_lines,
 )
 
 SECRET = "eyJhbGciOiJFUzI1NiJ9.payload.signature-value"
@@ -45,17 +45,27 @@ def test_request_headers_drop_hop_by_hop_connection_listed_and_credentials():
     assert list(out.items()) == [("Accept", "a"), ("Accept", "b")]
 
 
-def test_response_headers_mask_credential_echo():
-    """An upstream echoing the token in a header gets a mask; hop-by-hop response headers go."""
-    upstream = CIMultiDictProxy(
-        CIMultiDict(
-            [
-                ("X-Debug", f"token={SECRET}"),
-                ("Keep-Alive", "timeout=5"),
-                ("Content-Length", "3"),
-            ]
-        )
+def test_response_head_lines_mask_credential_echo_and_drop_hop_by_hop():
+    """An upstream echoing the token in a header gets a mask; hop-by-hop and Connection-listed
+    response headers go; names and other values pass byte for byte."""
+    raw = (
+        (b"X-Debug", f"token={SECRET}".encode()),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"connection", b"X-Hop"),
+        (b"X-Hop", b"1"),
+        (b"X-Caf\xc3\xa9", b"caf\xc3\xa9"),
+        (b"Content-Length", b"3"),
     )
-    out = response_headers(upstream, SECRET)
-    assert out["X-Debug"] == "token=" + "*" * len(SECRET)
-    assert "Keep-Alive" not in out and out["Content-Length"] == "3"
+    lines, has_length = response_head_lines(raw, SECRET)
+    assert lines == (
+        b"X-Debug: token=" + b"*" * len(SECRET) + b"\r\n"
+        b"X-Caf\xc3\xa9: caf\xc3\xa9\r\nContent-Length: 3\r\n"
+    )
+    assert has_length
+
+
+def test_response_head_lines_content_length_listed_in_connection_frames_nothing():
+    lines, has_length = response_head_lines(
+        ((b"Connection", b"content-length"), (b"Content-Length", b"3")), ""
+    )
+    assert lines == b"" and not has_length

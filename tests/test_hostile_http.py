@@ -4,8 +4,7 @@ pass, sent as raw bytes to a running ``credproxy run`` and checked at a raw-sock
 records every byte it receives (``tests/raw_upstream.py``).
 
 Each vector gets a refusal or correct handling, and the upstream sees either nothing or exactly
-one request in the proxy's own framing. The one strict expected failure (chunk framing broken
-mid-body) is an aiohttp parser bug; it turns into an XPASS failure once fixed, and the mark goes.
+one request in the proxy's own framing.
 """
 
 from __future__ import annotations
@@ -494,8 +493,7 @@ def test_http10_is_answered_in_http10_and_closed_unless_kept_alive(
 def test_upgrade_is_never_tunnelled(upgrade: bytes, sidecar: int, upstream: RawUpstream) -> None:
     """No route allows upgrades, so none happens: the request is forwarded as a plain request
     without Upgrade/Connection, the app gets no 101, and bytes sent after it as if a tunnel were
-    open are never relayed raw (aiohttp parses them as HTTP after a websocket upgrade, here a 400,
-    and drops them after any other)."""
+    open are never relayed raw (credproxy answers the request, then closes the connection)."""
     frame = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"  # a masked websocket text frame
     reply = exchange(sidecar, b"GET /api/ws HTTP/1.1\r\n" + H + upgrade + b"\r\n" + frame, wait_s=1)
     statuses = [r.status for r in reply.responses]
@@ -685,11 +683,6 @@ def test_undecodable_absolute_form_host_is_refused(
     assert upstream.received_bytes == 0
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG (aiohttp): when chunk framing breaks after the head, the C parser drops the "
-    "in-flight body without failing it; the handler waits until the route's total timeout → 504",
-)
 def test_chunk_framing_broken_mid_body_is_answered_400_at_once(
     isolated: Callable[..., tuple[int, RawUpstream]],
 ) -> None:

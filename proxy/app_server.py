@@ -1,0 +1,303 @@
+"""The app listener's wire: HTTP/1.1 connections read by aiohttp's own request parser.
+
+A raw protocol instead of aiohttp's web server (the hot path's other large cost): the same
+strict parser and limits, requests answered one at a time in order (pipelining), keep-alive
+with an idle timeout, and a request the parser refuses answered 400 before the connection
+closes. The handler answers through ``AppRequest``; nothing here knows about credentials.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import StreamReader
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpProcessingError, HttpRequestParser, RawRequestMessage
+from aiohttp.streams import EmptyStreamReader
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from .errors import MalformedRequest
+from .log import server_log
+
+_READ_LIMIT = 2**16  # buffered body bytes before the app is paused
+_MAX_QUEUED = 8  # pipelined requests parsed ahead before the app is paused
+_NO_BODY = frozenset({204, 304})
+
+
+class AppGone(ConnectionResetError):
+    """The app closed its connection while its request was being served."""
+
+
+class AppRequest:
+    """One parsed request and the way back to the app: ``send`` a whole answer, or ``start``,
+    ``write`` (and ``drain``) and ``end`` a streamed one."""
+
+    __slots__ = ("message", "body", "keep_alive", "status", "_connection", "_chunked", "_head")
+
+    def __init__(
+        self, connection: AppConnection, message: RawRequestMessage, body: StreamReader
+    ) -> None:
+        self.message = message
+        self.body = body
+        self.keep_alive = not message.should_close
+        self.status = 0  # of the answer, once started
+        self._connection = connection
+        self._chunked = False
+        self._head = b""  # held back to go out with the first body bytes: one write
+
+    @property
+    def method(self) -> str:
+        return self.message.method
+
+    @property
+    def target(self) -> str:
+        """The request-target as sent: origin-form path and query, or absolute-form."""
+        return self.message.path
+
+    @property
+    def url(self) -> URL:
+        return self.message.url
+
+    @property
+    def headers(self) -> CIMultiDictProxy[str]:
+        return self.message.headers
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return tuple(self.message.version)  # type: ignore[return-value]
+
+    @property
+    def body_exists(self) -> bool:
+        return not isinstance(self.body, EmptyStreamReader)
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.message.headers.get("Content-Length")
+        return int(value) if value is not None else None  # the parser checked its digits
+
+    @property
+    def connection(self) -> AppConnection:
+        return self._connection
+
+    def send_continue(self) -> None:
+        self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def start(self, status: int, reason: str, header_lines: bytes, *, has_length: bool) -> None:
+        """The answer's head; ``header_lines`` are complete ``Name: value\\r\\n`` lines without
+        hop-by-hop fields; the body is framed by their Content-Length when ``has_length``, else
+        chunked (HTTP/1.1) or by closing the connection (HTTP/1.0)."""
+        self.status = status
+        bodyless = self.message.method == "HEAD" or status in _NO_BODY or status < 200
+        framing = b""
+        if not bodyless and not has_length:
+            if self.message.version >= (1, 1):
+                self._chunked, framing = True, b"Transfer-Encoding: chunked\r\n"
+            else:
+                self.keep_alive = False
+        if not self.keep_alive:
+            framing += b"Connection: close\r\n"
+        elif self.message.version < (1, 1):
+            framing += b"Connection: keep-alive\r\n"
+        version = b"HTTP/1.1" if self.message.version >= (1, 1) else b"HTTP/1.0"
+        self._head = b"%s %d %s\r\n%s%s\r\n" % (
+            version,
+            status,
+            reason.encode("latin-1", "replace"),
+            header_lines,
+            framing,
+        )
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._head:
+            data, self._head = self._head + data, b""
+        self._connection.write(data)
+
+    async def drain(self) -> None:
+        await self._connection.drain()
+
+    def end(self) -> None:
+        tail = b"0\r\n\r\n" if self._chunked else b""
+        if self._head or tail:
+            data, self._head = self._head + tail, b""
+            self._connection.write(data)
+
+    def send(self, status: int, reason: str, headers: dict[str, str], body: bytes) -> None:
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        lines += f"Content-Length: {len(body)}\r\n"
+        self.start(status, reason, lines.encode("latin-1"), has_length=True)
+        self.write(body)
+        self.end()
+
+    def abort(self) -> None:
+        """Headers are out and the body cannot be completed: a cut connection is the signal."""
+        self.keep_alive = False
+        self._connection.abort()
+
+
+Handler = Callable[[AppRequest], Awaitable[None]]
+
+
+class AppConnection(BaseProtocol):
+    """One app connection: parse, queue, answer in order, keep alive while idle."""
+
+    __slots__ = ("_listener", "_queue", "_task", "_idle", "_reading", "_refusal", "closing")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: AppListener) -> None:
+        super().__init__(
+            loop,
+            HttpRequestParser(
+                self, loop, _READ_LIMIT, max_line_size=8190, max_field_size=8190,
+                max_headers=128, payload_exception=MalformedRequest, auto_decompress=False,
+            ),
+        )  # fmt: skip
+        self._listener = listener
+        self._queue: deque[tuple[RawRequestMessage, StreamReader]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self._idle: asyncio.TimerHandle | None = None
+        self._reading: StreamReader | None = None  # the body being received
+        self._refusal: HttpProcessingError | None = None  # to answer once the queue is done
+        self.closing = False  # answer what is in flight, then close
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._listener.connections.add(self)
+        self._idle = self._loop.call_later(self._listener.keepalive_s, self.abort)
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._listener.connections.discard(self)
+        self._listener.callers.forget(self)
+        if self._idle is not None:
+            self._idle.cancel()
+        self._parser = None
+        if self._reading is not None and not self._reading.is_eof():
+            self._reading.set_exception(AppGone("the app closed the connection mid-body"))
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self._refusal is not None:
+            return  # after a refusal or an upgrade request nothing more is read
+        try:
+            messages, upgraded, _ = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._refuse(exc)
+            return
+        if messages:
+            if self._idle is not None:
+                self._idle.cancel()
+                self._idle = None
+            self._queue.extend(messages)
+            payload = messages[-1][1]
+            self._reading = None if payload.is_eof() else payload
+            if len(self._queue) > _MAX_QUEUED:
+                self._pause_reading_for_buffer()
+            if self._task is None:
+                self._task = self._loop.create_task(self._serve())
+        if upgraded:  # never tunnelled: the request is answered as a plain one, then close
+            self._parser = None
+            self.closing = True
+
+    def _refuse(self, error: HttpProcessingError) -> None:
+        self._parser = None
+        reading = self._reading
+        if reading is not None and not reading.is_eof():
+            # The body being read breaks its framing: its request gets the 400 itself.
+            reading.set_exception(MalformedRequest(error.message))
+            self.closing = True
+        elif self._task is None:
+            self._send_refusal(error)
+        else:
+            self._refusal = error  # after the requests before it
+
+    def _send_refusal(self, error: HttpProcessingError) -> None:
+        server_log.warning("app connection closed: malformed request: %s", error.message)
+        headers, body = MalformedRequest(error.message).problem()
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        self.write(
+            b"HTTP/1.1 400 Bad Request\r\n%bConnection: close\r\nContent-Length: %d\r\n\r\n%b"
+            % (lines.encode(), len(body), body)
+        )
+        self.close()
+
+    async def _serve(self) -> None:
+        try:
+            while self._queue and self.transport is not None:
+                message, payload = self._queue.popleft()
+                if self._buffer_paused and len(self._queue) <= _MAX_QUEUED // 2:
+                    self._resume_reading_for_buffer()
+                request = AppRequest(self, message, payload)
+                if self.closing:
+                    request.keep_alive = False
+                try:
+                    await self._listener.handler(request)
+                except Exception:  # the handler answers every error itself: this is a bug
+                    server_log.exception("%s %s: unexpected error", message.method, message.path)
+                    request.keep_alive = False
+                if not (request.keep_alive and payload.is_eof()) or self.closing:
+                    self.close()
+                    return
+            if self._refusal is not None:
+                self._send_refusal(self._refusal)
+                return
+        finally:
+            self._task = None
+        if self.transport is not None:
+            self._idle = self._loop.call_later(self._listener.keepalive_s, self.abort)
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None:
+            raise AppGone("the app closed the connection")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.writing_paused:
+            try:
+                await self._drain_helper()
+            except ConnectionError:
+                raise AppGone("the app closed the connection") from None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class AppListener:
+    """What every app connection shares; a protocol factory for ``create_server``."""
+
+    def __init__(self, handler: Handler, callers: Any, keepalive_s: float) -> None:
+        self.handler = handler
+        self.callers = callers
+        self.keepalive_s = keepalive_s
+        self.connections: set[AppConnection] = set()
+
+    def __call__(self) -> AppConnection:
+        return AppConnection(asyncio.get_running_loop(), self)
+
+    async def drain(self, timeout_s: float) -> None:
+        """Idle connections close now; busy ones after their answer, or at ``timeout_s``."""
+        for connection in list(self.connections):
+            connection.closing = True
+            if not connection.busy:
+                connection.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while any(c.busy for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in list(self.connections):
+            connection.abort()
