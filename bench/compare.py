@@ -227,6 +227,20 @@ def rss_each(pids: list[int]) -> list[int]:
     return found
 
 
+def pss_each(pids: list[int]) -> list[int]:
+    """Proportional set size of each process (bytes): pages shared after a fork counted once,
+    split among their sharers; processes gone meanwhile are left out."""
+    found = []
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
+        except OSError:
+            continue
+        match = re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE)
+        found.append(int(match[1]) * 1024 if match else 0)
+    return found
+
+
 def rss_bytes(pids: list[int]) -> int:
     return sum(rss_each(pids))
 
@@ -376,6 +390,7 @@ class Row:
     big_c50: Load | None = None
     rss_idle: int | None = None
     rss_idle_largest: int | None = None  # the largest single process (a worker) of the tree
+    pss_idle_largest: int | None = None  # the same as proportional set size
     idp_token_requests: int | None = None
     lifetime_s: float | None = None
     metrics: list[str] = field(default_factory=list)
@@ -804,8 +819,10 @@ def measure(bench: Bench, subject: Subject) -> Row:
         roots = [p.pid for p in started.watch]
         if roots:
             time.sleep(0.5)
-            each = rss_each([pid for root in roots for pid in process_tree(root)])
+            tree = [pid for root in roots for pid in process_tree(root)]
+            each = rss_each(tree)
             row.rss_idle, row.rss_idle_largest = sum(each), max(each, default=0)
+            row.pss_idle_largest = max(pss_each(tree), default=0)
 
         def load(url: str, connections: int, duration_s: int) -> Load:
             return run_wrk(
@@ -1107,6 +1124,14 @@ def targets(bench: Bench, by_key: dict[str, Row]) -> list[str]:
     if idle:
         largest = max(idle)
         add("RSS idle ≤ 50 MB per worker", largest, largest <= 50e6, f"max {largest / 1e6:.1f} MB")
+    if two and two.pss_idle_largest:
+        pss = two.pss_idle_largest
+        add(
+            "… as PSS per worker of 2 (pages shared by the fork counted once)",
+            pss,
+            pss <= 50e6,
+            f"max {pss / 1e6:.1f} MB",
+        )
     window = bench.args.token_ttl - bench.refresh_ahead_s
     counted = [r for r in credproxies if r.idp_token_requests and r.lifetime_s]
     if counted:

@@ -148,7 +148,7 @@ Handler = Callable[[AppRequest], Awaitable[None]]
 class AppConnection(BaseProtocol):
     """One app connection: parse, queue, answer in order, keep alive while idle."""
 
-    __slots__ = ("_listener", "_queue", "_task", "_idle", "_reading", "_refusal", "closing")
+    __slots__ = ("_listener", "_queue", "_task", "_reading", "_refusal", "closing", "idle_since")
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listener: AppListener) -> None:
         super().__init__(
@@ -161,7 +161,7 @@ class AppConnection(BaseProtocol):
         self._listener = listener
         self._queue: deque[tuple[RawRequestMessage, StreamReader]] = deque()
         self._task: asyncio.Task[None] | None = None
-        self._idle: asyncio.TimerHandle | None = None
+        self.idle_since: float | None = None  # no request in progress since; see ``AppListener``
         self._reading: StreamReader | None = None  # the body being received
         self._refusal: HttpProcessingError | None = None  # to answer once the queue is done
         self.closing = False  # answer what is in flight, then close
@@ -169,14 +169,12 @@ class AppConnection(BaseProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         self._listener.connections.add(self)
-        self._idle = self._loop.call_later(self._listener.keepalive_s, self.abort)
+        self.idle_since = self._loop.time()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
         self._listener.connections.discard(self)
         self._listener.callers.forget(self)
-        if self._idle is not None:
-            self._idle.cancel()
         self._parser = None
         if self._reading is not None and not self._reading.is_eof():
             self._reading.set_exception(AppGone("the app closed the connection mid-body"))
@@ -191,9 +189,7 @@ class AppConnection(BaseProtocol):
             self._refuse(exc)
             return
         if messages:
-            if self._idle is not None:
-                self._idle.cancel()
-                self._idle = None
+            self.idle_since = None
             self._queue.extend(messages)
             payload = messages[-1][1]
             self._reading = None if payload.is_eof() else payload
@@ -250,7 +246,7 @@ class AppConnection(BaseProtocol):
         finally:
             self._task = None
         if self.transport is not None:
-            self._idle = self._loop.call_later(self._listener.keepalive_s, self.abort)
+            self.idle_since = self._loop.time()
 
     @property
     def busy(self) -> bool:
@@ -285,9 +281,23 @@ class AppListener:
         self.callers = callers
         self.keepalive_s = keepalive_s
         self.connections: set[AppConnection] = set()
+        self._sweep: asyncio.Task[None] | None = None
 
     def __call__(self) -> AppConnection:
+        if self._sweep is None:
+            self._sweep = asyncio.get_running_loop().create_task(self._close_idle_every(0.25))
         return AppConnection(asyncio.get_running_loop(), self)
+
+    async def _close_idle_every(self, interval_s: float) -> None:
+        """Connections without a request in progress for ``keepalive_s`` are closed (a head
+        that never completes included): a sweep, not a timer per request."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            expired = loop.time() - self.keepalive_s
+            for connection in list(self.connections):
+                if connection.idle_since is not None and connection.idle_since <= expired:
+                    connection.abort()
 
     async def drain(self, timeout_s: float) -> None:
         """Idle connections close now; busy ones after their answer, or at ``timeout_s``."""
@@ -301,3 +311,5 @@ class AppListener:
             await asyncio.sleep(0.05)
         for connection in list(self.connections):
             connection.abort()
+        if self._sweep is not None:
+            self._sweep.cancel()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import secrets
 import time
+from json.encoder import encode_basestring_ascii as _json_str
 
 from .identity import generate_key
 from .jose import Signer, b64url, public_jwk, thumbprint
@@ -35,15 +36,13 @@ class DPoPKey:
         return self._signer.alg
 
     def proof(self, htm: str, htu: str, *, ath: str | None = None, nonce: str | None = None) -> str:
-        """``htu`` must already be stripped of query and fragment (see ``routing.dpop_htu``)."""
-        claims: dict[str, str | int] = {
-            "jti": secrets.token_urlsafe(16),
-            "htm": htm,
-            "htu": htu,
-            "iat": int(time.time()),
-        }
+        """``htu`` must already be stripped of query and fragment (see ``routing.dpop_htu``).
+        The claims are a filled template, not a serialised dict: the proof is per request."""
+        jti = secrets.token_urlsafe(16)  # base64url: nothing to escape
+        claims = f'{{"jti":"{jti}","htm":{_json_str(htm)},"htu":{_json_str(htu)}'
+        claims += f',"iat":{int(time.time())}'
         if ath is not None:
-            claims["ath"] = ath
+            claims += f',"ath":{_json_str(ath)}'
         if nonce is not None:
-            claims["nonce"] = nonce
-        return self._signer.sign(claims)
+            claims += f',"nonce":{_json_str(nonce)}'
+        return self._signer.sign_json(claims + "}")

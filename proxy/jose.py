@@ -18,6 +18,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
+_ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _EC_ALGS = {"secp256r1": ("ES256", "P-256", hashes.SHA256(), 32)}
 
 
@@ -87,14 +88,18 @@ class Signer:
         self._header_b64 = _json_b64({**header, "alg": self.alg})
 
     def sign(self, claims: dict[str, Any]) -> str:
-        signing_input = f"{self._header_b64}.{_json_b64(claims)}"
+        return self.sign_json(json.dumps(claims, separators=(",", ":")))
+
+    def sign_json(self, claims: str) -> str:
+        """Sign claims already serialised as JSON (a template filled per request)."""
+        signing_input = f"{self._header_b64}.{b64url(claims.encode())}"
         return f"{signing_input}.{b64url(self.sign_bytes(signing_input.encode('ascii')))}"
 
     def sign_bytes(self, data: bytes) -> bytes:
         """The raw JWS signature (ECDSA as r‖s), which RFC 9421 uses as well."""
         key = self._key
         if isinstance(key, ec.EllipticCurvePrivateKey):
-            r, s = decode_dss_signature(key.sign(data, ec.ECDSA(hashes.SHA256())))
+            r, s = decode_dss_signature(key.sign(data, _ECDSA_SHA256))
             return r.to_bytes(32, "big") + s.to_bytes(32, "big")
         if isinstance(key, ed25519.Ed25519PrivateKey):
             return key.sign(data)

@@ -30,6 +30,7 @@ from .errors import (
 Body = bytes | StreamReader | AsyncIterable[bytes] | None
 _READ_LIMIT = 2**16  # buffered answer bytes before the upstream is paused
 _DEFAULT_TLS = ssl.create_default_context()
+_SWEEP_S = 0.1  # how often timeouts are checked: their precision
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,17 +82,19 @@ class Answer:
 
 class _Connection(BaseProtocol):
     __slots__ = (
-        "_pool", "_answer", "_payload", "_where", "_timer", "_deadline", "_idle_s",
+        "_pool", "_watched", "_answer", "_payload", "_where", "_deadline", "_idle_s",
         "_last_read", "received", "idle_since",
     )  # fmt: skip
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, pool: list[_Connection]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, pool: list[_Connection], watched: set[_Connection]
+    ) -> None:
         super().__init__(loop)
         self._pool = pool
+        self._watched = watched  # exchanges awaiting or reading an answer: see ``Upstreams``
         self._answer: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
         self._payload: StreamReader | None = None
         self._where = ""
-        self._timer: asyncio.TimerHandle | None = None
         self._deadline = 0.0
         self._idle_s = 0.0
         self._last_read = 0.0
@@ -120,18 +123,13 @@ class _Connection(BaseProtocol):
     def awaiting(self) -> None:
         """The request is sent: from now on the upstream's silence counts (``idle_s``)."""
         self._last_read = self._loop.time()
-        self._arm(min(self._last_read + self._idle_s, self._deadline))
+        self._watched.add(self)
 
-    def _arm(self, when: float) -> None:
-        self._timer = self._loop.call_at(when, self._on_timer)
-
-    def _on_timer(self) -> None:
-        now = self._loop.time()
+    def check_timeouts(self, now: float) -> None:
+        """Called by the pool's sweep a few times a second: no timer per exchange."""
         if now >= self._deadline:
             self._fail(UpstreamTimeout(f"{self._where}: no complete answer in time (total_s)"))
-        elif self._reading_paused or now - self._last_read < self._idle_s:
-            self._arm(min(max(now, self._last_read) + self._idle_s, self._deadline))
-        else:
+        elif not self._reading_paused and now - self._last_read >= self._idle_s:
             self._fail(UpstreamTimeout(f"{self._where}: silent for {self._idle_s:g}s (idle_s)"))
 
     def data_received(self, data: bytes) -> None:
@@ -157,9 +155,8 @@ class _Connection(BaseProtocol):
             if answer is not None and not answer.done():
                 self._payload = payload
                 answer.set_result((message, payload))
-        if self._payload is not None and self._payload.is_eof() and self._timer is not None:
-            self._timer.cancel()  # the whole answer is here
-            self._timer = None
+        if self._payload is not None and self._payload.is_eof():
+            self._watched.discard(self)  # the whole answer is here
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
@@ -185,9 +182,7 @@ class _Connection(BaseProtocol):
         self._close()
 
     def _close(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._watched.discard(self)
         self._parser = None
         if self.transport is not None:
             self.transport.abort()
@@ -197,9 +192,7 @@ class _Connection(BaseProtocol):
         return await self._answer
 
     def finish(self, reusable: bool) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._watched.discard(self)
         self._answer = self._payload = self._parser = None
         if reusable and self.transport is not None and not self.transport.is_closing():
             self.idle_since = self._loop.time()
@@ -214,6 +207,16 @@ class Upstreams:
     def __init__(self, keepalive_s: float = 30.0) -> None:
         self._keepalive_s = keepalive_s
         self._idle: dict[tuple[str, int, int], list[_Connection]] = {}
+        self._watched: set[_Connection] = set()
+        self._sweep: asyncio.Task[None] | None = None
+
+    async def _sweep_every(self, interval_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            now = loop.time()
+            for connection in list(self._watched):
+                connection.check_timeouts(now)
 
     async def exchange(
         self,
@@ -231,6 +234,8 @@ class Upstreams:
         head. A pooled connection the upstream closed before answering is replaced once, when
         the body can be sent again."""
         loop = asyncio.get_running_loop()
+        if self._sweep is None:
+            self._sweep = loop.create_task(self._sweep_every(_SWEEP_S), name="upstream-timeouts")
         deadline = loop.time() + timeouts.total_s
         context = (tls if isinstance(tls, ssl.SSLContext) else _DEFAULT_TLS) if origin.tls else None
         pool = self._idle.setdefault((origin.host, origin.port, id(context)), [])
@@ -276,7 +281,7 @@ class Upstreams:
         try:
             async with asyncio.timeout(timeouts.connect_s):
                 _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, pool),
+                    lambda: _Connection(loop, pool, self._watched),
                     origin.host,
                     origin.port,
                     ssl=context,
@@ -291,6 +296,8 @@ class Upstreams:
         return connection
 
     def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
         for pool in self._idle.values():
             while pool:
                 pool.pop().finish(False)
