@@ -214,31 +214,27 @@ def system_busy_seconds() -> float:
     return (user + nice + system + irq + softirq) / CLK_TCK
 
 
-def rss_each(pids: list[int]) -> list[int]:
-    """VmRSS of each process (bytes); processes gone meanwhile are left out."""
+def _proc_kb_each(pids: list[int], file: str, field: str) -> list[int]:
+    """``field`` (a kB line) of /proc/PID/``file`` for each process, in bytes; processes gone
+    meanwhile are left out."""
     found = []
     for pid in pids:
         try:
-            status = Path(f"/proc/{pid}/status").read_text()
+            text = Path(f"/proc/{pid}/{file}").read_text()
         except OSError:
             continue
-        match = re.search(r"^VmRSS:\s+(\d+) kB", status, re.MULTILINE)
+        match = re.search(rf"^{field}:\s+(\d+) kB", text, re.MULTILINE)
         found.append(int(match[1]) * 1024 if match else 0)
     return found
+
+
+def rss_each(pids: list[int]) -> list[int]:
+    return _proc_kb_each(pids, "status", "VmRSS")
 
 
 def pss_each(pids: list[int]) -> list[int]:
-    """Proportional set size of each process (bytes): pages shared after a fork counted once,
-    split among their sharers; processes gone meanwhile are left out."""
-    found = []
-    for pid in pids:
-        try:
-            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text()
-        except OSError:
-            continue
-        match = re.search(r"^Pss:\s+(\d+) kB", rollup, re.MULTILINE)
-        found.append(int(match[1]) * 1024 if match else 0)
-    return found
+    """Proportional set size: pages shared after a fork counted once, split among sharers."""
+    return _proc_kb_each(pids, "smaps_rollup", "Pss")
 
 
 def rss_bytes(pids: list[int]) -> int:

@@ -130,9 +130,7 @@ class AppRequest:
             self._connection.write(data)
 
     def send(self, status: int, reason: str, headers: dict[str, str], body: bytes) -> None:
-        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        lines += f"Content-Length: {len(body)}\r\n"
-        self.start(status, reason, lines.encode("latin-1"), has_length=True)
+        self.start(status, reason, _whole_body_lines(headers, body), has_length=True)
         self.write(body)
         self.end()
 
@@ -140,6 +138,12 @@ class AppRequest:
         """Headers are out and the body cannot be completed: a cut connection is the signal."""
         self.keep_alive = False
         self._connection.abort()
+
+
+def _whole_body_lines(headers: dict[str, str], body: bytes) -> bytes:
+    """Header lines of an answer credproxy writes itself, its Content-Length included."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"{lines}Content-Length: {len(body)}\r\n".encode("latin-1")
 
 
 Handler = Callable[[AppRequest], Awaitable[None]]
@@ -216,11 +220,8 @@ class AppConnection(BaseProtocol):
     def _send_refusal(self, error: HttpProcessingError) -> None:
         server_log.warning("app connection closed: malformed request: %s", error.message)
         headers, body = MalformedRequest(error.message).problem()
-        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
-        self.write(
-            b"HTTP/1.1 400 Bad Request\r\n%bConnection: close\r\nContent-Length: %d\r\n\r\n%b"
-            % (lines.encode(), len(body), body)
-        )
+        lines = _whole_body_lines(headers, body)
+        self.write(b"HTTP/1.1 400 Bad Request\r\n%bConnection: close\r\n\r\n%b" % (lines, body))
         self.close()
 
     async def _serve(self) -> None:

@@ -1,5 +1,6 @@
-"""Header hygiene and response scrubbing."""
+"""Header hygiene, request framing and response scrubbing."""
 
+import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.forwarder import (
@@ -9,6 +10,7 @@ from proxy.forwarder import (
     request_headers,
     response_head_lines,
 )
+from proxy.upstream import request_head
 
 SECRET = "eyJhbGciOiJFUzI1NiJ9.payload.signature-value"
 
@@ -69,3 +71,18 @@ def test_response_head_lines_content_length_listed_in_connection_frames_nothing(
         ((b"Connection", b"content-length"), (b"Content-Length", b"3")), ""
     )
     assert lines == b"" and not has_length
+
+
+def test_request_head_frames_the_body_itself_and_refuses_a_line_break_in_a_value():
+    """Content-Length comes from the bytes sent, a stream of unknown length is chunked, and a
+    value that would start a second header line is refused before anything is written."""
+    head, chunked = request_head("POST", "/x", "h", CIMultiDict({"Content-Length": "99"}), b"abc")
+    assert head == b"POST /x HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\n" and not chunked
+
+    async def stream():
+        yield b"abc"
+
+    head, chunked = request_head("PUT", "/x", "h", CIMultiDict(), stream())
+    assert head.endswith(b"Transfer-Encoding: chunked\r\n\r\n") and chunked
+    with pytest.raises(ValueError, match="line break"):
+        request_head("GET", "/x", "h", CIMultiDict({"X-A": "v\r\nAuthorization: forged"}), None)
