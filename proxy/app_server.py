@@ -140,6 +140,11 @@ class AppRequest:
         self._connection.abort()
 
 
+def _described(error: HttpProcessingError) -> str:
+    """The parser's description of what is wrong, without the quoted request line after it."""
+    return str(error.message).split("\n", 1)[0].rstrip(":") or type(error).__name__
+
+
 def _whole_body_lines(headers: dict[str, str], body: bytes) -> bytes:
     """Header lines of an answer credproxy writes itself, its Content-Length included."""
     lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -207,6 +212,7 @@ class AppConnection(BaseProtocol):
 
     def _refuse(self, error: HttpProcessingError) -> None:
         self._parser = None
+        error.message = _described(error)  # never the request's bytes: they may hold a secret
         reading = self._reading
         if reading is not None and not reading.is_eof():
             # The body being read breaks its framing: its request gets the 400 itself.

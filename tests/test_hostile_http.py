@@ -24,7 +24,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.counterparts import LEDGER, PREAMBLE, Credproxy
+from tests.counterparts import LEDGER, PREAMBLE, Credproxy, wait_until
 from tests.raw_upstream import RawUpstream, Request
 
 SECRET = "hostile-static-key-" + secrets.token_hex(12)
@@ -327,6 +327,26 @@ def test_malformed_or_ambiguous_request_gets_400_and_close_with_nothing_upstream
     assert reply.closed
     time.sleep(0.05)  # anything forwarded late would show up now
     assert upstream.received_bytes == 0
+
+
+def test_a_refused_request_line_is_never_quoted_in_the_log(
+    credproxy: Callable[..., Credproxy], tmp_path: Path
+) -> None:
+    """The parser's error quotes the offending line; that line may carry an app's credential,
+    so the operator log gets the parser's description only (invariant: no secret in logs)."""
+    own = RawUpstream().start()
+    try:
+        proc = credproxy(_config(own, tmp_path))
+        app_token = "app-token-that-must-not-be-logged-7f3a"
+        LEDGER.secret(app_token)  # the leak scan checks every log of the run for it too
+        reply = exchange(
+            _port(proc), _get(b"Authorization: Bearer " + app_token.encode() + b"\x00x\r\n")
+        )
+        assert reply.status == 400 and reply.closed
+        wait_until(lambda: "malformed request" in proc.log(), what="the refusal in the log")
+        assert "Invalid header value char" in proc.log() and app_token not in proc.log()
+    finally:
+        own.stop()
 
 
 # -- refused by credproxy: problem+json, nothing upstream ----------------------------------------
