@@ -7,12 +7,13 @@ The key is generated in memory at start and never written anywhere, so a token b
 from __future__ import annotations
 
 import hashlib
-import secrets
+import os
 import time
 from json.encoder import encode_basestring_ascii as _json_str
 
 from .identity import generate_key
 from .jose import Signer, b64url, public_jwk, thumbprint
+from .signing import SignatureBatch
 
 
 def access_token_hash(token: str) -> str:
@@ -36,13 +37,23 @@ class DPoPKey:
         return self._signer.alg
 
     def proof(self, htm: str, htu: str, *, ath: str | None = None, nonce: str | None = None) -> str:
-        """``htu`` must already be stripped of query and fragment (see ``routing.dpop_htu``).
-        The claims are a filled template, not a serialised dict: the proof is per request."""
-        jti = secrets.token_urlsafe(16)  # base64url: nothing to escape
-        claims = f'{{"jti":"{jti}","htm":{_json_str(htm)},"htu":{_json_str(htu)}'
-        claims += f',"iat":{int(time.time())}'
-        if ath is not None:
-            claims += f',"ath":{_json_str(ath)}'
-        if nonce is not None:
-            claims += f',"nonce":{_json_str(nonce)}'
-        return self._signer.sign_json(claims + "}")
+        """``htu`` must already be stripped of query and fragment (see ``routing.dpop_htu``)."""
+        return self._signer.sign_json(_claims(htm, htu, ath, nonce))
+
+    async def request_proof(
+        self, batch: SignatureBatch, htm: str, htu: str, *, ath: str | None, nonce: str | None
+    ) -> str:
+        """``proof`` for a proxied request: signed in ``batch`` (see ``signing``)."""
+        return await self._signer.sign_json_in(batch, _claims(htm, htu, ath, nonce))
+
+
+def _claims(htm: str, htu: str, ath: str | None, nonce: str | None) -> str:
+    """A filled template, not a serialised dict: there is one per request."""
+    jti = b64url(os.urandom(16))  # base64url: nothing to escape
+    claims = f'{{"jti":"{jti}","htm":{_json_str(htm)},"htu":{_json_str(htu)}'
+    claims += f',"iat":{int(time.time())}'
+    if ath is not None:
+        claims += f',"ath":{_json_str(ath)}'
+    if nonce is not None:
+        claims += f',"nonce":{_json_str(nonce)}'
+    return claims + "}"

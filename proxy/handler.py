@@ -69,11 +69,13 @@ class Handler:
         started = time.perf_counter()
         route_name = "-"
         caller = UNKNOWN
+        runtime = self.runtime  # one config for the whole request, even across a reload
+        batch = runtime.signing.batch
+        batch.requests += 1
         try:
             transport = request.connection.transport
             if transport is not None:
                 caller = self._callers.get(request.connection, transport)
-            runtime = self.runtime  # one config for the whole request, even across a reload
             route, forwarded_path = self._route(runtime, request)
             route_name = route.name
             route.policy.check(caller, request.method, forwarded_path)
@@ -104,6 +106,8 @@ class Handler:
             server_log.exception("%s %s: unexpected error", request.method, route_name)
             upstream_status, outcome = 0, "internal_error"
             self._answer_problem(request, ProblemError())
+        finally:
+            batch.requests -= 1
         duration_s = time.perf_counter() - started
         self._metrics.count_request(route_name, request.status, outcome, duration_s)
         if access_log.isEnabledFor(logging.INFO):  # nothing formatted when access is off
@@ -173,7 +177,7 @@ class Handler:
         prefetched: bytes | None = None
         for attempt in (1, 2):
             outbound.nonce = route.nonce
-            injector.apply(outbound, token)
+            await injector.apply(outbound, token)
             sent = injector.encode(outbound, body)
             head, chunked = request_head(
                 request.method,

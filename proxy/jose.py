@@ -16,6 +16,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from .signing import SignatureBatch
+
 SigningKey = ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey | rsa.RSAPrivateKey
 
 _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
@@ -94,6 +96,12 @@ class Signer:
         """Sign claims already serialised as JSON (a template filled per request)."""
         signing_input = f"{self._header_b64}.{b64url(claims.encode())}"
         return f"{signing_input}.{b64url(self.sign_bytes(signing_input.encode('ascii')))}"
+
+    async def sign_json_in(self, batch: SignatureBatch, claims: str) -> str:
+        """``sign_json`` for a proxied request: the signature is made in ``batch``."""
+        signing_input = f"{self._header_b64}.{b64url(claims.encode())}"
+        signature = await batch.sign(self.sign_bytes, signing_input.encode("ascii"))
+        return f"{signing_input}.{b64url(signature)}"
 
     def sign_bytes(self, data: bytes) -> bytes:
         """The raw JWS signature (ECDSA as r‖s), which RFC 9421 uses as well."""

@@ -17,11 +17,12 @@ from .config import Config, Route
 from .dpop import DPoPKey
 from .forwarder import CREDENTIAL_HEADERS, HOP_BY_HOP
 from .guard import Guard
-from .injectors import Injector, make_injector
+from .injectors import Injector, Signing, make_injector
 from .issuers import ISSUERS, Issuer, SelfSignedJWTIssuer
 from .metrics import Metrics
 from .policy import RoutePolicy
 from .routing import RouteTable, Target
+from .signing import SignatureBatch
 from .tls import ClientTLS
 from .token_cache import CacheKey, MintingSource, Token, TokenSource
 from .token_share import SHARED_TYPES, LeaderClient
@@ -50,7 +51,7 @@ class Runtime:
     routes: list[RouteRuntime]
     sources: dict[CacheKey, TokenSource | MintingSource]
     issuers: dict[str, Issuer]
-    dpop_key: DPoPKey
+    signing: Signing  # the DPoP key and the signature batch, kept across reloads
     config: Config
 
     async def revoke(
@@ -95,9 +96,10 @@ def build(
     On a reload, ``previous`` lends what did not change: the DPoP key (cached tokens are bound to
     it), issuers whose config is the same, and their token sources with the tokens they hold."""
     if previous is not None and previous.config.identity == config.identity:
-        same, dpop_key = previous.issuers, previous.dpop_key
+        same, dpop_key = previous.issuers, previous.signing.dpop_key
     else:
         same, dpop_key = {}, dpop_key or DPoPKey(config.identity.dpop_alg)
+    signing = Signing(dpop_key, previous.signing.batch if previous else SignatureBatch())
     issuers: dict[str, Issuer] = {
         name: same[name]
         if name in same and same[name].config == issuer
@@ -115,7 +117,7 @@ def build(
     for i, route in enumerate(config.routes):
         credential = route.credential
         issuer = issuers[credential.issuer]
-        injector = make_injector(route, issuer, dpop_key)
+        injector = make_injector(route, issuer, signing)
         key = CacheKey(
             credential.issuer, credential.audience, credential.scope, injector.binds_token
         )
@@ -153,7 +155,7 @@ def build(
     for source in sources.values():
         source.routes = tuple(r.name for r in routes if r.source is source)
     guard = Guard([*config.local_names, *(route.host for route in config.routes if route.host)])
-    return Runtime(guard, RouteTable(config.routes), routes, sources, issuers, dpop_key, config)
+    return Runtime(guard, RouteTable(config.routes), routes, sources, issuers, signing, config)
 
 
 def _client_certificate(route: Route, issuer: Issuer) -> tuple[Path | None, Path | None]:

@@ -126,6 +126,31 @@ async def test_each_request_gets_a_fresh_proof(idp, upstream, credproxy, client)
     assert len({token for token, _ in pairs}) == 1
 
 
+async def test_concurrent_requests_each_carry_a_proof_for_their_own_method_and_path(
+    idp, upstream, credproxy
+):
+    """Proofs signed together (``signing``) still each cover their own request: 40 concurrent
+    requests to distinct paths, half POST, all accepted by the verifying resource server."""
+    proc = credproxy(_proxy_config(idp, upstream))
+    before = len(upstream.seen())
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as client:
+
+        async def one(i: int) -> int:
+            method = "POST" if i % 2 else "GET"
+            url = f"{proc.url}/payments/v1/charges/{i}"
+            async with client.request(method, url, data=b"{}" if i % 2 else None) as response:
+                body = await response.json()
+                assert body["path"] == f"/v1/charges/{i}", body
+                return response.status
+
+        statuses = await asyncio.gather(*(one(i) for i in range(40)))
+    assert statuses == [200] * 40
+    proofs = [proof for _, proof in upstream.seen()[before:]]
+    claims = [jwt.decode(p, options={"verify_signature": False}) for p in proofs]
+    assert sorted(c["htu"].rsplit("/", 1)[1] for c in claims) == sorted(map(str, range(40)))
+    assert len({c["jti"] for c in claims}) == 40
+
+
 async def test_200_concurrent_cold_requests_cause_one_token_request(idp, upstream, credproxy):
     """With no cached token, 200 concurrent requests produce exactly one token request at the IdP."""
     proc = credproxy(_proxy_config(idp, upstream, top="warm_up: false"))

@@ -147,7 +147,7 @@ async def _as_the_app(tour: _Tour, server: Server, verifier: Verifier) -> None:
             "upstream saw one Authorization: DPoP, the app's own header was stripped",
         )
         tour.check(
-            seen.get("jkt") == server.runtime.dpop_key.jkt,
+            seen.get("jkt") == server.runtime.signing.dpop_key.jkt,
             f"token bound to the sidecar's in-memory key (cnf.jkt {str(seen.get('jkt'))[:12]}…)",
         )
         if verifier.seen:

@@ -37,7 +37,7 @@ class Injector:
     strip: frozenset[str] = frozenset()  # app headers this scheme sets itself
     clock_sensitive = False  # a 403 may mean "clock skew": inspect it (``corrects_clock``)
 
-    def apply(self, outbound: Outbound, token: Token) -> None:
+    async def apply(self, outbound: Outbound, token: Token) -> None:
         raise NotImplementedError
 
     def encode(self, outbound: Outbound, body: Body) -> Body:

@@ -7,6 +7,6 @@ from .base import Injector, Outbound
 
 
 class BearerInjector(Injector):
-    def apply(self, outbound: Outbound, token: Token) -> None:
+    async def apply(self, outbound: Outbound, token: Token) -> None:
         outbound.secret = token.value.reveal()
         outbound.headers["Authorization"] = "Bearer " + outbound.secret

@@ -7,6 +7,7 @@ server's latest nonce, so neither the token nor the proof can be replayed elsewh
 from __future__ import annotations
 
 from ..dpop import DPoPKey
+from ..signing import SignatureBatch
 from ..token_cache import Token
 from .base import Injector, Outbound
 
@@ -14,12 +15,13 @@ from .base import Injector, Outbound
 class DPoPInjector(Injector):
     binds_token = True
 
-    def __init__(self, dpop_key: DPoPKey) -> None:
+    def __init__(self, dpop_key: DPoPKey, batch: SignatureBatch) -> None:
         self._key = dpop_key
+        self._batch = batch
 
-    def apply(self, outbound: Outbound, token: Token) -> None:
+    async def apply(self, outbound: Outbound, token: Token) -> None:
         outbound.secret = token.value.reveal()
         outbound.headers["Authorization"] = "DPoP " + outbound.secret
-        outbound.headers["DPoP"] = self._key.proof(
-            outbound.method, outbound.htu, ath=token.ath, nonce=outbound.nonce
+        outbound.headers["DPoP"] = await self._key.request_proof(
+            self._batch, outbound.method, outbound.htu, ath=token.ath, nonce=outbound.nonce
         )

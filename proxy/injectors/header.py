@@ -17,7 +17,7 @@ class HeaderInjector(Injector):
         self._prefix = prefix
         self.strip = frozenset({header.lower()})
 
-    def apply(self, outbound: Outbound, token: Token) -> None:
+    async def apply(self, outbound: Outbound, token: Token) -> None:
         outbound.secret = token.value.reveal()
         outbound.headers[self._header] = self._prefix + outbound.secret
 
@@ -27,7 +27,7 @@ class QueryInjector(Injector):
         self._param = param
         self._prefix = param + "="
 
-    def apply(self, outbound: Outbound, token: Token) -> None:
+    async def apply(self, outbound: Outbound, token: Token) -> None:
         outbound.secret = token.value.reveal()
         url = outbound.url
         kept = [p for p in url.raw_query_string.split("&") if p and not p.startswith(self._prefix)]

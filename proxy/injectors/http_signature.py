@@ -18,6 +18,7 @@ from collections.abc import Callable
 
 from ..config import HTTPSignature
 from ..errors import UnsignableRequest
+from ..signing import SignatureBatch
 from ..token_cache import Token
 from .base import Injector, Outbound
 
@@ -42,14 +43,17 @@ def content_digest(body: bytes) -> str:
 class HTTPSignatureInjector(Injector):
     strip = frozenset({"signature", "signature-input", "content-digest"})
 
-    def __init__(self, key_for: KeyFor, config: HTTPSignature, *, body_max_bytes: int) -> None:
+    def __init__(
+        self, key_for: KeyFor, config: HTTPSignature, batch: SignatureBatch, *, body_max_bytes: int
+    ) -> None:
         self._key_for = key_for
+        self._batch = batch
         self._config = config
         self.needs_body = "content-digest" in config.components
         self.body_max_bytes = body_max_bytes
         self._tag = f';tag="{config.tag}"' if config.tag else ""
 
-    def apply(self, outbound: Outbound, token: Token) -> None:
+    async def apply(self, outbound: Outbound, token: Token) -> None:
         headers = outbound.headers
         covered = self._config.components
         if self.needs_body:
@@ -68,7 +72,9 @@ class HTTPSignatureInjector(Injector):
         key_id, alg, sign = self._key_for(token)
         signature_params = f'{inner}{params};keyid="{key_id}";alg="{alg}"{self._tag}'
         base = "\n".join([*lines, f'"@signature-params": {signature_params}'])
-        signature = sign(base.encode("ascii"))
+        data = base.encode("ascii")
+        # HMAC is cheap and cache-light; a public-key signature goes into the request batch
+        signature = sign(data) if alg == "hmac-sha256" else await self._batch.sign(sign, data)
         label = self._config.label
         outbound.secret = base64.b64encode(signature).decode()
         headers["Signature-Input"] = f"{label}={signature_params}"

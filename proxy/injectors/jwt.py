@@ -3,23 +3,32 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
+from ..signing import SignatureBatch
 from ..token_cache import Token
 from .base import Injector, Outbound
 
 
 class JWTInjector(Injector):
     def __init__(
-        self, mint: Callable[[str, str, str], str], audience: str, header: str, prefix: str
+        self,
+        mint: Callable[[SignatureBatch, str, str, str], Awaitable[str]],
+        batch: SignatureBatch,
+        audience: str,
+        header: str,
+        prefix: str,
     ) -> None:
         self._mint = mint
+        self._batch = batch
         self._audience = audience
         self._header = header
         self._prefix = prefix
         self.strip = frozenset({header.lower()})
 
-    def apply(self, outbound: Outbound, token: Token) -> None:
+    async def apply(self, outbound: Outbound, token: Token) -> None:
         del token  # nothing cached: the JWT is made now
-        outbound.secret = self._mint(self._audience, outbound.method, outbound.htu)
+        outbound.secret = await self._mint(
+            self._batch, self._audience, outbound.method, outbound.htu
+        )
         outbound.headers[self._header] = self._prefix + outbound.secret

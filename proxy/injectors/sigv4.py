@@ -84,7 +84,7 @@ class SigV4Injector(Injector):
             checksum_trailer=payload == "streaming",
         )
 
-    def apply(self, outbound: Outbound, token: Token) -> None:
+    async def apply(self, outbound: Outbound, token: Token) -> None:
         from botocore.awsrequest import AWSRequest
         from botocore.credentials import Credentials
 

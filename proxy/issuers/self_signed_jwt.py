@@ -6,6 +6,7 @@ changes; the previous public key stays in the JWKS so tokens already in flight s
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import time
@@ -19,6 +20,7 @@ from ..dpop import DPoPKey
 from ..identity import generate_key, load_signing_key
 from ..issuer_config import SelfSignedJWTIssuer as JWTConfig
 from ..jose import Signer, SigningKey, public_jwk, thumbprint
+from ..signing import SignatureBatch
 from ..token_cache import CacheKey, Token
 
 _STAT_INTERVAL_S = 1.0
@@ -62,7 +64,7 @@ class SelfSignedJWTIssuer:
     def jwks(self) -> dict[str, Any]:
         return {"keys": list(self._keys)}
 
-    def mint(self, audience: str, htm: str, htu: str) -> str:
+    async def mint(self, batch: SignatureBatch, audience: str, htm: str, htu: str) -> str:
         self._reload_if_changed()
         now = int(time.time())
         claims: dict[str, Any] = {
@@ -75,7 +77,7 @@ class SelfSignedJWTIssuer:
         }
         if self.config.request_claims:
             claims["htm"], claims["htu"] = htm, htu
-        return self._signer.sign(claims)
+        return await self._signer.sign_json_in(batch, json.dumps(claims, separators=(",", ":")))
 
     def signing_key(self, token: Token) -> tuple[str, str, Callable[[bytes], bytes]]:
         """(kid, RFC 9421 algorithm, sign) of the current key, whose public half is in the JWKS:
