@@ -254,3 +254,27 @@ routes:
                 assert (await response.json()) == {"client_cn": "orders-workload-v2"}
     finally:
         upstream.stop()
+
+
+@pytest.mark.parametrize("request_claims", [True, False])
+async def test_minted_claims_are_exact_json_whatever_the_names_hold(request_claims):
+    """The per-request claims template escapes what config and request put in it: the JWT
+    decodes (verified with the JWKS key) to exactly the claims below."""
+    from proxy.issuer_config import SelfSignedJWTIssuer as JWTConfig
+    from proxy.issuers.self_signed_jwt import SelfSignedJWTIssuer
+    from proxy.signing import SignatureBatch
+
+    config = JWTConfig(
+        type="self_signed_jwt", iss='svc "a"\\b', sub="zoë\u2028", lifetime_s=20.5,
+        request_claims=request_claims,
+    )  # fmt: skip
+    issuer = SelfSignedJWTIssuer("self", config, session=None, dpop_key=None, identity=None)  # type: ignore[arg-type]
+    token = await issuer.mint(SignatureBatch(), 'https://api.example/"x"', "POST", "https://a/b")
+    key = jwt.PyJWK(issuer.jwks()["keys"][-1]).key
+    claims = jwt.decode(token, key, algorithms=["ES256"], audience='https://api.example/"x"')
+    expected = {"iss": 'svc "a"\\b', "sub": "zoë\u2028", "aud": 'https://api.example/"x"'}
+    if request_claims:
+        expected |= {"htm": "POST", "htu": "https://a/b"}
+    assert {k: v for k, v in claims.items() if k not in ("iat", "exp", "jti")} == expected
+    assert claims["exp"] == claims["iat"] + 20 and abs(claims["iat"] - time.time()) <= 2
+    assert len(claims["jti"]) == 22  # 128 random bits, base64url

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import json
 import os
-import secrets
 import time
 from collections.abc import Callable
+from json.encoder import encode_basestring_ascii as _json_str
 from typing import Any
 
 import aiohttp
@@ -19,7 +19,7 @@ from ..config import Identity
 from ..dpop import DPoPKey
 from ..identity import generate_key, load_signing_key
 from ..issuer_config import SelfSignedJWTIssuer as JWTConfig
-from ..jose import Signer, SigningKey, public_jwk, thumbprint
+from ..jose import Signer, SigningKey, b64url, public_jwk, thumbprint
 from ..signing import SignatureBatch
 from ..token_cache import CacheKey, Token
 
@@ -52,6 +52,9 @@ class SelfSignedJWTIssuer:
         self._key_mtime_ns = 0
         self._checked_at = 0.0
         self._signer: Signer
+        fixed = json.dumps({"iss": config.iss, "sub": config.sub}, separators=(",", ":"))
+        self._iss_sub = fixed[:-1]  # the start of every claims object, left open
+        self._lifetime_s = int(config.lifetime_s)
         if config.key_file is None:
             self._use(generate_key(config.alg))
         else:
@@ -65,19 +68,14 @@ class SelfSignedJWTIssuer:
         return {"keys": list(self._keys)}
 
     async def mint(self, batch: SignatureBatch, audience: str, htm: str, htu: str) -> str:
+        """The claims are a filled template (iss and sub encoded once): there is one per request."""
         self._reload_if_changed()
         now = int(time.time())
-        claims: dict[str, Any] = {
-            "iss": self.config.iss,
-            "sub": self.config.sub,
-            "aud": audience,
-            "iat": now,
-            "exp": now + int(self.config.lifetime_s),
-            "jti": secrets.token_urlsafe(16),
-        }
+        claims = f'{self._iss_sub},"aud":{_json_str(audience)},"iat":{now}'
+        claims += f',"exp":{now + self._lifetime_s},"jti":"{b64url(os.urandom(16))}"'
         if self.config.request_claims:
-            claims["htm"], claims["htu"] = htm, htu
-        return await self._signer.sign_json_in(batch, json.dumps(claims, separators=(",", ":")))
+            claims += f',"htm":{_json_str(htm)},"htu":{_json_str(htu)}'
+        return await self._signer.sign_json_in(batch, claims + "}")
 
     def signing_key(self, token: Token) -> tuple[str, str, Callable[[bytes], bytes]]:
         """(kid, RFC 9421 algorithm, sign) of the current key, whose public half is in the JWKS:
