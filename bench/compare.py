@@ -30,6 +30,7 @@ exists.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import math
 import os
@@ -42,8 +43,10 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -67,6 +70,7 @@ WRK = shutil.which("wrk") or "/usr/bin/wrk"
 KEY_HEADER = "X-Api-Key"
 SMALL_BODY = b'{"id":"ch_0001","amount":4200,"currency":"eur","status":"succeeded"}\n'
 BIG_BYTES = 1024 * 1024
+UPLOAD_BYTES = 1024**3
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 CREDPROXY_LOG = {"format": "text", "level": "warning", "access": False}
 
@@ -352,6 +356,41 @@ def run_wrk(
     return load
 
 
+def stream_upload(bench: Bench, started: Started, roots: list[int]) -> Upload:
+    """PUT ``UPLOAD_BYTES`` (1 MiB writes, Content-Length) through the proxy to nginx; the
+    proxy's RSS is sampled every 50 ms meanwhile."""
+    pids = [pid for root in roots for pid in process_tree(root)]
+    before = peak = rss_bytes(pids)
+    done = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not done.wait(0.05):
+            peak = max(peak, rss_bytes(pids))
+
+    url = urllib.parse.urlsplit(started.base_url + "/upload/blob")
+    chunk = bytes(1024 * 1024)
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    started_at = time.monotonic()
+    connection = http.client.HTTPConnection(url.hostname or "", url.port, timeout=120)
+    try:
+        headers = {**started.headers, "Content-Length": str(UPLOAD_BYTES)}
+        body = (chunk for _ in range(UPLOAD_BYTES // len(chunk)))
+        connection.request("PUT", url.path, body=body, headers=headers)
+        response = connection.getresponse()
+        response.read()
+    finally:
+        connection.close()
+        done.set()
+        sampler.join()
+    seconds = time.monotonic() - started_at
+    stored = bench.workdir / "upstream" / "www" / "upload" / "blob"
+    size = stored.stat().st_size if stored.exists() else 0
+    stored.unlink(missing_ok=True)
+    return Upload(response.status, seconds, size, before, max(peak, rss_bytes(pids)))
+
+
 # ── the paths under test ─────────────────────────────────────────────────────────────────────
 
 
@@ -372,7 +411,19 @@ class Subject:
     start: Callable[[Bench], Started]
     credproxy: bool = False
     idp: bool = False  # gets its tokens from the bench IdP: count them
+    upload: bool = False  # also stream a 1 GiB upload through it, watching its RSS
     note: str = ""
+
+
+@dataclass
+class Upload:
+    """One PUT of ``UPLOAD_BYTES`` streamed through the proxy to nginx, and the proxy's RSS."""
+
+    status: int
+    seconds: float
+    stored_bytes: int  # what nginx wrote to disk
+    rss_before: int
+    rss_peak: int
 
 
 @dataclass
@@ -388,6 +439,7 @@ class Row:
     rss_idle_largest: int | None = None  # the largest single process (a worker) of the tree
     pss_idle_largest: int | None = None  # the same as proportional set size
     idp_token_requests: int | None = None
+    upload: Upload | None = None
     lifetime_s: float | None = None
     metrics: list[str] = field(default_factory=list)
     log_tail: str = ""
@@ -473,7 +525,8 @@ http {{
 
 
 def start_upstream(bench: Bench) -> subprocess.Popen[bytes]:
-    """nginx serving /small and /big (1 MiB) to requests carrying a credential, else 401."""
+    """nginx serving /small and /big (1 MiB) to requests carrying a credential, else 401, and
+    storing a PUT /upload/NAME body (the streamed-upload measure)."""
     prefix = bench.subdir("upstream")
     docroot = prefix / "www"
     docroot.mkdir(mode=0o755)
@@ -481,6 +534,8 @@ def start_upstream(bench: Bench) -> subprocess.Popen[bytes]:
     (docroot / "big").write_bytes((b"0123456789abcdef" * 65536)[:BIG_BYTES])
     for path in docroot.iterdir():
         path.chmod(0o644)
+    (docroot / "upload").mkdir()
+    (docroot / "upload").chmod(0o777)  # PUT /upload/NAME: nginx's worker (nobody) writes there
     # One string of the three headers; a path under test passes if it added its credential.
     authorized = f"""\
     map "$http_x_api_key:$http_authorization:$http_dpop" $bench_authorized {{
@@ -497,6 +552,11 @@ def start_upstream(bench: Bench) -> subprocess.Popen[bytes]:
     conf += f"""\
         root {docroot};
         location / {{
+            if ($bench_authorized = 0) {{ return 401; }}
+        }}
+        location /upload/ {{
+            client_max_body_size 0;
+            dav_methods PUT;
             if ($bench_authorized = 0) {{ return 401; }}
         }}
     }}
@@ -781,6 +841,7 @@ def subjects(workers_supported: bool) -> list[Subject]:
             credproxy_bearer,
             credproxy=True,
             idp=True,
+            upload=True,
         ),
         Subject("cp-dpop", "credproxy DPoP per request", credproxy_dpop, credproxy=True, idp=True),
         Subject("cp-jwt", "credproxy self-signed JWT per request", credproxy_jwt, credproxy=True),
@@ -830,6 +891,8 @@ def measure(bench: Bench, subject: Subject) -> Row:
                 watch=roots,
             )
 
+        if subject.upload:  # from idle, before any load has grown the heap
+            row.upload = stream_upload(bench, started, roots)
         load(small, args.connections, args.warmup)  # connection pools, caches; not recorded
         row.small_c1 = load(small, 1, args.duration)
         row.small_c50 = load(small, args.connections, args.duration)
@@ -1143,8 +1206,37 @@ def targets(bench: Bench, by_key: dict[str, Row]) -> list[str]:
             not over,
             f"{total} requests" + (f"; too many: {', '.join(over)}" if over else ""),
         )
-    out.append("| RSS flat over 10 min; 1 GiB upload adds < 20 MB | — | not measured by this run |")
+    uploaded = [r for r in credproxies if r.upload is not None]
+    for row in uploaded:
+        up = row.upload
+        assert up is not None
+        added = up.rss_peak - up.rss_before
+        whole = up.status in (201, 204) and up.stored_bytes == UPLOAD_BYTES
+        shown = (
+            f"+{added / 1e6:.1f} MB ({up.rss_before / 1e6:.1f} → {up.rss_peak / 1e6:.1f} MB; "
+            f"{row.label}; {up.seconds:.1f} s)"
+        )
+        if not whole:
+            shown += f"; **upload failed**: {up.status}, {up.stored_bytes} bytes stored"
+        add("1 GiB streamed upload adds < 20 MB RSS", added, whole and added < 20e6, shown)
+    soak = _soak_rss()
+    out.append(
+        f"| RSS flat (±5 %) over 10 min | {soak or '—'} | "
+        + ("see [soak.md](soak.md) (`bench/soak.py`)" if soak else "run `bench/soak.py`")
+        + " |"
+    )
     return out
+
+
+def _soak_rss() -> str | None:
+    """The RSS line of the last soak run (``bench/soak.py``), when there is one."""
+    path = RESULTS / "soak.md"
+    if not path.exists():
+        return None
+    for line in path.read_text().splitlines():
+        if line.startswith("- RSS MiB:"):
+            return line.removeprefix("- ").replace("MiB:", "MiB")
+    return None
 
 
 # ── main ─────────────────────────────────────────────────────────────────────────────────────
