@@ -36,35 +36,25 @@ class AppRequest:
     """One parsed request and the way back to the app: ``send`` a whole answer, or ``start``,
     ``write`` (and ``drain``) and ``end`` a streamed one."""
 
-    __slots__ = ("message", "body", "keep_alive", "status", "_connection", "_chunked", "_head")
+    __slots__ = (
+        "message", "body", "method", "target", "url", "headers", "keep_alive", "status",
+        "_connection", "_chunked", "_head",
+    )  # fmt: skip
 
     def __init__(
         self, connection: AppConnection, message: RawRequestMessage, body: StreamReader
     ) -> None:
         self.message = message
         self.body = body
+        self.method: str = message.method
+        self.target: str = message.path  # as sent: origin-form path and query, or absolute-form
+        self.url: URL = message.url
+        self.headers: CIMultiDictProxy[str] = message.headers
         self.keep_alive = not message.should_close
         self.status = 0  # of the answer, once started
         self._connection = connection
         self._chunked = False
         self._head = b""  # held back to go out with the first body bytes: one write
-
-    @property
-    def method(self) -> str:
-        return self.message.method
-
-    @property
-    def target(self) -> str:
-        """The request-target as sent: origin-form path and query, or absolute-form."""
-        return self.message.path
-
-    @property
-    def url(self) -> URL:
-        return self.message.url
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return self.message.headers
 
     @property
     def version(self) -> tuple[int, int]:

@@ -58,15 +58,17 @@ def response_head_lines(
             if name == b"connection"
             for listed in value.split(b",")
         }
+    block = b"".join(
+        [
+            b"%s: %s\r\n" % header
+            for header, lower in zip(raw_headers, names, strict=True)
+            if lower not in drop
+        ]
+    )
     needle = secret.encode()
-    lines = []
-    for (name, value), lower in zip(raw_headers, names, strict=True):
-        if lower in drop:
-            continue
-        if needle and needle in value:
-            value = value.replace(needle, b"*" * len(needle))
-        lines.append(b"%s: %s\r\n" % (name, value))
-    return b"".join(lines), b"content-length" in names and b"content-length" not in drop
+    if needle and block.find(needle) >= 0:  # find: `in` formats a TypeError first on 3.11
+        block = block.replace(needle, b"*" * len(needle))  # no line break in a credential
+    return block, b"content-length" in names and b"content-length" not in drop
 
 
 class Scrubber:
@@ -87,7 +89,7 @@ class Scrubber:
         if not self._secret:
             return chunk  # nothing was injected that could be echoed
         data = self._tail + chunk if self._tail else chunk
-        if self._secret in data:
+        if data.find(self._secret) >= 0:
             data = data.replace(self._secret, self._mask)
         if len(data) <= self._keep:
             self._tail = data
