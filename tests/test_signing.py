@@ -40,7 +40,7 @@ async def test_concurrent_requests_are_signed_together_each_with_its_own_signatu
         return await batch.sign(sign, name.encode())
 
     results = await asyncio.gather(request("a"), request("b"), request("c"))
-    assert results == [b"sig:a", b"sig:b", b"sig:c"]
+    assert list(results) == [b"sig:a", b"sig:b", b"sig:c"]
     assert events == ["asked a", "asked b", "asked c", "signed a", "signed b", "signed c"]
 
 
