@@ -240,11 +240,14 @@ async def _stream_back(
     try:
         scrubber = Scrubber(secret)
         if prefetched is not None:
-            request.write(scrubber.feed(prefetched))
+            request.write(scrubber.feed(prefetched) + scrubber.flush())
         else:
             body = answer.body
             while chunk := await body.readany():  # the upstream's errors are UpstreamError
-                request.write(scrubber.feed(chunk))
+                data = scrubber.feed(chunk)
+                if body.at_eof():  # the last bytes: the tail held back goes with them
+                    data += scrubber.flush()  # (a small answer leaves in one write)
+                request.write(data)
                 if connection.writing_paused:
                     await request.drain()
         request.write(scrubber.flush())

@@ -1,8 +1,13 @@
 """Header hygiene, request framing and response scrubbing."""
 
+import asyncio
+
 import pytest
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpRequestParser, HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from proxy.app_server import AppRequest
 from proxy.forwarder import (
     CREDENTIAL_HEADERS,
     HOP_BY_HOP,
@@ -10,6 +15,7 @@ from proxy.forwarder import (
     request_headers,
     response_head_lines,
 )
+from proxy.handler import _stream_back
 from proxy.upstream import request_head
 
 SECRET = "eyJhbGciOiJFUzI1NiJ9.payload.signature-value"
@@ -86,3 +92,40 @@ def test_request_head_frames_the_body_itself_and_refuses_a_line_break_in_a_value
     assert head.endswith(b"Transfer-Encoding: chunked\r\n\r\n") and chunked
     with pytest.raises(ValueError, match="line break"):
         request_head("GET", "/x", "h", CIMultiDict({"X-A": "v\r\nAuthorization: forged"}), None)
+
+
+async def test_a_small_answer_leaves_in_one_write_with_its_credential_echo_masked():
+    """Head, body and the scrubber's held-back tail go to the app in one write (one syscall,
+    one segment), the echoed credential masked (a short secret once split the answer in two)."""
+    loop = asyncio.get_running_loop()
+    writes: list[bytes] = []
+
+    class AppSide:  # what the app's connection would put on the wire
+        writing_paused = False
+
+        def write(self, data: bytes) -> None:
+            writes.append(data)
+
+    parser = HttpRequestParser(BaseProtocol(loop), loop, 2**16)
+    [(message, payload)], _, _ = parser.feed_data(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    request = AppRequest(AppSide(), message, payload)  # type: ignore[arg-type]
+    secret = "k-0123456789abcdef"  # shorter than the body: the scrubber holds a tail back
+    body = b'{"echo":"' + secret.encode() + b'","more":"' + b"x" * 40 + b'"}'
+    answer_parser = HttpResponseParser(BaseProtocol(loop), loop, 2**16, read_until_eof=True)
+    head = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body)
+    [(answer_head, answer_body)], _, _ = answer_parser.feed_data(head + body)
+
+    class Upstream:
+        status = 200
+        message = answer_head
+
+        def __init__(self) -> None:
+            self.body = answer_body
+
+        def release(self) -> None:
+            pass
+
+    await _stream_back(request, Upstream(), secret, "route t", None)  # type: ignore[arg-type]
+    assert len(writes) == 1
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body))
+    assert writes[0].endswith(body.replace(secret.encode(), b"*" * len(secret)))
