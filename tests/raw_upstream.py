@@ -152,6 +152,7 @@ class RawUpstream:
         self.origin = f"http://127.0.0.1:{self.port}"
         self.connections: list[Connection] = []
         self._lock = threading.Lock()
+        self._arrived = threading.Condition(self._lock)  # notified on every received byte
         self._loop = asyncio.new_event_loop()
         self._writers: set[asyncio.StreamWriter] = set()
         self._thread: threading.Thread | None = None
@@ -182,6 +183,14 @@ class RawUpstream:
     def received_bytes(self) -> int:
         return len(self.received)
 
+    def wait_received(self, data: bytes, limit_s: float = 10.0) -> bool:
+        """Block until ``data`` has arrived (True), or give up after ``limit_s`` (False): a
+        bound against hanging, not a speed requirement."""
+        with self._arrived:
+            return self._arrived.wait_for(
+                lambda: data in b"".join(bytes(c.raw) for c in self.connections), limit_s
+            )
+
     def clear(self) -> None:
         with self._lock:
             for connection in self.connections:
@@ -199,8 +208,9 @@ class RawUpstream:
         buffer, continued = b"", False
         try:
             while data := await reader.read(65536):
-                with self._lock:
+                with self._arrived:
                     connection.raw += data
+                    self._arrived.notify_all()
                 buffer += data
                 while buffer:
                     try:
