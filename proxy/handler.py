@@ -173,7 +173,7 @@ class Handler:
             has_body=body is not None,
         )
         token = await route.source.get()
-        where = f"route {route.name} upstream {route.target.base}"
+        where = route.where
         prefetched: bytes | None = None
         for attempt in (1, 2):
             outbound.nonce = route.nonce

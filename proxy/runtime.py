@@ -7,6 +7,7 @@ so the request path only looks them up.
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,11 @@ class RouteRuntime:
     tls: ClientTLS
     policy: RoutePolicy
     nonce: str | None = field(default=None)  # the resource server's latest DPoP-Nonce
+
+    @functools.cached_property
+    def where(self) -> str:
+        """How errors and logs name this route and its upstream."""
+        return f"route {self.name} upstream {self.target.base}"
 
 
 @dataclass(eq=False)
