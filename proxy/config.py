@@ -278,7 +278,7 @@ def parse_address(value: str) -> Address:
         if not path.startswith("/"):
             raise ValueError(f"'{value}': a Unix socket path must be absolute")
         return Address(path=path)
-    match = re.fullmatch(r"\[?([^\[\]]+?)\]?:(\d{1,5})", value)
+    match = re.fullmatch(r"\[?([^\[\]]+?)\]?:([0-9]{1,5})", value)
     if not match or int(match[2]) > 65535:
         raise ValueError(f"'{value}' is not host:port, [v6]:port or unix:/path")
     return Address(host=match[1], port=int(match[2]))

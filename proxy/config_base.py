@@ -11,7 +11,7 @@ from typing import Annotated, Any
 from pydantic import BaseModel, ConfigDict, Field
 from yarl import URL
 
-REGION = r"^[a-z]{2}(?:-[a-z]+)+-\d$"
+REGION = r"^[a-z]{2}(?:-[a-z]+)+-[0-9]$"
 _INLINE_SECRET_KEYS = ("client_secret", "secret", "token", "password", "private_key", "api_key")
 _LOCAL_NAMES = ("localhost",)
 

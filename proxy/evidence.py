@@ -17,7 +17,7 @@ from .callers import Caller
 from .config import Config
 from .policy import RoutePolicy
 
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"^([0-9]+)([smhd])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 

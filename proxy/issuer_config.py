@@ -81,16 +81,16 @@ class AWSIssuer(Owned):
     optionally chained into ``AssumeRole``; or, as a marked legacy mode, static keys from a file."""
 
     type: Literal["aws"]
-    role_arn: str | None = Field(None, pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/.+$")
+    role_arn: str | None = Field(None, pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$")
     token_file: Path | None = Field(None, description="default: identity.token_file")
     assume_role_arn: str | None = Field(
-        None, pattern=r"^arn:aws[a-z-]*:iam::\d{12}:role/.+$", description="chained AssumeRole"
+        None, pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$", description="chained AssumeRole"
     )
     region: str = Field(pattern=REGION)
     sts_endpoint: str | None = Field(
         None, description="default: https://sts.<region>.amazonaws.com"
     )
-    session_name: str = Field("credproxy", pattern=r"^[\w+=,.@-]{2,64}$")
+    session_name: str = Field("credproxy", pattern=r"^[A-Za-z0-9_+=,.@-]{2,64}$")
     duration_s: int = Field(3600, ge=900, le=43200)
     static_credentials_file: Path | None = Field(
         None, description="legacy: JSON {access_key_id, secret_access_key}; audited as legacy"

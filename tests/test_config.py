@@ -89,6 +89,11 @@ BAD = [
         "listen[0]: 'localhost' is not host:port",
     ),
     (
+        "listener port in non-ASCII digits",
+        VALID.replace("127.0.0.1:15001", "127.0.0.1:\u0661\u0665001"),
+        "is not host:port",
+    ),
+    (
         "static secret signing without a keyid",
         VALID.replace(
             "scope: payments.write}", "scope: payments.write, inject: http_signature}"
@@ -300,6 +305,21 @@ AWS_BAD = [
         "bad role arn",
         AWS.replace("role/app", "user/app"),
         "issuers.aws.role_arn: String should match pattern",
+    ),
+    (
+        "session name with non-ASCII letters (STS accepts ASCII only)",
+        AWS.replace("    region:", "    session_name: caf\u00e9-app\n    region:"),
+        "issuers.aws.session_name: String should match pattern",
+    ),
+    (
+        "role arn with non-ASCII digits",
+        AWS.replace("123456789012", "\u0661\u0662\u0663456789012"),
+        "issuers.aws.role_arn: String should match pattern",
+    ),
+    (
+        "region with a non-ASCII digit",
+        AWS.replace("eu-west-1\n", "eu-west-\u0661\n"),
+        "issuers.aws.region: String should match pattern",
     ),
     (
         "too short a session",
