@@ -28,7 +28,9 @@ _recent_pids: dict[int, None] = {}  # insertion-ordered: most recent last
 class Caller:
     """One connection's peer. ``uid`` is always known for a usable caller; the rest may be None."""
 
-    __slots__ = ("transport", "uid", "_gid", "_pid", "_inode", "_exe", "_exe_sha256", "_cgroup")
+    __slots__ = (
+        "transport", "uid", "_gid", "_pid", "_inode", "_exe", "_exe_sha256", "_cgroup", "_known"
+    )  # fmt: skip
 
     def __init__(
         self,
@@ -47,17 +49,20 @@ class Caller:
         self._exe: Any = _UNSET
         self._exe_sha256: Any = _UNSET
         self._cgroup: Any = _UNSET
+        self._known: tuple[tuple[str, object], ...] | None = None  # attributes(), until a lookup
 
     @property
     def pid(self) -> int | None:
         if self._pid is _UNSET:
             self._pid = _pid_of_socket(self._inode, self.uid) if self._inode else None
+            self._known = None
         return self._pid
 
     @property
     def gid(self) -> int | None:
         if self._gid is _UNSET:
             self._gid = _status_gid(self.pid) if self.pid else None
+            self._known = None
         return self._gid
 
     @property
@@ -66,18 +71,21 @@ class Caller:
             self._exe = _readlink(f"/proc/{self.pid}/exe") if self.pid else None
             if self._exe is not None and self._exe.endswith(" (deleted)"):
                 self._exe = None  # replaced on disk: what runs is not what the path names
+            self._known = None
         return self._exe  # type: ignore[no-any-return]
 
     @property
     def exe_sha256(self) -> str | None:
         if self._exe_sha256 is _UNSET:
             self._exe_sha256 = _file_sha256(f"/proc/{self.pid}/exe") if self.pid else None
+            self._known = None
         return self._exe_sha256  # type: ignore[no-any-return]
 
     @property
     def cgroup(self) -> str | None:
         if self._cgroup is _UNSET:
             self._cgroup = _cgroup_v2(self.pid) if self.pid else None
+            self._known = None
         return self._cgroup  # type: ignore[no-any-return]
 
     @classmethod
@@ -88,6 +96,13 @@ class Caller:
         for name in ("gid", "pid", "exe", "exe_sha256", "cgroup"):
             setattr(caller, "_" + name, attributes.get(name))
         return caller
+
+    def known(self) -> tuple[tuple[str, object], ...]:
+        """``attributes()`` as a hashable tuple, kept until a lookup learns more: the usage
+        tally's key, built once per connection rather than per request."""
+        if self._known is None:
+            self._known = tuple(self.attributes().items())
+        return self._known
 
     def attributes(self) -> dict[str, object]:
         """For audit events and logs: what is already known, without new lookups."""

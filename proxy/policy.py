@@ -79,17 +79,20 @@ class RoutePolicy:
         )
 
     def check(self, caller: Caller, method: str, path: str) -> str:
-        """Return the name of the caller rule that allowed the request, or raise a 403."""
+        """Return the name of the caller rule that allowed the request, or raise a 403.
+        Per request: plain loops, no generator per rule."""
         known_caller = False
         for rule in self._rules:
-            matched = next((m.name for m in rule.callers if m.matches(caller)), None)
-            if matched is None:
+            for matcher in rule.callers:
+                if matcher.matches(caller):
+                    break
+            else:
                 continue
             known_caller = True
-            if (rule.methods is None or method in rule.methods) and any(
-                p.fullmatch(path) for p in rule.paths
-            ):
-                return matched
+            if rule.methods is None or method in rule.methods:
+                for pattern in rule.paths:
+                    if pattern.fullmatch(path):
+                        return matcher.name
         if known_caller:
             raise PathNotAllowed(f"{method} {path} is not allowed for this caller")
         raise CallerNotAllowed("no allow rule of this route matches the caller")

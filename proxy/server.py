@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import os
 import signal
 import socket
@@ -408,6 +409,9 @@ async def serve(config: Config, path: Path, **worker: Any) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     async with Server(config, **worker) as server:
+        # Requests in flight make few reference cycles, yet at the default threshold (700
+        # allocations) the collector walks their live objects every few requests: +2 % req/s.
+        gc.set_threshold(10_000, 10, 10)
         loop.add_signal_handler(signal.SIGHUP, lambda: spawn(server.reload(path), name="reload"))
         loop.add_signal_handler(signal.SIGUSR1, server.audit.reopen)
         await stop.wait()

@@ -27,7 +27,7 @@ class Usage:
         self._mode = mode
         self._interval_s = interval_s
         self.totals: dict[tuple[str, str], Tally] = {}  # (issuer, credential label) → uses
-        # the caller's attributes as a tuple: hashable and cheap, one entry per distinct caller
+        # the caller's attributes as a tuple (Caller.known): one entry per distinct caller
         self._pending: dict[tuple[str, str, str, tuple[tuple[str, object], ...], str], Tally] = {}
         self._task: asyncio.Task[None] | None = None
 
@@ -54,7 +54,7 @@ class Usage:
                 caller=caller.attributes(), method=method, path=path[:256], count=1,
             )  # fmt: skip
             return
-        key = (route, issuer, fingerprint, tuple(caller.attributes().items()), method)
+        key = (route, issuer, fingerprint, caller.known(), method)
         tally = self._pending.get(key)
         if tally is None:
             tally = self._pending[key] = Tally(first_ts=now)

@@ -55,6 +55,26 @@ def test_default_deny_and_caller_then_path_reasons():
         policy.check(_caller(1001), "GET", "/v1/x")
 
 
+def test_rules_are_tried_in_turn_and_name_the_caller_entry_that_matched():
+    """A rule whose callers do not match hands over to the next; the answer names the first
+    matching caller entry of the rule that allows the request."""
+    policy = RoutePolicy(
+        [
+            AllowRule(callers=("pinned",), paths=("/admin/**",)),
+            AllowRule(callers=("pinned", "app"), methods=("GET",), paths=("/v1/**",)),
+        ],
+        CALLERS,
+    )
+    orders, other = _caller(1000, exe="/usr/local/bin/orders"), _caller(1000, exe="/tmp/x")
+    assert policy.check(orders, "GET", "/admin/x") == "pinned"
+    assert policy.check(orders, "GET", "/v1/x") == "pinned"
+    assert policy.check(other, "GET", "/v1/x") == "app"
+    with pytest.raises(PathNotAllowed):
+        policy.check(other, "GET", "/admin/x")
+    with pytest.raises(PathNotAllowed):
+        policy.check(other, "POST", "/v1/x")
+
+
 def test_unknown_attributes_fail_closed_unless_any_local():
     """A caller whose uid or exe could not be determined never matches a rule naming them."""
     pinned = RoutePolicy([AllowRule(callers=("pinned",))], CALLERS)

@@ -4,6 +4,8 @@ credential, caller and method per interval — with the totals the inventory sho
 from __future__ import annotations
 
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +40,24 @@ async def test_interval_mode_aggregates_by_caller_and_method(tmp_path):
     assert {(e["caller"]["uid"], e["count"]) for e in events} == {(1000, 3), (1001, 1)}
     assert all(e["event"] == "credential.used" and e["first_ts"] <= e["last_ts"] for e in events)
     assert usage.snapshot("i", "l")["use_count"] == 4
+
+
+async def test_a_caller_attribute_learned_between_uses_starts_its_own_tally(tmp_path):
+    """The tally key is cached per caller: a lookup that learns the executable between two
+    uses must not fold the second use into the tally made before it."""
+    path = tmp_path / "audit.jsonl"
+    audit = Audit(str(path))
+    usage = Usage(audit, mode="interval", interval_s=3600)
+    caller = Caller("unix", os.getuid(), pid=os.getpid())
+    use = {"route": "r", "issuer": "i", "label": "l", "fingerprint": "f", "method": "GET"}
+    usage.record(caller=caller, path="/x", **use)
+    assert caller.exe == os.path.realpath(sys.executable)  # a rule asked: looked up now
+    usage.record(caller=caller, path="/x", **use)
+    usage.record(caller=caller, path="/x", **use)
+    await usage.aclose()
+    audit.aclose()
+    events = [json.loads(line) for line in path.read_text().splitlines()]
+    assert {(e["caller"].get("exe"), e["count"]) for e in events} == {(None, 1), (caller.exe, 2)}
 
 
 async def test_request_mode_audits_each_use_with_its_path(tmp_path):
