@@ -22,6 +22,8 @@ credproxy's bearer and DPoP paths and Envoy's OAuth2 injector get tokens from be
 token requests. bench/aiohttp_proxy.py, a bare aiohttp proxy, is the floor for credproxy's stack.
 Every path is measured ``--rounds`` times (2 by default), the paths taking turns, and each load
 point is reported from its best round: on a shared VM a neighbour slows a single run by 15-25 %.
+Each credproxy path is also run once under callgrind (valgrind), which counts the instructions
+of 1,000 requests sent one at a time: a per-request figure that does not move with the VM.
 Every process started is stopped by PID, in a ``finally``; everything listens on 127.0.0.1.
 Results: bench/results/compare.md (also printed) and compare.json.
 
@@ -462,6 +464,7 @@ class Row:
     idp_token_requests: int | None = None
     upload: Upload | None = None
     lifetime_s: float | None = None
+    instructions_per_request: float | None = None  # callgrind, one request at a time
     rounds: int = 1  # measured this often; see ``best_of``
     round_errors: int = 0  # failed requests or rounds in the rounds not shown
     metrics: list[str] = field(default_factory=list)
@@ -517,6 +520,7 @@ class Bench:
             self.proxy_cpus = self.client_cpus = None
         self.refresh_ahead_s = max(1.0, 0.2 * args.token_ttl)  # credproxy's default rule
         self.workers_supported = workers
+        self.under: list[str] = []  # a command credproxy is started under (callgrind)
 
     def idp_token_requests(self) -> int | None:
         try:
@@ -804,14 +808,14 @@ def _credproxy(
     }
     path = prefix / "credproxy.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    argv = [str(CREDPROXY), "run", "-c", str(path)]
+    argv = [*bench.under, str(CREDPROXY), "run", "-c", str(path)]
     cpus = bench.proxy_cpus
     if workers > 1:
         argv += ["--workers", str(workers)]
         cpus = bench.all_cpus  # the workers need more than the one proxy core
     process = bench.processes.start(name, argv, cpus=cpus)
     admin_url = f"http://127.0.0.1:{admin}"
-    wait_ready(admin_url + "/readyz", [process])
+    wait_ready(admin_url + "/readyz", [process], timeout_s=180 if bench.under else 30)
     return Started(f"http://127.0.0.1:{port}/api", [process], admin_url=admin_url)
 
 
@@ -948,6 +952,62 @@ def measure(bench: Bench, subject: Subject) -> Row:
     if subject.idp and idp_before is not None and idp_after is not None:
         row.idp_token_requests = idp_after - idp_before
     return row
+
+
+INSTRUCTION_REQUESTS = 1000
+
+
+def count_instructions(bench: Bench, subject: Subject) -> float | None:
+    """Instructions credproxy executes per request, one request at a time on one keep-alive
+    connection, counted by callgrind after 100 warm-up requests. Unlike req/s it is the same
+    from run to run (within about 1 %), so a change to the hot path shows even on a noisy VM.
+    Token refreshes that fall in the window are counted too, as they would be in service."""
+    if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
+        return None
+    out = bench.subdir(f"{subject.key}-callgrind") / "callgrind.out"
+    bench.under = [
+        "valgrind",
+        "--tool=callgrind",
+        "--instr-atstart=no",
+        f"--callgrind-out-file={out}",
+    ]
+    known = {id(process) for _, process in bench.processes.running}
+    try:
+        started = subject.start(bench)
+        [process] = started.watch
+        target = urllib.parse.urlsplit(started.base_url + "/small")
+        connection = http.client.HTTPConnection(target.hostname or "", target.port, timeout=60)
+
+        def send(count: int) -> None:
+            for _ in range(count):
+                connection.request("GET", target.path, headers=started.headers)
+                response = connection.getresponse()
+                response.read()
+                if response.status != 200:
+                    raise RuntimeError(f"{subject.key} answered {response.status} under callgrind")
+
+        def control(option: str) -> None:
+            subprocess.run(
+                ["callgrind_control", option, str(process.pid)], check=True, capture_output=True
+            )
+
+        send(100)
+        control("--instr=on")
+        send(INSTRUCTION_REQUESTS)
+        control("--instr=off")
+        control("--dump")
+        connection.close()
+        dumps = sorted(out.parent.glob(out.name + ".*"), key=lambda path: path.stat().st_mtime)
+        totals = re.search(r"^totals: (\d+)", dumps[-1].read_text(), re.MULTILINE)
+        return int(totals[1]) / INSTRUCTION_REQUESTS if dumps and totals else None
+    except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
+        print(f"   instructions not counted: {exc}", file=sys.stderr, flush=True)
+        return None
+    finally:
+        bench.under = []
+        for _, process in list(bench.processes.running):
+            if id(process) not in known:
+                bench.processes.stop(process)
 
 
 def best_of(rounds: list[Row]) -> Row:
@@ -1134,7 +1194,15 @@ def report(bench: Bench, rows: list[Row], env: dict[str, str], elapsed_s: float)
             + " | ".join(_ratio(core, c) for c in cores)
             + f" | {_num(added50)} | {_num(added99)} |"
         )
-    lines += ["", *scheme_ratios(by_key), "", *targets(bench, by_key), ""]
+    lines += [
+        "",
+        *scheme_ratios(by_key),
+        "",
+        *instruction_counts(rows),
+        "",
+        *targets(bench, by_key),
+        "",
+    ]
     notes = [
         f"- {row.label}: {row.note}" for row in rows if row.note and not row.error
     ]  # fmt: skip
@@ -1189,6 +1257,27 @@ def scheme_ratios(by_key: dict[str, Row]) -> list[str]:
             f"{_num(extra)} |"
         )
     return out if len(out) > 2 else []
+
+
+def instruction_counts(rows: list[Row]) -> list[str]:
+    counted = [row for row in rows if row.instructions_per_request]
+    if not counted:
+        return ["## Instructions per request", "", "Not counted: valgrind is not installed."]
+    static = next((r.instructions_per_request for r in counted if r.key == "cp-static"), None)
+    lines = [
+        "## Instructions per request",
+        "",
+        f"callgrind, {INSTRUCTION_REQUESTS:,} requests one at a time on one keep-alive connection "
+        "after 100 warm-up ones; credproxy's own process only (Python, its libraries, the C "
+        "parsers; not the kernel). Steady from run to run, unlike req/s on this VM.",
+        "",
+        "| path | instructions/request | × static |",
+        "|---|---:|---:|",
+    ]
+    for row in counted:
+        count = row.instructions_per_request
+        lines.append(f"| {row.label} | {_num(count)} | {_ratio(count, static)} |")
+    return lines
 
 
 def targets(bench: Bench, by_key: dict[str, Row]) -> list[str]:
@@ -1349,6 +1438,7 @@ def main() -> int:
         os.sched_setaffinity(0, bench.client_cpus)  # wrk, upstream and IdP inherit it
     measured: dict[str, list[Row]] = {subject.key: [] for subject in wanted}
     uploads: dict[str, Upload | None] = {}
+    instructions: dict[str, float | None] = {}
     try:
         start_upstream(bench)
         start_idp(bench)
@@ -1370,6 +1460,9 @@ def main() -> int:
                     file=sys.stderr,
                     flush=True,
                 )
+        for subject in (s for s in wanted if s.credproxy and s.key != "cp-bearer-2w"):
+            print(f"── {subject.label}: instructions (callgrind)", file=sys.stderr, flush=True)
+            instructions[subject.key] = count_instructions(bench, subject)
         for subject in (s for s in wanted if s.upload and not missing_tool(s)):
             print(f"── {subject.label}: 1 GiB streamed upload", file=sys.stderr, flush=True)
             uploads[subject.key] = measure_upload(bench, subject)
@@ -1383,6 +1476,7 @@ def main() -> int:
     rows = [best_of(rounds) for rounds in measured.values() if rounds]
     for row in rows:
         row.upload = uploads.get(row.key)
+        row.instructions_per_request = instructions.get(row.key)
     elapsed = time.monotonic() - started_at
     text = report(bench, rows, env, elapsed)
     args.output.parent.mkdir(parents=True, exist_ok=True)
