@@ -140,10 +140,15 @@ async def _load(
             series.append(_sample(proc, await metrics(session)))
             await asyncio.sleep(SAMPLE_EVERY_S)
 
+    # The admin calls get their own session: on the load's, every freed connection goes back
+    # to a load worker first, and a revocation waited out its timeout for one.
     connector = aiohttp.TCPConnector(limit=concurrency)
-    async with aiohttp.ClientSession(connector=connector) as session:
+    async with (
+        aiohttp.ClientSession(connector=connector) as session,
+        aiohttp.ClientSession() as admin,
+    ):
         await asyncio.gather(
-            *(worker(session, n) for n in range(concurrency)), faults(session), sampler(session)
+            *(worker(session, n) for n in range(concurrency)), faults(admin), sampler(admin)
         )
         elapsed = time.monotonic() - started
     return {"statuses": statuses, "elapsed_s": elapsed, "series": series}
