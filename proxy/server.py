@@ -291,6 +291,7 @@ class Server:
         """Also in workers without the admin listener, whose values /metrics aggregates."""
         while True:
             self._sample_gauges()
+            self.metrics.save()
             await asyncio.sleep(interval_s)
 
     async def _credentials(self, request: web.Request) -> web.Response:
@@ -368,6 +369,7 @@ class Server:
             server.close()  # stops accepting
         if self._listener is not None:  # in-flight requests finish, up to the timeout
             await self._listener.drain(self.config.shutdown_timeout_s)
+        self.metrics.save()  # the last requests' counts, for the other workers' /metrics
         self._app_servers.clear()
         for runner in self._runners:  # the admin listener last
             await runner.cleanup()
