@@ -39,9 +39,15 @@ class Token:
     signing_secret: Secret | None = None
     legacy: bool = False  # a long-lived static secret, audited so owners can retire it
     ath: str = field(init=False)  # DPoP ``ath``, hashed once per token, not per request
+    # Stop sending a token shortly before it expires so it is not rejected in flight.
+    usable_until_mono: float = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ath", access_token_hash(self.value.reveal()))
+        margin_s = min(1.0, 0.1 * self.lifetime_s)
+        object.__setattr__(
+            self, "usable_until_mono", self.obtained_mono + self.lifetime_s - margin_s
+        )
 
     @property
     def fingerprint(self) -> str:
@@ -53,11 +59,6 @@ class Token:
     def expires_at(self) -> float:
         return self.obtained_at + self.lifetime_s
 
-    @property
-    def usable_until_mono(self) -> float:
-        """Stop sending a token shortly before it expires so it is not rejected in flight."""
-        return self.obtained_mono + self.lifetime_s - min(1.0, 0.1 * self.lifetime_s)
-
 
 @dataclass(frozen=True, slots=True)
 class CacheKey:
@@ -65,12 +66,11 @@ class CacheKey:
     audience: str | None
     scope: str | None
     bound: bool
+    label: str = field(init=False, compare=False)  # bounded: for metrics and audit events
 
-    @property
-    def label(self) -> str:
-        """Bounded (config-derived) label for metrics and audit events."""
+    def __post_init__(self) -> None:
         binding = "dpop" if self.bound else "bearer"
-        return f"{self.audience or '-'}|{self.scope or '-'}|{binding}"
+        object.__setattr__(self, "label", f"{self.audience or '-'}|{self.scope or '-'}|{binding}")
 
 
 class TokenSource:

@@ -43,7 +43,9 @@ class Usage:
         path: str,
     ) -> None:
         now = time.time()
-        total = self.totals.setdefault((issuer, label), Tally(first_ts=now))
+        total = self.totals.get((issuer, label))
+        if total is None:
+            total = self.totals[issuer, label] = Tally(first_ts=now)
         total.count += 1
         total.last_ts = now
         if self._mode == "off":
