@@ -134,6 +134,17 @@ class Processes:
                 process.wait()
         self.running = [(n, p) for n, p in self.running if p is not process]
 
+    def mark(self) -> set[int]:
+        """What runs now, for ``stop_since``."""
+        return {id(process) for _, process in self.running}
+
+    def stop_since(self, mark: set[int]) -> list[str]:
+        """Stop what was started after ``mark`` (one path's processes); their names."""
+        started = [(name, p) for name, p in self.running if id(p) not in mark]
+        for _, process in started:
+            self.stop(process)
+        return [name for name, _ in started]
+
     def stop_all(self) -> None:
         for _, process in reversed(list(self.running)):
             self.stop(process)
@@ -364,7 +375,7 @@ def run_wrk(
 def measure_upload(bench: Bench, subject: Subject) -> Upload | None:
     """A fresh instance of ``subject`` streams ``UPLOAD_BYTES`` from idle. Run after every other
     measure: on this VM, freeing the stored GiB afterwards slows the host for seconds."""
-    known = {id(process) for _, process in bench.processes.running}
+    known = bench.processes.mark()
     try:
         started = subject.start(bench)
         wait_ready(started.base_url + "/small", started.watch, started.headers)
@@ -374,9 +385,7 @@ def measure_upload(bench: Bench, subject: Subject) -> Upload | None:
         print(f"   upload failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return None
     finally:
-        for _, process in list(bench.processes.running):
-            if id(process) not in known:
-                bench.processes.stop(process)
+        bench.processes.stop_since(known)
 
 
 def stream_upload(bench: Bench, started: Started, roots: list[int]) -> Upload:
@@ -905,7 +914,7 @@ def measure(bench: Bench, subject: Subject) -> Row:
     args = bench.args
     started_at = time.monotonic()
     idp_before = bench.idp_token_requests()
-    known = {id(process) for _, process in bench.processes.running}
+    known = bench.processes.mark()
     try:
         started = subject.start(bench)
         small, big = started.base_url + "/small", started.base_url + "/big"
@@ -942,11 +951,9 @@ def measure(bench: Bench, subject: Subject) -> Row:
     except Exception as exc:  # one path failing must not stop the others
         row.error = f"{type(exc).__name__}: {exc}"
     finally:
-        for name, process in list(bench.processes.running):
-            if id(process) not in known:  # started for this path
-                bench.processes.stop(process)
-                if row.error or row.errors:
-                    row.log_tail = bench.processes.log(name)
+        for name in bench.processes.stop_since(known):  # started for this path
+            if row.error or row.errors:
+                row.log_tail = bench.processes.log(name)
     row.lifetime_s = time.monotonic() - started_at
     idp_after = bench.idp_token_requests()
     if subject.idp and idp_before is not None and idp_after is not None:
@@ -971,7 +978,7 @@ def count_instructions(bench: Bench, subject: Subject) -> float | None:
         "--instr-atstart=no",
         f"--callgrind-out-file={out}",
     ]
-    known = {id(process) for _, process in bench.processes.running}
+    known = bench.processes.mark()
     try:
         started = subject.start(bench)
         [process] = started.watch
@@ -1005,9 +1012,7 @@ def count_instructions(bench: Bench, subject: Subject) -> float | None:
         return None
     finally:
         bench.under = []
-        for _, process in list(bench.processes.running):
-            if id(process) not in known:
-                bench.processes.stop(process)
+        bench.processes.stop_since(known)
 
 
 def best_of(rounds: list[Row]) -> Row:

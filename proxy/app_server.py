@@ -22,6 +22,7 @@ from yarl import URL
 
 from .errors import MalformedRequest
 from .log import server_log
+from .tasks import spawn
 
 _READ_LIMIT = 2**16  # buffered body bytes before the app is paused
 _MAX_QUEUED = 8  # pipelined requests parsed ahead before the app is paused
@@ -282,7 +283,7 @@ class AppListener:
 
     def __call__(self) -> AppConnection:
         if self._sweep is None:
-            self._sweep = asyncio.get_running_loop().create_task(self._close_idle_every(0.25))
+            self._sweep = spawn(self._close_idle_every(0.25), name="app-idle-sweep")
         return AppConnection(asyncio.get_running_loop(), self)
 
     async def _close_idle_every(self, interval_s: float) -> None:

@@ -26,6 +26,7 @@ from .errors import (
     UpstreamTimeout,
     UpstreamTLSError,
 )
+from .tasks import spawn
 
 Body = bytes | StreamReader | AsyncIterable[bytes] | None
 _READ_LIMIT = 2**16  # buffered answer bytes before the upstream is paused
@@ -235,7 +236,7 @@ class Upstreams:
         the body can be sent again."""
         loop = asyncio.get_running_loop()
         if self._sweep is None:
-            self._sweep = loop.create_task(self._sweep_every(_SWEEP_S), name="upstream-timeouts")
+            self._sweep = spawn(self._sweep_every(_SWEEP_S), name="upstream-timeouts")
         deadline = loop.time() + timeouts.total_s
         context = (tls if isinstance(tls, ssl.SSLContext) else _DEFAULT_TLS) if origin.tls else None
         pool = self._idle.setdefault((origin.host, origin.port, id(context)), [])
