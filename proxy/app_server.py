@@ -4,14 +4,18 @@ A raw protocol instead of aiohttp's web server (the hot path's other large cost)
 strict parser and limits, requests answered one at a time in order (pipelining), keep-alive
 with an idle timeout, and a request the parser refuses answered 400 before the connection
 closes. The handler answers through ``AppRequest``; nothing here knows about credentials.
+
+Every connection is bound to its caller when it is accepted, before a byte of it is read
+(``callers.from_socket``); the admission check and the connection limits (in total and per uid,
+``app_limits``) may refuse it there, with one problem answer and a close.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Awaitable, Callable
-from typing import Any
+from http import HTTPStatus
 
 from aiohttp import StreamReader
 from aiohttp.base_protocol import BaseProtocol
@@ -20,13 +24,17 @@ from aiohttp.streams import EmptyStreamReader
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from .errors import MalformedRequest
+from .callers import UNKNOWN, Caller, from_socket
+from .errors import HeadTooLarge, MalformedRequest, ProblemError, TooManyConnections
 from .log import server_log
 from .tasks import spawn
 
 _READ_LIMIT = 2**16  # buffered body bytes before the app is paused
 _MAX_QUEUED = 8  # pipelined requests parsed ahead before the app is paused
 _NO_BODY = frozenset({204, 304})
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_LINGER_S = 2.0  # after a refusal, for the app to read it
+_MAX_LINGERING = 64
 
 
 class AppGone(ConnectionResetError):
@@ -143,12 +151,30 @@ def _whole_body_lines(headers: dict[str, str], body: bytes) -> bytes:
 
 
 Handler = Callable[[AppRequest], Awaitable[None]]
+# At accept: (caller, the limits' refusal or None) → the refusal to answer, or None to serve.
+Admit = Callable[[Caller, ProblemError | None], ProblemError | None]
+
+
+class Limits:
+    """``app_limits`` as enforced: ``max_connections`` already lowered under RLIMIT_NOFILE."""
+
+    __slots__ = ("max_head_bytes", "max_connections", "max_connections_per_uid")
+
+    def __init__(
+        self, max_head_bytes: int, max_connections: int, max_connections_per_uid: int
+    ) -> None:
+        self.max_head_bytes = max_head_bytes
+        self.max_connections = max_connections
+        self.max_connections_per_uid = min(max_connections_per_uid, max_connections)
 
 
 class AppConnection(BaseProtocol):
     """One app connection: parse, queue, answer in order, keep alive while idle."""
 
-    __slots__ = ("_listener", "_queue", "_task", "_reading", "_refusal", "closing", "idle_since")
+    __slots__ = (
+        "_listener", "_queue", "_task", "_reading", "_refusal", "_head_bytes", "_head_tail", "caller",
+        "closing", "idle_since",
+    )  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listener: AppListener) -> None:
         super().__init__(
@@ -163,18 +189,45 @@ class AppConnection(BaseProtocol):
         self._task: asyncio.Task[None] | None = None
         self.idle_since: float | None = None  # no request in progress since; see ``AppListener``
         self._reading: StreamReader | None = None  # the body being received
-        self._refusal: HttpProcessingError | None = None  # to answer once the queue is done
+        self._refusal: ProblemError | None = None  # to answer once the queue is done
+        self._head_bytes = 0  # of a head not yet complete
+        self._head_tail = b""  # its last bytes: "\r\n\r\n" may straddle two reads
+        self.caller = UNKNOWN  # bound at accept, before any byte is read
         self.closing = False  # answer what is in flight, then close
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        self._listener.connections.add(self)
+        listener = self._listener
+        limits = listener.limits
+        over_limit: ProblemError | None = None
+        if len(listener.connections) >= limits.max_connections:
+            over_limit = TooManyConnections(f"{limits.max_connections} app connections open")
+        else:
+            self.caller = from_socket(transport.get_extra_info("socket"))
+            if listener.per_uid[self.caller.uid] >= limits.max_connections_per_uid:
+                over_limit = TooManyConnections(
+                    f"{limits.max_connections_per_uid} app connections open from uid "
+                    f"{self.caller.uid}"
+                )
+        refusal = listener.admit(self.caller, over_limit)
+        if refusal is not None:
+            self._parser = None
+            self._send_refusal(refusal)
+            return
+        listener.connections.add(self)
+        listener.per_uid[self.caller.uid] += 1
         self.idle_since = self._loop.time()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         super().connection_lost(exc)
-        self._listener.connections.discard(self)
-        self._listener.callers.forget(self)
+        listener = self._listener
+        listener.lingering.pop(self, None)
+        if self in listener.connections:
+            listener.connections.discard(self)
+            uid = self.caller.uid
+            listener.per_uid[uid] -= 1
+            if listener.per_uid[uid] <= 0:
+                del listener.per_uid[uid]
         self._parser = None
         if self._reading is not None and not self._reading.is_eof():
             self._reading.set_exception(AppGone("the app closed the connection mid-body"))
@@ -183,12 +236,18 @@ class AppConnection(BaseProtocol):
         parser = self._parser
         if parser is None or self._refusal is not None:
             return  # after a refusal or an upgrade request nothing more is read
+        reading = self._reading
+        if (reading is None or reading.is_eof()) and self._over_head_limit(data):
+            limit = self._listener.limits.max_head_bytes
+            self._refuse(HeadTooLarge(f"request head over {limit} bytes"))
+            return
         try:
             messages, upgraded, _ = parser.feed_data(data)
         except HttpProcessingError as exc:
-            self._refuse(exc)
+            self._refuse(MalformedRequest(_described(exc)))
             return
         if messages:
+            self._head_bytes, self._head_tail = 0, b""
             self.idle_since = None
             self._queue.extend(messages)
             payload = messages[-1][1]
@@ -201,24 +260,37 @@ class AppConnection(BaseProtocol):
             self._parser = None
             self.closing = True
 
-    def _refuse(self, error: HttpProcessingError) -> None:
+    def _over_head_limit(self, data: bytes) -> bool:
+        """Count ``data`` (received between requests) up to the end of the head it continues:
+        whether the head has grown past ``max_head_bytes``. Heads after the first in one read
+        are bounded by the read's size and the parser's own limits."""
+        seen = self._head_tail + data
+        end = seen.find(b"\r\n\r\n")
+        self._head_bytes += len(data) if end < 0 else end + 4 - len(self._head_tail)
+        self._head_tail = seen[-3:]
+        return self._head_bytes > self._listener.limits.max_head_bytes
+
+    def _refuse(self, error: ProblemError) -> None:
+        """``error``'s text never quotes the request's bytes: they may hold a secret."""
         self._parser = None
-        error.message = _described(error)  # never the request's bytes: they may hold a secret
         reading = self._reading
         if reading is not None and not reading.is_eof():
             # The body being read breaks its framing: its request gets the 400 itself.
-            reading.set_exception(MalformedRequest(error.message))
+            reading.set_exception(error)
             self.closing = True
         elif self._task is None:
             self._send_refusal(error)
         else:
             self._refusal = error  # after the requests before it
 
-    def _send_refusal(self, error: HttpProcessingError) -> None:
-        server_log.warning("app connection closed: malformed request: %s", error.message)
-        headers, body = MalformedRequest(error.message).problem()
+    def _send_refusal(self, error: ProblemError) -> None:
+        server_log.warning("app connection closed: %s: %s", error.code.replace("_", " "), error)
+        headers, body = error.problem()
         lines = _whole_body_lines(headers, body)
-        self.write(b"HTTP/1.1 400 Bad Request\r\n%bConnection: close\r\n\r\n%b" % (lines, body))
+        reason = _REASONS.get(error.status, "").encode()
+        self.write(
+            b"HTTP/1.1 %d %b\r\n%bConnection: close\r\n\r\n%b" % (error.status, reason, lines, body)
+        )
         self.close()
 
     async def _serve(self) -> None:
@@ -274,11 +346,14 @@ class AppConnection(BaseProtocol):
 class AppListener:
     """What every app connection shares; a protocol factory for ``create_server``."""
 
-    def __init__(self, handler: Handler, callers: Any, keepalive_s: float) -> None:
+    def __init__(self, handler: Handler, admit: Admit, keepalive_s: float, limits: Limits) -> None:
         self.handler = handler
-        self.callers = callers
+        self.admit = admit
         self.keepalive_s = keepalive_s
+        self.limits = limits
         self.connections: set[AppConnection] = set()
+        self.per_uid: Counter[int | None] = Counter()
+        self.lingering: dict[AppConnection, float] = {}  # refused, until: see ``_linger``
         self._sweep: asyncio.Task[None] | None = None
 
     def __call__(self) -> AppConnection:
@@ -292,9 +367,13 @@ class AppListener:
         loop = asyncio.get_running_loop()
         while True:
             await asyncio.sleep(interval_s)
-            expired = loop.time() - self.keepalive_s
+            now = loop.time()
+            expired = now - self.keepalive_s
             for connection in list(self.connections):
                 if connection.idle_since is not None and connection.idle_since <= expired:
+                    connection.abort()
+            for connection, until in list(self.lingering.items()):
+                if until <= now:
                     connection.abort()
 
     async def drain(self, timeout_s: float) -> None:
@@ -307,7 +386,7 @@ class AppListener:
         deadline = loop.time() + timeout_s
         while any(c.busy for c in self.connections) and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        for connection in list(self.connections):
+        for connection in [*self.connections, *self.lingering]:
             connection.abort()
         if self._sweep is not None:
             self._sweep.cancel()

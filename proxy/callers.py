@@ -1,35 +1,44 @@
 """Who is calling: the kernel's account of the process at the other end of a connection.
 
-Unix sockets: ``SO_PEERCRED`` (pid, uid, gid). TCP loopback: the peer's socket in
-``/proc/net/tcp{,6}`` gives its owner uid and inode; where the PID namespace is shared the inode
-leads to the pid via ``/proc/<pid>/fd``, and the pid to gid, executable and cgroup. Nothing the
-caller sends is consulted. Attributes beyond uid are resolved lazily (only when a policy asks) and
-cached per connection; an attribute that cannot be determined is ``None`` and fails closed.
+Resolved once, when the connection is accepted and before any byte of it is read:
+
+- Unix sockets: ``SO_PEERCRED`` (pid, uid, gid as they were at ``connect()``).
+- TCP loopback: the peer's socket found by its exact 4-tuple with ``NETLINK_SOCK_DIAG`` (falling
+  back to ``/proc/net/tcp{,6}``) gives its owner uid and inode. The kernel's answer is trusted only
+  when it is positive: the socket ESTABLISHED, a non-zero inode, the very 4-tuple asked for. A peer
+  that already closed its end (inode 0, reported as uid 0), any other state or a mismatch is
+  *unknown*, and an unknown caller never matches a rule.
+
+Process attributes (gid on TCP, executable, its sha256, cgroup) are resolved only when a rule
+asks, from **every** process that holds the peer's socket (``/proc/<pid>/fd``): an attribute is
+known only when all holders agree, so ``connect(); fork(); exec(approved)`` in one process and
+sending from the other matches nothing. ``recheck()`` scans the holders again (per request on
+routes whose rules name such attributes). Nothing the caller sends is consulted.
 """
 
 from __future__ import annotations
 
-import asyncio
 import atexit
 import hashlib
 import ipaddress
 import os
 import socket
 import struct
-from collections.abc import Hashable
 from typing import Any
 
 _UNSET: Any = object()
 _PEERCRED = struct.Struct("3i")
 _sha256_by_file: dict[tuple[int, int, int, int], str] = {}
-_recent_pids: dict[int, None] = {}  # insertion-ordered: most recent last
+_TCP_ESTABLISHED = 1
 
 
 class Caller:
-    """One connection's peer. ``uid`` is always known for a usable caller; the rest may be None."""
+    """One connection's peer. ``identified``: the kernel positively named its owner (``uid``);
+    an unidentified caller matches no rule. Process attributes may be None: unknown."""
 
     __slots__ = (
-        "transport", "uid", "_gid", "_pid", "_inode", "_exe", "_exe_sha256", "_cgroup", "_known"
+        "transport", "uid", "identified", "_gid", "_pid", "_inode", "_holders", "_exe",
+        "_exe_sha256", "_cgroup", "_known",
     )  # fmt: skip
 
     def __init__(
@@ -43,57 +52,89 @@ class Caller:
     ) -> None:
         self.transport = transport
         self.uid = uid
+        self.identified = uid is not None and transport in ("tcp", "unix")
         self._gid = gid if gid is not None else _UNSET
-        self._pid = pid if pid else _UNSET
-        self._inode = inode
+        self._pid = pid if pid else None
+        self._inode = inode  # the peer's socket: its holders are the calling processes
+        self._holders: Any = _UNSET
         self._exe: Any = _UNSET
         self._exe_sha256: Any = _UNSET
         self._cgroup: Any = _UNSET
         self._known: tuple[tuple[str, object], ...] | None = None  # attributes(), until a lookup
 
     @property
+    def holders(self) -> tuple[int, ...] | None:
+        """Pids of every process holding the peer's socket; None when that cannot be known
+        (no inode, a process of the socket's owner whose fds are unreadable, none found)."""
+        if self._holders is _UNSET:
+            self._holders = _holders_of(self._inode, self.uid) if self._inode else None
+        return self._holders  # type: ignore[no-any-return]
+
+    @property
     def pid(self) -> int | None:
-        if self._pid is _UNSET:
-            self._pid = _pid_of_socket(self._inode, self.uid) if self._inode else None
-            self._known = None
+        """The connecting process (Unix sockets), else the lowest holder: for the record only,
+        decisions use every holder."""
+        if self._pid is None and self.transport == "tcp" and self.holders:
+            self._pid = self.holders[0]
         return self._pid
 
     @property
     def gid(self) -> int | None:
         if self._gid is _UNSET:
-            self._gid = _status_gid(self.pid) if self.pid else None
-            self._known = None
+            self._gid = self._agreed(_status_gid)
         return self._gid
 
     @property
     def exe(self) -> str | None:
         if self._exe is _UNSET:
-            self._exe = _readlink(f"/proc/{self.pid}/exe") if self.pid else None
-            if self._exe is not None and self._exe.endswith(" (deleted)"):
-                self._exe = None  # replaced on disk: what runs is not what the path names
-            self._known = None
+            self._exe = self._agreed(_exe_path)
         return self._exe  # type: ignore[no-any-return]
 
     @property
     def exe_sha256(self) -> str | None:
         if self._exe_sha256 is _UNSET:
-            self._exe_sha256 = _file_sha256(f"/proc/{self.pid}/exe") if self.pid else None
-            self._known = None
+            self._exe_sha256 = self._agreed(lambda pid: _file_sha256(f"/proc/{pid}/exe"))
         return self._exe_sha256  # type: ignore[no-any-return]
 
     @property
     def cgroup(self) -> str | None:
         if self._cgroup is _UNSET:
-            self._cgroup = _cgroup_v2(self.pid) if self.pid else None
-            self._known = None
+            self._cgroup = self._agreed(_cgroup_v2)
         return self._cgroup  # type: ignore[no-any-return]
+
+    def _agreed(self, lookup: Any) -> Any:
+        """``lookup(pid)`` when every holder gives the same known answer, else None."""
+        self._known = None
+        holders = self.holders
+        if not holders:
+            return None
+        values = {lookup(pid) for pid in holders}
+        return values.pop() if len(values) == 1 else None
+
+    def recheck(self) -> None:
+        """Scan the socket's holders again; when they changed, process attributes are looked
+        up anew (a process that obtained the socket after accept is seen)."""
+        if self._holders is _UNSET or self._inode is None:
+            return
+        holders = _holders_of(self._inode, self.uid)
+        if holders != self._holders:
+            self._holders = holders
+            self._pid = None
+            self._exe = self._exe_sha256 = self._cgroup = _UNSET
+            if self.transport == "tcp":
+                self._gid = _UNSET
+            self._known = None
 
     @classmethod
     def recorded(cls, attributes: dict[str, Any]) -> Caller:
         """A caller as an audit event recorded it: what was not recorded is unknown (never
-        matches a rule), and nothing is looked up again."""
+        matches a rule), and nothing is looked up again. A record without ``identified: true``
+        (older logs, unknown callers) is not identified."""
         caller = cls(str(attributes.get("transport", "unknown")), attributes.get("uid"))
-        for name in ("gid", "pid", "exe", "exe_sha256", "cgroup"):
+        caller.identified = caller.identified and attributes.get("identified") is True
+        caller._holders = None
+        caller._pid = attributes.get("pid")
+        for name in ("gid", "exe", "exe_sha256", "cgroup"):
             setattr(caller, "_" + name, attributes.get(name))
         return caller
 
@@ -106,19 +147,32 @@ class Caller:
 
     def attributes(self) -> dict[str, object]:
         """For audit events and logs: what is already known, without new lookups."""
-        known: dict[str, object] = {"transport": self.transport, "uid": self.uid}
-        for name in ("gid", "pid", "exe", "exe_sha256", "cgroup"):
+        known: dict[str, object] = {
+            "transport": self.transport,
+            "uid": self.uid,
+            "identified": self.identified,
+        }
+        pid = self._pid
+        if pid is None and isinstance(self._holders, tuple):
+            pid = self._holders[0]
+        if pid is not None:
+            known["pid"] = pid
+        for name in ("gid", "exe", "exe_sha256", "cgroup"):
             value = getattr(self, "_" + name)
             if value is not _UNSET and value is not None:
                 known[name] = value
+        if isinstance(self._holders, tuple) and len(self._holders) > 1:
+            known["holders"] = len(self._holders)
         return known
 
 
 UNKNOWN = Caller("unknown", None)
 
 
-def from_socket(sock: socket.socket | None) -> Caller:
-    """Resolve the peer of an accepted connection; anything unexpected yields ``UNKNOWN``."""
+def from_socket(sock: Any) -> Caller:
+    """Resolve the peer of an accepted connection; anything unexpected yields ``UNKNOWN``.
+    ``sock``: a socket or what asyncio's transports hand out (anything with ``fileno``,
+    ``family``, ``getsockopt``, ``getsockname`` and ``getpeername``)."""
     if sock is None:
         return UNKNOWN
     try:
@@ -126,10 +180,11 @@ def from_socket(sock: socket.socket | None) -> Caller:
             pid, uid, gid = _PEERCRED.unpack(
                 sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
             )
-            return Caller("unix", uid, gid=gid, pid=pid)
+            own_inode = os.fstat(sock.fileno()).st_ino
+            return Caller("unix", uid, gid=gid, pid=pid, inode=_unix_peer_inode(own_inode))
         if sock.family in (socket.AF_INET, socket.AF_INET6):
             return _from_tcp(sock.getsockname(), sock.getpeername())
-    except OSError:
+    except (OSError, ValueError):
         pass
     return UNKNOWN
 
@@ -138,14 +193,16 @@ def _from_tcp(local: tuple[Any, ...], peer: tuple[Any, ...]) -> Caller:
     # The peer's socket is the one whose local end is the peer's address and remote end ours.
     wanted = (_address_key(peer[0], peer[1]), _address_key(local[0], local[1]))
     found = _sock_diag(*wanted)
-    if found is not None:
-        return Caller("tcp", found[0], inode=found[1])
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        found = _find_socket(table, wanted)
-        if found is not None:
-            uid, inode = found
-            return Caller("tcp", uid, inode=inode)
-    return UNKNOWN
+    if found is _NO_NETLINK:
+        found = None
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            found = _find_socket(table, wanted)
+            if found is not None:
+                break
+    if found is None:
+        return UNKNOWN
+    uid, inode = found
+    return Caller("tcp", uid, inode=inode)
 
 
 def _address_key(host: str, port: int) -> tuple[bytes, int]:
@@ -157,39 +214,86 @@ def _address_key(host: str, port: int) -> tuple[bytes, int]:
 
 _NETLINK_SOCK_DIAG = 4
 _SOCK_DIAG_BY_FAMILY = 20
-_NLMSG_ERROR = 2
 _NLM_F_REQUEST = 1
-_DIAG_REQUEST = struct.Struct("=IHHII BBBB I HH16s16sI8s")
-_DIAG_REPLY = struct.Struct("=IHHII BBBB HH16s16sI8s IIIII")
+_NLMSG = struct.Struct("=IHHII")
+_INET_REQUEST = struct.Struct("=BBBB I HH16s16sI8s")
+_INET_REPLY = struct.Struct("=BBBB HH16s16sI8s IIIII")
+_UNIX_REQUEST = struct.Struct("=BBHIII8s")
+_UNIX_REPLY = struct.Struct("=BBBBI8s")
+_UDIAG_SHOW_PEER = 4
+_UNIX_DIAG_PEER = 2
+_NO_COOKIE = b"\xff" * 8
+_NO_NETLINK: Any = object()
 _diag_socket: socket.socket | None = None
+_sequence = 0
 
 
-def _sock_diag(src: tuple[bytes, int], dst: tuple[bytes, int]) -> tuple[int, int] | None:
-    """Exact lookup of one TCP socket by its 4-tuple with NETLINK_SOCK_DIAG (what ``ss`` uses):
-    (uid, inode), or None when netlink is unavailable or the socket is not found."""
-    global _diag_socket
-    family = socket.AF_INET if len(src[0]) == 4 else socket.AF_INET6
-    request = _DIAG_REQUEST.pack(
-        _DIAG_REQUEST.size, _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0,
-        family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF,
-        socket.htons(src[1]), socket.htons(dst[1]), src[0].ljust(16, b"\0"), dst[0].ljust(16, b"\0"),
-        0, b"\xff" * 8,  # no interface, INET_DIAG_NOCOOKIE
-    )  # fmt: skip
-    try:
-        if _diag_socket is None:
-            _diag_socket = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
-            atexit.register(_diag_socket.close)
-        _diag_socket.send(request)
+def _diag(family_request: bytes) -> bytes | None:
+    """One NETLINK_SOCK_DIAG exact lookup: the reply's payload, or None when the kernel says the
+    socket does not exist. Raises OSError when netlink itself is unavailable."""
+    global _diag_socket, _sequence
+    _sequence = (_sequence + 1) & 0xFFFFFFFF
+    request = _NLMSG.pack(
+        _NLMSG.size + len(family_request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, _sequence, 0
+    )
+    if _diag_socket is None:
+        _diag_socket = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG)
+        atexit.register(_diag_socket.close)
+    _diag_socket.send(request + family_request)
+    for _ in range(8):  # a reply to an earlier, interrupted request is skipped
         reply = _diag_socket.recv(65536)
+        if len(reply) < _NLMSG.size:
+            return None
+        length, kind, _, sequence, _ = _NLMSG.unpack_from(reply)
+        if sequence == _sequence:
+            return reply[_NLMSG.size : length] if kind == _SOCK_DIAG_BY_FAMILY else None
+    return None
+
+
+def _sock_diag(src: tuple[bytes, int], dst: tuple[bytes, int]) -> Any:
+    """(uid, inode) of the TCP socket with exactly this 4-tuple when the kernel positively says
+    so: ESTABLISHED, a real inode, the same 4-tuple. None: unknown. ``_NO_NETLINK``: ask /proc."""
+    family = socket.AF_INET if len(src[0]) == 4 else socket.AF_INET6
+    id_ = (
+        socket.htons(src[1]), socket.htons(dst[1]), src[0].ljust(16, b"\0"), dst[0].ljust(16, b"\0")
+    )  # fmt: skip
+    request = _INET_REQUEST.pack(family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF, *id_, 0, _NO_COOKIE)
+    try:
+        payload = _diag(request)
+    except OSError:
+        return _NO_NETLINK
+    if payload is None or len(payload) < _INET_REPLY.size:
+        return None
+    fields = _INET_REPLY.unpack_from(payload)
+    state, reply_id, uid, inode = fields[1], fields[4:8], fields[13], fields[14]
+    if state != _TCP_ESTABLISHED or inode == 0 or reply_id != id_:
+        return None
+    return uid, inode
+
+
+def _unix_peer_inode(own_inode: int) -> int | None:
+    """The inode of the socket at the other end of our Unix socket ``own_inode``."""
+    request = _UNIX_REQUEST.pack(
+        socket.AF_UNIX, 0, 0, 0xFFFFFFFF, own_inode, _UDIAG_SHOW_PEER, _NO_COOKIE
+    )
+    try:
+        payload = _diag(request)
     except OSError:
         return None
-    if (
-        len(reply) < _DIAG_REPLY.size
-        or struct.unpack_from("=H", reply, 4)[0] != _SOCK_DIAG_BY_FAMILY
-    ):
-        return None  # NLMSG_ERROR: not found
-    fields = _DIAG_REPLY.unpack_from(reply)
-    return fields[-2], fields[-1]
+    if payload is None or len(payload) < _UNIX_REPLY.size:
+        return None
+    if _UNIX_REPLY.unpack_from(payload)[4] != own_inode:
+        return None
+    offset = _UNIX_REPLY.size
+    while offset + 4 <= len(payload):
+        length, kind = struct.unpack_from("=HH", payload, offset)
+        if length < 4:
+            return None
+        if kind == _UNIX_DIAG_PEER and length >= 8:
+            peer: int = struct.unpack_from("=I", payload, offset + 4)[0]
+            return peer or None
+        offset += (length + 3) & ~3
+    return None
 
 
 def _parse_proc_address(text: str) -> tuple[bytes, int]:
@@ -205,6 +309,8 @@ def _parse_proc_address(text: str) -> tuple[bytes, int]:
 def _find_socket(
     table: str, wanted: tuple[tuple[bytes, int], tuple[bytes, int]]
 ) -> tuple[int, int] | None:
+    """As ``_sock_diag``, from a /proc table: (uid, inode) of an ESTABLISHED socket with a real
+    inode, else None."""
     local_port_hex = f":{wanted[0][1]:04X} "
     try:
         with open(table, encoding="ascii") as lines:
@@ -214,46 +320,43 @@ def _find_socket(
                     continue
                 fields = line.split()
                 if (_parse_proc_address(fields[1]), _parse_proc_address(fields[2])) == wanted:
-                    return int(fields[7]), int(fields[9])
-    except OSError:
+                    uid, inode = int(fields[7]), int(fields[9])
+                    established = int(fields[3], 16) == _TCP_ESTABLISHED
+                    return (uid, inode) if established and inode else None
+    except (OSError, ValueError, IndexError):
         return None
     return None
 
 
-def _pid_of_socket(inode: int, uid: int | None) -> int | None:
-    """Find the process holding socket ``inode`` among processes of its owner uid. Processes
-    that held earlier callers' sockets are searched first: a workload reconnects from the same
-    process, so the usual cost is one process's fd table, not a scan of /proc."""
+def _holders_of(inode: int, owner_uid: int | None) -> tuple[int, ...] | None:
+    """Every process whose fd table holds ``socket:[inode]``, sorted; None when unknown: none
+    found, or a process of the socket's owner whose fds cannot be read (it could hold it)."""
     target = f"socket:[{inode}]"
-    for pid in reversed(list(_recent_pids)):
-        if _holds(pid, target, uid):
-            return _remember(pid)
+    holders: list[int] = []
     try:
-        candidates = [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+        entries = os.listdir("/proc")
     except OSError:
         return None
-    for pid in candidates:
-        if pid not in _recent_pids and _holds(pid, target, uid):
-            return _remember(pid)
-    return None
-
-
-def _remember(pid: int) -> int:
-    _recent_pids.pop(pid, None)
-    _recent_pids[pid] = None
-    while len(_recent_pids) > 32:
-        del _recent_pids[next(iter(_recent_pids))]
-    return pid
-
-
-def _holds(pid: int, target: str, uid: int | None) -> bool:
-    try:
-        if uid is not None and os.stat(f"/proc/{pid}").st_uid != uid:
-            return False
-        fd_dir = f"/proc/{pid}/fd"
-        return any(_readlink(f"{fd_dir}/{fd}") == target for fd in os.listdir(fd_dir))
-    except OSError:
-        return False  # exited, or not ours to read
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        fd_dir = f"/proc/{entry}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except FileNotFoundError:
+            continue  # exited
+        except OSError:
+            try:
+                if os.stat(f"/proc/{entry}").st_uid == owner_uid:
+                    return None  # could hold the socket and we cannot see
+            except OSError:
+                pass
+            continue
+        for fd in fds:
+            if _readlink(f"{fd_dir}/{fd}") == target:
+                holders.append(int(entry))
+                break
+    return tuple(sorted(holders)) or None
 
 
 def _readlink(path: str) -> str | None:
@@ -261,6 +364,13 @@ def _readlink(path: str) -> str | None:
         return os.readlink(path)
     except OSError:
         return None
+
+
+def _exe_path(pid: int) -> str | None:
+    path = _readlink(f"/proc/{pid}/exe")
+    if path is None or path.endswith(" (deleted)"):
+        return None  # replaced on disk: what runs is not what the path names
+    return path
 
 
 def _status_gid(pid: int) -> int | None:
@@ -296,20 +406,3 @@ def _file_sha256(path: str) -> str | None:
             return _sha256_by_file[key]
     except OSError:
         return None
-
-
-class CallerCache:
-    """Callers resolved once per connection, dropped when the connection closes."""
-
-    def __init__(self) -> None:
-        self.callers: dict[Hashable, Caller] = {}
-
-    def get(self, connection: Hashable, transport: asyncio.BaseTransport) -> Caller:
-        """The connection's caller; the socket is looked at only on its first request."""
-        caller = self.callers.get(connection)
-        if caller is None:
-            caller = self.callers[connection] = from_socket(transport.get_extra_info("socket"))
-        return caller
-
-    def forget(self, connection: Hashable) -> None:
-        self.callers.pop(connection, None)

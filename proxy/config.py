@@ -46,6 +46,24 @@ class AppTimeouts(Model):
     )
 
 
+class AppLimits(Model):
+    """Bounds on what app connections may hold before any of them is served (invariant 9).
+    Per process (each ``--workers`` worker has its own)."""
+
+    max_head_bytes: int = Field(
+        32768, ge=1024, le=1024 * 1024, description="request line and headers together (431)"
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="app connections at once; lowered to stay under RLIMIT_NOFILE with a "
+        "reserve for upstream and issuer sockets",
+    )
+    max_connections_per_uid: int = Field(
+        256, ge=1, description="app connections at once from one uid"
+    )
+
+
 _DERIVED_COMPONENTS = (
     "@method",
     "@target-uri",
@@ -234,7 +252,16 @@ def _as_tuple(value: Any) -> Any:
 class Config(Model):
     listen: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = Field(min_length=1)
     admin: str | None = "127.0.0.1:15090"
-    allow_non_loopback: bool = False
+    allow_non_loopback: bool | tuple[str, ...] = Field(
+        False,
+        description="listen/admin addresses (as written) that may be non-loopback; true: any "
+        "(check-config warns: prefer naming the address)",
+    )
+    bind_both_loopbacks: bool = Field(
+        True,
+        description="a listener on 127.0.0.1:P also binds [::1]:P and vice versa, so no other "
+        "process can take the 'localhost' of the other family",
+    )
     unix_socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
     local_names: tuple[str, ...] = Field(
         (), description="Host names accepted besides localhost, loopback literals and route hosts"
@@ -256,6 +283,7 @@ class Config(Model):
         "not_ready", description="when warm-up cannot get a credential: stay not-ready or exit 1"
     )
     app_timeouts: AppTimeouts = AppTimeouts()
+    app_limits: AppLimits = AppLimits()
     shutdown_timeout_s: Duration = 10.0
     revoke_timeout_s: Duration = Field(5.0, description="budget for revocations at shutdown")
 
@@ -269,7 +297,15 @@ class Address:
     path: str = ""
 
     def __str__(self) -> str:
-        return f"unix:{self.path}" if self.path else f"{self.host}:{self.port}"
+        if self.path:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def loopback_twin(host: str) -> str | None:
+    """The loopback address of the other family, for ``bind_both_loopbacks``: 'localhost'
+    resolves to either, so whoever holds the other one receives some apps' requests."""
+    return {"127.0.0.1": "::1", "::1": "127.0.0.1"}.get(host)
 
 
 def parse_address(value: str) -> Address:

@@ -41,7 +41,8 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
     """Checks that span sections. They read the raw document, defensively, so they run (and
     report) even when pydantic found shape errors elsewhere: all errors come at once."""
     errors: list[str] = []
-    allow_remote = data.get("allow_non_loopback") is True
+    remote_ok = data.get("allow_non_loopback")
+    remote_named = set(remote_ok) if isinstance(remote_ok, list) else set()
     addresses: dict[str, str] = {}
     listen = [(f"listen[{i}]", v) for i, v in enumerate(_items(data.get("listen", [])))]
     admin = [("admin", data["admin"])] if isinstance(data.get("admin"), str) else []
@@ -53,10 +54,15 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
         except ValueError as exc:
             errors.append(f"{where}: {exc}")
             continue
-        if address.host and not is_loopback(address.host) and not allow_remote:
+        if (
+            address.host
+            and not is_loopback(address.host)
+            and remote_ok is not True
+            and value not in remote_named
+        ):
             errors.append(
                 f"{where}: {value!r} is not a loopback address; credproxy serves only the local "
-                "workload unless allow_non_loopback: true is set"
+                f"workload unless allow_non_loopback lists it: allow_non_loopback: [{value!r}]"
             )
         if str(address) in addresses and address.port != 0:
             errors.append(f"{where}: {value!r} is already used by {addresses[str(address)]}")
@@ -198,6 +204,24 @@ def warnings(config: Config) -> list[str]:
             path = getattr(issuer, field, None)
             if path is not None and not path.is_file():
                 notes.append(f"issuers.{name}.{field}: {path} does not exist here")
+    for name, caller in config.callers.items():
+        process = [f for f in ("exe", "exe_sha256", "cgroup") if getattr(caller, f) is not None]
+        if process:
+            notes.append(
+                f"callers.{name}: {', '.join(process)} is checked on every process holding the "
+                "connection, at accept and per request, but is not a kernel boundary between "
+                "programs of one uid (ptrace, fd passing): "
+                + ("uid is the boundary" if caller.uid is not None else "name a uid too")
+            )
+    if config.allow_non_loopback is True:
+        notes.append(
+            "allow_non_loopback: true lets every listener face the network; name the one "
+            "address that must, e.g. allow_non_loopback: ['0.0.0.0:15090']"
+        )
+    elif isinstance(config.allow_non_loopback, tuple):
+        addresses = {*config.listen, *([config.admin] if config.admin else [])}
+        for value in sorted(set(config.allow_non_loopback) - addresses):
+            notes.append(f"allow_non_loopback: {value!r} is not a listen or admin address")
     for i, route in enumerate(config.routes):
         if URL(route.upstream).scheme == "http":
             notes.append(f"routes[{i}].upstream: plain http; the credential crosses unencrypted")

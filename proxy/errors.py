@@ -19,7 +19,10 @@
         │   ├── HostNotAllowed                403 host_not_allowed (DNS rebinding)
         │   ├── BrowserRefused                403 browser_request_refused
         │   ├── DestinationNotAllowed         403 destination_not_allowed (forward proxy)
+        │   ├── CallerNotIdentified           403 caller_not_identified (closed at accept)
         │   ├── CallerNotAllowed              403 caller_not_allowed
+        │   ├── HeadTooLarge                  431 request_head_too_large
+        │   ├── TooManyConnections            503 too_many_connections (+ Retry-After)
         │   └── PathNotAllowed                403 path_not_allowed
         ├── CredentialUnavailable             503 credential_unavailable (+ Retry-After)
         │   └── IssuerError                   a token request failed (kept for the log)
@@ -187,6 +190,35 @@ class DestinationNotAllowed(RequestRefused):
         "Forward-proxy requests may only target hosts that a route names with 'host'; "
         "credproxy is not an open proxy."
     )
+
+
+class CallerNotIdentified(RequestRefused):
+    status = 403
+    code = "caller_not_identified"
+    public_detail = (
+        "The kernel could not positively identify the process at the other end of this "
+        "connection (its socket already closed, or the peer is not local); credproxy closed "
+        "the connection without reading it."
+    )
+
+
+class HeadTooLarge(RequestRefused):
+    status = 431
+    code = "request_head_too_large"
+    public_detail = (
+        "The request line and headers are larger than the sidecar's app_limits.max_head_bytes; "
+        "credproxy closes the connection after this answer."
+    )
+
+
+class TooManyConnections(RequestRefused):
+    status = 503
+    code = "too_many_connections"
+    public_detail = (
+        "The sidecar holds as many app connections as app_limits allow (in total or for this "
+        "uid); close idle connections or retry after the indicated delay."
+    )
+    retry_after_s = 1.0
 
 
 class CallerNotAllowed(RequestRefused):

@@ -12,8 +12,10 @@ from multidict import CIMultiDict
 
 from .app_server import AppRequest
 from .audit import Audit
-from .callers import UNKNOWN, Caller, CallerCache
+from .callers import Caller
 from .errors import (
+    CallerNotAllowed,
+    CallerNotIdentified,
     DestinationNotAllowed,
     InvalidPath,
     PathEscapesRoute,
@@ -53,7 +55,6 @@ class Handler:
         *,
         metrics: Metrics,
         audit: Audit,
-        callers: CallerCache,
         usage: Usage,
         body_idle_s: float = 30.0,
     ) -> None:
@@ -61,23 +62,39 @@ class Handler:
         self._upstreams = upstreams
         self._metrics = metrics
         self._audit = audit
-        self._callers = callers
         self._usage = usage
         self._body_idle_s = body_idle_s
+
+    def admit(self, caller: Caller, over_limit: ProblemError | None) -> ProblemError | None:
+        """At accept, before a byte is read: refuse a connection over the limits, or whose
+        caller the kernel could not identify or no rule under ``callers`` names (no route
+        could allow it). A refusal is counted and audited; the listener answers and closes."""
+        refusal = over_limit
+        if refusal is None and not self.runtime.admission.admits(caller):
+            refusal = (
+                CallerNotAllowed(f"no rule under callers matches uid {caller.uid}")
+                if caller.identified
+                else CallerNotIdentified("the peer's socket is closed, unknown or not local")
+            )
+        if refusal is not None:
+            self._metrics.denied.labels(refusal.code).inc()
+            self._audit.emit(
+                "request.denied", reason=refusal.code, at="accept", caller=caller.attributes()
+            )
+        return refusal
 
     async def __call__(self, request: AppRequest) -> None:
         started = time.perf_counter()
         route_name = "-"
-        caller = UNKNOWN
+        caller = request.connection.caller
         runtime = self.runtime  # one config for the whole request, even across a reload
         batch = runtime.signing.batch
         batch.requests += 1
         try:
-            transport = request.connection.transport
-            if transport is not None:
-                caller = self._callers.get(request.connection, transport)
             route, forwarded_path = self._route(runtime, request)
             route_name = route.name
+            if route.policy.needs_process:  # a process may have obtained the socket since
+                caller.recheck()
             route.policy.check(caller, request.method, forwarded_path)
             upstream_status = await self._proxy(request, route, forwarded_path, caller)
             outcome = "proxied"

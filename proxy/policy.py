@@ -32,8 +32,16 @@ class CallerMatcher:
         self.name = name
         self._rule = rule
 
+    @property
+    def needs_process(self) -> bool:
+        """Whether the rule names an attribute read from the processes holding the socket."""
+        rule = self._rule
+        return (rule.exe, rule.exe_sha256, rule.cgroup, rule.gid) != (None, None, None, None)
+
     def matches(self, caller: Caller) -> bool:
         rule = self._rule
+        if not caller.identified:
+            return False  # unknown never matches, not even any_local
         if rule.any_local:
             return True
         # Cheapest first: uid needs no lookup; pid-derived attributes read /proc once each.
@@ -62,11 +70,24 @@ class _CompiledRule:
         self.paths = [compile_glob(p) for p in rule.paths]
 
 
+class Admission:
+    """The check at accept, before a byte is read: a connection whose caller matches no rule
+    under ``callers`` (so no route could ever allow it) is closed right there."""
+
+    def __init__(self, callers: Mapping[str, CallerRule]) -> None:
+        self._matchers = [CallerMatcher(name, rule) for name, rule in callers.items()]
+
+    def admits(self, caller: Caller) -> bool:
+        return any(matcher.matches(caller) for matcher in self._matchers)
+
+
 class RoutePolicy:
-    """The compiled ``allow`` rules of one route."""
+    """The compiled ``allow`` rules of one route. ``needs_process``: a rule names a process
+    attribute, so the socket's holders are scanned again for each request (``Caller.recheck``)."""
 
     def __init__(self, rules: Sequence[AllowRule], callers: Mapping[str, CallerRule]) -> None:
         self._rules = [_CompiledRule(rule, callers) for rule in rules]
+        self.needs_process = any(m.needs_process for r in self._rules for m in r.callers)
 
     def permits(self, caller: Caller, method: str, path: str | None) -> bool:
         """Whether a rule allows this caller and method, and path when known: the evidence

@@ -21,7 +21,7 @@ from .guard import Guard
 from .injectors import Injector, Signing, make_injector
 from .issuers import ISSUERS, Issuer, SelfSignedJWTIssuer
 from .metrics import Metrics
-from .policy import RoutePolicy
+from .policy import Admission, RoutePolicy
 from .routing import RouteTable, Target
 from .signing import SignatureBatch
 from .tls import ClientTLS
@@ -53,6 +53,7 @@ class RouteRuntime:
 @dataclass(eq=False)
 class Runtime:
     guard: Guard
+    admission: Admission
     table: RouteTable
     routes: list[RouteRuntime]
     sources: dict[CacheKey, TokenSource | MintingSource]
@@ -161,7 +162,16 @@ def build(
     for source in sources.values():
         source.routes = tuple(r.name for r in routes if r.source is source)
     guard = Guard([*config.local_names, *(route.host for route in config.routes if route.host)])
-    return Runtime(guard, RouteTable(config.routes), routes, sources, issuers, signing, config)
+    return Runtime(
+        guard,
+        Admission(config.callers),
+        RouteTable(config.routes),
+        routes,
+        sources,
+        issuers,
+        signing,
+        config,
+    )
 
 
 def _client_certificate(route: Route, issuer: Issuer) -> tuple[Path | None, Path | None]:

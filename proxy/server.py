@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import os
+import resource
 import signal
 import socket
 from pathlib import Path
@@ -18,10 +20,9 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from . import config_file
-from .app_server import AppListener
+from .app_server import AppListener, Limits
 from .audit import Audit
-from .callers import CallerCache
-from .config import Address, Config, parse_address
+from .config import Address, AppLimits, Config, loopback_twin, parse_address
 from .dpop import DPoPKey
 from .errors import ConfigError, CredentialUnavailable, IdentityError, StartError
 from .handler import Handler
@@ -36,6 +37,29 @@ from .upstream import Upstreams
 from .usage import Usage
 
 _GAUGE_INTERVAL_S = 5.0
+
+
+def _connection_limits(limits: AppLimits) -> Limits:
+    """``app_limits`` under this process's RLIMIT_NOFILE (raised to its hard limit first), with
+    a quarter (at least 64) kept for upstream and issuer sockets, files and the admin listener."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+    usable = max(1, soft - max(64, soft // 4))
+    if usable < limits.max_connections:
+        server_log.warning(
+            "app_limits.max_connections lowered from %d to %d: RLIMIT_NOFILE is %d",
+            limits.max_connections,
+            usable,
+            soft,
+        )
+    return Limits(
+        limits.max_head_bytes,
+        min(limits.max_connections, usable),
+        limits.max_connections_per_uid,
+    )
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -70,7 +94,6 @@ class Server:
         self._dpop_key = dpop_key
         self._inherited = inherited or {}
         self._reuse_port = reuse_port
-        self._callers = CallerCache()
         self.metrics = Metrics()
         self.audit = audit or Audit(config.audit.file, queue_size=config.audit.queue_size)
         self.audit.on_drop = self.metrics.audit_dropped.inc
@@ -141,21 +164,24 @@ class Server:
             os.chmod(self._leader_socket, 0o600)
         if self.config.warm_up:
             await self._warm_up()
-        callers = self._callers
         self._gauges = spawn(self._sample_gauges_every(_GAUGE_INTERVAL_S), name="gauges")
         handler = self._handler = Handler(
             self._runtime,
             self._upstreams,
             metrics=self.metrics,
             audit=self.audit,
-            callers=callers,
             usage=self.usage,
             body_idle_s=self.config.app_timeouts.body_idle_s,
         )
-        self._listener = AppListener(handler, callers, self.config.app_timeouts.keepalive_s)
+        self._listener = AppListener(
+            handler,
+            handler.admit,
+            self.config.app_timeouts.keepalive_s,
+            _connection_limits(self.config.app_limits),
+        )
         for value in self.config.listen:
             address = parse_address(value)
-            self.app_addresses.append(await self._listen(address, self._inherited.get(value)))
+            self.app_addresses += await self._listen(address, self._inherited.get(value))
         if self.config.admin:
             admin_runner = web.AppRunner(self._admin_app(), access_log=None)
             await self._setup(admin_runner)
@@ -184,8 +210,9 @@ class Server:
         await runner.setup()
         self._runners.append(runner)
 
-    async def _listen(self, address: Address, inherited: socket.socket | None) -> Address:
-        """An app listener on ``address``, or on the socket a supervisor made for it."""
+    async def _listen(self, address: Address, inherited: socket.socket | None) -> list[Address]:
+        """An app listener on ``address``, or on the socket a supervisor made for it; on a
+        loopback address, also on the other family's loopback (``bind_both_loopbacks``)."""
         assert self._listener is not None
         loop = asyncio.get_running_loop()
         server: asyncio.Server
@@ -200,22 +227,50 @@ class Server:
             if inherited is None:
                 os.chmod(address.path, int(self.config.unix_socket_mode, 8))
             self._app_servers.append(server)
-            return address
+            return [address]
+        if inherited is not None:
+            self._app_servers.append(await loop.create_server(self._listener, sock=inherited))
+            return [address]
+        twin = loopback_twin(address.host) if self.config.bind_both_loopbacks else None
+        for _ in range(8 if twin and address.port == 0 else 1):  # port 0: find one free in both
+            server = await self._bind(address.host, address.port)
+            bound = Address(host=address.host, port=server.sockets[0].getsockname()[1])
+            if twin is None:
+                self._app_servers.append(server)
+                return [bound]
+            try:
+                twin_server = await self._bind(twin, bound.port, raw=True)
+            except OSError as exc:
+                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
+                    server_log.info("%s: no %s on this host; nothing can take it", bound, twin)
+                    self._app_servers.append(server)
+                    return [bound]
+                server.close()
+                if exc.errno == errno.EADDRINUSE and address.port == 0:
+                    continue
+                raise StartError(
+                    f"cannot listen on {Address(host=twin, port=bound.port)} beside {bound}: "
+                    f"{os.strerror(exc.errno or 0)}. Another process holds the other loopback family of this "
+                    "port and would receive the requests of apps that resolve 'localhost' to it; "
+                    "stop it, or set bind_both_loopbacks: false if no app uses 'localhost'"
+                ) from None
+            self._app_servers += [server, twin_server]
+            return [bound, Address(host=twin, port=bound.port)]
+        raise StartError(f"cannot find a port free on both {address.host} and {twin}")
+
+    async def _bind(self, host: str, port: int, *, raw: bool = False) -> asyncio.Server:
+        """A TCP app listener; ``raw``: OSError is the caller's to interpret."""
+        assert self._listener is not None
         try:
-            if inherited is not None:
-                server = await loop.create_server(self._listener, sock=inherited)
-            else:
-                server = await loop.create_server(
-                    self._listener,
-                    address.host,
-                    address.port,
-                    reuse_address=True,
-                    reuse_port=self._reuse_port,
-                )
+            return await asyncio.get_running_loop().create_server(
+                self._listener, host, port, reuse_address=True, reuse_port=self._reuse_port
+            )
         except OSError as exc:
-            raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
-        self._app_servers.append(server)
-        return Address(host=address.host, port=server.sockets[0].getsockname()[1])
+            if raw:
+                raise
+            raise StartError(
+                f"cannot listen on {Address(host=host, port=port)}: {os.strerror(exc.errno or 0)}"
+            ) from None
 
     async def _listen_admin(self, runner: web.BaseRunner, address: Address) -> Address:
         site: web.BaseSite
@@ -284,7 +339,8 @@ class Server:
         return web.json_response(body, status=200 if ready else 503)
 
     def _sample_gauges(self) -> None:
-        self.metrics.app_connections.set(len(self._callers.callers))
+        connections = self._listener.connections if self._listener is not None else ()
+        self.metrics.app_connections.set(len(connections))
         self.metrics.tasks.set(len(asyncio.all_tasks()))
 
     async def _sample_gauges_every(self, interval_s: float) -> None:

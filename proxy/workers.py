@@ -15,6 +15,7 @@ forks N workers, forwards signals and restarts a worker that dies; it serves not
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import signal
@@ -25,7 +26,7 @@ import time
 from pathlib import Path
 from types import FrameType
 
-from .config import Address, Config, parse_address
+from .config import Address, Config, loopback_twin, parse_address
 from .dpop import DPoPKey
 from .errors import StartError
 from .log import server_log
@@ -46,17 +47,40 @@ def _shared_sockets(
             inherited[value] = _unix_listener(address, config.unix_socket_mode)
             listen.append(value)
             continue
-        family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
-        reservation = socket.socket(family, socket.SOCK_STREAM)
+        twin = loopback_twin(address.host) if config.bind_both_loopbacks else None
+        for _ in range(8):  # port 0 with a twin: a port free in both families
+            reservation = _reserve(address.host, address.port, twin=False)
+            port = reservation.getsockname()[1]
+            try:
+                # The workers bind the other family too: keep it from others meanwhile.
+                reserved += [reservation, *([_reserve(twin, port, twin=True)] if twin else [])]
+                break
+            except StartError:
+                reservation.close()
+                if address.port != 0:
+                    raise
+        else:
+            raise StartError(f"cannot find a port free on both {address.host} and {twin}")
+        listen.append(str(Address(host=address.host, port=port)))
+    return listen, inherited, reserved
+
+
+def _reserve(host: str, port: int, *, twin: bool) -> socket.socket:
+    """A port bound with SO_REUSEPORT, never listening (it takes no connection): the workers
+    bind it again. A ``twin`` family this host lacks is nothing to reserve (left unbound)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    reservation = socket.socket(family, socket.SOCK_STREAM)
+    try:
         reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         reservation.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        try:
-            reservation.bind((address.host, address.port))
-        except OSError as exc:
-            raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
-        reserved.append(reservation)  # bound, never listening: it takes no connection
-        listen.append(str(Address(host=address.host, port=reservation.getsockname()[1])))
-    return listen, inherited, reserved
+        reservation.bind((host, port))
+    except OSError as exc:
+        if not (twin and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)):
+            reservation.close()
+            raise StartError(
+                f"cannot listen on {Address(host=host, port=port)}: {exc.strerror}"
+            ) from None
+    return reservation
 
 
 def _unix_listener(address: Address, mode: str) -> socket.socket:

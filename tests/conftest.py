@@ -46,9 +46,10 @@ def credproxy(tmp_path: Path) -> Iterator[Callable[..., Credproxy]]:
         expect_ready: bool = True,
         name: str = "credproxy",
         args: tuple[str, ...] = (),
+        wrap: tuple[str, ...] = (),
     ) -> Credproxy:
         """``expect_ready=False``: return once listening (or exited), without waiting for /readyz."""
-        proc = Credproxy(tmp_path, config_text, name=name, args=args)
+        proc = Credproxy(tmp_path, config_text, name=name, args=args, wrap=wrap)
         started.append(proc)  # first: a start that fails still gets its process stopped
         return proc.start(expect_ready=expect_ready)
 

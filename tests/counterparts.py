@@ -13,6 +13,7 @@ import json
 import os
 import re
 import secrets
+import shutil
 import signal
 import socket
 import ssl
@@ -430,10 +431,16 @@ class Credproxy:
     """``credproxy run`` as a subprocess, its log captured to a file, ports learned from the log."""
 
     def __init__(
-        self, workdir: Path, config_text: str, name: str = "credproxy", args: tuple[str, ...] = ()
+        self,
+        workdir: Path,
+        config_text: str,
+        name: str = "credproxy",
+        args: tuple[str, ...] = (),
+        wrap: tuple[str, ...] = (),
     ) -> None:
         self.workdir = workdir
         self.args = args  # more ``credproxy run`` arguments, e.g. --workers
+        self.wrap = wrap  # a command that execs the rest, e.g. prlimit --nofile=256:256 --
         self.config_file = workdir / f"{name}.yaml"
         self.log_file = workdir / f"{name}.log"
         self.audit_file = workdir / f"{name}-audit.jsonl"
@@ -447,7 +454,16 @@ class Credproxy:
         """Start and wait for the listeners; with ``expect_ready`` also for ``/readyz`` = 200."""
         log = open(self.log_file, "ab")  # noqa: SIM115 - closed with the process
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "run", "-c", str(self.config_file), *self.args],
+            [
+                *self.wrap,
+                sys.executable,
+                "-m",
+                "proxy",
+                "run",
+                "-c",
+                str(self.config_file),
+                *self.args,
+            ],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=ROOT,
@@ -590,3 +606,33 @@ def environment_ok() -> None:
     if not (IDP_DIR / "node_modules" / "oidc-provider").is_dir():
         raise RuntimeError("tests/idp/node_modules missing: run scripts/setup --idp (npm ci)")
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
+
+
+NOBODY = 65534
+_ATTACKER = Path(__file__).with_name("attacker.py")
+
+
+def attacker_command(*args: str) -> list[str]:
+    """``tests/attacker.py ARGS`` under the system python, from a copy any uid can read and
+    run (the checkout and the venv may sit under a private home)."""
+    directory = Path(os.environ.get("TMPDIR", "/tmp")) / f"credproxy-attacker-{os.getpid()}"
+    script = directory / _ATTACKER.name
+    if not script.exists():
+        directory.mkdir(mode=0o755, exist_ok=True)
+        directory.chmod(0o755)
+        script.write_bytes(_ATTACKER.read_bytes())
+        script.chmod(0o644)
+    python = os.path.realpath(shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3")
+    return [python, str(script), *args]
+
+
+def attack(
+    *args: str, user: int | None = None, wrap: Iterable[str] = (), timeout_s: float = 60
+) -> Any:
+    """Run the attacker (as ``user``, under ``wrap`` such as ``ip netns exec NS``); its JSON."""
+    result = subprocess.run(
+        [*wrap, *attacker_command(*args)],
+        capture_output=True, text=True, timeout=timeout_s, user=user, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])

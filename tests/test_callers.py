@@ -8,6 +8,8 @@ import json
 import os
 import secrets
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -16,7 +18,8 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.counterparts import config
+from tests.counterparts import LEDGER, attack, attacker_command, config, wait_until
+from tests.raw_upstream import RawUpstream
 
 CLIENT = Path(__file__).with_name("caller_client.py")
 NOBODY = 65534
@@ -329,11 +332,292 @@ def test_caller_executable_and_its_hash_come_from_proc():
     """exe is the running binary's path and exe_sha256 the hash of what actually runs."""
     import hashlib
 
-    from proxy.callers import Caller
+    from proxy.callers import Caller, from_socket
 
-    caller = Caller("unix", os.getuid(), pid=os.getpid())
-    exe = os.path.realpath(sys.executable)
-    assert caller.exe == exe
-    with open(exe, "rb") as binary:
-        assert caller.exe_sha256 == hashlib.file_digest(binary, "sha256").hexdigest()
-    assert Caller("unix", 0, pid=0).exe is None  # pid unknown (other PID namespace): fail closed
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        caller = from_socket(ours)
+        exe = os.path.realpath(sys.executable)
+        assert caller.exe == exe
+        with open(exe, "rb") as binary:
+            assert caller.exe_sha256 == hashlib.file_digest(binary, "sha256").hexdigest()
+    # No socket to find holders of (other PID namespace, closed): fail closed.
+    assert Caller("unix", 0, pid=os.getpid()).exe is None
+
+
+# -- attacks on the binding (issue 16) ------------------------------------------------------------
+
+SYSTEM_PYTHON = os.path.realpath(
+    shutil.which("python3", path="/usr/bin:/bin") or "/usr/bin/python3"
+)
+
+
+def _static_config(origin: str, workdir: Path, caller: str = "{uid: 0}", top: str = ""):
+    key = workdir / "api-key"
+    key.write_text(STATIC_KEY)
+    LEDGER.secret(STATIC_KEY)
+    return f"""\
+listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+{top}
+callers:
+  approved: {caller}
+issuers:
+  key: {{type: static, secret_file: {key}}}
+routes:
+  - name: api
+    path_prefix: /api/
+    upstream: {origin}
+    credential: {{issuer: key, inject: header, header: X-Api-Key}}
+    allow: [{{callers: [approved]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+"""
+
+
+STATIC_KEY = "root-only-static-key-" + secrets.token_hex(12)
+
+
+@pytest.fixture
+def recorder():
+    upstream = RawUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+def test_a_peer_that_closed_first_is_unknown_never_uid_0(monkeypatch):
+    """The kernel reports a socket whose owner closed it as uid 0, inode 0 (and a half-closed
+    one as FIN_WAIT): neither is an identified caller, by netlink or by the /proc fallback."""
+    from proxy import callers
+
+    def accepted(close_how: str):
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        client = socket.create_connection(server.getsockname())
+        ours, _ = server.accept()
+        server.close()
+        if close_how == "close":
+            client.close()
+        else:
+            client.shutdown(socket.SHUT_WR)
+        return ours, client
+
+    for fallback in (False, True):
+        if fallback:  # netlink unavailable: the /proc tables must apply the same rules
+            monkeypatch.setattr(callers, "_diag", lambda _: (_ for _ in ()).throw(OSError()))
+        for how in ("close", "shutdown"):
+            ours, client = accepted(how)
+            with ours, client:
+                assert callers.from_socket(ours) is callers.UNKNOWN, (fallback, how)
+        server = socket.socket()
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        with server, socket.create_connection(server.getsockname()) as client:
+            ours, _ = server.accept()
+            with ours:
+                caller = callers.from_socket(ours)
+                assert caller.identified and caller.uid == os.getuid(), fallback
+
+
+def test_a_kernel_answer_for_another_4_tuple_is_unknown(monkeypatch):
+    """A sock_diag reply that names another socket than the one asked for is not trusted."""
+    from proxy import callers
+
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    with server, socket.create_connection(server.getsockname()):
+        ours, _ = server.accept()
+        with ours:
+            real = callers._diag
+
+            def other_port(request: bytes):  # fault injector: the reply for sport + 1
+                payload = real(request)
+                assert payload is not None
+                sport = struct.unpack_from("=H", payload, 4)[0]
+                return payload[:4] + struct.pack("=H", (sport + 1) & 0xFFFF) + payload[6:]
+
+            monkeypatch.setattr(callers, "_diag", other_port)
+            assert callers.from_socket(ours) is callers.UNKNOWN
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_blind_posts_from_another_uid_closed_before_the_answer_never_reach_upstream(
+    workers, credproxy, recorder, tmp_path
+):
+    """An unprivileged user sends whole POSTs and closes at once, hoping to be looked up as the
+    uid 0 the kernel reports for closed sockets: every connection is refused at accept, audited,
+    and the root-only static key never leaves the sidecar for them."""
+    proc = credproxy(_static_config(recorder.origin, tmp_path), args=("--workers", str(workers)))
+    host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+    assert attack("blind", host, port, "50", "/api/charge", user=NOBODY) == {"sent": 50}
+
+    def refused_at_accept() -> int:
+        return sum(e.get("at") == "accept" for e in proc.audit("request.denied"))
+
+    wait_until(lambda: refused_at_accept() >= 50, what="50 refusals at accept")
+    denied = [e for e in proc.audit("request.denied") if e.get("at") == "accept"]
+    assert {e["reason"] for e in denied} <= {"caller_not_identified", "caller_not_allowed"}
+    assert all(e["caller"].get("uid") in (None, NOBODY) for e in denied)
+    assert recorder.requests == []
+    # the route itself works for the approved caller
+    assert attack("get", f"{host}:{port}", "/api/ok") == {"status": 200, "code": None}
+    assert [r.target for r in recorder.requests] == ["/ok"]
+
+
+def test_evidence_fails_a_use_whose_caller_was_not_positively_identified(tmp_path):
+    """An audit log in which a use was recorded for uid 0 without the kernel's positive answer
+    (as before the fix) fails the policy check of ``credproxy evidence``."""
+    from proxy import evidence
+    from proxy.config_file import parse
+
+    config_text = _static_config("http://127.0.0.1:9", tmp_path).replace('"{audit}"', "'-'")
+    use = {
+        "event": "credential.used", "ts": 1.0, "route": "api", "issuer": "key",
+        "fingerprint": "abc", "method": "POST", "path": "/charge", "count": 1,
+    }  # fmt: skip
+    lines = [
+        json.dumps({**use, "caller": {"transport": "tcp", "uid": 0}}),  # no positive answer
+        json.dumps({**use, "caller": {"transport": "tcp", "uid": 0, "identified": True}}),
+    ]
+    report = evidence.build(lines, config=parse(config_text))
+    assert [u["caller"].get("identified") for u in report.outside_policy] == [None]
+    assert [status for status, *_ in report.checks(2.0)][-1] == "FAIL"
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_connect_fork_exec_the_approved_binary_and_send_from_the_child_is_refused(
+    transport, credproxy, recorder, tmp_path
+):
+    """connect(); fork(); the parent execs the approved binary keeping the socket, the child
+    sends: every holder of the socket is checked, so the child's executable refuses it."""
+    sleep = os.path.realpath(shutil.which("sleep") or "/bin/sleep")
+    socket_path = tmp_path / "app.sock"
+    text = _static_config(recorder.origin, tmp_path, caller=f'{{uid: 0, exe: "{sleep}"}}')
+    proc = credproxy(
+        text.replace("listen: 127.0.0.1:0", f"listen: ['127.0.0.1:0', 'unix:{socket_path}']")
+    )
+    target = proc.url.removeprefix("http://") if transport == "tcp" else str(socket_path)
+    answer = attack("fork-send", target, "/api/charge", sleep)
+    assert answer["status"] in (403, None), answer  # refused at accept: 403, or closed
+    assert recorder.requests == []
+
+
+@pytest.mark.parametrize("transport", ["tcp", "unix"])
+def test_a_connection_handed_to_another_program_after_accept_is_refused(
+    transport, credproxy, recorder, tmp_path
+):
+    """The approved program makes one request, then passes its open connection to a child
+    running another executable: the holders are scanned again per request, so the child's
+    request is refused while the first was forwarded."""
+    socket_path = tmp_path / "app.sock"
+    text = _static_config(recorder.origin, tmp_path, caller=f'{{uid: 0, exe: "{SYSTEM_PYTHON}"}}')
+    proc = credproxy(
+        text.replace("listen: 127.0.0.1:0", f"listen: ['127.0.0.1:0', 'unix:{socket_path}']")
+    )
+    target = proc.url.removeprefix("http://") if transport == "tcp" else str(socket_path)
+    other = os.path.realpath(sys.executable)
+    assert other != SYSTEM_PYTHON, "the test needs a second interpreter at another path"
+    answer = attack("handoff", target, "/api/first", other)
+    assert answer == {
+        "first": {"status": 200},
+        "second": {"status": 403, "code": "caller_not_allowed"},
+    }
+    assert [r.target for r in recorder.requests] == ["/first"]
+
+
+@pytest.fixture
+def netns():
+    """A network namespace joined to this one by a veth pair: 198.18.0.1 here, .2 there."""
+    name = f"cpt{secrets.token_hex(3)}"
+    here, there = f"cph{name[3:]}", f"cpn{name[3:]}"
+    steps = [
+        ["ip", "netns", "add", name],
+        ["ip", "link", "add", here, "type", "veth", "peer", "name", there],
+        ["ip", "link", "set", there, "netns", name],
+        ["ip", "addr", "add", "198.18.0.1/30", "dev", here],
+        ["ip", "link", "set", here, "up"],
+        ["ip", "netns", "exec", name, "ip", "addr", "add", "198.18.0.2/30", "dev", there],
+        ["ip", "netns", "exec", name, "ip", "link", "set", there, "up"],
+        ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+    ]
+    try:
+        for step in steps:
+            subprocess.run(step, check=True, capture_output=True, timeout=10)
+        yield name
+    finally:
+        subprocess.run(["ip", "link", "del", here], capture_output=True, timeout=10)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=10)
+
+
+def test_any_local_never_matches_a_peer_from_another_network_namespace(
+    netns, credproxy, recorder, tmp_path
+):
+    """On a listener allowed to face the network, a peer from another network namespace is not
+    a local process the kernel can name: any_local refuses it at accept; local callers pass."""
+    text = _static_config(recorder.origin, tmp_path, caller="{any_local: true}")
+    text = text.replace(
+        "listen: 127.0.0.1:0", "listen: 0.0.0.0:0\nallow_non_loopback: ['0.0.0.0:0']"
+    )
+    proc = credproxy(text)
+    port = proc.url.rsplit(":", 1)[1]
+    remote = attack(
+        "blind", "198.18.0.1", port, "1", "/api/remote", wrap=["ip", "netns", "exec", netns]
+    )
+    assert remote == {"sent": 1}
+    wait_until(lambda: proc.audit("request.denied"), what="the refusal")
+    [denied] = proc.audit("request.denied")
+    assert (denied["reason"], denied["at"]) == ("caller_not_identified", "accept")
+    local = attack("get", f"127.0.0.1:{port}", "/api/local", user=NOBODY)
+    assert local == {"status": 200, "code": None}
+    assert [r.target for r in recorder.requests] == ["/local"]
+
+
+def test_non_loopback_permission_is_per_listener():
+    """allow_non_loopback naming the admin address does not let an app listener face the network."""
+    from proxy.config_file import parse
+    from proxy.errors import ConfigError
+
+    base = "issuers: {k: {type: static, secret_file: /k}}\nroutes: [{name: r, path_prefix: /, upstream: 'https://a.example', credential: {issuer: k, inject: header, header: X-K}}]\n"
+    parse(
+        base
+        + "listen: 0.0.0.0:1\nadmin: 0.0.0.0:2\nallow_non_loopback: ['0.0.0.0:1', '0.0.0.0:2']\n"
+    )
+    with pytest.raises(ConfigError) as refused:
+        parse(base + "listen: 0.0.0.0:1\nadmin: 0.0.0.0:2\nallow_non_loopback: ['0.0.0.0:2']\n")
+    assert refused.value.errors == [
+        "listen[0]: '0.0.0.0:1' is not a loopback address; credproxy serves only the local "
+        "workload unless allow_non_loopback lists it: allow_non_loopback: ['0.0.0.0:1']"
+    ]
+
+
+def test_localhost_of_the_other_family_is_bound_too(credproxy, recorder, tmp_path):
+    """A listener on 127.0.0.1 also holds [::1] on the same port, so 'localhost' reaches the
+    sidecar whichever family a client resolves it to, and no one else can take it."""
+    proc = credproxy(_static_config(recorder.origin, tmp_path))
+    port = proc.url.rsplit(":", 1)[1]
+    assert attack("get", f"[::1]:{port}", "/api/v6") == {"status": 200, "code": None}
+    assert recorder.requests[0].values("X-Api-Key") == [STATIC_KEY]
+
+
+def test_a_squatter_on_the_other_loopback_family_stops_the_start(credproxy, recorder, tmp_path):
+    """When another user already holds [::1]:PORT, credproxy refuses to start on
+    127.0.0.1:PORT and says who would get the requests, instead of serving half of localhost."""
+    squatter = subprocess.Popen(
+        attacker_command("squat", "::1"),
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, user=NOBODY,
+    )  # fmt: skip
+    try:
+        assert squatter.stdout is not None
+        port = json.loads(squatter.stdout.readline())["port"]
+        text = _static_config(recorder.origin, tmp_path).replace(
+            "127.0.0.1:0\nadmin", f"127.0.0.1:{port}\nadmin"
+        )
+        proc = credproxy(text, expect_ready=False)
+        assert proc.process is not None and proc.process.wait(timeout=20) == 1
+        assert f"cannot listen on [::1]:{port} beside 127.0.0.1:{port}" in proc.log()
+        assert "bind_both_loopbacks" in proc.log()
+    finally:
+        squatter.kill()
+        squatter.communicate()

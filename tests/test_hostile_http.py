@@ -10,10 +10,13 @@ one request in the proxy's own framing.
 from __future__ import annotations
 
 import gzip
+import json
 import secrets
 import socket
 import string
+import subprocess
 import time
+import urllib.request
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -24,7 +27,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.counterparts import LEDGER, PREAMBLE, Credproxy, wait_until
+from tests.counterparts import (
+    LEDGER,
+    NOBODY,
+    PREAMBLE,
+    Credproxy,
+    attacker_command,
+    wait_until,
+)
 from tests.raw_upstream import RawUpstream, Request
 
 SECRET = "hostile-static-key-" + secrets.token_hex(12)
@@ -316,9 +326,11 @@ def test_malformed_or_ambiguous_request_gets_400_and_close_with_nothing_upstream
     raw: bytes, sidecar: int, upstream: RawUpstream
 ) -> None:
     """A request that two parsers could read differently, or that breaks a size limit, is
-    answered 400 and its connection closed; not one byte of it (or of what follows) goes upstream."""
+    answered 400 (431 for a head over max_head_bytes) and its connection closed; not one byte of
+    it (or of what follows) goes upstream."""
     reply = exchange(sidecar, raw)
-    assert reply.status == 400, reply.data[:300]
+    head_size = raw.find(b"\r\n\r\n") + 4 if b"\r\n\r\n" in raw else len(raw)
+    assert reply.status == (431 if head_size > 32768 else 400), reply.data[:300]
     assert reply.closed
     time.sleep(0.05)  # anything forwarded late would show up now
     assert upstream.received_bytes == 0
@@ -413,7 +425,7 @@ FORWARDED = [
     pytest.param(_get(target=b"/api/" + b"a" * 8180), "GET", "/" + "a" * 8180, b"", id="request-line-8KiB"),
     pytest.param(_get(b"X-Big: " + b"v" * 8183 + b"\r\n"), "GET", "/x", b"", id="field-8KiB"),
     pytest.param(_get(b"".join(b"X-H%d: v\r\n" % i for i in range(126))), "GET", "/x", b"", id="128-fields"),
-    pytest.param(_get(b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 8000) for i in range(120))), "GET", "/x", b"", id="largest-head-about-1MiB"),
+    pytest.param(_get(b"".join(b"X-H%d: %s\r\n" % (i, b"v" * 8000) for i in range(3))), "GET", "/x", b"", id="head-of-24KiB-under-max_head_bytes"),
     pytest.param(b"GET http://api.test/v1/x?q=1 HTTP/1.1\r\nHost: evil.example\r\n" + CLOSE + b"\r\n", "GET", "/v1/x?q=1", b"", id="absolute-form-wins-over-Host"),
     pytest.param(b"GET http://API.TEST:80/v1/x HTTP/1.1\r\nHost: api.test\r\n" + CLOSE + b"\r\n", "GET", "/v1/x", b"", id="absolute-form-case-and-port"),
 ]  # fmt: skip
@@ -796,3 +808,116 @@ def test_generated_requests_never_crash_5xx_or_leak(sidecar: int, upstream: RawU
     assert outcomes["forwarded"] >= 15 and outcomes[400] >= 15  # not vacuous either way
     upstream.clear()
     assert_serves(sidecar, upstream)
+
+
+# -- limits before any caller is served (issue 16, finding 6) -----------------------------------
+
+
+def test_a_head_over_max_head_bytes_is_431_even_when_trickled_in_small_pieces(
+    sidecar: int, upstream: RawUpstream
+) -> None:
+    """Many short header lines, each under the parser's line limit, add up past
+    ``app_limits.max_head_bytes``: the head is refused 431 and nothing reaches the upstream."""
+    fields = b"".join(b"X-F%d: %s\r\n" % (i, b"v" * 1000) for i in range(40))  # ~40 KiB
+    head = b"GET /api/x HTTP/1.1\r\n" + H + fields
+    parts = [head[i : i + 1024] for i in range(0, len(head), 1024)] + [b"\r\n"]
+    reply = exchange(sidecar, *parts)
+    assert reply.status == 431 and reply.closed
+    assert reply.responses[0].header("Content-Type") == "application/problem+json"
+    assert b'"code": "request_head_too_large"' in reply.data
+    assert upstream.requests == []
+
+
+def test_unfinished_heads_of_a_megabyte_cost_little_memory_and_it_comes_back(
+    credproxy: Callable[..., Credproxy], tmp_path: Path
+) -> None:
+    """200 connections each trying to send a 1 MB head (under every per-line limit) are cut at
+    ``max_head_bytes``: the sidecar's memory stays within a few MB of its baseline while they
+    are open and after they close."""
+    own = RawUpstream().start()
+    try:
+        proc = credproxy(_config(own, tmp_path))
+        port = _port(proc)
+        assert_serves(port, own)
+        baseline = proc.rss_bytes()
+        line = b"X-Fill: " + b"v" * 8000 + b"\r\n"
+        head = b"GET /api/x HTTP/1.1\r\n" + H + line * 125  # 1 MB, never finished
+        held: list[socket.socket] = []
+        try:
+            for _ in range(200):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                held.append(sock)
+                try:
+                    sock.sendall(head)
+                except OSError:
+                    pass  # cut at max_head_bytes: the point
+            assert_serves(port, own)
+            during = proc.rss_bytes()
+        finally:
+            for sock in held:
+                sock.close()
+        assert_serves(port, own)
+        after = proc.rss_bytes()
+    finally:
+        own.stop()
+    assert during - baseline < 32 * 2**20, (baseline, during)
+    assert after - baseline < 32 * 2**20, (baseline, after)
+
+
+def test_connections_per_uid_are_capped_and_freed_on_close(
+    isolated: Callable[..., tuple[int, RawUpstream]],
+) -> None:
+    """Past ``app_limits.max_connections_per_uid`` open connections, the next is answered 503
+    too_many_connections with Retry-After at accept; closing one makes room again."""
+    port, upstream = isolated("app_limits: {max_connections_per_uid: 4}")
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(4)]
+    try:
+        wait_until(lambda: exchange(port, _get()).status == 503, what="the cap")
+        refused = exchange(port, _get())
+        assert refused.status == 503 and refused.closed
+        assert refused.responses[0].header("Retry-After") == "1"
+        assert b'"code": "too_many_connections"' in refused.data
+        idle.pop().close()
+        wait_until(lambda: exchange(port, _get()).status == 200, what="room again")
+    finally:
+        for sock in idle:
+            sock.close()
+    assert [r.target for r in upstream.requests] == ["/x"]
+
+
+def test_idle_connections_from_an_unnamed_uid_cannot_exhaust_file_descriptors(
+    credproxy: Callable[..., Credproxy], tmp_path: Path
+) -> None:
+    """Under a 256-descriptor limit, another uid opens and holds 400 connections: each is
+    closed at accept, and meanwhile the app's requests, /healthz and the static secret's re-read
+    keep working (no EMFILE)."""
+    own = RawUpstream().start()
+    try:
+        text = _config(own, tmp_path).replace(
+            "key: {type: static,", "key: {type: static, reread_s: 0.2,"
+        )
+        proc = credproxy(text, wrap=("prlimit", "--nofile=256:256", "--"))
+        port = _port(proc)
+        attacker = subprocess.Popen(
+            attacker_command("hold", "127.0.0.1", str(port), "400"),
+            stdout=subprocess.PIPE, text=True, user=NOBODY,
+        )  # fmt: skip
+        rotated = SECRET + "-rotated"
+        LEDGER.secret(rotated)
+        (tmp_path / "api-key").write_text(rotated + "\n")
+        try:
+            wait_until(lambda: _forwarded_key(port, own) == rotated, what="the re-read key")
+            with urllib.request.urlopen(proc.admin_url + "/healthz", timeout=5) as health:
+                assert health.status == 200
+        finally:
+            output, _ = attacker.communicate(timeout=120)
+        assert json.loads(output) == {"opened": 400, "closed": 400}
+        assert "Too many open files" not in proc.log()
+    finally:
+        own.stop()
+
+
+def _forwarded_key(port: int, upstream: RawUpstream) -> str | None:
+    reply = exchange(port, _get(target=b"/api/key"))
+    assert reply.status == 200, reply.data[:300]
+    return upstream.requests[-1].values("X-Api-Key")[0]

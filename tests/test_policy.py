@@ -75,8 +75,9 @@ def test_rules_are_tried_in_turn_and_name_the_caller_entry_that_matched():
         policy.check(other, "POST", "/v1/x")
 
 
-def test_unknown_attributes_fail_closed_unless_any_local():
-    """A caller whose uid or exe could not be determined never matches a rule naming them."""
+def test_unknown_attributes_and_unknown_callers_fail_closed_even_for_any_local():
+    """A caller whose uid or exe could not be determined never matches a rule naming them, and
+    a caller the kernel did not positively identify matches no rule, any_local included."""
     pinned = RoutePolicy([AllowRule(callers=("pinned",))], CALLERS)
     with pytest.raises(CallerNotAllowed):
         pinned.check(_caller(1000, exe=None), "GET", "/")
@@ -85,10 +86,13 @@ def test_unknown_attributes_fail_closed_unless_any_local():
     assert pinned.check(_caller(1000, exe="/usr/local/bin/orders"), "GET", "/") == "pinned"
     with pytest.raises(CallerNotAllowed):
         RoutePolicy([AllowRule(callers=("app",))], CALLERS).check(UNKNOWN, "GET", "/")
-    assert (
-        RoutePolicy([AllowRule(callers=("anyone",))], CALLERS).check(UNKNOWN, "GET", "/")
-        == "anyone"
-    )
+    anyone = RoutePolicy([AllowRule(callers=("anyone",))], CALLERS)
+    with pytest.raises(CallerNotAllowed):
+        anyone.check(UNKNOWN, "GET", "/")
+    assert anyone.check(_caller(65534), "GET", "/") == "anyone"
+    recorded = Caller.recorded({"transport": "tcp", "uid": 0})  # an old audit line, or inode 0
+    with pytest.raises(CallerNotAllowed):
+        anyone.check(recorded, "GET", "/")
 
 
 def test_caller_rules_need_an_attribute_and_any_local_stands_alone():

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from proxy.audit import Audit
-from proxy.callers import Caller
+from proxy.callers import Caller, from_socket
 from proxy.usage import Usage
 
 
@@ -48,7 +49,8 @@ async def test_a_caller_attribute_learned_between_uses_starts_its_own_tally(tmp_
     path = tmp_path / "audit.jsonl"
     audit = Audit(str(path))
     usage = Usage(audit, mode="interval", interval_s=3600)
-    caller = Caller("unix", os.getuid(), pid=os.getpid())
+    ours, theirs = socket.socketpair()
+    caller = from_socket(ours)
     use = {"route": "r", "issuer": "i", "label": "l", "fingerprint": "f", "method": "GET"}
     usage.record(caller=caller, path="/x", **use)
     assert caller.exe == os.path.realpath(sys.executable)  # a rule asked: looked up now
@@ -56,6 +58,8 @@ async def test_a_caller_attribute_learned_between_uses_starts_its_own_tally(tmp_
     usage.record(caller=caller, path="/x", **use)
     await usage.aclose()
     audit.aclose()
+    ours.close()
+    theirs.close()
     events = [json.loads(line) for line in path.read_text().splitlines()]
     assert {(e["caller"].get("exe"), e["count"]) for e in events} == {(None, 1), (caller.exe, 2)}
 
