@@ -154,9 +154,17 @@ class Metrics:
         )
         self.credential_revoked = Counter(
             "credproxy_credential_revoked",
-            "Revocations of cached credentials (revoked, unsupported, failed).",
+            "Revocations of cached credentials (revoked, unsupported, failed, deferred).",
             ["issuer", "outcome"],
             registry=r,
+        )
+        self.revocations_pending = Gauge(
+            "credproxy_credential_revocations_pending",
+            "Revoked credentials still awaiting revocation at the issuer (deferred or failed; "
+            "retried after the next refresh).",
+            ["issuer", "credential"],
+            registry=r,
+            multiprocess_mode="livesum",
         )
         self.credential_retries = Counter(
             "credproxy_credential_retries",
