@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
 from .audit import Audit
+from .break_glass import BreakGlass
 from .callers import UNKNOWN, Caller, from_socket
 from .config import Config
 from .errors import (
@@ -56,6 +57,8 @@ class Sidecar(Protocol):
     def audit(self) -> Audit: ...
     @property
     def usage(self) -> Usage: ...
+    @property
+    def break_glass(self) -> BreakGlass: ...
     def sample_gauges(self) -> None: ...
 
 

@@ -1,4 +1,5 @@
-"""Command line: ``credproxy run | check-config | schema | inventory | revoke | evidence | demo``.
+"""Command line: ``credproxy run | check-config | schema | inventory | revoke | break-glass |
+evidence | demo``.
 
 Exit codes: 0 success, 1 invalid configuration, failed start, a failed evidence check or a
 control request that was refused or not answered, 2 usage error.
@@ -52,6 +53,18 @@ def main(argv: list[str] | None = None) -> int:
     revoke.add_argument("--issuer", metavar="I", help="only this issuer's credentials")
     revoke.add_argument("--route", metavar="R", help="only this route's credential")
     revoke.add_argument("--json", action="store_true", help="the control plane's JSON answer")
+    glass = commands.add_parser(
+        "break-glass",
+        help="grant a time-boxed exception to a route's policy (through the control socket)",
+    )
+    glass.add_argument("-c", "--config", type=Path, required=True, metavar="FILE")
+    glass.add_argument("--route", required=True, metavar="R")
+    glass.add_argument("--caller", required=True, metavar="C", help="a name under callers")
+    glass.add_argument("--methods", nargs="+", metavar="M", help="default: any method")
+    glass.add_argument("--paths", nargs="+", metavar="GLOB", help="default: /**")
+    glass.add_argument("--for", dest="duration", required=True, metavar="DURATION",
+                       help="15m, 2h, … up to control.break_glass.max_duration_s")  # fmt: skip
+    glass.add_argument("--reason", required=True, help="why: audited with every use")
     evidence = commands.add_parser(
         "evidence", help="summarize an audit log for an auditor, with checks (exit 1 on a FAIL)"
     )
@@ -81,6 +94,8 @@ def main(argv: list[str] | None = None) -> int:
         return _inventory(loaded, as_json=args.json)
     if args.command == "revoke":
         return _revoke(loaded, issuer=args.issuer, route=args.route, as_json=args.json)
+    if args.command == "break-glass":
+        return _break_glass(loaded, args)
     for note in config_file.warnings(loaded):
         print(f"credproxy: warning: {note}", file=sys.stderr)
     if args.command == "check-config":
@@ -114,17 +129,24 @@ def _inventory(loaded: config.Config, *, as_json: bool) -> int:
     """Live from the running sidecar's control plane when it answers, else from the config."""
     from . import inventory
 
-    entries, live = inventory.from_config(loaded), False
+    entries, live, grants = inventory.from_config(loaded), False, []
     if loaded.control.listen:
         answer = _control(loaded, "GET", "/credentials")
         if answer is not None:
-            entries, live = answer["credentials"], True
+            entries, live, grants = answer["credentials"], True, answer["break_glass"]
         else:
             print("credproxy: control plane not answering; listing the config", file=sys.stderr)
     if as_json:
-        print(json.dumps({"live": live, "credentials": entries}, indent=2))
-    else:
-        print(inventory.markdown(entries, live=live), end="")
+        print(json.dumps({"live": live, "credentials": entries, "break_glass": grants}, indent=2))
+        return 0
+    print(inventory.markdown(entries, live=live), end="")
+    for g in grants:
+        print(
+            f"\nBREAK-GLASS {g['id']}: route {g['route']} for caller {g['caller']} "
+            f"({', '.join(g['methods'] or ['any method'])} {', '.join(g['paths'])}) until "
+            f"{time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(g['expires_at']))}, "
+            f"{g['uses']} use(s): {g['reason']}"
+        )
     return 0
 
 
@@ -144,6 +166,20 @@ def _revoke(loaded: config.Config, *, issuer: str | None, route: str | None, as_
             )
         if not answer["revoked"]:
             print("nothing cached to revoke")
+    return 0
+
+
+def _break_glass(loaded: config.Config, args: argparse.Namespace) -> int:
+    wanted = {
+        "route": args.route, "caller": args.caller, "for": args.duration,
+        "reason": args.reason, "methods": args.methods, "paths": args.paths,
+    }  # fmt: skip
+    answer = _control(loaded, "POST", "/break-glass", body=wanted)
+    if answer is None:
+        return 1
+    grant = answer["grant"]
+    until = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(grant["expires_at"]))
+    print(f"break-glass {grant['id']} granted on route {grant['route']} until {until}")
     return 0
 
 

@@ -1,18 +1,19 @@
-"""The control plane: the credential inventory and revocation (and break-glass), on a Unix
+"""The control plane: the credential inventory, revocation and break-glass grants, on a Unix
 socket or loopback, answered only to callers the kernel identifies and ``control.allow`` names
 (default: the sidecar's own uid). Refusals are decided from the head, before any body is read.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Mapping
 
 from aiohttp import web
 
-from .admin_http import AdminServer, Endpoint, Sidecar, json_response
+from .admin_http import AdminServer, Endpoint, Sidecar, json_response, read_body
 from .callers import Caller
-from .errors import BrowserRefused, ControlCallerNotAllowed, UnknownName
+from .errors import BrowserRefused, ControlCallerNotAllowed, InvalidControlRequest, UnknownName
 from .inventory import inventory
 from .log import server_log
 from .policy import CallerMatcher
@@ -53,7 +54,10 @@ def endpoints(sidecar: Sidecar) -> Mapping[str, Mapping[str, Endpoint]]:
     async def credentials(request: web.BaseRequest, caller: Caller) -> web.StreamResponse:
         """The inventory: each credential held or to be held, with its governance fields and
         life so far — never a value."""
-        return json_response({"credentials": inventory(sidecar.runtime, sidecar.usage)})
+        return json_response({
+            "credentials": inventory(sidecar.runtime, sidecar.usage),
+            "break_glass": sidecar.break_glass.active(),
+        })  # fmt: skip
 
     async def revoke(request: web.BaseRequest, caller: Caller) -> web.StreamResponse:
         """Revoke cached credentials (``?issuer=``, ``?route=`` narrow it): each is replaced
@@ -72,7 +76,32 @@ def endpoints(sidecar: Sidecar) -> Mapping[str, Mapping[str, Endpoint]]:
         server_log.info("revocation requested on the control plane: %s", results)
         return json_response({"revoked": results})
 
+    async def grants(request: web.BaseRequest, caller: Caller) -> web.StreamResponse:
+        return json_response({"break_glass": sidecar.break_glass.active()})
+
+    async def grant(request: web.BaseRequest, caller: Caller) -> web.StreamResponse:
+        """A break-glass grant: JSON ``{route, caller, for, reason, methods?, paths?}``."""
+        control = sidecar.config.control
+        body = await read_body(
+            request, max_bytes=control.body_max_bytes, timeout_s=control.head_timeout_s
+        )
+        try:
+            wanted = json.loads(body)
+        except ValueError:
+            raise InvalidControlRequest("the body is not JSON") from None
+        if not isinstance(wanted, dict):
+            raise InvalidControlRequest("the body is a JSON object")
+        runtime = sidecar.runtime
+        granted = sidecar.break_glass.grant(
+            wanted,
+            routes={r.name for r in runtime.routes},
+            callers=runtime.config.callers,
+            granted_by=caller,
+        )
+        return json_response({"grant": granted.describe()}, status=201)
+
     return {
         "/credentials": {"GET": credentials},
         "/credentials/revoke": {"POST": revoke},
+        "/break-glass": {"GET": grants, "POST": grant},
     }

@@ -12,11 +12,14 @@ from multidict import CIMultiDict
 
 from .app_server import AppRequest
 from .audit import Audit
+from .break_glass import BreakGlass
 from .callers import UNKNOWN, Caller, CallerCache
 from .errors import (
+    CallerNotAllowed,
     DestinationNotAllowed,
     InvalidPath,
     PathEscapesRoute,
+    PathNotAllowed,
     PayloadTooLarge,
     ProblemError,
     RequestRefused,
@@ -56,6 +59,7 @@ class Handler:
         callers: CallerCache,
         usage: Usage,
         body_idle_s: float = 30.0,
+        break_glass: BreakGlass | None = None,
     ) -> None:
         self.runtime = runtime  # replaced whole on reload (SIGHUP)
         self._upstreams = upstreams
@@ -64,6 +68,7 @@ class Handler:
         self._callers = callers
         self._usage = usage
         self._body_idle_s = body_idle_s
+        self._break_glass = break_glass
 
     async def __call__(self, request: AppRequest) -> None:
         started = time.perf_counter()
@@ -78,7 +83,13 @@ class Handler:
                 caller = self._callers.get(request.connection, transport)
             route, forwarded_path = self._route(runtime, request)
             route_name = route.name
-            route.policy.check(caller, request.method, forwarded_path)
+            try:
+                route.policy.check(caller, request.method, forwarded_path)
+            except (CallerNotAllowed, PathNotAllowed):
+                if self._break_glass is None or not self._break_glass.permits(
+                    route.name, caller, request.method, forwarded_path, runtime.config.callers
+                ):
+                    raise
             upstream_status = await self._proxy(request, route, forwarded_path, caller)
             outcome = "proxied"
         except ProblemError as exc:

@@ -166,6 +166,19 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.break_glass_active = Gauge(
+            "credproxy_break_glass_active",
+            "Break-glass grants active: time-boxed exceptions to a route's policy.",
+            ["route"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.break_glass_uses = Counter(
+            "credproxy_break_glass_uses",
+            "Requests let through by a break-glass grant that the route's rules refused.",
+            ["route"],
+            registry=r,
+        )
         self.credential_retries = Counter(
             "credproxy_credential_retries",
             "Requests replayed once after a 401 (invalid_token or use_dpop_nonce).",

@@ -21,6 +21,7 @@ from . import config_file, control, telemetry
 from .admin_http import AdminServer, remove_socket, unix_socket
 from .app_server import AppListener
 from .audit import Audit
+from .break_glass import BreakGlass
 from .callers import CallerCache
 from .config import Address, Config, parse_address
 from .dpop import DPoPKey
@@ -77,6 +78,10 @@ class Server:
             self.audit, mode=config.audit.used, interval_s=config.audit.used_interval_s
         )
         self.draining = False
+        caps = config.control.break_glass
+        self.break_glass = BreakGlass(
+            self.audit, self.metrics, max_duration_s=caps.max_duration_s, max_grants=caps.max_grants
+        )
         self._runners: list[web.BaseRunner] = []
         self._app_servers: list[asyncio.Server] = []
         self._listener: AppListener | None = None
@@ -153,6 +158,7 @@ class Server:
             callers=callers,
             usage=self.usage,
             body_idle_s=self.config.app_timeouts.body_idle_s,
+            break_glass=self.break_glass,
         )
         self._listener = AppListener(handler, callers, self.config.app_timeouts.keepalive_s)
         for value in self.config.listen:
@@ -357,6 +363,7 @@ class Server:
         for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        self.break_glass.close()
         for admin in self._admin_servers:  # telemetry and control last
             await admin.aclose()
         self._admin_servers.clear()
