@@ -127,7 +127,10 @@ async def _load(
         while time.monotonic() < stop_at - 10:
             await asyncio.sleep(20)
             tick += 1
-            async with session.post(proc.admin_url + "/credentials/revoke"):
+            async with (
+                proc.control() as control,
+                control.post("http://localhost/credentials/revoke"),
+            ):
                 pass
             if tick % 3 == 0:
                 await asyncio.to_thread(idp.stop)

@@ -1,7 +1,8 @@
-"""Command line: ``credproxy run | check-config | schema | inventory | evidence | demo``.
+"""Command line: ``credproxy run | check-config | schema | inventory | revoke | break-glass |
+evidence | demo``.
 
-Exit codes: 0 success, 1 invalid configuration, failed start or a failed evidence check,
-2 usage error.
+Exit codes: 0 success, 1 invalid configuration, failed start, a failed evidence check or a
+control request that was refused or not answered, 2 usage error.
 """
 
 from __future__ import annotations
@@ -13,8 +14,8 @@ import shutil
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
+from typing import Any
 
 from . import __version__, config, config_file
 from .errors import ConfigError, CredproxyError
@@ -41,10 +42,29 @@ def main(argv: list[str] | None = None) -> int:
     check.add_argument("file", type=Path, metavar="FILE")
     commands.add_parser("schema", help="print the config's JSON Schema")
     listing = commands.add_parser(
-        "inventory", help="list the credentials held (live from the admin listener) or configured"
+        "inventory", help="list the credentials held (live from the control socket) or configured"
     )
     listing.add_argument("-c", "--config", type=Path, required=True, metavar="FILE")
     listing.add_argument("--json", action="store_true", help="JSON instead of a Markdown table")
+    revoke = commands.add_parser(
+        "revoke", help="replace, then revoke cached credentials (through the control socket)"
+    )
+    revoke.add_argument("-c", "--config", type=Path, required=True, metavar="FILE")
+    revoke.add_argument("--issuer", metavar="I", help="only this issuer's credentials")
+    revoke.add_argument("--route", metavar="R", help="only this route's credential")
+    revoke.add_argument("--json", action="store_true", help="the control plane's JSON answer")
+    glass = commands.add_parser(
+        "break-glass",
+        help="grant a time-boxed exception to a route's policy (through the control socket)",
+    )
+    glass.add_argument("-c", "--config", type=Path, required=True, metavar="FILE")
+    glass.add_argument("--route", required=True, metavar="R")
+    glass.add_argument("--caller", required=True, metavar="C", help="a name under callers")
+    glass.add_argument("--methods", nargs="+", metavar="M", help="default: any method")
+    glass.add_argument("--paths", nargs="+", metavar="GLOB", help="default: /**")
+    glass.add_argument("--for", dest="duration", required=True, metavar="DURATION",
+                       help="15m, 2h, … up to control.break_glass.max_duration_s")  # fmt: skip
+    glass.add_argument("--reason", required=True, help="why: audited with every use")
     evidence = commands.add_parser(
         "evidence", help="summarize an audit log for an auditor, with checks (exit 1 on a FAIL)"
     )
@@ -72,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "inventory":
         return _inventory(loaded, as_json=args.json)
+    if args.command == "revoke":
+        return _revoke(loaded, issuer=args.issuer, route=args.route, as_json=args.json)
+    if args.command == "break-glass":
+        return _break_glass(loaded, args)
     for note in config_file.warnings(loaded):
         print(f"credproxy: warning: {note}", file=sys.stderr)
     if args.command == "check-config":
@@ -90,23 +114,72 @@ def _load(path: Path) -> config.Config | None:
         return None
 
 
+def _control(loaded: config.Config, method: str, path: str, **kwargs: Any) -> Any:
+    """The control plane's answer, or None after saying on stderr why there is none."""
+    from . import control_client
+
+    try:
+        return control_client.request(loaded, method, path, **kwargs)
+    except control_client.ControlError as exc:
+        print(f"credproxy: {exc}", file=sys.stderr)
+        return None
+
+
 def _inventory(loaded: config.Config, *, as_json: bool) -> int:
-    """Live from the running sidecar's admin listener when it answers, else from the config."""
+    """Live from the running sidecar's control plane when it answers, else from the config."""
     from . import inventory
 
-    entries, live = inventory.from_config(loaded), False
-    if loaded.admin:
-        address = config.parse_address(loaded.admin)
-        url = f"http://{address.host}:{address.port}/credentials"
-        try:
-            with urllib.request.urlopen(url, timeout=3) as response:  # noqa: S310 - http to admin
-                entries, live = json.load(response)["credentials"], True
-        except (OSError, ValueError, KeyError) as exc:
-            print(f"credproxy: {url} not answering ({exc}); listing the config", file=sys.stderr)
+    entries, live, grants = inventory.from_config(loaded), False, []
+    if loaded.control.listen:
+        answer = _control(loaded, "GET", "/credentials")
+        if answer is not None:
+            entries, live, grants = answer["credentials"], True, answer["break_glass"]
+        else:
+            print("credproxy: control plane not answering; listing the config", file=sys.stderr)
     if as_json:
-        print(json.dumps({"live": live, "credentials": entries}, indent=2))
+        print(json.dumps({"live": live, "credentials": entries, "break_glass": grants}, indent=2))
+        return 0
+    print(inventory.markdown(entries, live=live), end="")
+    for g in grants:
+        print(
+            f"\nBREAK-GLASS {g['id']}: route {g['route']} for caller {g['caller']} "
+            f"({', '.join(g['methods'] or ['any method'])} {', '.join(g['paths'])}) until "
+            f"{time.strftime('%Y-%m-%d %H:%M:%SZ', time.gmtime(g['expires_at']))}, "
+            f"{g['uses']} use(s): {g['reason']}"
+        )
+    return 0
+
+
+def _revoke(loaded: config.Config, *, issuer: str | None, route: str | None, as_json: bool) -> int:
+    query = {k: v for k, v in (("issuer", issuer), ("route", route)) if v is not None}
+    answer = _control(loaded, "POST", "/credentials/revoke", query=query)
+    if answer is None:
+        return 1
+    if as_json:
+        print(json.dumps(answer, indent=2))
     else:
-        print(inventory.markdown(entries, live=live), end="")
+        for r in answer["revoked"]:
+            note = {"joined": " (joined one in flight)", "recent": " (revoked recently)"}
+            print(
+                f"{r['issuer']} {r['credential']} {r['fingerprint']}: {r['outcome']}"
+                + note.get(r["answered"], "")
+            )
+        if not answer["revoked"]:
+            print("nothing cached to revoke")
+    return 0
+
+
+def _break_glass(loaded: config.Config, args: argparse.Namespace) -> int:
+    wanted = {
+        "route": args.route, "caller": args.caller, "for": args.duration,
+        "reason": args.reason, "methods": args.methods, "paths": args.paths,
+    }  # fmt: skip
+    answer = _control(loaded, "POST", "/break-glass", body=wanted)
+    if answer is None:
+        return 1
+    grant = answer["grant"]
+    until = time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(grant["expires_at"]))
+    print(f"break-glass {grant['id']} granted on route {grant['route']} until {until}")
     return 0
 
 

@@ -245,6 +245,44 @@ class Audit(Model):
     )
 
 
+class BreakGlass(Model):
+    """Caps on break-glass grants (time-boxed exceptions to a route's policy, in memory only)."""
+
+    max_duration_s: Duration = Field(86400.0, le=7 * 86400, description="longest grant")
+    max_grants: int = Field(16, ge=1, le=1000, description="grants active at once")
+
+
+CONTROL_SOCKET = "unix:/run/credproxy/control.sock"
+
+
+class Control(Model):
+    """The control plane (inventory, revoke, break-glass): a Unix socket or loopback TCP whose
+    callers the kernel identifies, answered only for ``allow`` (names under ``callers``)."""
+
+    listen: str | None = Field(
+        CONTROL_SOCKET,
+        description="unix:/path or loopback host:port; null: no control plane. When left at the "
+        "default and the socket cannot be made, credproxy starts without it (logged)",
+    )
+    allow: tuple[str, ...] = Field(
+        (), description="callers that may use control; default: the sidecar's own uid only"
+    )
+    socket_mode: str = Field(
+        "0600", pattern=r"^0?[0-7]{3}$", description="mode of the control socket file"
+    )
+    head_timeout_s: Duration = Field(
+        10.0, le=300, description="bound on a request head (and keep-alive idle), control and admin"
+    )
+    body_max_bytes: int = Field(65536, ge=1024, le=1024 * 1024)
+    revoke_min_interval_s: float = Field(
+        30.0,
+        ge=0,
+        description="a credential revoked less than this ago is not revoked again (answered "
+        "'recent', no round-trip to the issuer)",
+    )
+    break_glass: BreakGlass = BreakGlass()
+
+
 def _as_tuple(value: Any) -> Any:
     return (value,) if isinstance(value, str) else value
 
@@ -284,6 +322,7 @@ class Config(Model):
     )
     app_timeouts: AppTimeouts = AppTimeouts()
     app_limits: AppLimits = AppLimits()
+    control: Control = Control()
     shutdown_timeout_s: Duration = 10.0
     revoke_timeout_s: Duration = Field(5.0, description="budget for revocations at shutdown")
 

@@ -118,6 +118,37 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
     return errors
 
 
+def _control_checks(data: dict[str, Any]) -> list[str]:
+    """control.listen is a Unix socket or loopback (never the pod network, whatever
+    allow_non_loopback says); control.allow names callers."""
+    control = data.get("control")
+    if not isinstance(control, dict):
+        return []
+    errors: list[str] = []
+    listen = control.get("listen")
+    if isinstance(listen, str):
+        try:
+            address = parse_address(listen)
+        except ValueError as exc:
+            errors.append(f"control.listen: {exc}")
+        else:
+            if address.host and not is_loopback(address.host):
+                errors.append(
+                    f"control.listen: {listen!r} is not a loopback address; the control plane "
+                    "listens on a Unix socket or loopback only"
+                )
+    raw_callers = data.get("callers")
+    callers = raw_callers if isinstance(raw_callers, dict) else {}
+    allow = control.get("allow")
+    for i, name in enumerate(allow if isinstance(allow, list) else []):
+        if isinstance(name, str) and name not in callers:
+            errors.append(
+                f"control.allow[{i}]: {name!r} is not defined under callers "
+                f"(defined: {_names(callers)})"
+            )
+    return errors
+
+
 _INJECTS_BY_ISSUER = {
     "oauth2": ("bearer", "dpop"),
     "token_exchange": ("bearer", "dpop"),
@@ -317,7 +348,7 @@ def parse(text: str, *, source: str = "<config>") -> Config:
         raise ConfigError([_yaml_error(exc, source)]) from None
     if not isinstance(data, dict):
         raise ConfigError([f"{source}: the top level must be a mapping of keys (listen, routes…)"])
-    errors = _cross_checks(data)
+    errors = _cross_checks(data) + _control_checks(data)
     try:
         config = Config.model_validate(data)
     except ValidationError as exc:

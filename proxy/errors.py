@@ -23,7 +23,12 @@
         │   ├── CallerNotAllowed              403 caller_not_allowed
         │   ├── HeadTooLarge                  431 request_head_too_large
         │   ├── TooManyConnections            503 too_many_connections (+ Retry-After)
-        │   └── PathNotAllowed                403 path_not_allowed
+        │   ├── PathNotAllowed                403 path_not_allowed
+        │   ├── ControlCallerNotAllowed       403 control_caller_not_allowed (control plane)
+        │   ├── NotFound                      404 not_found (telemetry / control paths)
+        │   ├── MethodNotAllowed              405 method_not_allowed (telemetry / control)
+        │   └── InvalidControlRequest         400 invalid_control_request (detail: why)
+        │       └── UnknownName               404 unknown_name (no such route / issuer)
         ├── CredentialUnavailable             503 credential_unavailable (+ Retry-After)
         │   └── IssuerError                   a token request failed (kept for the log)
         └── UpstreamError                     502 upstream_error
@@ -234,6 +239,51 @@ class PathNotAllowed(RequestRefused):
     status = 403
     code = "path_not_allowed"
     public_detail = "The route's allow rules do not permit this method and path for this caller."
+
+
+class ControlCallerNotAllowed(RequestRefused):
+    status = 403
+    code = "control_caller_not_allowed"
+    public_detail = (
+        "This process may not use the control plane: its callers are identified by the kernel "
+        "and must be named in control.allow (default: the sidecar's own uid)."
+    )
+
+
+class NotFound(RequestRefused):
+    status = 404
+    code = "not_found"
+    public_detail = (
+        "No such endpoint. The admin listener serves /metrics, /healthz, /readyz and "
+        "/.well-known/jwks.json; inventory, revoke and break-glass are on the control socket "
+        "(control.listen; credproxy inventory | revoke | break-glass)."
+    )
+
+
+class MethodNotAllowed(RequestRefused):
+    status = 405
+    code = "method_not_allowed"
+    public_detail = "This endpoint does not answer this method."
+
+
+class InvalidControlRequest(RequestRefused):
+    """The detail says what is wrong: it goes only to an allowed control caller, and names
+    routes, callers and limits, never a credential."""
+
+    status = 400
+    code = "invalid_control_request"
+    public_detail = "The control request is invalid."
+
+    def problem(self) -> tuple[dict[str, str], bytes]:
+        headers, body = super().problem()
+        data = json.loads(body)
+        data["detail"] = str(self)
+        return headers, json.dumps(data).encode()
+
+
+class UnknownName(InvalidControlRequest):
+    status = 404
+    code = "unknown_name"
 
 
 class MethodRefused(RequestRefused):

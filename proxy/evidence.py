@@ -70,6 +70,8 @@ class Report:
     outside_policy: list[dict[str, Any]] = field(default_factory=list)
     policy_checked: bool = False
     uses_checked: int = 0
+    break_glass: dict[str, dict[str, Any]] = field(default_factory=dict)  # windows by grant id
+    under_break_glass: list[dict[str, Any]] = field(default_factory=list)
 
     def checks(self, now: float) -> list[tuple[str, str, str]]:
         """(status PASS/FAIL/OPEN/SKIP, check, detail)."""
@@ -92,6 +94,15 @@ class Report:
                 or f"{len(self.credentials)} credential(s)",
             ),
         ]
+        if self.break_glass:
+            uses = sum(len(w["uses"]) for w in self.break_glass.values())
+            out.append(
+                (
+                    "OPEN",
+                    "break-glass windows (exceptions to policy, each with its reason)",
+                    f"{len(self.break_glass)} window(s), {uses} use(s) under them",
+                )
+            )
         if not self.policy_checked:
             out.append(("SKIP", "no use by a caller outside policy", "pass -c CONFIG to check"))
         else:
@@ -103,7 +114,12 @@ class Report:
                         f"{u['route']} by {u['caller']} at {_time(u['ts'])}"
                         for u in self.outside_policy[:10]
                     )
-                    or f"{self.uses_checked} use event(s) checked against the config",
+                    or f"{self.uses_checked} use event(s) checked against the config"
+                    + (
+                        f"; {len(self.under_break_glass)} outside it under break-glass"
+                        if self.under_break_glass
+                        else ""
+                    ),
                 ),
             )
         return out
@@ -141,7 +157,49 @@ def build(
             report.denied[str(event.get("reason"))] += 1
         elif kind == "config.reloaded":
             report.reloads[str(event.get("outcome"))] += 1
+        elif kind.startswith("policy.break_glass."):
+            _break_glass(report, kind, event, ts)
+    _excuse_break_glass_uses(report)
     return report
+
+
+def _break_glass(report: Report, kind: str, event: dict[str, Any], ts: float) -> None:
+    grant_id = str(event.get("id"))
+    window = report.break_glass.setdefault(grant_id, {
+        "id": grant_id, "route": event.get("route"), "caller": event.get("caller_name"),
+        "reason": event.get("reason"), "granted_at": None, "granted_by": None,
+        "expires_at": None, "ended_at": None, "ended": None, "uses": [],
+    })  # fmt: skip
+    if kind == "policy.break_glass.granted":
+        window.update(
+            caller=event.get("caller"), granted_at=ts, granted_by=event.get("granted_by"),
+            expires_at=event.get("expires_at"), methods=event.get("methods"),
+            paths=event.get("paths"),
+        )  # fmt: skip
+    elif kind == "policy.break_glass.used":
+        window["uses"].append({
+            "ts": ts, "caller": event.get("caller"), "method": event.get("method"),
+            "path": event.get("path"),
+        })  # fmt: skip
+    elif kind == "policy.break_glass.expired":
+        window.update(ended_at=ts, ended=event.get("ended"))
+
+
+def _excuse_break_glass_uses(report: Report) -> None:
+    """A use outside the config's policy that a break-glass grant let through (same route and
+    caller as a recorded break-glass use) is listed under that window, not failed."""
+    covered = {
+        (w["route"], json.dumps(u["caller"], sort_keys=True))
+        for w in report.break_glass.values()
+        for u in w["uses"]
+    }
+    kept = []
+    for use in report.outside_policy:
+        if (use["route"], json.dumps(use["caller"], sort_keys=True)) in covered:
+            report.under_break_glass.append(use)
+        else:
+            kept.append(use)
+    report.outside_policy = kept
 
 
 def _issued(report: Report, event: dict[str, Any], ts: float) -> None:
@@ -234,6 +292,21 @@ def markdown(report: Report, *, source: str, now: float) -> str:
     if report.reloads:
         reloads = ", ".join(f"{k}: {v}" for k, v in sorted(report.reloads.items()))
         out += ["", f"Config reloads: {reloads}."]
+    if report.break_glass:
+        out += ["", "## Break-glass windows", "",
+                "| id | route | caller | granted | until | ended | uses | reason |",
+                "|---|---|---|---|---|---|---:|---|"]  # fmt: skip
+        for w in report.break_glass.values():
+            granted = _time(w["granted_at"]) if w["granted_at"] else "before the log"
+            until = _time(w["expires_at"]) if w["expires_at"] else "-"
+            ended = f"{w['ended']} {_time(w['ended_at'])}" if w["ended_at"] else "not in the log"
+            out.append(
+                f"| `{w['id']}` | {w['route']} | {w['caller']} | {granted} | {until} | {ended} "
+                f"| {len(w['uses'])} | {w['reason']} |"
+            )
+            for u in w["uses"]:
+                out.append(f"|  | ↳ {u['method']} {u['path']} | uid {(u['caller'] or {}).get('uid')} "
+                           f"| {_time(u['ts'])} |  |  |  |  |")  # fmt: skip
     return "\n".join(out) + "\n"
 
 
@@ -268,4 +341,5 @@ def as_json(report: Report, *, source: str, now: float) -> dict[str, Any]:
             {c.issuer for c in report.credentials.values() if c.legacy and c.uses}
         ),
         "reloads": dict(report.reloads),
+        "break_glass": list(report.break_glass.values()),
     }

@@ -12,6 +12,7 @@ from multidict import CIMultiDict
 
 from .app_server import AppRequest
 from .audit import Audit
+from .break_glass import BreakGlass
 from .callers import Caller
 from .errors import (
     CallerNotAllowed,
@@ -19,6 +20,7 @@ from .errors import (
     DestinationNotAllowed,
     InvalidPath,
     PathEscapesRoute,
+    PathNotAllowed,
     PayloadTooLarge,
     ProblemError,
     RequestRefused,
@@ -57,6 +59,7 @@ class Handler:
         audit: Audit,
         usage: Usage,
         body_idle_s: float = 30.0,
+        break_glass: BreakGlass | None = None,
     ) -> None:
         self.runtime = runtime  # replaced whole on reload (SIGHUP)
         self._upstreams = upstreams
@@ -64,6 +67,7 @@ class Handler:
         self._audit = audit
         self._usage = usage
         self._body_idle_s = body_idle_s
+        self._break_glass = break_glass
 
     def admit(self, caller: Caller, over_limit: ProblemError | None) -> ProblemError | None:
         """At accept, before a byte is read: refuse a connection over the limits, or whose
@@ -95,7 +99,13 @@ class Handler:
             route_name = route.name
             if route.policy.needs_process:  # a process may have obtained the socket since
                 caller.recheck()
-            route.policy.check(caller, request.method, forwarded_path)
+            try:
+                route.policy.check(caller, request.method, forwarded_path)
+            except (CallerNotAllowed, PathNotAllowed):
+                if self._break_glass is None or not self._break_glass.permits(
+                    route.name, caller, request.method, forwarded_path, runtime.config.callers
+                ):
+                    raise
             upstream_status = await self._proxy(request, route, forwarded_path, caller)
             outcome = "proxied"
         except ProblemError as exc:

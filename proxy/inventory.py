@@ -1,7 +1,7 @@
 """The credential inventory governance asks for: each credential the sidecar holds or will hold
 — issuer, audience, scope, routes, owner, purpose, expiry, last refresh, last use, use count,
-legacy flag — never a value. Live from a runtime (``GET /credentials``), or from the config alone
-when the sidecar is not running (``credproxy inventory``)."""
+legacy flag — never a value. Live from a runtime (``GET /credentials`` on the control plane), or
+from the config alone when the sidecar is not running (``credproxy inventory``)."""
 
 from __future__ import annotations
 

@@ -154,8 +154,29 @@ class Metrics:
         )
         self.credential_revoked = Counter(
             "credproxy_credential_revoked",
-            "Revocations of cached credentials (revoked, unsupported, failed).",
+            "Revocations of cached credentials (revoked, unsupported, failed, deferred).",
             ["issuer", "outcome"],
+            registry=r,
+        )
+        self.revocations_pending = Gauge(
+            "credproxy_credential_revocations_pending",
+            "Revoked credentials still awaiting revocation at the issuer (deferred or failed; "
+            "retried after the next refresh).",
+            ["issuer", "credential"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.break_glass_active = Gauge(
+            "credproxy_break_glass_active",
+            "Break-glass grants active: time-boxed exceptions to a route's policy.",
+            ["route"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.break_glass_uses = Counter(
+            "credproxy_break_glass_uses",
+            "Requests let through by a break-glass grant that the route's rules refused.",
+            ["route"],
             registry=r,
         )
         self.credential_retries = Counter(

@@ -64,7 +64,8 @@ class Runtime:
     async def revoke(
         self, *, reason: str, issuer: str | None = None, route: str | None = None
     ) -> list[dict[str, str]]:
-        """Revoke cached credentials (all, or an issuer's, or a route's); one result each."""
+        """Revoke cached credentials (all, or an issuer's, or a route's); one result each
+        (``TokenSource.revoke``: rotated first, except at shutdown)."""
         wanted = {r.source.key for r in self.routes if route is None or r.name == route}
         sources = [
             source for key, source in self.sources.items()
@@ -75,9 +76,15 @@ class Runtime:
             *(s.revoke(reason=reason, rotate=reason != "shutdown") for s in sources)
         )
         return [
-            {"issuer": s.key.issuer, "credential": s.key.label, "outcome": outcome}
-            for s, outcome in zip(sources, outcomes, strict=True)
-            if outcome is not None
+            {
+                "issuer": s.key.issuer,
+                "credential": s.key.label,
+                "outcome": result.outcome,
+                "fingerprint": result.fingerprint,
+                "answered": result.answered,
+            }
+            for s, result in zip(sources, outcomes, strict=True)
+            if result is not None
         ]
 
     async def aclose(self, *, keep: Runtime | None = None) -> None:
@@ -135,7 +142,14 @@ def build(
             sources[key] = (
                 MintingSource(key, key_id=issuer.kid, audit=audit)
                 if isinstance(issuer, SelfSignedJWTIssuer)
-                else _source(key, issuer, metrics=metrics, audit=audit, leader=leader)
+                else _source(
+                    key,
+                    issuer,
+                    metrics=metrics,
+                    audit=audit,
+                    leader=leader,
+                    revoke_min_interval_s=config.control.revoke_min_interval_s,
+                )
             )
         tls = ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=f"routes[{i}]")
         routes.append(
@@ -192,6 +206,7 @@ def _source(
     metrics: Metrics,
     audit: Audit,
     leader: LeaderClient | None,
+    revoke_min_interval_s: float,
 ) -> TokenSource:
     follower = leader is not None and issuer.config.type in SHARED_TYPES
 
@@ -210,4 +225,5 @@ def _source(
         audit=audit,
         refresh_ahead_s=getattr(issuer.config, "refresh_ahead_s", None),
         backoff_max_s=getattr(issuer.config, "backoff_max_s", 30.0),
+        revoke_min_interval_s=revoke_min_interval_s,
     )

@@ -1,4 +1,5 @@
-"""Process lifecycle: listeners, the admin endpoints, warm-up, signals and graceful shutdown."""
+"""Process lifecycle: the app, telemetry and control listeners, warm-up, signals and graceful
+shutdown. The telemetry endpoints are in ``telemetry``, the control plane's in ``control``."""
 
 from __future__ import annotations
 
@@ -17,17 +18,16 @@ from typing import Any
 import aiohttp
 import uvloop
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
-from . import config_file
+from . import config_file, control, telemetry
+from .admin_http import AdminServer, remove_socket, unix_socket
 from .app_server import AppListener, Limits
 from .audit import Audit
+from .break_glass import BreakGlass
 from .config import Address, AppLimits, Config, loopback_twin, parse_address
 from .dpop import DPoPKey
 from .errors import ConfigError, CredentialUnavailable, IdentityError, StartError
 from .handler import Handler
-from .inventory import inventory
-from .issuers import SelfSignedJWTIssuer
 from .log import server_log
 from .metrics import Metrics
 from .runtime import Runtime, build
@@ -101,6 +101,10 @@ class Server:
             self.audit, mode=config.audit.used, interval_s=config.audit.used_interval_s
         )
         self.draining = False
+        caps = config.control.break_glass
+        self.break_glass = BreakGlass(
+            self.audit, self.metrics, max_duration_s=caps.max_duration_s, max_grants=caps.max_grants
+        )
         self._runners: list[web.BaseRunner] = []
         self._app_servers: list[asyncio.Server] = []
         self._listener: AppListener | None = None
@@ -113,6 +117,9 @@ class Server:
         self._gauges: asyncio.Task[None] | None = None
         self.app_addresses: list[Address] = []
         self.admin_address: Address | None = None
+        self.control_address: Address | None = None
+        self._admin_servers: list[AdminServer] = []  # telemetry and control
+        self._socket_files: list[str] = []  # theirs, removed at exit
 
     async def __aenter__(self) -> Server:
         await self.start()
@@ -172,6 +179,7 @@ class Server:
             audit=self.audit,
             usage=self.usage,
             body_idle_s=self.config.app_timeouts.body_idle_s,
+            break_glass=self.break_glass,
         )
         self._listener = AppListener(
             handler,
@@ -183,15 +191,14 @@ class Server:
             address = parse_address(value)
             self.app_addresses += await self._listen(address, self._inherited.get(value))
         if self.config.admin:
-            admin_runner = web.AppRunner(self._admin_app(), access_log=None)
-            await self._setup(admin_runner)
-            self.admin_address = await self._listen_admin(
-                admin_runner, parse_address(self.config.admin)
-            )
+            await self._listen_admin(parse_address(self.config.admin))
+        if self.config.control.listen:
+            await self._listen_control(self.config.control.listen)
         server_log.info(
-            "credproxy serving %s; admin %s; %d route(s)",
+            "credproxy serving %s; admin %s; control %s; %d route(s)",
             ", ".join(map(str, self.app_addresses)),
             self.admin_address,
+            self.control_address,
             len(self._runtime.routes),
         )
 
@@ -272,73 +279,58 @@ class Server:
                 f"cannot listen on {Address(host=host, port=port)}: {os.strerror(exc.errno or 0)}"
             ) from None
 
-    async def _listen_admin(self, runner: web.BaseRunner, address: Address) -> Address:
-        site: web.BaseSite
-        if address.path:
-            site = web.UnixSite(runner, address.path)
-            await site.start()
-            os.chmod(address.path, int(self.config.unix_socket_mode, 8))
-            return address
-        site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
+    async def _listen_admin(self, address: Address) -> AdminServer:
+        """The telemetry listener (``admin:``): read-only, may face the pod network."""
+        server = AdminServer(
+            "admin",
+            telemetry.endpoints(self),
+            local_names=self.config.local_names,
+            head_timeout_s=self.config.control.head_timeout_s,
+            audit=self.audit,
+            metrics=self.metrics,
+        )
+        self._admin_servers.append(server)
         try:
-            await site.start()
+            if address.path:
+                mode = int(self.config.unix_socket_mode, 8)
+                await server.listen_unix(unix_socket(address.path, mode))
+                self._socket_files.append(address.path)
+                self.admin_address = address
+            else:
+                port = await server.listen_tcp(address.host, address.port)
+                self.admin_address = Address(host=address.host, port=port)
         except OSError as exc:
-            raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
-        return Address(host=address.host, port=runner.addresses[-1][1])
+            raise StartError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+        return server
 
-    def _admin_app(self) -> web.Application:
-        app = web.Application()
-        app.router.add_get("/metrics", self._metrics)
-        app.router.add_get("/healthz", self._healthz)
-        app.router.add_get("/readyz", self._readyz)
-        app.router.add_post("/credentials/revoke", self._revoke)
-        app.router.add_get("/credentials", self._credentials)
-        app.router.add_get("/.well-known/jwks.json", self._jwks)
-        return app
+    async def _listen_control(self, value: str) -> None:
+        """The control plane; at its default address, a socket that cannot be made is logged
+        and credproxy runs without it (existing configs keep starting)."""
+        address = parse_address(value)
+        server = control.control_server(self)
+        self._admin_servers.append(server)
+        try:
+            if address.path:
+                mode = int(self.config.control.socket_mode, 8)
+                await server.listen_unix(unix_socket(address.path, mode))
+                self._socket_files.append(address.path)
+                self.control_address = address
+            else:
+                port = await server.listen_tcp(address.host, address.port)
+                self.control_address = Address(host=address.host, port=port)
+        except OSError as exc:
+            if "listen" in self.config.control.model_fields_set:
+                raise StartError(
+                    f"control.listen: cannot listen on {address}: {exc.strerror or exc}"
+                ) from None
+            server_log.warning(
+                "control plane off: cannot listen on %s (%s); set control.listen to a socket "
+                "in a writable directory, or control: {listen: null} to silence this",
+                address,
+                exc.strerror or exc,
+            )
 
-    async def _jwks(self, request: web.Request) -> web.Response:
-        """Public keys of the self_signed_jwt issuers, for upstreams to verify their JWTs."""
-        keys = [
-            key
-            for issuer in self.runtime.issuers.values()
-            if isinstance(issuer, SelfSignedJWTIssuer)
-            for key in issuer.jwks()["keys"]
-        ]
-        return web.json_response({"keys": keys}, headers={"Cache-Control": "max-age=60"})
-
-    async def _revoke(self, request: web.Request) -> web.Response:
-        """Revoke cached credentials now (``?issuer=``, ``?route=`` narrow it); new ones are
-        fetched at once. Browsers are refused: a web page must not trigger this."""
-        if "Origin" in request.headers:
-            raise web.HTTPForbidden(text="requests from web pages are refused")
-        route = request.query.get("route")
-        if route is not None and route not in {r.name for r in self.runtime.routes}:
-            raise web.HTTPNotFound(text=f"no route named {route!r}")
-        results = await self.runtime.revoke(
-            reason="admin", issuer=request.query.get("issuer"), route=route
-        )
-        server_log.info("revocation requested on the admin listener: %s", results)
-        return web.json_response({"revoked": results})
-
-    async def _metrics(self, request: web.Request) -> web.Response:
-        self._sample_gauges()
-        body = self.metrics.exposition()
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
-
-    async def _healthz(self, request: web.Request) -> web.Response:
-        return web.json_response({"status": "alive"})
-
-    async def _readyz(self, request: web.Request) -> web.Response:
-        waiting = sorted(
-            route.name
-            for route in self.runtime.routes
-            if self.config.warm_up and not route.source.ready
-        )
-        ready = not self.draining and not waiting
-        body = {"ready": ready, "draining": self.draining, "routes_without_credential": waiting}
-        return web.json_response(body, status=200 if ready else 503)
-
-    def _sample_gauges(self) -> None:
+    def sample_gauges(self) -> None:
         connections = self._listener.connections if self._listener is not None else ()
         self.metrics.app_connections.set(len(connections))
         self.metrics.tasks.set(len(asyncio.all_tasks()))
@@ -346,14 +338,9 @@ class Server:
     async def _sample_gauges_every(self, interval_s: float) -> None:
         """Also in workers without the admin listener, whose values /metrics aggregates."""
         while True:
-            self._sample_gauges()
+            self.sample_gauges()
             self.metrics.save()
             await asyncio.sleep(interval_s)
-
-    async def _credentials(self, request: web.Request) -> web.Response:
-        """The inventory: each credential held or to be held, with its governance fields and
-        life so far — never a value."""
-        return web.json_response({"credentials": inventory(self.runtime, self.usage)})
 
     async def reload(self, path: Path) -> bool:
         """SIGHUP: the new config whole, or not at all — an invalid one is logged with its
@@ -390,6 +377,8 @@ class Server:
                 for name in ("listen", "admin", "allow_non_loopback", "unix_socket_mode", "audit")
                 if getattr(config, name) != getattr(previous_config, name)
             ]
+            if config.control.listen != previous_config.control.listen:
+                needs_restart.append("control.listen")  # control.allow applies at once
             for name in needs_restart:
                 server_log.warning("reload: %s changed; it takes effect on restart", name)
             kept = sum(source in old.sources.values() for source in runtime.sources.values())
@@ -427,9 +416,15 @@ class Server:
             await self._listener.drain(self.config.shutdown_timeout_s)
         self.metrics.save()  # the last requests' counts, for the other workers' /metrics
         self._app_servers.clear()
-        for runner in self._runners:  # the admin listener last
+        for runner in self._runners:
             await runner.cleanup()
         self._runners.clear()
+        self.break_glass.close()
+        for admin in self._admin_servers:  # telemetry and control last
+            await admin.aclose()
+        self._admin_servers.clear()
+        for path in self._socket_files:
+            remove_socket(path)
         for task, old in list(self._retiring.items()):
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)

@@ -8,10 +8,13 @@ back off with jitter; a token that is still valid keeps serving while the issuer
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Literal
 
 from .audit import Audit
 from .dpop import access_token_hash
@@ -61,6 +64,18 @@ class Token:
 
 
 @dataclass(frozen=True, slots=True)
+class Revocation:
+    """What a revoke did. ``outcome``: revoked, unsupported or failed (the issuer's answer), or
+    deferred (no replacement could be issued: the token keeps serving and is revoked after the
+    next successful refresh). ``answered``: now; joined (the same revoke was in flight); recent
+    (revoked less than ``revoke_min_interval_s`` ago: no new round-trip to the issuer)."""
+
+    outcome: str
+    fingerprint: str
+    answered: Literal["now", "joined", "recent"] = "now"
+
+
+@dataclass(frozen=True, slots=True)
 class CacheKey:
     issuer: str
     audience: str | None
@@ -85,8 +100,15 @@ class TokenSource:
         refresh_ahead_s: float | None = None,
         backoff_max_s: float = 30.0,
         owns_tokens: bool = True,
+        revoke_min_interval_s: float = 30.0,
+        rotate_wait_s: float = 10.0,
     ) -> None:
         self.key = key
+        self._revoke_min_interval_s = revoke_min_interval_s
+        self._rotate_wait_s = rotate_wait_s  # beyond, a revocation without replacement defers
+        self._revoking: asyncio.Task[Revocation | None] | None = None
+        self._last_revocation: tuple[float, Revocation] | None = None
+        self._pending: list[tuple[Token, str]] = []  # (token, reason) awaiting revocation
         self._owns_tokens = owns_tokens  # False: a worker's copy of the leader's tokens
         self._fetch = fetch
         self._revoke = revoke
@@ -146,23 +168,104 @@ class TokenSource:
             if self._attempt is None and time.monotonic() >= self._backoff_until:
                 self._begin_attempt()
 
-    async def revoke(self, *, reason: str, rotate: bool) -> str | None:
-        """Revoke the cached token at its issuer and drop it (None: nothing cached). A failure is
-        logged, counted and audited, never raised. ``rotate`` fetches a replacement at once and
-        returns once that first attempt has ended, so the caller sees the source's new state."""
+    async def revoke(self, *, reason: str, rotate: bool) -> Revocation | None:
+        """Revoke the cached token at its issuer (None: nothing cached). Failures are logged,
+        counted and audited, never raised.
+
+        ``rotate`` (on demand): a replacement is issued first and the old token keeps serving
+        until it is, so an issuer outage never leaves the route without a credential; without
+        one the revocation is ``deferred`` and done after the next successful refresh.
+        Concurrent calls join the one in flight; within ``revoke_min_interval_s`` of the last
+        one the answer is that one's, with no round-trip. Without ``rotate`` (shutdown) the token
+        is dropped and revoked at once."""
+        if not rotate:
+            return await self._revoke_and_drop(reason)
+        if self._revoking is not None:
+            joined = await asyncio.shield(self._revoking)
+            return dataclasses.replace(joined, answered="joined") if joined else None
+        if self._last_revocation is not None:
+            at, last = self._last_revocation
+            if time.monotonic() - at < self._revoke_min_interval_s:
+                return dataclasses.replace(last, answered="recent")
+        task = spawn(self._rotate_then_revoke(reason), name=f"revoke:{self.key.issuer}")
+        self._revoking = task
+        return await asyncio.shield(task)
+
+    async def _rotate_then_revoke(self, reason: str) -> Revocation | None:
+        old = self._token
+        try:
+            if old is None or not self._owns_tokens:
+                return None
+            self._begin_attempt()  # a refresh now, or join the one under way
+            attempt = self._attempt
+            if attempt is not None:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self._rotate_wait_s):
+                        await asyncio.shield(attempt)
+            if self._token is old or self._token is None:
+                self._defer(old, reason)
+                result = Revocation("deferred", old.value.fingerprint)
+            else:
+                outcome = await self._revoke_token(old, reason, retry=True)
+                result = Revocation(outcome, old.value.fingerprint)
+            self._last_revocation = (time.monotonic(), result)
+            return result
+        finally:
+            self._revoking = None
+
+    def _defer(self, token: Token, reason: str) -> None:
+        credentials_log.warning(
+            "revocation of %s deferred: no replacement could be issued (%s); it keeps serving "
+            "and is revoked after the next successful refresh",
+            token.value.fingerprint,
+            self._last_failure or "token request pending",
+        )
+        self._pending.append((token, reason))
+        self._record_revocation(token, "deferred", reason)
+
+    async def _revoke_pending(self) -> None:
+        """After a successful refresh: revoke what earlier revocations had to defer."""
+        pending, self._pending = self._pending, []
+        for token, reason in pending:
+            if time.monotonic() < token.usable_until_mono:  # an expired token needs nothing
+                await self._revoke_token(token, reason, retry=True, deferred=True)
+        self._metrics.revocations_pending.labels(self.key.issuer, self.key.label).set(
+            len(self._pending)
+        )
+
+    async def _revoke_and_drop(self, reason: str) -> Revocation | None:
         token, self._token = self._token, None
         if token is None or not self._owns_tokens:
             return None
-        if rotate:
-            self._begin_attempt()
-        replacement = self._attempt
+        for earlier, earlier_reason in self._pending:  # deferred ones too, while still valid
+            if time.monotonic() < earlier.usable_until_mono:
+                await self._revoke_token(earlier, f"{earlier_reason},{reason}", retry=False)
+        self._pending = []
+        outcome = await self._revoke_token(token, reason, retry=False)
+        self._metrics.credential_expiry.labels(self.key.issuer, self.key.label).set(0)
+        return Revocation(outcome, token.value.fingerprint)
+
+    async def _revoke_token(
+        self, token: Token, reason: str, *, retry: bool, deferred: bool = False
+    ) -> str:
+        """One RFC 7009 call; with ``retry``, a failure is tried again after the next refresh."""
         try:
             outcome = await self._revoke(token) if self._revoke else "unsupported"
         except CredentialUnavailable as exc:
             outcome = "failed"
             credentials_log.warning("revocation of %s failed: %s", token.value.fingerprint, exc)
+            if retry:
+                self._pending.append((token, reason))
+        self._record_revocation(token, outcome, reason, deferred=deferred)
+        return outcome
+
+    def _record_revocation(
+        self, token: Token, outcome: str, reason: str, *, deferred: bool = False
+    ) -> None:
         self._metrics.credential_revoked.labels(self.key.issuer, outcome).inc()
-        self._metrics.credential_expiry.labels(self.key.issuer, self.key.label).set(0)
+        self._metrics.revocations_pending.labels(self.key.issuer, self.key.label).set(
+            len(self._pending)
+        )
         self._audit.emit(
             "credential.revoked",
             issuer=self.key.issuer,
@@ -172,10 +275,8 @@ class TokenSource:
             fingerprint=token.value.fingerprint,
             outcome=outcome,
             reason=reason,
+            **({"deferred": True} if deferred else {}),
         )
-        if rotate and replacement is not None:
-            await asyncio.shield(replacement)
-        return outcome
 
     async def aclose(self) -> None:
         self._closed = True
@@ -230,6 +331,8 @@ class TokenSource:
             self.refreshes += 1
             self._record(token, time.monotonic() - started)
             self._finish_attempt()
+            if self._pending:
+                spawn(self._revoke_pending(), name=f"revoke-deferred:{self.key.issuer}")
             await self._sleep_until_refresh(token)
 
     def _finish_attempt(self) -> None:
@@ -319,7 +422,7 @@ class MintingSource:
     def invalidate(self, token: Token) -> None:
         del token  # a fresh JWT is minted for the replay anyway
 
-    async def revoke(self, *, reason: str, rotate: bool) -> str | None:
+    async def revoke(self, *, reason: str, rotate: bool) -> Revocation | None:
         del reason, rotate
         return None  # nothing held: each JWT expires within a minute
 

@@ -9,7 +9,7 @@ forks N workers, forwards signals and restarts a worker that dies; it serves not
   to the same key. Worker 0 is the leader: only it asks the IdP; the others take its tokens over
   a Unix socket in a private directory (``token_share``), so the IdP sees one token request per
   credential and refresh window.
-- The admin listener runs in worker 0; /metrics aggregates all workers' values
+- The admin (telemetry) listener and the control plane run in worker 0; /metrics aggregates all workers' values
   (``PROMETHEUS_MULTIPROC_DIR``, set by the CLI before anything imports prometheus_client).
 """
 
@@ -117,7 +117,13 @@ def supervise(config: Config, path: Path, count: int) -> int:
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_DFL)
         worker_config = config.model_copy(
-            update={"listen": tuple(listen), "admin": config.admin if index == 0 else None}
+            update={"listen": tuple(listen)}
+            if index == 0
+            else {
+                "listen": tuple(listen),
+                "admin": None,
+                "control": config.control.model_copy(update={"listen": None}),
+            }
         )
         code = 0
         try:

@@ -444,6 +444,9 @@ class Credproxy:
         self.config_file = workdir / f"{name}.yaml"
         self.log_file = workdir / f"{name}.log"
         self.audit_file = workdir / f"{name}-audit.jsonl"
+        self.control_path = workdir / f"{name}-control.sock"
+        if not re.search(r"^control:", config_text, re.MULTILINE):  # a private control socket
+            config_text += f'\ncontrol: {{listen: "unix:{self.control_path}"}}\n'
         self.config_file.write_text(config_text.replace("{audit}", str(self.audit_file)))
         self.process: subprocess.Popen[bytes] | None = None
         self.url = ""
@@ -476,6 +479,9 @@ class Credproxy:
             if match:
                 self.url = "http://" + match[1].split(",")[0]
                 self.admin_url = "http://" + match[2]
+                control = re.search(r"; control unix:(\S+?);", self.log())
+                if control:
+                    self.control_path = Path(control[1])
                 break
             if self.process.poll() is not None:
                 break
@@ -487,6 +493,11 @@ class Credproxy:
                 raise RuntimeError(f"credproxy exited {self.process.returncode}:\n{self.log()}")
             _wait_http(self.admin_url + "/readyz", timeout_s)
         return self
+
+    def control(self) -> aiohttp.ClientSession:
+        """A client of its control socket (as the test process: root, the sidecar's uid);
+        requests go to ``http://localhost/…``."""
+        return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.control_path)))
 
     def audit(self, event: str | None = None) -> list[dict[str, Any]]:
         """The audit events so far (of one kind). The sidecar writes them from a thread, so this

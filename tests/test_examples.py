@@ -52,6 +52,31 @@ def test_kubernetes_example_is_a_native_sidecar_holding_the_identity_alone():
     assert sidecar["securityContext"]["readOnlyRootFilesystem"] is True
 
 
+def test_kubernetes_example_exposes_only_telemetry_on_the_pod_network():
+    """admin (0.0.0.0:15090) is telemetry; the control plane is a Unix socket in a volume only
+    the sidecar mounts; a NetworkPolicy lets only Prometheus reach the pod, on 15090 alone."""
+    documents = _documents()
+    loaded = config_file.parse(documents["ConfigMap"]["data"]["config.yaml"])
+    assert loaded.admin == "0.0.0.0:15090"
+    assert loaded.control.listen == "unix:/run/credproxy/control.sock"
+    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    [sidecar], [app] = pod["initContainers"], pod["containers"]
+    assert {"name": "control", "mountPath": "/run/credproxy"} in sidecar["volumeMounts"]
+    assert "control" not in {m["name"] for m in app.get("volumeMounts", [])}
+    assert [p["containerPort"] for p in sidecar["ports"]] == [15090]
+    policy = documents["NetworkPolicy"]["spec"]
+    assert policy["podSelector"]["matchLabels"] == pod_labels(documents)
+    assert policy["policyTypes"] == ["Ingress"]
+    [rule] = policy["ingress"]
+    assert rule["ports"] == [{"protocol": "TCP", "port": 15090}]
+    [source] = rule["from"]
+    assert source["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "prometheus"}
+
+
+def pod_labels(documents: dict[str, dict[str, Any]]) -> dict[str, str]:
+    return dict(documents["Deployment"]["spec"]["template"]["metadata"]["labels"])
+
+
 def _metric_names(expr: str) -> set[str]:
     return set(re.findall(r"\bcredproxy_[a-z_]+", expr))
 

@@ -212,7 +212,7 @@ async def test_absurd_lifetime_is_capped(faulty, credproxy, client, tmp_path):
     proc = credproxy(_config(faulty, tmp_path, extra="    max_lifetime_s: 600\n"))
     [issued] = proc.audit("credential.issued")
     assert issued["lifetime_s"] == 600
-    async with client.get(proc.admin_url + "/credentials") as response:
+    async with proc.control() as control, control.get("http://localhost/credentials") as response:
         [credential] = (await response.json())["credentials"]
     assert credential["expires_at"] <= time.time() + 600
 
@@ -222,8 +222,11 @@ async def test_moved_token_endpoint_is_rediscovered(faulty, credproxy, client, t
     that failure credproxy discovers again and gets its next token from the new endpoint."""
     proc = credproxy(_config(faulty, tmp_path))
     faulty.token_path = "/token-v2"
-    async with client.post(proc.admin_url + "/credentials/revoke") as response:
-        assert response.status == 200  # drops the token: the next one comes from the IdP
+    async with (
+        proc.control() as control,
+        control.post("http://localhost/credentials/revoke") as response,
+    ):
+        assert response.status == 200  # rotates the token: the next one comes from the IdP
     wait_until(lambda: any(p == "/token-v2" for _, p in faulty.requests), what="new endpoint")
     assert [p for _, p in faulty.requests][:2] == ["/token", "/token"]  # the 404 in between
     async with client.get(proc.url + "/api/x") as response:

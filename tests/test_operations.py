@@ -96,7 +96,7 @@ async def test_audit_trail_and_evidence_report(idp, upstream, credproxy, client)
 
 
 async def test_inventory_live_and_from_config(idp, upstream, credproxy, client, tmp_path):
-    """GET /credentials and `credproxy inventory` list each credential with owner, purpose,
+    """GET /credentials (control socket) and `credproxy inventory` list each credential with owner, purpose,
     routes, expiry and use count, never a value; with the sidecar down, the config's view."""
     admin = free_port()
     text = config(
@@ -110,7 +110,7 @@ async def test_inventory_live_and_from_config(idp, upstream, credproxy, client, 
     for _ in range(2):
         async with client.get(proc.url + "/payments/api/x") as response:
             assert response.status == 200
-    async with client.get(proc.admin_url + "/credentials") as response:
+    async with proc.control() as control, control.get("http://localhost/credentials") as response:
         raw = await response.text()
     [bearer, dpop] = sorted(json.loads(raw)["credentials"], key=lambda c: c["binding"])
     assert dpop["owner"] == "platform-iam" and dpop["use_count"] == 2
