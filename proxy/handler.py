@@ -23,6 +23,7 @@ from .errors import (
     RequestTimeout,
     RouteNotFound,
     TransferCodingNotImplemented,
+    UpstreamCompressedAnswer,
 )
 from .forwarder import Scrubber, request_headers, response_head_lines
 from .injectors import Outbound
@@ -172,6 +173,8 @@ class Handler:
             body=body if isinstance(body, bytes) else None,
             has_body=body is not None,
         )
+        if injector.usable_if_echoed:  # an echo must come back where the scrubber can see it
+            outbound.headers["Accept-Encoding"] = "identity"
         token = await route.source.get()
         where = route.where
         prefetched: bytes | None = None
@@ -227,6 +230,9 @@ class Handler:
             method=request.method,
             path=forwarded_path,
         )
+        if injector.usable_if_echoed and _compressed(answer, request.method):
+            answer.release()
+            raise UpstreamCompressedAnswer(f"{where}: Content-Encoding despite identity asked")
         await _stream_back(request, answer, outbound.secret, where, prefetched)
         return answer.status
 
@@ -261,6 +267,14 @@ async def _stream_back(
         request.keep_alive = False
     finally:
         answer.release()
+
+
+def _compressed(answer: Answer, method: str) -> bool:
+    """Whether the answer has a body in a content coding the scrubber cannot read."""
+    if method == "HEAD" or answer.status in (204, 304):
+        return False
+    codings = ",".join(answer.message.headers.getall("Content-Encoding", ()))
+    return any(c.strip().lower() not in ("", "identity") for c in codings.split(","))
 
 
 def _framed(headers: CIMultiDict[str], request: AppRequest) -> CIMultiDict[str]:
