@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from http import HTTPStatus
 
 from aiohttp import StreamReader
@@ -24,6 +25,7 @@ from .errors import (
     RouteNotFound,
     TransferCodingNotImplemented,
     UpstreamCompressedAnswer,
+    UpstreamError,
 )
 from .forwarder import Scrubber, request_headers, response_head_lines
 from .injectors import Outbound
@@ -190,15 +192,18 @@ class Handler:
                 sent,
             )
             started = time.perf_counter()
-            answer = await self._upstreams.exchange(
-                route.origin,
-                route.tls.current(),
-                head,
-                sent,
-                chunked=chunked,
-                method=request.method,
-                timeouts=route.timeouts,
-                where=where,
+            answer = await _masking_errors(
+                self._upstreams.exchange(
+                    route.origin,
+                    route.tls.current(),
+                    head,
+                    sent,
+                    chunked=chunked,
+                    method=request.method,
+                    timeouts=route.timeouts,
+                    where=where,
+                ),
+                outbound.secret,
             )
             self._metrics.observe_upstream(route.name, time.perf_counter() - started)
             headers = answer.message.headers
@@ -241,7 +246,10 @@ async def _stream_back(
     request: AppRequest, answer: Answer, secret: str, where: str, prefetched: bytes | None
 ) -> None:
     lines, has_length = response_head_lines(answer.message.raw_headers, secret)
-    request.start(answer.status, answer.message.reason, lines, has_length=has_length)
+    reason = answer.message.reason
+    if secret and reason:  # the reason phrase is the upstream's text too
+        reason = Scrubber(secret).masked(reason.encode()).decode(errors="replace")
+    request.start(answer.status, reason, lines, has_length=has_length)
     connection = request.connection
     try:
         scrubber = Scrubber(secret)
@@ -267,6 +275,17 @@ async def _stream_back(
         request.keep_alive = False
     finally:
         answer.release()
+
+
+async def _masking_errors(exchange: Awaitable[Answer], secret: str) -> Answer:
+    """The exchange's answer, or its error with any echo of the credential masked: a second
+    line of defence, as the upstream layer never quotes what an upstream sent."""
+    try:
+        return await exchange
+    except UpstreamError as exc:
+        if secret:
+            exc.args = (Scrubber(secret).masked(str(exc).encode()).decode(errors="replace"),)
+        raise
 
 
 def _compressed(answer: Answer, method: str) -> bool:
