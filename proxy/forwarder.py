@@ -25,6 +25,12 @@ HOP_BY_HOP = frozenset(
 # Inbound headers that could carry an app-supplied credential, or that we set or meet ourselves
 # (Expect: credproxy answers 100-continue itself, as it reads the body before the upstream does).
 CREDENTIAL_HEADERS = frozenset({"authorization", "proxy-authorization", "dpop", "host", "expect"})
+# Headers frameworks read to serve another method or URL than the request line's (Symfony,
+# Laravel, IIS URL Rewrite, Google APIs, nginx auth_request): the policy would have checked one
+# request and the upstream would serve another. Stripped unless a route allows them.
+METHOD_OVERRIDE_HEADERS = ("x-http-method-override", "x-http-method", "x-method-override")
+URL_OVERRIDE_HEADERS = ("x-original-url", "x-rewrite-url", "x-override-url", "x-original-uri")
+OVERRIDE_HEADERS = frozenset(METHOD_OVERRIDE_HEADERS + URL_OVERRIDE_HEADERS)
 
 
 def _connection_listed(headers: MultiMapping[str]) -> frozenset[str]:

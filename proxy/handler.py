@@ -31,7 +31,7 @@ from .forwarder import Scrubber, request_headers, response_head_lines
 from .injectors import Outbound
 from .log import access_log, server_log
 from .metrics import Metrics
-from .routing import normalize_path, request_host
+from .routing import normalize_path, overridden, request_host
 from .runtime import RouteRuntime, Runtime
 from .upstream import Answer, Upstreams, request_head
 from .usage import Usage
@@ -82,6 +82,9 @@ class Handler:
             route, forwarded_path = self._route(runtime, request)
             route_name = route.name
             route.policy.check(caller, request.method, forwarded_path)
+            if route.config.allow_method_override:  # what the upstream may serve instead
+                for method, path in overridden(request.headers, request.method, forwarded_path):
+                    route.policy.check(caller, method, path)
             upstream_status = await self._proxy(request, route, forwarded_path, caller)
             outcome = "proxied"
         except ProblemError as exc:
