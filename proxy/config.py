@@ -200,6 +200,11 @@ class Route(Owned):
     strip_headers: tuple[str, ...] = Field(
         (), description="extra inbound headers that carry credentials and must not be forwarded"
     )
+    allow_method_override: bool = Field(
+        False,
+        description="forward X-HTTP-Method-Override, X-Original-URL and the like (stripped by "
+        "default); the allow rules are then checked against the overridden method and path too",
+    )
     timeouts: Timeouts = Timeouts()
     allow: tuple[AllowRule, ...] = Field(
         (), description="default deny: a request no rule allows is refused with 403"

@@ -35,6 +35,7 @@
             ├── UpstreamConnectError(ConnectionError)   502 upstream_unreachable
             ├── UpstreamTLSError                        502 upstream_tls_error
             ├── UpstreamProtocolError                   502 upstream_protocol_error
+            ├── UpstreamCompressedAnswer                502 upstream_compressed_answer
             └── UpstreamTimeout(TimeoutError)           504 upstream_timeout
 
 The app only ever sees ``status``, ``code`` and ``public_detail``; ``str(exc)`` is for the operator's
@@ -121,8 +122,10 @@ class InvalidPath(RequestRefused):
     status = 400
     code = "invalid_path"
     public_detail = (
-        "The path contains an encoded '/' or '\\', a backslash, NUL, an empty segment ('//') "
-        "or a malformed percent-encoding; send the canonical path."
+        "The path contains an encoded '/' or '\\', a backslash, NUL, an empty segment ('//'), "
+        "a malformed or double percent-encoding ('%25' before hex digits), percent-escapes that "
+        "are not UTF-8 (overlong forms), or a '.' or '..' segment with ';' parameters; send the "
+        "canonical path."
     )
 
 
@@ -335,6 +338,16 @@ class UpstreamTLSError(UpstreamError):
 class UpstreamProtocolError(UpstreamError):
     code = "upstream_protocol_error"
     public_detail = "The upstream closed the connection or sent an invalid HTTP response."
+
+
+class UpstreamCompressedAnswer(UpstreamError):
+    code = "upstream_compressed_answer"
+    public_detail = (
+        "The upstream compressed its answer (Content-Encoding) although credproxy asked for "
+        "Accept-Encoding: identity. The route's credential travels as a plain value, and a "
+        "compressed echo of it could not be masked, so the answer is refused; make the upstream "
+        "honour identity."
+    )
 
 
 class UpstreamTimeout(UpstreamError, TimeoutError):

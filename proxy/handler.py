@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable
 from http import HTTPStatus
 
 from aiohttp import StreamReader
@@ -27,12 +28,14 @@ from .errors import (
     RequestTimeout,
     RouteNotFound,
     TransferCodingNotImplemented,
+    UpstreamCompressedAnswer,
+    UpstreamError,
 )
 from .forwarder import Scrubber, request_headers, response_head_lines
 from .injectors import Outbound
 from .log import access_log, server_log
 from .metrics import Metrics
-from .routing import normalize_path, request_host
+from .routing import normalize_path, overridden, request_host
 from .runtime import RouteRuntime, Runtime
 from .upstream import Answer, Upstreams, request_head
 from .usage import Usage
@@ -106,6 +109,9 @@ class Handler:
                     route.name, caller, request.method, forwarded_path, runtime.config.callers
                 ):
                     raise
+            if route.config.allow_method_override:  # what the upstream may serve instead
+                for method, path in overridden(request.headers, request.method, forwarded_path):
+                    route.policy.check(caller, method, path)
             upstream_status = await self._proxy(request, route, forwarded_path, caller)
             outcome = "proxied"
         except ProblemError as exc:
@@ -199,6 +205,8 @@ class Handler:
             body=body if isinstance(body, bytes) else None,
             has_body=body is not None,
         )
+        if injector.usable_if_echoed:  # an echo must come back where the scrubber can see it
+            outbound.headers["Accept-Encoding"] = "identity"
         token = await route.source.get()
         where = route.where
         prefetched: bytes | None = None
@@ -214,15 +222,18 @@ class Handler:
                 sent,
             )
             started = time.perf_counter()
-            answer = await self._upstreams.exchange(
-                route.origin,
-                route.tls.current(),
-                head,
-                sent,
-                chunked=chunked,
-                method=request.method,
-                timeouts=route.timeouts,
-                where=where,
+            answer = await _masking_errors(
+                self._upstreams.exchange(
+                    route.origin,
+                    route.tls.current(),
+                    head,
+                    sent,
+                    chunked=chunked,
+                    method=request.method,
+                    timeouts=route.timeouts,
+                    where=where,
+                ),
+                outbound.secret,
             )
             self._metrics.observe_upstream(route.name, time.perf_counter() - started)
             headers = answer.message.headers
@@ -254,6 +265,9 @@ class Handler:
             method=request.method,
             path=forwarded_path,
         )
+        if injector.usable_if_echoed and _compressed(answer, request.method):
+            answer.release()
+            raise UpstreamCompressedAnswer(f"{where}: Content-Encoding despite identity asked")
         await _stream_back(request, answer, outbound.secret, where, prefetched)
         return answer.status
 
@@ -262,7 +276,10 @@ async def _stream_back(
     request: AppRequest, answer: Answer, secret: str, where: str, prefetched: bytes | None
 ) -> None:
     lines, has_length = response_head_lines(answer.message.raw_headers, secret)
-    request.start(answer.status, answer.message.reason, lines, has_length=has_length)
+    reason = answer.message.reason
+    if secret and reason:  # the reason phrase is the upstream's text too
+        reason = Scrubber(secret).masked(reason.encode()).decode(errors="replace")
+    request.start(answer.status, reason, lines, has_length=has_length)
     connection = request.connection
     try:
         scrubber = Scrubber(secret)
@@ -288,6 +305,25 @@ async def _stream_back(
         request.keep_alive = False
     finally:
         answer.release()
+
+
+async def _masking_errors(exchange: Awaitable[Answer], secret: str) -> Answer:
+    """The exchange's answer, or its error with any echo of the credential masked: a second
+    line of defence, as the upstream layer never quotes what an upstream sent."""
+    try:
+        return await exchange
+    except UpstreamError as exc:
+        if secret:
+            exc.args = (Scrubber(secret).masked(str(exc).encode()).decode(errors="replace"),)
+        raise
+
+
+def _compressed(answer: Answer, method: str) -> bool:
+    """Whether the answer has a body in a content coding the scrubber cannot read."""
+    if method == "HEAD" or answer.status in (204, 304):
+        return False
+    codings = ",".join(answer.message.headers.getall("Content-Encoding", ()))
+    return any(c.strip().lower() not in ("", "identity") for c in codings.split(","))
 
 
 def _framed(headers: CIMultiDict[str], request: AppRequest) -> CIMultiDict[str]:

@@ -6,13 +6,18 @@ so what matching saw is exactly what the upstream receives.
 
 from __future__ import annotations
 
+import re
+import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
 
+from multidict import MultiMapping
 from yarl import URL
 
 from .config import Route
 from .errors import InvalidPath
+from .forwarder import METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _REFUSED_ENCODINGS = frozenset({"2F", "5C", "00"})  # '/', '\', NUL
@@ -24,10 +29,14 @@ def normalize_path(raw_path: str) -> tuple[str, str]:
     decoded, other escapes upper-cased. Returns (with dot segments, without dot segments).
 
     Refused (``InvalidPath``): encoded '/', '\\' or NUL, a literal backslash or NUL, an empty
-    segment ('//'), a malformed escape.
+    segment ('//'), a malformed escape; and what upstreams read differently from us: a second
+    layer of encoding ('%252e', decoded twice by some), escapes that are not UTF-8 ('%c0%ae',
+    an overlong '.'), and a dot segment with parameters ('..;', which Tomcat/Spring read as '..').
     """
     if "\\" in raw_path or "\0" in raw_path:
         raise InvalidPath("backslash or NUL in path")
+    if "%" in raw_path or ";" in raw_path or not raw_path.isascii():
+        _refuse_misread(raw_path)
     if "%" in raw_path:
         pieces = raw_path.split("%")
         out = [pieces[0]]
@@ -44,6 +53,26 @@ def normalize_path(raw_path: str) -> tuple[str, str]:
     if "//" in raw_path:
         raise InvalidPath("empty path segment")
     return raw_path, _remove_dot_segments(raw_path)
+
+
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_DOTS = frozenset({".", ".."})
+
+
+def _refuse_misread(raw_path: str) -> None:
+    """Refuse a path that an upstream could decode to something the policy did not see."""
+    try:
+        once = unquote_to_bytes(raw_path.encode("utf-8", "surrogateescape")).decode("utf-8")
+    except UnicodeError:
+        raise InvalidPath("percent-escapes or bytes that are not UTF-8") from None
+    if _ESCAPE.search(once):  # a '%XX' that only appears after one decoding: '%25' + hex
+        raise InvalidPath("double percent-encoding")
+    for segment in once.split("/"):
+        name, params, _ = segment.partition(";")
+        if not name.isascii():  # fullwidth dots become dots under NFKC
+            name = unicodedata.normalize("NFKC", name)
+        if name in _DOTS and (params or name != segment):
+            raise InvalidPath("a dot segment with parameters or in disguise")
 
 
 def _remove_dot_segments(path: str) -> str:
@@ -139,3 +168,22 @@ class RouteTable:
                     return entry.index, raw_path[len(prefix) :] or "/"
                 return entry.index, raw_path
         return None
+
+
+def overridden(headers: MultiMapping[str], method: str, path: str) -> list[tuple[str, str]]:
+    """Every (method, path) other than (``method``, ``path``) that an upstream honouring
+    method/URL override headers may serve instead: what the policy must allow too. A URL
+    override's path is normalized as the request's (``InvalidPath`` when refused there)."""
+    methods = {method}
+    paths = {path}
+    for name in METHOD_OVERRIDE_HEADERS:
+        for value in headers.getall(name, ()):
+            methods.update(m.strip().upper() for m in value.split(","))
+    for name in URL_OVERRIDE_HEADERS:
+        for value in headers.getall(name, ()):
+            raw = URL(value.strip()).raw_path if "://" in value else value.strip()
+            raw = raw.partition("?")[0]
+            if not raw.startswith("/"):
+                raise InvalidPath(f"{name} is not an absolute path")
+            paths.add(normalize_path(raw)[1])
+    return [(m, p) for m in sorted(methods) for p in sorted(paths) if (m, p) != (method, path)]

@@ -16,7 +16,7 @@ import aiohttp
 from .audit import Audit
 from .config import Config, Route
 from .dpop import DPoPKey
-from .forwarder import CREDENTIAL_HEADERS, HOP_BY_HOP
+from .forwarder import CREDENTIAL_HEADERS, HOP_BY_HOP, OVERRIDE_HEADERS
 from .guard import Guard
 from .injectors import Injector, Signing, make_injector
 from .issuers import ISSUERS, Issuer, SelfSignedJWTIssuer
@@ -162,7 +162,8 @@ def build(
                 strip=HOP_BY_HOP
                 | CREDENTIAL_HEADERS
                 | injector.strip
-                | {h.lower() for h in route.strip_headers},
+                | {h.lower() for h in route.strip_headers}
+                | (frozenset() if route.allow_method_override else OVERRIDE_HEADERS),
                 origin=Origin.of(route.upstream),
                 timeouts=Timeouts(
                     connect_s=route.timeouts.connect_s,

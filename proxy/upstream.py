@@ -9,6 +9,7 @@ the ``UpstreamError`` family, naming the route and upstream.
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ Body = bytes | StreamReader | AsyncIterable[bytes] | None
 _READ_LIMIT = 2**16  # buffered answer bytes before the upstream is paused
 _DEFAULT_TLS = ssl.create_default_context()
 _SWEEP_S = 0.1  # how often timeouts are checked: their precision
+_QUOTED = re.compile(r"""(?:\bb)?['"]""")  # where aiohttp starts quoting what it parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +81,13 @@ class Answer:
     def release(self) -> None:
         """Back to the pool when the body was read to its end; closed otherwise."""
         self._connection.finish(self.body.is_eof() and not self.message.should_close)
+
+
+def _described(error: HttpProcessingError) -> str:
+    """The parser's words for what is wrong, without the bytes it quotes after them: an
+    upstream may echo the credential anywhere, its status line included."""
+    words = _QUOTED.split(str(error.message), 1)[0]
+    return " ".join(words.split()).rstrip(" :") or type(error).__name__
 
 
 class _Connection(BaseProtocol):
@@ -144,7 +153,7 @@ class _Connection(BaseProtocol):
         try:
             messages, upgraded, _ = parser.feed_data(data)
         except HttpProcessingError as exc:
-            self._fail(UpstreamProtocolError(f"{self._where}: invalid answer: {exc.message}"))
+            self._fail(UpstreamProtocolError(f"{self._where}: invalid answer: {_described(exc)}"))
             return
         for message, payload in messages:
             if message.code == 101 or upgraded:
@@ -169,7 +178,7 @@ class _Connection(BaseProtocol):
         try:
             parser.feed_eof()  # ends a body read until EOF; a cut one raises
         except HttpProcessingError as error:
-            self._fail(UpstreamProtocolError(f"{self._where}: answer cut: {error.message}"))
+            self._fail(UpstreamProtocolError(f"{self._where}: answer cut: {_described(error)}"))
             return
         self._fail(UpstreamProtocolError(f"{self._where}: connection closed before an answer"))
 

@@ -14,6 +14,7 @@ import json
 import re
 import socket
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
@@ -145,7 +146,9 @@ def parse_one(data: bytes) -> tuple[Request, int] | None:
 class RawUpstream:
     """The recorder on a loopback port, on its own event loop in a thread."""
 
-    def __init__(self) -> None:
+    def __init__(self, reply: Callable[[Request], bytes] | None = None) -> None:
+        """``reply``: the bytes that answer a framed request (default: the JSON echo)."""
+        self._reply = reply or _echo
         self._sock = socket.socket()
         self._sock.bind(("127.0.0.1", 0))
         self.port = int(self._sock.getsockname()[1])
@@ -228,7 +231,7 @@ class RawUpstream:
                     buffer, continued = buffer[used:], False
                     with self._lock:
                         connection.requests.append(request)
-                    writer.write(_echo(request))
+                    writer.write(self._reply(request))
                     await writer.drain()
             if buffer:
                 with self._lock:

@@ -1,6 +1,10 @@
 """Header hygiene, request framing and response scrubbing."""
 
 import asyncio
+import gzip
+import json
+from collections.abc import Iterator
+from urllib.parse import quote, quote_plus, unquote
 
 import pytest
 from aiohttp.base_protocol import BaseProtocol
@@ -17,8 +21,45 @@ from proxy.forwarder import (
 )
 from proxy.handler import _stream_back
 from proxy.upstream import request_head
+from tests.counterparts import LEDGER, PREAMBLE
+from tests.raw_upstream import RawUpstream, Request
 
 SECRET = "eyJhbGciOiJFUzI1NiJ9.payload.signature-value"
+KEY = "sk_live/4f+Zq= 9x"  # a static key with every character encoders treat specially
+
+
+def _json_u(value: str, *, lower: bool = False, only: str = "") -> str:
+    """JSON ``\\u00XX`` escapes (.NET, Go) for the characters in ``only`` (default: all but
+    letters and digits)."""
+    return "".join(
+        (f"\\u{ord(c):04x}" if lower else f"\\u{ord(c):04X}")
+        if (c in only if only else not c.isalnum())
+        else c
+        for c in value
+    )
+
+
+def encoded_forms(value: str) -> dict[str, str]:
+    """Every form in which an upstream may echo an injected value, by name."""
+    percent = quote(value, safe="")
+    plus = quote_plus(value, safe="")
+    return {
+        "literal": value,
+        "percent": percent,
+        "percent-lower": _lower_hex(percent),
+        "plus": plus,
+        "plus-lower": _lower_hex(plus),
+        "json-slash": json.dumps(value)[1:-1].replace("/", "\\/"),
+        "json-u": _json_u(value),
+        "json-u-lower": _json_u(value, lower=True),
+        "json-u-mixed": _json_u(value, only="+").replace("/", "\\/"),
+    }
+
+
+def _lower_hex(percent: str) -> str:
+    return "%".join(
+        [percent.split("%")[0]] + [p[:2].lower() + p[2:] for p in percent.split("%")[1:]]
+    )
 
 
 def test_scrubber_masks_secret_split_at_every_chunk_boundary():
@@ -30,6 +71,37 @@ def test_scrubber_masks_secret_split_at_every_chunk_boundary():
         out += scrubber.flush()
         assert SECRET.encode() not in out and len(out) == len(body), size
         assert out.count(b"*" * len(SECRET)) == 3
+
+
+@pytest.mark.parametrize(
+    ("secret", "form"),
+    [pytest.param(KEY, name, id=f"key-{name}") for name in encoded_forms(KEY)]
+    + [pytest.param(SECRET, name, id=f"jwt-{name}") for name in ("literal", "json-u")],
+)
+def test_scrubber_masks_every_encoded_echo_split_at_every_offset(secret, form):
+    """An echo in any encoding the injectors produce (percent either case, plus-form, JSON
+    escapes) is masked wherever the chunks split it, the length unchanged."""
+    echo = encoded_forms(secret)[form].encode()
+    body = b'{"a":"' + echo + b'","b":"x' + echo + echo + b'"}'
+    splits = [[body[:at], body[at:]] for at in range(len(body) + 1)]
+    splits += [[body[i : i + n] for i in range(0, len(body), n)] for n in range(1, 9)]
+    for chunks in splits:
+        scrubber = Scrubber(secret)
+        out = b"".join(scrubber.feed(chunk) for chunk in chunks) + scrubber.flush()
+        assert len(out) == len(body) and out.count(b"*" * len(echo)) == 3, chunks
+
+
+def test_scrubber_holds_back_only_a_tail_that_could_begin_an_echo():
+    """Bytes that cannot begin an echo leave at once; a possible start of one (plain or
+    encoded, or an escape cut short) waits for the next chunk, and no longer."""
+    scrubber = Scrubber(KEY)
+    assert scrubber.feed(b"data: hello\n\n") == b"data: hello\n\n"
+    assert scrubber.feed(b"x sk_live%2F4") == b"x "
+    assert scrubber.feed(b"g") == b"sk_live%2F4g"
+    assert scrubber.feed(b"ok sk_li") == b"ok "
+    assert scrubber.feed(b"ve\\u00") == b""
+    assert scrubber.feed(b"zz%") == b"sk_live\\u00zz"
+    assert scrubber.feed(b"20 done") == b"%20 done" and scrubber.flush() == b""
 
 
 def test_request_headers_drop_hop_by_hop_connection_listed_and_credentials():
@@ -70,6 +142,16 @@ def test_response_head_lines_mask_credential_echo_and_drop_hop_by_hop():
         b"X-Caf\xc3\xa9: caf\xc3\xa9\r\nContent-Length: 3\r\n"
     )
     assert has_length
+
+
+def test_response_head_lines_mask_a_percent_encoded_credential_in_location():
+    """A redirect carrying the query-injected key percent-encoded (either hex case) is masked,
+    the header's length kept."""
+    location = f"https://elsewhere.example/cb?api_key={quote(KEY, safe='')}&n=1"
+    raw = ((b"Location", location.encode()), (b"X-Lower", _lower_hex(quote(KEY, safe="")).encode()))
+    lines, _ = response_head_lines(raw, KEY)
+    assert b"4f" not in lines.lower() and b"Zq" not in lines
+    assert len(lines) == sum(len(name) + len(value) + 4 for name, value in raw)
 
 
 def test_response_head_lines_content_length_listed_in_connection_frames_nothing():
@@ -129,3 +211,99 @@ async def test_a_small_answer_leaves_in_one_write_with_its_credential_echo_maske
     assert len(writes) == 1
     assert writes[0].startswith(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body))
     assert writes[0].endswith(body.replace(secret.encode(), b"*" * len(secret)))
+
+
+# -- end to end: a running credproxy in front of an upstream that echoes what it received ------
+
+
+def _credential(request: Request) -> str:
+    """The value the injector put on the wire: key header, bearer JWT or query parameter."""
+    if request.values("X-Api-Key"):
+        return request.values("X-Api-Key")[0]
+    if request.values("Authorization"):
+        return request.values("Authorization")[0].removeprefix("Bearer ")
+    query = request.target.partition("?")[2]
+    return next(unquote(p[8:]) for p in query.split("&") if p.startswith("api_key="))
+
+
+def _encoding_echo(request: Request) -> bytes:
+    """Echo the credential as misbehaving upstreams do: in every encoding in the body, percent-
+    encoded in a redirect, or gzipped whatever the request's Accept-Encoding said."""
+    value = _credential(request)
+    path = request.target.split("?")[0].rsplit("/", 1)[1]
+    head = "HTTP/1.1 200 OK\r\n"
+    body = json.dumps({"received": request.target}).encode()
+    if path == "redirect":
+        query = request.target.partition("?")[2]
+        head = f"HTTP/1.1 302 Found\r\nLocation: https://elsewhere.example/cb?{query}\r\n"
+        head += f"X-Lower: {_lower_hex(quote(value, safe=''))}\r\n"
+    elif path == "forms":
+        body = "\n".join(encoded_forms(value).values()).encode()
+    elif path == "gzip":
+        head += "Content-Encoding: gzip\r\n"
+        body = gzip.compress(body + value.encode())
+    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
+
+
+@pytest.fixture
+def echoing() -> Iterator[RawUpstream]:
+    upstream = RawUpstream(_encoding_echo).start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def sidecar(echoing, credproxy, tmp_path):
+    key_file = tmp_path / "api-key"
+    key_file.write_text(KEY + "\n")
+    LEDGER.secret(KEY)
+    allow = "allow: [{callers: [test-suite]}]"
+    return credproxy(f"""\
+{PREAMBLE}issuers:
+  key: {{type: static, secret_file: {key_file}}}
+  self: {{type: self_signed_jwt, iss: orders, sub: orders}}
+routes:
+  - {{name: header, path_prefix: /h/, upstream: "{echoing.origin}", {allow},
+     credential: {{issuer: key, inject: header, header: X-Api-Key}}}}
+  - {{name: query, path_prefix: /q/, upstream: "{echoing.origin}", {allow},
+     credential: {{issuer: key, inject: query, query_param: api_key}}}}
+  - {{name: jwt, path_prefix: /jwt/, upstream: "{echoing.origin}", {allow},
+     credential: {{issuer: self, inject: bearer}}}}
+audit: {{file: "{{audit}}"}}
+""")
+
+
+@pytest.mark.parametrize("prefix", ["/h/", "/q/", "/jwt/"])
+async def test_encoded_echoes_of_the_credential_never_reach_the_app(
+    prefix, sidecar, echoing, client
+):
+    """Percent-encoded (either case, plus-form) and JSON-escaped echoes in a body, and a
+    redirect Location carrying the query key, reach the app masked, lengths kept."""
+    async with client.get(sidecar.url + prefix + "forms") as response:
+        body = await response.read()
+        assert response.status == 200 and int(response.headers["Content-Length"]) == len(body)
+    async with client.get(sidecar.url + prefix + "redirect", allow_redirects=False) as response:
+        assert response.status == 302
+        head = str(list(response.headers.items()))
+    values = [_credential(r) for r in echoing.requests]  # a JWT is minted per request
+    assert len(values) == 2 and body.count(b"\n") == len(encoded_forms(values[0])) - 1
+    for value in values:
+        LEDGER.secret(value)
+        for name, form in encoded_forms(value).items():
+            assert form.encode() not in body and form not in head, name
+
+
+@pytest.mark.parametrize("prefix", ["/h/", "/jwt/"])
+async def test_a_compressed_answer_on_a_bearer_route_is_refused_not_passed_blind(
+    prefix, sidecar, echoing, client
+):
+    """The upstream is asked for identity whatever the app accepts; a gzipped answer anyway
+    (it would carry the credential past the scrubber) is a 502 problem, not the app's."""
+    async with client.get(
+        sidecar.url + prefix + "gzip", headers={"Accept-Encoding": "gzip, br"}
+    ) as response:
+        problem = await response.json(content_type=None)
+        assert response.status == 502 and problem["code"] == "upstream_compressed_answer"
+    [request] = echoing.requests
+    LEDGER.secret(_credential(request))
+    assert request.values("Accept-Encoding") == ["identity"]

@@ -1,7 +1,16 @@
-"""Route matching: longest prefix, Host precedence, segment boundaries, prefix stripping."""
+"""Route matching: longest prefix, Host precedence, segment boundaries, prefix stripping; path
+normalization and override headers, also against a running credproxy."""
+
+import asyncio
+import json
+from collections.abc import Sequence
+
+import pytest
 
 from proxy.config import Credential, Route
 from proxy.routing import RouteTable, Target, request_host
+from tests.counterparts import LEDGER, PREAMBLE
+from tests.raw_upstream import RawUpstream
 
 
 def _route(name, prefix=None, host=None, strip=True):
@@ -81,3 +90,143 @@ def test_normalize_path_refuses_ambiguous_forms():
     for raw in ("/a%2fb", "/a%2Fb", "/a%5cb", "/a%00", "/a\\b", "/a//b", "/a%4", "/a%g1"):
         with pytest.raises(InvalidPath):
             normalize_path(raw)
+
+
+ATTACK_PATHS = [
+    "/v1/charges/..;/admin",  # Tomcat/Spring: '..;' is '..'
+    "/v1/charges/.;x=1/../../admin",
+    "/v1/charges/%252e%252e/admin",  # decoded twice by some upstreams
+    "/v1/charges/%25%32%65%25%32%65/admin",
+    "/v1/charges/%2E%2E%3B/admin",
+    "/v1/charges/..%3bjsessionid=1/admin",
+    "/v1/charges/%c0%ae%c0%ae/admin",  # overlong UTF-8 '.'
+    "/v1/charges/%e0%80%ae%e0%80%ae/admin",
+    "/v1/charges/%ef%bc%8e%ef%bc%8e/admin",  # fullwidth dots, '..' under NFKC
+    "/v1/charges/%ff",
+]
+
+
+def test_normalize_path_refuses_what_upstreams_read_differently():
+    """Dot segments with parameters, double encoding and escapes that are not UTF-8 are refused;
+    parameters elsewhere, '%25' before non-hex and valid UTF-8 still pass."""
+    import pytest
+
+    from proxy.errors import InvalidPath
+    from proxy.routing import normalize_path
+
+    for raw in ATTACK_PATHS:
+        with pytest.raises(InvalidPath):
+            normalize_path(raw)
+    assert normalize_path("/a/b;v=1/%c3%a9/100%25off")[1] == "/a/b;v=1/%C3%A9/100%25off"
+
+
+def test_overridden_names_every_method_and_path_an_upstream_may_serve_instead():
+    """Method overrides (a list too) and URL overrides (absolute, with query, dotted) are
+    what the policy must also allow; a URL override that is no path is refused."""
+    import pytest
+    from multidict import CIMultiDict
+
+    from proxy.errors import InvalidPath
+    from proxy.routing import overridden
+
+    headers = CIMultiDict(
+        [("X-HTTP-Method-Override", "delete"), ("X-Original-URL", "http://h/a/../admin?x=1")]
+    )
+    assert overridden(headers, "POST", "/v1") == [
+        ("DELETE", "/admin"), ("DELETE", "/v1"), ("POST", "/admin")
+    ]  # fmt: skip
+    assert overridden(CIMultiDict({"X-Method-Override": "GET, PUT"}), "GET", "/v1") == [
+        ("PUT", "/v1")
+    ]
+    with pytest.raises(InvalidPath):
+        overridden(CIMultiDict({"X-Rewrite-URL": "admin"}), "GET", "/v1")
+
+
+# -- end to end: the attacks through a running credproxy, at an upstream that records all -------
+
+OVERRIDES = [
+    ("X-HTTP-Method-Override", "DELETE"),
+    ("X-HTTP-Method", "DELETE"),
+    ("X-Method-Override", "DELETE"),
+    ("X-Original-URL", "/admin"),
+    ("X-Rewrite-URL", "/admin"),
+    ("X-Override-URL", "/admin"),
+    ("X-Original-URI", "/admin"),
+]
+
+
+@pytest.fixture
+def recorder():
+    upstream = RawUpstream().start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture
+def sidecar(recorder, credproxy, tmp_path):
+    key_file = tmp_path / "api-key"
+    key_file.write_text("routing-test-key-0123456789\n")
+    LEDGER.secret("routing-test-key-0123456789")
+    common = f"""upstream: "{recorder.origin}"
+    credential: {{issuer: key, inject: header, header: X-Api-Key}}"""
+    return credproxy(f"""\
+{PREAMBLE}issuers:
+  key: {{type: static, secret_file: {key_file}}}
+routes:
+  - name: charges
+    path_prefix: /pay/
+    {common}
+    allow: [{{callers: [test-suite], methods: [GET, POST], paths: ["/v1/charges/**"]}}]
+  - name: overridable
+    path_prefix: /ovr/
+    allow_method_override: true
+    {common}
+    allow: [{{callers: [test-suite], methods: [POST], paths: ["/v1/charges/**"]}}]
+audit: {{file: "{{audit}}"}}
+""")
+
+
+async def _send(proc, target: str, headers: Sequence[tuple[str, str]] = ()) -> tuple[int, bytes]:
+    """One POST with ``target`` exactly as given (no client normalizes it); status and body."""
+    port = int(proc.url.rsplit(":", 1)[1])
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers)
+    writer.write(
+        f"POST {target} HTTP/1.1\r\nHost: localhost\r\n{lines}"
+        "Content-Length: 2\r\nConnection: close\r\n\r\n{}".encode()
+    )
+    answer = await reader.read()
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split(b" ", 2)[1]), body
+
+
+@pytest.mark.parametrize("path", ATTACK_PATHS)
+async def test_paths_an_upstream_reads_as_another_are_refused_before_the_upstream(
+    path, sidecar, recorder
+):
+    """Each disguised way out of /v1/charges/** is a 400 invalid_path; the upstream sees nothing."""
+    status, body = await _send(sidecar, "/pay" + path)
+    assert status == 400 and json.loads(body)["code"] == "invalid_path"
+    assert recorder.received == b""
+
+
+async def test_override_headers_never_reach_the_upstream_by_default(sidecar, recorder):
+    """An allowed POST carrying every method/URL override header is forwarded without them."""
+    status, _ = await _send(sidecar, "/pay/v1/charges/1", OVERRIDES)
+    [request] = recorder.requests
+    assert status == 200 and request.target == "/v1/charges/1"
+    assert not {name.lower() for name, _ in request.headers} & {n.lower() for n, _ in OVERRIDES}
+
+
+@pytest.mark.parametrize(("name", "value"), OVERRIDES)
+async def test_an_allowed_override_is_checked_by_the_policy(name, value, sidecar, recorder):
+    """On a route allowing overrides, the overridden method or path must be allowed too (403
+    and nothing upstream otherwise); an allowed one is forwarded with its header."""
+    status, body = await _send(sidecar, "/ovr/v1/charges/1", [(name, value)])
+    assert status == 403 and json.loads(body)["code"] == "path_not_allowed"
+    assert recorder.received == b""
+    allowed = "POST" if "Method" in name else "/v1/charges/2"
+    status, _ = await _send(sidecar, "/ovr/v1/charges/1", [(name, allowed)])
+    [request] = recorder.requests
+    assert status == 200 and request.values(name) == [allowed]

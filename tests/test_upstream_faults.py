@@ -230,3 +230,21 @@ async def test_app_leaving_mid_response_is_not_blamed_on_the_upstream(
         assert "the app closed the connection mid-response" in proc.log()
         assert "response cut mid-body" not in proc.log()
         await _still_serving(client, proc)
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        "Bad status line:\n  Invalid status code:\n\n  b'HTTP/1.1 2x0 SECRET'\n      ^",
+        "Bad status line 'HTTP/1.1 2x0 SECRET'",  # aiohttp's pure-Python parser
+        'Invalid HTTP header: "X-SECRET"',
+    ],
+)
+def test_parser_errors_are_described_without_the_bytes_they_quote(message):
+    """What the upstream sent (an echoed token among it) never enters an error's text."""
+    from aiohttp.http_exceptions import BadHttpMessage
+
+    from proxy.upstream import _described
+
+    described = _described(BadHttpMessage(message))
+    assert "SECRET" not in described and described.startswith(("Bad status line", "Invalid"))

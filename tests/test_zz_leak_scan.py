@@ -5,7 +5,10 @@ the legacy client secret. It first drives a full tour of its own, so it is never
 
 from __future__ import annotations
 
+import pytest
+
 from tests.counterparts import LEDGER, config
+from tests.raw_upstream import RawUpstream, Request
 
 
 async def test_no_credential_value_appears_in_any_output(idp, upstream, credproxy, client):
@@ -57,6 +60,49 @@ async def test_no_credential_value_appears_in_any_output(idp, upstream, credprox
         f"+ {len(LEDGER.texts)} outputs: {len(hits)} hits"
     )
     assert hits == []
+
+
+def _status_echo(status: str) -> object:
+    """An upstream that echoes the bearer token it received in its status line and a header."""
+
+    def reply(request: Request) -> bytes:
+        token = request.values("Authorization")[0].removeprefix("Bearer ")
+        LEDGER.secret(token)
+        return f"HTTP/1.1 {status} {token}\r\nX-Echo: {token}\r\nContent-Length: 0\r\n\r\n".encode()
+
+    return reply
+
+
+@pytest.mark.parametrize(("status", "answered"), [("2x0", 502), ("200", 200)])
+async def test_a_token_echoed_in_the_status_line_reaches_no_log_and_no_app(
+    status, answered, idp, upstream, credproxy, client
+):
+    """An upstream quoting the bearer token in its status line (unparseable: 502; or as the
+    reason phrase) and a header leaves no trace of it in the log, the audit or the answer."""
+    echo = RawUpstream(_status_echo(status)).start()  # type: ignore[arg-type]
+    try:
+        proc = credproxy(
+            config(
+                idp=idp,
+                upstream=echo.origin,
+                audience=upstream.audience,  # one the IdP issues for
+                inject="bearer",
+                client_auth="client_secret",
+                top="log: {format: text, level: debug}",
+            ).replace("log: {format: json}\n", "")
+        )
+        async with client.get(proc.url + "/payments/v1/echo") as response:
+            answer = f"{response.reason} {dict(response.headers)} {await response.text()}"
+            assert response.status == answered
+        [request] = echo.requests
+    finally:
+        echo.stop()
+    token = request.values("Authorization")[0].removeprefix("Bearer ")
+    assert proc.stop() == 0 and token.startswith("eyJ")
+    LEDGER.output(f"status-echo {status} answer", answer)
+    assert token not in answer and token not in proc.log()
+    assert token not in proc.audit_file.read_text()
+    assert ("Bad status line" in proc.log()) == (answered == 502)  # the 502 was logged, bare
 
 
 def test_the_scan_finds_a_planted_leak():

@@ -36,6 +36,9 @@ class Injector:
     body_max_bytes = 0  # bound on that buffer; larger bodies get 413
     strip: frozenset[str] = frozenset()  # app headers this scheme sets itself
     clock_sensitive = False  # a 403 may mean "clock skew": inspect it (``corrects_clock``)
+    # What travels is the credential itself (a bearer value, not a proof bound to the sidecar's
+    # key or a signature): an echo of it is usable, so answers must come scrubbable (identity).
+    usable_if_echoed = False
 
     async def apply(self, outbound: Outbound, token: Token) -> None:
         raise NotImplementedError

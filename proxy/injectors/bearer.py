@@ -7,6 +7,8 @@ from .base import Injector, Outbound
 
 
 class BearerInjector(Injector):
+    usable_if_echoed = True
+
     async def apply(self, outbound: Outbound, token: Token) -> None:
         outbound.secret = token.value.reveal()
         outbound.headers["Authorization"] = "Bearer " + outbound.secret

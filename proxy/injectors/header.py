@@ -12,6 +12,8 @@ from .base import Injector, Outbound
 
 
 class HeaderInjector(Injector):
+    usable_if_echoed = True
+
     def __init__(self, header: str, prefix: str = "") -> None:
         self._header = header
         self._prefix = prefix
@@ -23,6 +25,8 @@ class HeaderInjector(Injector):
 
 
 class QueryInjector(Injector):
+    usable_if_echoed = True
+
     def __init__(self, param: str) -> None:
         self._param = param
         self._prefix = param + "="

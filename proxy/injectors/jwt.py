@@ -11,6 +11,8 @@ from .base import Injector, Outbound
 
 
 class JWTInjector(Injector):
+    usable_if_echoed = True
+
     def __init__(
         self,
         mint: Callable[[SignatureBatch, str, str, str], Awaitable[str]],
