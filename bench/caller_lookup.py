@@ -3,8 +3,9 @@
     .venv/bin/python bench/caller_lookup.py [connections]
 
 Measures, over N fresh loopback connections: a TCP connect+accept (the reference), the uid and
-inode lookup (NETLINK_SOCK_DIAG, and the /proc/net/tcp fallback), the pid/exe/cgroup resolution,
-and SO_PEERCRED on a Unix socket. Prints a Markdown table with µs and ratios to connect+accept.
+inode lookup (NETLINK_SOCK_DIAG, and the /proc/net/tcp fallback), the pid/exe/cgroup resolution
+from every process holding the socket, the per-request rescan of those holders (routes whose
+rules name exe, exe_sha256, cgroup or gid), and SO_PEERCRED + the peer's inode on a Unix socket. Prints a Markdown table with µs and ratios to connect+accept.
 """
 
 from __future__ import annotations
@@ -38,7 +39,8 @@ def main(n: int) -> None:
     server.listen(128)
     rows: dict[str, list[float]] = {k: [] for k in (
         "connect+accept (reference)", "uid+inode: sock_diag", "uid+inode: /proc/net/tcp",
-        "pid+exe+cgroup (lazy, on demand)", "unix: SO_PEERCRED",
+        "pid+exe+cgroup (lazy, on demand)", "holders rescan (per request, exe rules)",
+        "unix: SO_PEERCRED + peer inode",
     )}  # fmt: skip
     for _ in range(n):
         started = time.perf_counter()
@@ -55,6 +57,7 @@ def main(n: int) -> None:
         )
         caller = callers.from_socket(conn)
         rows["pid+exe+cgroup (lazy, on demand)"].append(_timed(_resolve_all, caller))
+        rows["holders rescan (per request, exe rules)"].append(_timed(caller.recheck))
         client.close()
         conn.close()
     with tempfile.TemporaryDirectory() as directory:
@@ -66,7 +69,7 @@ def main(n: int) -> None:
             client = socket.socket(socket.AF_UNIX)
             client.connect(path)
             conn, _ = unix.accept()
-            rows["unix: SO_PEERCRED"].append(_timed(callers.from_socket, conn))
+            rows["unix: SO_PEERCRED + peer inode"].append(_timed(callers.from_socket, conn))
             client.close()
             conn.close()
     reference = statistics.median(rows["connect+accept (reference)"])

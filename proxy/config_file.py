@@ -42,7 +42,9 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
     report) even when pydantic found shape errors elsewhere: all errors come at once."""
     errors: list[str] = []
     remote_ok = data.get("allow_non_loopback")
-    remote_named = set(remote_ok) if isinstance(remote_ok, list) else set()
+    remote_named = (
+        {v for v in remote_ok if isinstance(v, str)} if isinstance(remote_ok, list) else set()
+    )
     addresses: dict[str, str] = {}
     listen = [(f"listen[{i}]", v) for i, v in enumerate(_items(data.get("listen", [])))]
     admin = [("admin", data["admin"])] if isinstance(data.get("admin"), str) else []
