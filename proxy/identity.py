@@ -38,7 +38,10 @@ def load_signing_key(path: Path, *, what: str) -> SigningKey:
 
 def read_secret_file(path: Path, *, what: str) -> Secret:
     """Read a secret from a file, stripping one trailing newline; empty files are an error."""
-    value = _read(path, what=what).decode("utf-8", errors="strict").rstrip("\r\n")
+    try:
+        value = _read(path, what=what).decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:  # its message quotes a byte of the secret: not for the log
+        raise IdentityError(f"{what}: {path} is not UTF-8 text") from None
     if not value:
         raise IdentityError(f"{what}: {path} is empty")
     return Secret(value)

@@ -278,3 +278,70 @@ async def test_minted_claims_are_exact_json_whatever_the_names_hold(request_clai
     assert {k: v for k, v in claims.items() if k not in ("iat", "exp", "jti")} == expected
     assert claims["exp"] == claims["iat"] + 20 and abs(claims["iat"] - time.time()) <= 2
     assert len(claims["jti"]) == 22  # 128 random bits, base64url
+
+
+def _static_only(api: ApiKeyServer, key_file, *, on_start_failure: str = "not_ready") -> str:
+    return f"""\
+{PREAMBLE}issuers:
+  legacy-key: {{type: static, secret_file: {key_file}, reread_s: 2}}
+routes:
+  - name: by-header
+    path_prefix: /h/
+    upstream: {api.origin}
+    credential: {{issuer: legacy-key, inject: header, header: X-Api-Key}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+on_start_failure: {on_start_failure}
+"""
+
+
+UNUSABLE_SECRETS = {
+    "invalid-utf8": b"\xff\xfelegacy-key-0123\n",
+    "non-ascii": "clé-secrète-0123456789\n".encode(),
+}
+
+
+@pytest.mark.parametrize("content", UNUSABLE_SECRETS.values(), ids=UNUSABLE_SECRETS.keys())
+async def test_an_unusable_static_secret_answers_503_then_recovers_without_restart(
+    content, tmp_path, credproxy, client
+):
+    """A secret file credproxy cannot send (invalid UTF-8, non-ASCII) makes requests answer 503
+    credential_unavailable with Retry-After instead of hanging; once the file is fixed they
+    succeed, without restart, and the bad content never reaches the log."""
+    key_file = tmp_path / "api-key"
+    key_file.write_bytes(content)
+    LEDGER.secret(content.decode(errors="ignore").strip())
+    api = ApiKeyServer(key_file)
+    api.start()
+    try:
+        proc = credproxy(_static_only(api, key_file), expect_ready=False)
+        hang_guard = aiohttp.ClientTimeout(total=20)
+        async with client.get(proc.url + "/h/v1/items", timeout=hang_guard) as response:
+            problem = await response.json()
+            assert response.status == 503 and problem["code"] == "credential_unavailable"
+            assert int(response.headers["Retry-After"]) >= 1
+        key_file.write_text("legacy-key-fixed-0123456789\n")
+        for _ in range(400):
+            async with client.get(proc.url + "/h/v1/items", timeout=hang_guard) as response:
+                if response.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+        assert response.status == 200
+        assert "clé" not in proc.log() and "Traceback" not in proc.log()
+    finally:
+        api.stop()
+
+
+async def test_an_unusable_static_secret_with_exit_on_start_failure_exits(tmp_path, credproxy):
+    """With on_start_failure: exit, an undecodable secret file ends the start with exit 1 and a
+    message naming the file, instead of a start that never finishes."""
+    key_file = tmp_path / "api-key"
+    key_file.write_bytes(UNUSABLE_SECRETS["invalid-utf8"])
+    api = ApiKeyServer(key_file)
+    api.start()
+    try:
+        proc = credproxy(_static_only(api, key_file, on_start_failure="exit"), expect_ready=False)
+        assert proc.process is not None and proc.process.wait(timeout=30) == 1
+        assert f"issuers.legacy-key.secret_file: {key_file} is not UTF-8 text" in proc.log()
+    finally:
+        api.stop()
