@@ -48,10 +48,14 @@ def read_secret_file(path: Path, *, what: str) -> Secret:
 
 
 def generate_key(alg: str) -> SigningKey:
-    """A fresh key that lives only in this process's memory (DPoP proofs)."""
+    """A fresh key for ``alg`` that lives only in this process's memory (DPoP proofs, JWTs)."""
+    if alg == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
     if alg == "EdDSA":
         return ed25519.Ed25519PrivateKey.generate()
-    return ec.generate_private_key(ec.SECP256R1())
+    if alg == "RS256":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise ValueError(f"no key generation for alg {alg!r}")
 
 
 def _read(path: Path, *, what: str) -> bytes:

@@ -345,3 +345,22 @@ async def test_an_unusable_static_secret_with_exit_on_start_failure_exits(tmp_pa
         assert f"issuers.legacy-key.secret_file: {key_file} is not UTF-8 text" in proc.log()
     finally:
         api.stop()
+
+
+@pytest.mark.parametrize("alg", ["ES256", "EdDSA", "RS256"])
+async def test_a_generated_key_is_of_the_configured_alg(alg):
+    """Without a key_file, alg decides the generated key: RS256 publishes an RSA key and signs
+    RS256 JWTs (not an EC key under an RS256 config)."""
+    from proxy.issuer_config import SelfSignedJWTIssuer as JWTConfig
+    from proxy.issuers.self_signed_jwt import SelfSignedJWTIssuer
+    from proxy.signing import SignatureBatch
+
+    config = JWTConfig(type="self_signed_jwt", iss="svc", sub="svc", alg=alg)
+    issuer = SelfSignedJWTIssuer("self", config, session=None, dpop_key=None, identity=None)  # type: ignore[arg-type]
+    [published] = issuer.jwks()["keys"]
+    assert published["alg"] == alg
+    assert published["kty"] == {"ES256": "EC", "EdDSA": "OKP", "RS256": "RSA"}[alg]
+    token = await issuer.mint(SignatureBatch(), "https://api.example", "GET", "https://a/b")
+    assert jwt.get_unverified_header(token)["alg"] == alg
+    key = jwt.PyJWK(published).key
+    assert jwt.decode(token, key, algorithms=[alg], audience="https://api.example")["sub"] == "svc"
