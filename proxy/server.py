@@ -314,8 +314,11 @@ class Server:
                     previous=self.runtime,
                     leader=self._leader,
                 )
-            except (ConfigError, IdentityError) as exc:
+            except Exception as exc:  # whatever failed, the running config keeps serving
                 errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+                if not isinstance(exc, ConfigError | IdentityError):
+                    server_log.error("reload of %s failed unexpectedly", path, exc_info=exc)
+                    errors = [f"unexpected {type(exc).__name__} (traceback in the log)"]
                 for line in errors:
                     server_log.error("reload of %s rejected: %s", path, line)
                 self.metrics.config_reloads.labels("rejected").inc()
