@@ -32,6 +32,7 @@ from .metrics import Metrics
 from .runtime import Runtime, build
 from .tasks import spawn
 from .token_share import LeaderClient, leader_app
+from .unix_socket import bind_unix
 from .upstream import Upstreams
 from .usage import Usage
 
@@ -137,8 +138,8 @@ class Server:
         if self._leader_socket is not None and self._is_leader:
             shared = web.AppRunner(leader_app(lambda: self.runtime.sources), access_log=None)
             await self._setup(shared)
-            await web.UnixSite(shared, self._leader_socket).start()
-            os.chmod(self._leader_socket, 0o600)
+            leader = bind_unix(self._leader_socket, 0o600, where="--workers token socket")
+            await web.SockSite(shared, leader).start()
         if self.config.warm_up:
             await self._warm_up()
         callers = self._callers
@@ -190,15 +191,9 @@ class Server:
         loop = asyncio.get_running_loop()
         server: asyncio.Server
         if address.path:
-            if inherited is None:
-                with contextlib.suppress(FileNotFoundError):
-                    if Path(address.path).is_socket():
-                        os.unlink(address.path)  # a stale socket from a previous run
-            server = await loop.create_unix_server(
-                self._listener, None if inherited else address.path, sock=inherited
-            )
-            if inherited is None:
-                os.chmod(address.path, int(self.config.unix_socket_mode, 8))
+            mode = int(self.config.unix_socket_mode, 8)
+            sock = inherited or bind_unix(address.path, mode, where="listen")
+            server = await loop.create_unix_server(self._listener, sock=sock)
             self._app_servers.append(server)
             return address
         try:
@@ -220,9 +215,9 @@ class Server:
     async def _listen_admin(self, runner: web.BaseRunner, address: Address) -> Address:
         site: web.BaseSite
         if address.path:
-            site = web.UnixSite(runner, address.path)
+            mode = int(self.config.unix_socket_mode, 8)
+            site = web.SockSite(runner, bind_unix(address.path, mode, where="admin"))
             await site.start()
-            os.chmod(address.path, int(self.config.unix_socket_mode, 8))
             return address
         site = web.TCPSite(runner, address.host, address.port, reuse_address=True)
         try:

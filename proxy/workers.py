@@ -33,6 +33,7 @@ from .config import Address, Config, parse_address
 from .dpop import DPoPKey
 from .errors import StartError
 from .log import server_log
+from .unix_socket import bind_unix
 
 _RESTART_BASE_S = 0.5
 _RESTART_MAX_S = 30.0
@@ -88,16 +89,7 @@ def _shared_sockets(
 
 
 def _unix_listener(address: Address, mode: str) -> socket.socket:
-    assert address.path is not None
-    path = Path(address.path)
-    if path.is_socket():
-        path.unlink()  # a stale socket from a previous run
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(address.path)
-    except OSError as exc:
-        raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
-    os.chmod(address.path, int(mode, 8))
+    sock = bind_unix(address.path, int(mode, 8), where="listen")
     sock.listen(1024)
     return sock
 
