@@ -73,7 +73,11 @@ class Server:
         self._reuse_port = reuse_port
         self._callers = CallerCache()
         self.metrics = Metrics()
-        self.audit = audit or Audit(config.audit.file, queue_size=config.audit.queue_size)
+        self.audit = audit or Audit(
+            config.audit.file,
+            queue_size=config.audit.queue_size,
+            file_mode=int(config.audit.file_mode, 8),
+        )
         self.audit.on_drop = self.metrics.audit_dropped.inc
         self.usage = Usage(
             self.audit, mode=config.audit.used, interval_s=config.audit.used_interval_s
