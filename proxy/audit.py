@@ -7,6 +7,9 @@ silently. ``reopen()`` (SIGUSR1) has the writer reopen the file after logrotate 
 The file is opened without following a symlink at its path (one planted there would send the
 trail elsewhere, or have credproxy append to a file of the attacker's choosing), must be a
 regular file, and is created with ``file_mode`` (0600); an existing file is narrowed to it.
+
+Each writer's first event is ``audit.started``; every event names the ``instance`` whose key
+made its fingerprints (``secret``): fingerprints compare within an instance, not across restarts.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import IO, Any
 
 from .errors import StartError
 from .log import server_log
+from .secret import INSTANCE
 
 _DROP_LOG_INTERVAL_S = 10.0
 
@@ -44,6 +48,7 @@ class Audit:
         self.on_drop: Callable[[], None] | None = None
         self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
         self._writer.start()
+        self.emit("audit.started", pid=os.getpid(), fingerprints="hmac-sha256, key per instance")
 
     def _open(self) -> IO[str]:
         if self.file == "-":
@@ -90,7 +95,13 @@ class Audit:
                 )
 
     def emit(self, event: str, **fields: Any) -> None:
-        record = {"ts": round(time.time(), 3), "event": event, "id": uuid.uuid4().hex, **fields}
+        record = {
+            "ts": round(time.time(), 3),
+            "event": event,
+            "id": uuid.uuid4().hex,
+            "instance": INSTANCE,  # whose fingerprint key: they compare within one instance
+            **fields,
+        }
         try:
             self._queue.put_nowait(record)
         except queue.Full:

@@ -33,6 +33,7 @@ from .config import Address, Config, parse_address
 from .dpop import DPoPKey
 from .errors import StartError
 from .log import server_log
+from .secret import INSTANCE  # drawn here, before forking: every worker fingerprints alike
 from .unix_socket import bind_unix
 
 _RESTART_BASE_S = 0.5
@@ -147,7 +148,7 @@ def supervise(config: Config, path: Path, count: int) -> int:
         signal.signal(signum, forward)
     for index in range(count):
         start(index)
-    server_log.info("supervising %d workers: %s", count, sorted(workers))
+    server_log.info("supervising %d workers: %s; instance %s", count, sorted(workers), INSTANCE)
     failed = False
     backoff = RestartBackoff()
     restart_at: dict[int, float] = {}  # worker index → when to start it again (monotonic)

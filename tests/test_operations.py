@@ -220,6 +220,8 @@ def test_a_stalled_audit_disk_drops_and_counts_instead_of_blocking(tmp_path: Pat
     """Fault injector: a write that blocks (a stalled disk). emit() never waits; beyond the
     queue, events are dropped, counted, reported to the metric hook and logged."""
     audit = Audit(str(tmp_path / "audit.jsonl"), queue_size=100)
+    path = tmp_path / "audit.jsonl"
+    wait_until(lambda: "audit.started" in path.read_text(), what="the writer idle again")
     stalled, written = threading.Event(), []
     real = audit._stream
 

@@ -4,6 +4,10 @@ and self-signed per-request JWTs, each against an independent verifier on loopba
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -12,7 +16,7 @@ import jwt
 import pytest
 from aiohttp import web
 
-from tests.counterparts import LEDGER, PREAMBLE, ThreadedApp, ec_private_pem
+from tests.counterparts import LEDGER, PREAMBLE, ROOT, ThreadedApp, ec_private_pem
 
 
 class ApiKeyServer(ThreadedApp):
@@ -364,3 +368,43 @@ async def test_a_generated_key_is_of_the_configured_alg(alg):
     assert jwt.get_unverified_header(token)["alg"] == alg
     key = jwt.PyJWK(published).key
     assert jwt.decode(token, key, algorithms=[alg], audience="https://api.example")["sub"] == "svc"
+
+
+async def test_the_audit_fingerprint_of_a_static_key_confirms_no_guess(tmp_path, credproxy, client):
+    """The audit log names the static key by a keyed fingerprint, not sha256(key)[:12], so a
+    guessed key cannot be confirmed from the log; both workers of a run use the same one (one
+    instance), so uses correlate with issuance and ``credproxy evidence`` sees one credential."""
+    key = "legacy-key-0123456789abcdef"
+    key_file = tmp_path / "api-key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    api = ApiKeyServer(key_file)
+    api.start()
+    try:
+        text = _static_only(api, key_file).replace(
+            'audit: {file: "{audit}"}', 'audit: {file: "{audit}", used: request}'
+        )
+        proc = credproxy(text, args=("--workers", "2"))
+        for _ in range(20):
+            async with client.get(
+                proc.url + "/h/v1/items", headers={"Connection": "close"}
+            ) as response:
+                assert response.status == 200
+    finally:
+        api.stop()
+    events = proc.audit()
+    started = [e for e in events if e["event"] == "audit.started"]
+    issued = [e for e in events if e["event"] == "credential.issued"]
+    used = [e for e in events if e["event"] == "credential.used"]
+    assert len(started) == 2 and len(issued) == 2 and len(used) == 20  # one writer per worker
+    assert len({e["instance"] for e in events}) == 1
+    assert {e["fingerprint"] for e in issued + used} == {issued[0]["fingerprint"]}
+    assert issued[0]["fingerprint"] != hashlib.sha256(key.encode()).hexdigest()[:12]
+    assert issued[0]["fingerprint"] != hashlib.sha256((key + "\n").encode()).hexdigest()[:12]
+    report = subprocess.run(
+        [sys.executable, "-m", "proxy", "evidence", "--audit", str(proc.audit_file),
+         "--format", "json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )  # fmt: skip
+    [credential] = json.loads(report.stdout)["credentials"]
+    assert credential["fingerprint"] == issued[0]["fingerprint"] and credential["uses"] == 20
