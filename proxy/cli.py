@@ -1,7 +1,7 @@
 """Command line: ``credproxy run | check-config | schema | inventory | evidence | demo``.
 
-Exit codes: 0 success, 1 invalid configuration, failed start or a failed evidence check,
-2 usage error.
+Exit codes: 0 success, 1 invalid configuration, failed start, a failed evidence check or (with
+``--strict``) a secret file others may read or a config others may write, 2 usage error.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from . import __version__, config, config_file
+from . import __version__, config, config_file, file_modes
 from .errors import ConfigError, CredproxyError
 
 
@@ -39,6 +39,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     check = commands.add_parser("check-config", help="validate a config file (exit 0/1)")
     check.add_argument("file", type=Path, metavar="FILE")
+    for command in (run, check):
+        command.add_argument(
+            "--strict",
+            action="store_true",
+            help="refuse (exit 1) when a key, secret or token file is readable by others or the "
+            "config writable by others, instead of warning",
+        )
     commands.add_parser("schema", help="print the config's JSON Schema")
     listing = commands.add_parser(
         "inventory", help="list the credentials held (live from the admin listener) or configured"
@@ -72,7 +79,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.command == "inventory":
         return _inventory(loaded, as_json=args.json)
-    for note in config_file.warnings(loaded):
+    exposed = file_modes.exposed(loaded, path)
+    if args.strict and exposed:
+        print(f"credproxy: {path}: refused (--strict):", file=sys.stderr)
+        for line in exposed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    for note in config_file.warnings(loaded) + exposed:
         print(f"credproxy: warning: {note}", file=sys.stderr)
     if args.command == "check-config":
         print(f"{path}: valid ({len(loaded.routes)} route(s), {len(loaded.issuers)} issuer(s))")
