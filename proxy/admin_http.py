@@ -35,6 +35,7 @@ from .metrics import Metrics
 from .routing import request_host
 from .runtime import Runtime
 from .tasks import spawn
+from .unix_socket import bind_unix
 from .usage import Usage
 
 Endpoint = Callable[[web.BaseRequest, Caller], Awaitable[web.StreamResponse]]
@@ -234,37 +235,14 @@ async def read_body(request: web.BaseRequest, *, max_bytes: int, timeout_s: floa
     return b"".join(chunks)
 
 
-def unix_socket(path: str, mode: int) -> socket.socket:
-    """A listening Unix socket created with ``mode`` (through the umask, never a chmod after).
-    A socket file left by a process that is gone is replaced; one that answers is not."""
-    file = Path(path)
-    if file.is_socket():
-        if _answers(path):
-            raise OSError(f"{path}: another process is serving on it")
-        file.unlink()
-    file.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    previous = os.umask(0o777 & ~mode)
-    try:
-        sock.bind(path)
-    except OSError:
-        sock.close()
-        raise
-    finally:
-        os.umask(previous)
+def unix_socket(path: str, mode: int, *, where: str) -> socket.socket:
+    """A listening Unix socket created with ``mode`` (``unix_socket.bind_unix``: through the
+    umask, in a directory no other user can write to); the directory is made (0700) if missing."""
+    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    sock = bind_unix(path, mode, where=where)
     sock.listen(64)
     sock.setblocking(False)
     return sock
-
-
-def _answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
-        probe.settimeout(1.0)
-        try:
-            probe.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def remove_socket(path: str) -> None:

@@ -1,8 +1,9 @@
 """Command line: ``credproxy run | check-config | schema | inventory | revoke | break-glass |
 evidence | demo``.
 
-Exit codes: 0 success, 1 invalid configuration, failed start, a failed evidence check or a
-control request that was refused or not answered, 2 usage error.
+Exit codes: 0 success, 1 invalid configuration, failed start, a failed evidence check, a
+control request that was refused or not answered, or (with ``--strict``) a secret file
+others may read or a config others may write; 2 usage error.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, config, config_file
+from . import __version__, config, config_file, file_modes
 from .errors import ConfigError, CredproxyError
 
 
@@ -40,6 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     check = commands.add_parser("check-config", help="validate a config file (exit 0/1)")
     check.add_argument("file", type=Path, metavar="FILE")
+    for command in (run, check):
+        command.add_argument(
+            "--strict",
+            action="store_true",
+            help="refuse (exit 1) when a key, secret or token file is readable by others or the "
+            "config writable by others, instead of warning",
+        )
     commands.add_parser("schema", help="print the config's JSON Schema")
     listing = commands.add_parser(
         "inventory", help="list the credentials held (live from the control socket) or configured"
@@ -96,7 +104,13 @@ def main(argv: list[str] | None = None) -> int:
         return _revoke(loaded, issuer=args.issuer, route=args.route, as_json=args.json)
     if args.command == "break-glass":
         return _break_glass(loaded, args)
-    for note in config_file.warnings(loaded):
+    exposed = file_modes.exposed(loaded, path)
+    if args.strict and exposed:
+        print(f"credproxy: {path}: refused (--strict):", file=sys.stderr)
+        for line in exposed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    for note in config_file.warnings(loaded) + exposed:
         print(f"credproxy: warning: {note}", file=sys.stderr)
     if args.command == "check-config":
         print(f"{path}: valid ({len(loaded.routes)} route(s), {len(loaded.issuers)} issuer(s))")

@@ -237,6 +237,11 @@ class Log(Model):
     access: bool = Field(True, description="one line per proxied request")
 
 
+def _octal(value: Any) -> Any:
+    """YAML reads an unquoted 0640 as the number 416: take it as the mode it spells."""
+    return f"{value:04o}" if isinstance(value, int) and not isinstance(value, bool) else value
+
+
 class Audit(Model):
     file: str = Field("-", description="JSON-lines audit file ('-': stdout); SIGUSR1 reopens it")
     used: Literal["interval", "request", "off"] = Field(
@@ -247,6 +252,11 @@ class Audit(Model):
     used_interval_s: Duration = 60.0
     queue_size: int = Field(
         10000, ge=100, description="events waiting for the disk; beyond, dropped and counted"
+    )
+    file_mode: Annotated[Literal["0600", "0640"], BeforeValidator(_octal)] = Field(
+        "0600",
+        description="mode the audit file is created with (an existing one is narrowed to it); "
+        "0640 lets the file's group (a log shipper) read it",
     )
 
 

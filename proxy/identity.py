@@ -38,17 +38,24 @@ def load_signing_key(path: Path, *, what: str) -> SigningKey:
 
 def read_secret_file(path: Path, *, what: str) -> Secret:
     """Read a secret from a file, stripping one trailing newline; empty files are an error."""
-    value = _read(path, what=what).decode("utf-8", errors="strict").rstrip("\r\n")
+    try:
+        value = _read(path, what=what).decode("utf-8").rstrip("\r\n")
+    except UnicodeDecodeError:  # its message quotes a byte of the secret: not for the log
+        raise IdentityError(f"{what}: {path} is not UTF-8 text") from None
     if not value:
         raise IdentityError(f"{what}: {path} is empty")
     return Secret(value)
 
 
 def generate_key(alg: str) -> SigningKey:
-    """A fresh key that lives only in this process's memory (DPoP proofs)."""
+    """A fresh key for ``alg`` that lives only in this process's memory (DPoP proofs, JWTs)."""
+    if alg == "ES256":
+        return ec.generate_private_key(ec.SECP256R1())
     if alg == "EdDSA":
         return ed25519.Ed25519PrivateKey.generate()
-    return ec.generate_private_key(ec.SECP256R1())
+    if alg == "RS256":
+        return rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    raise ValueError(f"no key generation for alg {alg!r}")
 
 
 def _read(path: Path, *, what: str) -> bytes:

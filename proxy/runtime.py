@@ -227,4 +227,6 @@ def _source(
         refresh_ahead_s=getattr(issuer.config, "refresh_ahead_s", None),
         backoff_max_s=getattr(issuer.config, "backoff_max_s", 30.0),
         revoke_min_interval_s=revoke_min_interval_s,
+        # a token request may take discovery and a token call, each within the issuer's timeout
+        wait_max_s=max(60.0, 2 * getattr(issuer.config, "request_timeout_s", 0.0) + 5.0),
     )

@@ -33,6 +33,7 @@ from .metrics import Metrics
 from .runtime import Runtime, build
 from .tasks import spawn
 from .token_share import LeaderClient, leader_app
+from .unix_socket import bind_unix
 from .upstream import Upstreams
 from .usage import Usage
 
@@ -95,7 +96,11 @@ class Server:
         self._inherited = inherited or {}
         self._reuse_port = reuse_port
         self.metrics = Metrics()
-        self.audit = audit or Audit(config.audit.file, queue_size=config.audit.queue_size)
+        self.audit = audit or Audit(
+            config.audit.file,
+            queue_size=config.audit.queue_size,
+            file_mode=int(config.audit.file_mode, 8),
+        )
         self.audit.on_drop = self.metrics.audit_dropped.inc
         self.usage = Usage(
             self.audit, mode=config.audit.used, interval_s=config.audit.used_interval_s
@@ -167,8 +172,8 @@ class Server:
         if self._leader_socket is not None and self._is_leader:
             shared = web.AppRunner(leader_app(lambda: self.runtime.sources), access_log=None)
             await self._setup(shared)
-            await web.UnixSite(shared, self._leader_socket).start()
-            os.chmod(self._leader_socket, 0o600)
+            leader = bind_unix(self._leader_socket, 0o600, where="--workers token socket")
+            await web.SockSite(shared, leader).start()
         if self.config.warm_up:
             await self._warm_up()
         self._gauges = spawn(self._sample_gauges_every(_GAUGE_INTERVAL_S), name="gauges")
@@ -224,15 +229,9 @@ class Server:
         loop = asyncio.get_running_loop()
         server: asyncio.Server
         if address.path:
-            if inherited is None:
-                with contextlib.suppress(FileNotFoundError):
-                    if Path(address.path).is_socket():
-                        os.unlink(address.path)  # a stale socket from a previous run
-            server = await loop.create_unix_server(
-                self._listener, None if inherited else address.path, sock=inherited
-            )
-            if inherited is None:
-                os.chmod(address.path, int(self.config.unix_socket_mode, 8))
+            mode = int(self.config.unix_socket_mode, 8)
+            sock = inherited or bind_unix(address.path, mode, where="listen")
+            server = await loop.create_unix_server(self._listener, sock=sock)
             self._app_servers.append(server)
             return [address]
         if inherited is not None:
@@ -293,7 +292,7 @@ class Server:
         try:
             if address.path:
                 mode = int(self.config.unix_socket_mode, 8)
-                await server.listen_unix(unix_socket(address.path, mode))
+                await server.listen_unix(unix_socket(address.path, mode, where="admin"))
                 self._socket_files.append(address.path)
                 self.admin_address = address
             else:
@@ -312,22 +311,21 @@ class Server:
         try:
             if address.path:
                 mode = int(self.config.control.socket_mode, 8)
-                await server.listen_unix(unix_socket(address.path, mode))
+                await server.listen_unix(unix_socket(address.path, mode, where="control.listen"))
                 self._socket_files.append(address.path)
                 self.control_address = address
             else:
                 port = await server.listen_tcp(address.host, address.port)
                 self.control_address = Address(host=address.host, port=port)
-        except OSError as exc:
+        except (OSError, StartError) as exc:
+            reason = str(exc) if isinstance(exc, StartError) else exc.strerror or str(exc)
             if "listen" in self.config.control.model_fields_set:
-                raise StartError(
-                    f"control.listen: cannot listen on {address}: {exc.strerror or exc}"
-                ) from None
+                raise StartError(f"control.listen: cannot listen on {address}: {reason}") from None
             server_log.warning(
                 "control plane off: cannot listen on %s (%s); set control.listen to a socket "
-                "in a writable directory, or control: {listen: null} to silence this",
+                "in a directory only credproxy may write, or control: {listen: null} to silence this",
                 address,
-                exc.strerror or exc,
+                reason,
             )
 
     def sample_gauges(self) -> None:
@@ -357,8 +355,11 @@ class Server:
                     previous=self.runtime,
                     leader=self._leader,
                 )
-            except (ConfigError, IdentityError) as exc:
+            except Exception as exc:  # whatever failed, the running config keeps serving
                 errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
+                if not isinstance(exc, ConfigError | IdentityError):
+                    server_log.error("reload of %s failed unexpectedly", path, exc_info=exc)
+                    errors = [f"unexpected {type(exc).__name__} (traceback in the log)"]
                 for line in errors:
                     server_log.error("reload of %s rejected: %s", path, line)
                 self.metrics.config_reloads.labels("rejected").inc()

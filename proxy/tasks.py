@@ -24,4 +24,4 @@ def spawn(coro: Coroutine[Any, Any, T], *, name: str) -> asyncio.Task[T]:
 def _finished(task: asyncio.Task[Any]) -> None:
     _running.discard(task)
     if not task.cancelled() and (exc := task.exception()) is not None:
-        _log.error("task %s crashed: %r", task.get_name(), exc)
+        _log.error("task %s crashed: %r", task.get_name(), exc, exc_info=exc)

@@ -18,7 +18,7 @@ from typing import Literal
 
 from .audit import Audit
 from .dpop import access_token_hash
-from .errors import CredentialUnavailable
+from .errors import CredentialUnavailable, IssuerError
 from .log import credentials_log
 from .metrics import Metrics
 from .secret import Secret
@@ -26,6 +26,7 @@ from .tasks import spawn
 
 _BACKOFF_BASE_S = 0.5
 _RETRY_AFTER_MAX_S = 300.0  # an issuer asking for longer is retried after 5 minutes anyway
+_WAIT_MAX_S = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,16 +100,20 @@ class TokenSource:
         audit: Audit,
         refresh_ahead_s: float | None = None,
         backoff_max_s: float = 30.0,
+        wait_max_s: float = _WAIT_MAX_S,
         owns_tokens: bool = True,
         revoke_min_interval_s: float = 30.0,
         rotate_wait_s: float = 10.0,
     ) -> None:
+        """``wait_max_s`` bounds how long ``get()`` waits for a token request in flight: longer
+        than the issuer's own timeouts, so it only ends waits on a request that hangs."""
         self.key = key
         self._revoke_min_interval_s = revoke_min_interval_s
         self._rotate_wait_s = rotate_wait_s  # beyond, a revocation without replacement defers
         self._revoking: asyncio.Task[Revocation | None] | None = None
         self._last_revocation: tuple[float, Revocation] | None = None
         self._pending: list[tuple[Token, str]] = []  # (token, reason) awaiting revocation
+        self._wait_max_s = wait_max_s
         self._owns_tokens = owns_tokens  # False: a worker's copy of the leader's tokens
         self._fetch = fetch
         self._revoke = revoke
@@ -155,7 +160,13 @@ class TokenSource:
                 raise self._unavailable(wait_s)
             self._begin_attempt()
         assert self._attempt is not None
-        await asyncio.shield(self._attempt)
+        try:
+            async with asyncio.timeout(self._wait_max_s):
+                await asyncio.shield(self._attempt)
+        except TimeoutError:
+            raise self._unavailable(
+                1.0, f"token request still pending after {self._wait_max_s:g}s"
+            ) from None
         token = self._token
         if token is not None and time.monotonic() < token.usable_until_mono:
             return token
@@ -292,48 +303,68 @@ class TokenSource:
             self._attempt = asyncio.get_running_loop().create_future()
             self._wake.set()
 
-    def _unavailable(self, retry_after_s: float) -> CredentialUnavailable:
+    def _unavailable(self, retry_after_s: float, why: str = "") -> CredentialUnavailable:
         return CredentialUnavailable(
             f"no valid credential for issuer {self.key.issuer} ({self.key.label}): "
-            f"{self._last_failure or 'first token request pending'}",
+            f"{why or self._last_failure or 'first token request pending'}",
             retry_after_s=max(1.0, round(retry_after_s)),
         )
 
     async def _run(self) -> None:
         failures = 0
-        labels = (self.key.issuer, self.key.label)
         while True:
             self._begin_attempt()
             self._wake.clear()
             started = time.monotonic()
             try:
                 token = await self._fetch()
-            except CredentialUnavailable as exc:
+                self._accept(token, time.monotonic() - started)
+            except Exception as exc:  # never a dead refresher (CancelledError ends it: aclose)
                 failures += 1
-                delay_s = self._backoff_s(failures)
-                asked_s = getattr(exc, "asked_delay_s", None)
-                if asked_s is not None:  # the issuer's Retry-After, within reason
-                    delay_s = max(delay_s, min(asked_s, _RETRY_AFTER_MAX_S))
-                self._backoff_until = time.monotonic() + delay_s
-                self._last_failure = str(exc)
-                self._metrics.credential_issued.labels(self.key.issuer, "failure").inc()
-                self._metrics.credential_backoff.labels(*labels).set(delay_s)
-                credentials_log.warning(
-                    "token request failed (attempt %d, next in %.1fs): %s", failures, delay_s, exc
-                )
-                self._finish_attempt()
-                await asyncio.sleep(delay_s)
+                await self._back_off(failures, self._as_unavailable(exc))
                 continue
             failures = 0
-            self._backoff_until = 0.0
-            self._last_failure = ""
-            self._token = token
-            self.refreshes += 1
-            self._record(token, time.monotonic() - started)
             self._finish_attempt()
             if self._pending:
                 spawn(self._revoke_pending(), name=f"revoke-deferred:{self.key.issuer}")
             await self._sleep_until_refresh(token)
+
+    def _as_unavailable(self, exc: Exception) -> CredentialUnavailable:
+        """An issuer's expected failure as is; anything else (a bug, a file it could not
+        handle) logged with its traceback and then treated the same: backoff and retry."""
+        if isinstance(exc, CredentialUnavailable):
+            return exc
+        credentials_log.error(
+            "token request for issuer %s (%s) failed unexpectedly",
+            self.key.issuer,
+            self.key.label,
+            exc_info=exc,
+        )
+        return IssuerError(
+            f"issuers.{self.key.issuer}: unexpected {type(exc).__name__} (traceback in the log)"
+        )
+
+    async def _back_off(self, failures: int, exc: CredentialUnavailable) -> None:
+        delay_s = self._backoff_s(failures)
+        asked_s = getattr(exc, "asked_delay_s", None)
+        if asked_s is not None:  # the issuer's Retry-After, within reason
+            delay_s = max(delay_s, min(asked_s, _RETRY_AFTER_MAX_S))
+        self._backoff_until = time.monotonic() + delay_s
+        self._last_failure = str(exc)
+        self._metrics.credential_issued.labels(self.key.issuer, "failure").inc()
+        self._metrics.credential_backoff.labels(self.key.issuer, self.key.label).set(delay_s)
+        credentials_log.warning(
+            "token request failed (attempt %d, next in %.1fs): %s", failures, delay_s, exc
+        )
+        self._finish_attempt()
+        await asyncio.sleep(delay_s)
+
+    def _accept(self, token: Token, duration_s: float) -> None:
+        self._backoff_until = 0.0
+        self._last_failure = ""
+        self._token = token
+        self.refreshes += 1
+        self._record(token, duration_s)
 
     def _finish_attempt(self) -> None:
         attempt, self._attempt = self._attempt, None

@@ -11,12 +11,16 @@ forks N workers, forwards signals and restarts a worker that dies; it serves not
   credential and refresh window.
 - The admin (telemetry) listener and the control plane run in worker 0; /metrics aggregates all workers' values
   (``PROMETHEUS_MULTIPROC_DIR``, set by the CLI before anything imports prometheus_client).
+- A worker that dies is restarted after a jittered, exponentially growing delay (a worker that
+  crashes at once would otherwise be forked in a tight loop); the delay starts over once a
+  worker has lived ``_HEALTHY_AFTER_S``. Every restart is logged with its delay.
 """
 
 from __future__ import annotations
 
 import errno
 import os
+import random
 import shutil
 import signal
 import socket
@@ -30,8 +34,34 @@ from .config import Address, Config, loopback_twin, parse_address
 from .dpop import DPoPKey
 from .errors import StartError
 from .log import server_log
+from .secret import INSTANCE  # drawn here, before forking: every worker fingerprints alike
+from .unix_socket import bind_unix
 
-_RESTART_DELAY_S = 1.0
+_RESTART_BASE_S = 0.5
+_RESTART_MAX_S = 30.0
+_HEALTHY_AFTER_S = 60.0
+_POLL_S = 0.05
+
+
+class RestartBackoff:
+    """The delay before restarting a worker: jittered, doubling with each crash in a row of that
+    worker, capped; a worker that lived ``healthy_after_s`` starts the count over."""
+
+    def __init__(
+        self,
+        base_s: float = _RESTART_BASE_S,
+        max_s: float = _RESTART_MAX_S,
+        healthy_after_s: float = _HEALTHY_AFTER_S,
+    ) -> None:
+        self._base_s, self._max_s, self._healthy_after_s = base_s, max_s, healthy_after_s
+        self._crashes: dict[int, int] = {}  # worker index → crashes in a row
+
+    def next(self, index: int, lived_s: float) -> tuple[int, float]:
+        """(crashes in a row, delay in seconds) for worker ``index`` that just died."""
+        crashes = 1 if lived_s >= self._healthy_after_s else self._crashes.get(index, 0) + 1
+        self._crashes[index] = crashes
+        ceiling_s = min(self._max_s, self._base_s * 2 ** (crashes - 1))
+        return crashes, random.uniform(ceiling_s / 2, ceiling_s)  # noqa: S311 - jitter
 
 
 def _shared_sockets(
@@ -84,16 +114,7 @@ def _reserve(host: str, port: int, *, twin: bool) -> socket.socket:
 
 
 def _unix_listener(address: Address, mode: str) -> socket.socket:
-    assert address.path is not None
-    path = Path(address.path)
-    if path.is_socket():
-        path.unlink()  # a stale socket from a previous run
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(address.path)
-    except OSError as exc:
-        raise StartError(f"cannot listen on {address}: {exc.strerror}") from None
-    os.chmod(address.path, int(mode, 8))
+    sock = bind_unix(address.path, int(mode, 8), where="listen")
     sock.listen(1024)
     return sock
 
@@ -107,12 +128,14 @@ def supervise(config: Config, path: Path, count: int) -> int:
     private = tempfile.mkdtemp(prefix="credproxy-leader-")  # mode 0700: the sidecar's user only
     leader_socket = os.path.join(private, "tokens.sock")
     workers: dict[int, int] = {}  # pid → index
+    started: dict[int, float] = {}  # pid → when it was forked (monotonic)
     stopping = False
 
     def start(index: int) -> None:
         pid = os.fork()
         if pid:
             workers[pid] = index
+            started[pid] = time.monotonic()
             return
         for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
             signal.signal(signum, signal.SIG_DFL)
@@ -155,28 +178,68 @@ def supervise(config: Config, path: Path, count: int) -> int:
         signal.signal(signum, forward)
     for index in range(count):
         start(index)
-    server_log.info("supervising %d workers: %s", count, sorted(workers))
+    server_log.info("supervising %d workers: %s; instance %s", count, sorted(workers), INSTANCE)
     failed = False
-    while workers:
-        try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
+    backoff = RestartBackoff()
+    restart_at: dict[int, float] = {}  # worker index → when to start it again (monotonic)
+    while workers or (restart_at and not stopping):
+        due = None if stopping or not restart_at else min(restart_at.values())
+        if due is not None and due <= time.monotonic():
+            index = min(restart_at, key=restart_at.__getitem__)
+            del restart_at[index]
+            start(index)
+            continue
+        reaped = _wait_child(None if due is None else due - time.monotonic())
+        if reaped is None:
+            if due is None:
+                break  # no child left to wait for
+            continue
+        pid, status = reaped
         index = workers.pop(pid)
+        lived_s = time.monotonic() - started.pop(pid)
         code = os.waitstatus_to_exitcode(status)
         _mark_dead(pid)
         if stopping:
             failed |= code != 0
             continue
-        server_log.error("worker %d (pid %d) exited with %d; restarting it", index, pid, code)
-        time.sleep(_RESTART_DELAY_S)
-        start(index)
+        crashes, delay_s = backoff.next(index, lived_s)
+        server_log.error(
+            "worker %d (pid %d) exited with %d; restarting it in %.2fs (crash %d in a row)",
+            index,
+            pid,
+            code,
+            delay_s,
+            crashes,
+        )
+        restart_at[index] = time.monotonic() + delay_s
     for sock in [*reserved, *inherited.values()]:
         sock.close()
     for value in inherited:
         Path(parse_address(value).path or "").unlink(missing_ok=True)
     shutil.rmtree(private, ignore_errors=True)
     return 1 if failed else 0
+
+
+def _wait_child(timeout_s: float | None) -> tuple[int, int] | None:
+    """(pid, status) of a worker that ended; None when ``timeout_s`` passed first or none is
+    left. ``None`` waits as long as it takes."""
+    if timeout_s is None:
+        try:
+            return os.wait()
+        except ChildProcessError:
+            return None
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            pid, status = 0, 0
+        if pid:
+            return pid, status
+        remaining_s = deadline - time.monotonic()
+        if remaining_s <= 0:
+            return None
+        time.sleep(min(_POLL_S, remaining_s))
 
 
 def _mark_dead(pid: int) -> None:

@@ -58,7 +58,9 @@ def test_kubernetes_example_exposes_only_telemetry_on_the_pod_network():
     documents = _documents()
     loaded = config_file.parse(documents["ConfigMap"]["data"]["config.yaml"])
     assert loaded.admin == "0.0.0.0:15090"
-    assert loaded.control.listen == "unix:/run/credproxy/control.sock"
+    assert loaded.allow_non_loopback == ("0.0.0.0:15090",)  # the app listener stays loopback
+    # emptyDirs are 0777: the socket goes in a directory credproxy makes (0700) inside it
+    assert loaded.control.listen == "unix:/run/credproxy/control/control.sock"
     pod = documents["Deployment"]["spec"]["template"]["spec"]
     [sidecar], [app] = pod["initContainers"], pod["containers"]
     assert {"name": "control", "mountPath": "/run/credproxy"} in sidecar["volumeMounts"]

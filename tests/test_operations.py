@@ -172,6 +172,29 @@ async def test_sighup_reload_applies_a_good_config_and_keeps_a_bad_one_out(
     assert 'credproxy_config_reloads_total{outcome="rejected"} 1.0' in metrics
 
 
+async def test_a_reload_failing_unexpectedly_is_rejected_and_the_running_config_serves_on(
+    idp, upstream, credproxy, client, tmp_path
+):
+    """A reload that fails other than with a config or identity error (a route ca_file that is
+    not PEM: ssl.SSLError) is logged with its traceback, counted and audited as rejected, and
+    the running config keeps serving."""
+    text = config(idp=idp, upstream=upstream.origin, audience=upstream.audience)
+    proc = credproxy(text)
+    not_pem = tmp_path / "ca.pem"
+    not_pem.write_text("not a certificate\n")
+    broken = text.replace("    strip_headers:", f"    ca_file: {not_pem}\n    strip_headers:")
+    proc.config_file.write_text(broken.replace("{audit}", str(proc.audit_file)))
+    proc.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: proc.audit("config.reloaded"), what="reload event")
+    [rejected] = proc.audit("config.reloaded")
+    assert rejected["outcome"] == "rejected" and "SSLError" in rejected["errors"][0]
+    assert "failed unexpectedly" in proc.log() and "Traceback" in proc.log()
+    async with client.get(proc.url + "/payments/api/x") as response:
+        assert response.status == 200
+    async with client.get(proc.admin_url + "/metrics") as response:
+        assert 'credproxy_config_reloads_total{outcome="rejected"} 1.0' in await response.text()
+
+
 async def test_sigusr1_reopens_the_audit_file_after_logrotate(idp, upstream, credproxy, client):
     """After the file is moved away and SIGUSR1 sent, new events go to a new file at the path."""
     proc = credproxy(
@@ -197,6 +220,8 @@ def test_a_stalled_audit_disk_drops_and_counts_instead_of_blocking(tmp_path: Pat
     """Fault injector: a write that blocks (a stalled disk). emit() never waits; beyond the
     queue, events are dropped, counted, reported to the metric hook and logged."""
     audit = Audit(str(tmp_path / "audit.jsonl"), queue_size=100)
+    path = tmp_path / "audit.jsonl"
+    wait_until(lambda: "audit.started" in path.read_text(), what="the writer idle again")
     stalled, written = threading.Event(), []
     real = audit._stream
 

@@ -4,6 +4,10 @@ and self-signed per-request JWTs, each against an independent verifier on loopba
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
+import subprocess
+import sys
 import time
 from typing import Any
 
@@ -12,7 +16,7 @@ import jwt
 import pytest
 from aiohttp import web
 
-from tests.counterparts import LEDGER, PREAMBLE, ThreadedApp, ec_private_pem
+from tests.counterparts import LEDGER, PREAMBLE, ROOT, ThreadedApp, ec_private_pem
 
 
 class ApiKeyServer(ThreadedApp):
@@ -278,3 +282,129 @@ async def test_minted_claims_are_exact_json_whatever_the_names_hold(request_clai
     assert {k: v for k, v in claims.items() if k not in ("iat", "exp", "jti")} == expected
     assert claims["exp"] == claims["iat"] + 20 and abs(claims["iat"] - time.time()) <= 2
     assert len(claims["jti"]) == 22  # 128 random bits, base64url
+
+
+def _static_only(api: ApiKeyServer, key_file, *, on_start_failure: str = "not_ready") -> str:
+    return f"""\
+{PREAMBLE}issuers:
+  legacy-key: {{type: static, secret_file: {key_file}, reread_s: 2}}
+routes:
+  - name: by-header
+    path_prefix: /h/
+    upstream: {api.origin}
+    credential: {{issuer: legacy-key, inject: header, header: X-Api-Key}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+on_start_failure: {on_start_failure}
+"""
+
+
+UNUSABLE_SECRETS = {
+    "invalid-utf8": b"\xff\xfelegacy-key-0123\n",
+    "non-ascii": "clé-secrète-0123456789\n".encode(),
+}
+
+
+@pytest.mark.parametrize("content", UNUSABLE_SECRETS.values(), ids=UNUSABLE_SECRETS.keys())
+async def test_an_unusable_static_secret_answers_503_then_recovers_without_restart(
+    content, tmp_path, credproxy, client
+):
+    """A secret file credproxy cannot send (invalid UTF-8, non-ASCII) makes requests answer 503
+    credential_unavailable with Retry-After instead of hanging; once the file is fixed they
+    succeed, without restart, and the bad content never reaches the log."""
+    key_file = tmp_path / "api-key"
+    key_file.write_bytes(content)
+    LEDGER.secret(content.decode(errors="ignore").strip())
+    api = ApiKeyServer(key_file)
+    api.start()
+    try:
+        proc = credproxy(_static_only(api, key_file), expect_ready=False)
+        hang_guard = aiohttp.ClientTimeout(total=20)
+        async with client.get(proc.url + "/h/v1/items", timeout=hang_guard) as response:
+            problem = await response.json()
+            assert response.status == 503 and problem["code"] == "credential_unavailable"
+            assert int(response.headers["Retry-After"]) >= 1
+        key_file.write_text("legacy-key-fixed-0123456789\n")
+        for _ in range(400):
+            async with client.get(proc.url + "/h/v1/items", timeout=hang_guard) as response:
+                if response.status == 200:
+                    break
+            await asyncio.sleep(0.1)
+        assert response.status == 200
+        assert "clé" not in proc.log() and "Traceback" not in proc.log()
+    finally:
+        api.stop()
+
+
+async def test_an_unusable_static_secret_with_exit_on_start_failure_exits(tmp_path, credproxy):
+    """With on_start_failure: exit, an undecodable secret file ends the start with exit 1 and a
+    message naming the file, instead of a start that never finishes."""
+    key_file = tmp_path / "api-key"
+    key_file.write_bytes(UNUSABLE_SECRETS["invalid-utf8"])
+    api = ApiKeyServer(key_file)
+    api.start()
+    try:
+        proc = credproxy(_static_only(api, key_file, on_start_failure="exit"), expect_ready=False)
+        assert proc.process is not None and proc.process.wait(timeout=30) == 1
+        assert f"issuers.legacy-key.secret_file: {key_file} is not UTF-8 text" in proc.log()
+    finally:
+        api.stop()
+
+
+@pytest.mark.parametrize("alg", ["ES256", "EdDSA", "RS256"])
+async def test_a_generated_key_is_of_the_configured_alg(alg):
+    """Without a key_file, alg decides the generated key: RS256 publishes an RSA key and signs
+    RS256 JWTs (not an EC key under an RS256 config)."""
+    from proxy.issuer_config import SelfSignedJWTIssuer as JWTConfig
+    from proxy.issuers.self_signed_jwt import SelfSignedJWTIssuer
+    from proxy.signing import SignatureBatch
+
+    config = JWTConfig(type="self_signed_jwt", iss="svc", sub="svc", alg=alg)
+    issuer = SelfSignedJWTIssuer("self", config, session=None, dpop_key=None, identity=None)  # type: ignore[arg-type]
+    [published] = issuer.jwks()["keys"]
+    assert published["alg"] == alg
+    assert published["kty"] == {"ES256": "EC", "EdDSA": "OKP", "RS256": "RSA"}[alg]
+    token = await issuer.mint(SignatureBatch(), "https://api.example", "GET", "https://a/b")
+    assert jwt.get_unverified_header(token)["alg"] == alg
+    key = jwt.PyJWK(published).key
+    assert jwt.decode(token, key, algorithms=[alg], audience="https://api.example")["sub"] == "svc"
+
+
+async def test_the_audit_fingerprint_of_a_static_key_confirms_no_guess(tmp_path, credproxy, client):
+    """The audit log names the static key by a keyed fingerprint, not sha256(key)[:12], so a
+    guessed key cannot be confirmed from the log; both workers of a run use the same one (one
+    instance), so uses correlate with issuance and ``credproxy evidence`` sees one credential."""
+    key = "legacy-key-0123456789abcdef"
+    key_file = tmp_path / "api-key"
+    key_file.write_text(key + "\n")
+    key_file.chmod(0o600)
+    api = ApiKeyServer(key_file)
+    api.start()
+    try:
+        text = _static_only(api, key_file).replace(
+            'audit: {file: "{audit}"}', 'audit: {file: "{audit}", used: request}'
+        )
+        proc = credproxy(text, args=("--workers", "2"))
+        for _ in range(20):
+            async with client.get(
+                proc.url + "/h/v1/items", headers={"Connection": "close"}
+            ) as response:
+                assert response.status == 200
+    finally:
+        api.stop()
+    events = proc.audit()
+    started = [e for e in events if e["event"] == "audit.started"]
+    issued = [e for e in events if e["event"] == "credential.issued"]
+    used = [e for e in events if e["event"] == "credential.used"]
+    assert len(started) == 2 and len(issued) == 2 and len(used) == 20  # one writer per worker
+    assert len({e["instance"] for e in events}) == 1
+    assert {e["fingerprint"] for e in issued + used} == {issued[0]["fingerprint"]}
+    assert issued[0]["fingerprint"] != hashlib.sha256(key.encode()).hexdigest()[:12]
+    assert issued[0]["fingerprint"] != hashlib.sha256((key + "\n").encode()).hexdigest()[:12]
+    report = subprocess.run(
+        [sys.executable, "-m", "proxy", "evidence", "--audit", str(proc.audit_file),
+         "--format", "json"],
+        capture_output=True, text=True, cwd=ROOT, timeout=30,
+    )  # fmt: skip
+    [credential] = json.loads(report.stdout)["credentials"]
+    assert credential["fingerprint"] == issued[0]["fingerprint"] and credential["uses"] == 20

@@ -138,3 +138,40 @@ def test_secret_repr_never_shows_the_value():
     secret = Secret("super-secret-token-value")
     for text in (repr(secret), str(secret), f"{secret}", f"{[secret]}"):
         assert "super-secret" not in text and secret.fingerprint in text
+
+
+async def test_an_unexpected_error_in_a_fetch_backs_off_instead_of_hanging(audit, caplog):
+    """A fetch raising something other than CredentialUnavailable (a non-ASCII value: the token's
+    ``ath`` needs ASCII) answers callers 503-style with Retry-After, is logged with its traceback,
+    and a later good fetch serves without restart."""
+    values = ["clé", "token-ok"]
+
+    async def fetch() -> Token:
+        return Token(Secret(values[0]), "DPoP", 60)
+
+    source = TokenSource(KEY, fetch, metrics=Metrics(), audit=audit, backoff_max_s=0.2)
+    with pytest.raises(CredentialUnavailable) as caught:
+        async with asyncio.timeout(5):  # a hang guard only: today's refresher dies, get() waits
+            await source.get()
+    assert caught.value.retry_after_s is not None and caught.value.retry_after_s >= 1
+    assert "UnicodeEncodeError" in str(caught.value)
+    assert "Traceback" in caplog.text and "clé" not in caplog.text
+    values.pop(0)
+    await _until(lambda: source.ready)
+    assert (await source.get()).value.reveal() == "token-ok"
+    await source.aclose()
+
+
+async def test_a_fetch_that_never_ends_bounds_the_wait(audit):
+    """A token request that hangs makes get() answer CredentialUnavailable after wait_max_s."""
+    never = asyncio.Event()
+
+    async def fetch() -> Token:
+        await never.wait()
+        raise AssertionError("unreachable")
+
+    source = TokenSource(KEY, fetch, metrics=Metrics(), audit=audit, wait_max_s=0.2)
+    with pytest.raises(CredentialUnavailable, match="still pending"):
+        async with asyncio.timeout(5):  # a hang guard only
+            await source.get()
+    await source.aclose()

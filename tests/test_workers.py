@@ -15,6 +15,7 @@ import time
 
 import aiohttp
 
+from proxy.workers import RestartBackoff
 from tests.counterparts import config, wait_until
 
 
@@ -98,6 +99,47 @@ async def test_a_dead_worker_is_replaced_and_sigterm_stops_all(idp, upstream, cr
     workers = _workers(proc)
     assert proc.stop() == 0
     assert not [pid for pid in workers if os.path.exists(f"/proc/{pid}")]
+
+
+def test_a_worker_killed_again_and_again_is_restarted_ever_later(idp, upstream, credproxy):
+    """A worker SIGKILLed four times in a row is restarted four times, each restart logged with
+    its count and a jittered delay that doubles (0.25–0.5 s, 0.5–1, 1–2, 2–4), not at once."""
+    proc = credproxy(
+        config(idp=idp, upstream=upstream.origin, audience=upstream.audience),
+        args=("--workers", "2"),
+    )
+    leader, victim = _workers(proc)  # forked in index order: worker 0 leads
+    for _ in range(4):
+        os.kill(victim, signal.SIGKILL)
+        killed = victim
+        wait_until(
+            lambda: len(_workers(proc)) == 2 and killed not in _workers(proc),  # noqa: B023
+            timeout_s=15,
+            what="the restart",
+        )
+        [victim] = [pid for pid in _workers(proc) if pid != leader]
+    restarts = re.findall(
+        r"worker 1 \(pid \d+\) exited with -9; restarting it in ([0-9.]+)s \(crash (\d+) in a row\)",
+        proc.log(),
+    )
+    assert [int(n) for _, n in restarts] == [1, 2, 3, 4]
+    for delay_s, n in restarts:
+        ceiling_s = 0.5 * 2 ** (int(n) - 1)
+        assert ceiling_s / 2 - 0.01 <= float(delay_s) <= ceiling_s + 0.01, restarts
+    assert leader in _workers(proc)  # the other worker was never touched
+
+
+def test_restart_backoff_doubles_caps_and_starts_over_after_a_healthy_life():
+    """Crashes in a row double the jittered delay up to the cap; a worker that lived long enough
+    is back to the first delay; each worker index counts its own crashes."""
+    backoff = RestartBackoff(base_s=1.0, max_s=8.0, healthy_after_s=60.0)
+    delays = [backoff.next(0, lived_s=0.1) for _ in range(6)]
+    assert [n for n, _ in delays] == [1, 2, 3, 4, 5, 6]
+    for (_, delay_s), ceiling_s in zip(delays, [1, 2, 4, 8, 8, 8], strict=True):
+        assert ceiling_s / 2 <= delay_s <= ceiling_s
+    assert backoff.next(1, lived_s=0.1)[0] == 1  # another worker's own count
+    crashes, delay_s = backoff.next(0, lived_s=60.0)
+    assert crashes == 1 and 0.5 <= delay_s <= 1.0
 
 
 async def test_workers_refresh_short_tokens_through_the_leader(idp, upstream, credproxy):

@@ -38,6 +38,11 @@ class StaticIssuer:
             secret = read_secret_file(self.config.secret_file, what=self._where)
         except IdentityError as exc:
             raise IssuerError(str(exc)) from None  # mid-rotation the file may be missing: retry
+        if not secret.reveal().isascii():
+            raise IssuerError(
+                f"{self._where}: {self.config.secret_file} holds non-ASCII characters; a secret "
+                "sent in an HTTP header or query must be ASCII"
+            )
         return Token(
             value=secret, token_type="static", lifetime_s=self.config.reread_s, legacy=True
         )
