@@ -290,17 +290,22 @@ class Server:
         )
         self._admin_servers.append(server)
         try:
-            if address.path:
-                mode = int(self.config.unix_socket_mode, 8)
-                await server.listen_unix(unix_socket(address.path, mode, where="admin"))
-                self._socket_files.append(address.path)
-                self.admin_address = address
-            else:
-                port = await server.listen_tcp(address.host, address.port)
-                self.admin_address = Address(host=address.host, port=port)
+            mode = int(self.config.unix_socket_mode, 8)
+            self.admin_address = await self._serve_on(server, address, mode, "admin")
         except OSError as exc:
             raise StartError(f"cannot listen on {address}: {exc.strerror or exc}") from None
         return server
+
+    async def _serve_on(
+        self, server: AdminServer, address: Address, mode: int, where: str
+    ) -> Address:
+        """``server`` listening on ``address``: a Unix socket made with ``mode``, or TCP."""
+        if address.path:
+            await server.listen_unix(unix_socket(address.path, mode, where=where))
+            self._socket_files.append(address.path)
+            return address
+        port = await server.listen_tcp(address.host, address.port)
+        return Address(host=address.host, port=port)
 
     async def _listen_control(self, value: str) -> None:
         """The control plane; at its default address, a socket that cannot be made is logged
@@ -309,14 +314,8 @@ class Server:
         server = control.control_server(self)
         self._admin_servers.append(server)
         try:
-            if address.path:
-                mode = int(self.config.control.socket_mode, 8)
-                await server.listen_unix(unix_socket(address.path, mode, where="control.listen"))
-                self._socket_files.append(address.path)
-                self.control_address = address
-            else:
-                port = await server.listen_tcp(address.host, address.port)
-                self.control_address = Address(host=address.host, port=port)
+            mode = int(self.config.control.socket_mode, 8)
+            self.control_address = await self._serve_on(server, address, mode, "control.listen")
         except (OSError, StartError) as exc:
             reason = str(exc) if isinstance(exc, StartError) else exc.strerror or str(exc)
             if "listen" in self.config.control.model_fields_set:
