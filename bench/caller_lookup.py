@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proxy import callers  # noqa: E402
+from proxy.access import callers  # noqa: E402
 
 
 def _timed(fn: Callable[..., object], *args: object) -> float:

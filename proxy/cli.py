@@ -18,7 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import __version__, config, config_file, file_modes
+from . import __version__
+from .config import file_modes, loader, model
 from .errors import ConfigError, CredproxyError
 
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "schema":
-        print(json.dumps(config_file.json_schema(), indent=2))
+        print(json.dumps(loader.json_schema(), indent=2))
         return 0
     if args.command == "demo":
         from .demo.tour import main as demo_main
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         for line in exposed:
             print(f"  {line}", file=sys.stderr)
         return 1
-    for note in config_file.warnings(loaded) + exposed:
+    for note in loader.warnings(loaded) + exposed:
         print(f"credproxy: warning: {note}", file=sys.stderr)
     if args.command == "check-config":
         print(f"{path}: valid ({len(loaded.routes)} route(s), {len(loaded.issuers)} issuer(s))")
@@ -118,9 +119,9 @@ def main(argv: list[str] | None = None) -> int:
     return _run(loaded, path, workers=args.workers)
 
 
-def _load(path: Path) -> config.Config | None:
+def _load(path: Path) -> model.Config | None:
     try:
-        return config_file.load(path)
+        return loader.load(path)
     except ConfigError as exc:
         print(f"credproxy: {path}: {len(exc.errors)} error(s):", file=sys.stderr)
         for line in exc.errors:
@@ -128,9 +129,9 @@ def _load(path: Path) -> config.Config | None:
         return None
 
 
-def _control(loaded: config.Config, method: str, path: str, **kwargs: Any) -> Any:
+def _control(loaded: model.Config, method: str, path: str, **kwargs: Any) -> Any:
     """The control plane's answer, or None after saying on stderr why there is none."""
-    from . import control_client
+    from .lifecycle import control_client
 
     try:
         return control_client.request(loaded, method, path, **kwargs)
@@ -139,9 +140,9 @@ def _control(loaded: config.Config, method: str, path: str, **kwargs: Any) -> An
         return None
 
 
-def _inventory(loaded: config.Config, *, as_json: bool) -> int:
-    """Live from the running sidecar's control plane when it answers, else from the config."""
-    from . import inventory
+def _inventory(loaded: model.Config, *, as_json: bool) -> int:
+    """Live from the running sidecar's control plane when it answers, else from the model."""
+    from .governance import inventory
 
     entries, live, grants = inventory.from_config(loaded), False, []
     if loaded.control.listen:
@@ -164,7 +165,7 @@ def _inventory(loaded: config.Config, *, as_json: bool) -> int:
     return 0
 
 
-def _revoke(loaded: config.Config, *, issuer: str | None, route: str | None, as_json: bool) -> int:
+def _revoke(loaded: model.Config, *, issuer: str | None, route: str | None, as_json: bool) -> int:
     query = {k: v for k, v in (("issuer", issuer), ("route", route)) if v is not None}
     answer = _control(loaded, "POST", "/credentials/revoke", query=query)
     if answer is None:
@@ -183,7 +184,7 @@ def _revoke(loaded: config.Config, *, issuer: str | None, route: str | None, as_
     return 0
 
 
-def _break_glass(loaded: config.Config, args: argparse.Namespace) -> int:
+def _break_glass(loaded: model.Config, args: argparse.Namespace) -> int:
     wanted = {
         "route": args.route, "caller": args.caller, "for": args.duration,
         "reason": args.reason, "methods": args.methods, "paths": args.paths,
@@ -198,7 +199,7 @@ def _break_glass(loaded: config.Config, args: argparse.Namespace) -> int:
 
 
 def _evidence(args: argparse.Namespace) -> int:
-    from . import evidence
+    from .governance import evidence
 
     now = time.time()
     policy = None
@@ -221,11 +222,12 @@ def _evidence(args: argparse.Namespace) -> int:
     return 1 if any(status == "FAIL" for status, _, _ in report.checks(now)) else 0
 
 
-def _run(loaded: config.Config, path: Path, *, workers: int) -> int:
+def _run(loaded: model.Config, path: Path, *, workers: int) -> int:
     if workers > 1:  # before anything imports prometheus_client: workers share their metrics
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="credproxy-metrics-")
-    from . import log, server
-    from . import workers as supervisor
+    from . import log
+    from .lifecycle import server
+    from .lifecycle import workers as supervisor
 
     log.configure(fmt=loaded.log.format, level=loaded.log.level, access=loaded.log.access)
     try:

@@ -32,8 +32,8 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from proxy.credentials.jose import b64url, public_jwk
 from proxy.demo.resource_server import Verifier, resource_app
-from proxy.jose import b64url, public_jwk
 from tests.tls import TestCA
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -230,7 +230,7 @@ class IdP:
         self, *, lifetime_s: int = 600, key: ec.EllipticCurvePrivateKey | None = None
     ) -> str:
         """A Kubernetes-style projected service-account token for token exchange."""
-        from proxy.jose import Signer
+        from proxy.credentials.jose import Signer
 
         now = int(time.time())
         token = Signer(key or self._cluster_key, {"typ": "JWT", "kid": "cluster-1"}).sign({

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config_file
-from proxy.audit import Audit
+from proxy.audit.trail import Audit
+from proxy.config import loader
 from proxy.errors import StartError
 from tests.counterparts import ROOT
 
@@ -124,11 +124,11 @@ def test_file_mode_config_takes_quoted_or_unquoted_octal_and_refuses_wider():
         "routes: [{name: r, path_prefix: /r/, upstream: 'https://a.example',"
         " credential: {issuer: k, inject: bearer}}]\n"
     )
-    assert config_file.parse(text).audit.file_mode == "0600"
-    assert config_file.parse(text + "audit: {file_mode: 0640}\n").audit.file_mode == "0640"
-    assert config_file.parse(text + "audit: {file_mode: '0640'}\n").audit.file_mode == "0640"
+    assert loader.parse(text).audit.file_mode == "0600"
+    assert loader.parse(text + "audit: {file_mode: 0640}\n").audit.file_mode == "0640"
+    assert loader.parse(text + "audit: {file_mode: '0640'}\n").audit.file_mode == "0640"
     with pytest.raises(ValueError, match=r"audit\.file_mode"):
-        config_file.parse(text + "audit: {file_mode: '0644'}\n")
+        loader.parse(text + "audit: {file_mode: '0644'}\n")
 
 
 def test_run_refuses_a_symlinked_audit_file(tmp_path):

@@ -306,7 +306,7 @@ def test_sock_diag_and_proc_net_tcp_agree(family_host):
     """The netlink lookup and the /proc/net/tcp{,6} fallback find the same owner uid and inode."""
     import socket
 
-    from proxy import callers
+    from proxy.access import callers
 
     family = socket.AF_INET6 if ":" in family_host else socket.AF_INET
     with socket.socket(family) as server:
@@ -332,7 +332,7 @@ def test_caller_executable_and_its_hash_come_from_proc():
     """exe is the running binary's path and exe_sha256 the hash of what actually runs."""
     import hashlib
 
-    from proxy.callers import Caller, from_socket
+    from proxy.access.callers import Caller, from_socket
 
     ours, theirs = socket.socketpair()
     with ours, theirs:
@@ -388,7 +388,7 @@ def recorder():
 def test_a_peer_that_closed_first_is_unknown_never_uid_0(monkeypatch):
     """The kernel reports a socket whose owner closed it as uid 0, inode 0 (and a half-closed
     one as FIN_WAIT): neither is an identified caller, by netlink or by the /proc fallback."""
-    from proxy import callers
+    from proxy.access import callers
 
     def accepted(close_how: str):
         server = socket.socket()
@@ -422,7 +422,7 @@ def test_a_peer_that_closed_first_is_unknown_never_uid_0(monkeypatch):
 
 def test_a_kernel_answer_for_another_4_tuple_is_unknown(monkeypatch):
     """A sock_diag reply that names another socket than the one asked for is not trusted."""
-    from proxy import callers
+    from proxy.access import callers
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -469,8 +469,8 @@ def test_blind_posts_from_another_uid_closed_before_the_answer_never_reach_upstr
 def test_evidence_fails_a_use_whose_caller_was_not_positively_identified(tmp_path):
     """An audit log in which a use was recorded for uid 0 without the kernel's positive answer
     (as before the fix) fails the policy check of ``credproxy evidence``."""
-    from proxy import evidence
-    from proxy.config_file import parse
+    from proxy.config.loader import parse
+    from proxy.governance import evidence
 
     config_text = _static_config("http://127.0.0.1:9", tmp_path).replace('"{audit}"', "'-'")
     use = {
@@ -576,7 +576,7 @@ def test_any_local_never_matches_a_peer_from_another_network_namespace(
 
 def test_non_loopback_permission_is_per_listener():
     """allow_non_loopback naming the admin address does not let an app listener face the network."""
-    from proxy.config_file import parse
+    from proxy.config.loader import parse
     from proxy.errors import ConfigError
 
     base = "issuers: {k: {type: static, secret_file: /k}}\nroutes: [{name: r, path_prefix: /, upstream: 'https://a.example', credential: {issuer: k, inject: header, header: X-K}}]\n"

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config_file
+from proxy.config import loader
+from proxy.config.issuers import OAuth2Issuer
 from proxy.errors import ConfigError
-from proxy.issuer_config import OAuth2Issuer
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,13 +33,13 @@ routes:
 
 def _errors(text: str) -> list[str]:
     with pytest.raises(ConfigError) as caught:
-        config_file.parse(text)
+        loader.parse(text)
     return caught.value.errors
 
 
 def test_valid_config_parses_into_frozen_models_with_defaults():
     """A minimal config gets secure defaults and cannot be mutated after loading."""
-    loaded = config_file.parse(VALID)
+    loaded = loader.parse(VALID)
     assert loaded.admin == "127.0.0.1:15090"
     assert loaded.routes[0].credential.inject == "dpop"
     issuer = loaded.issuers["idp"]
@@ -340,9 +340,9 @@ def test_bad_aws_config_names_path(text, expected):
 
 def test_aws_service_and_region_derive_from_the_upstream_host():
     """s3.eu-west-1.amazonaws.com needs no explicit service or region."""
-    from proxy.issuer_config import sigv4_scope
+    from proxy.config.issuers import sigv4_scope
 
-    config_file.parse(AWS)
+    loader.parse(AWS)
     assert sigv4_scope(None, None, "https://dynamodb.us-east-2.amazonaws.com", None) == (
         "dynamodb",
         "us-east-2",
@@ -369,7 +369,7 @@ routes:
 
 def test_static_and_self_signed_configs():
     """Static secrets need a header or query name; schemes must fit their issuer; JWTs live ≤ 60 s."""
-    config_file.parse(STATIC)
+    loader.parse(STATIC)
     cases = {
         STATIC.replace(
             ", header: X-Api-Key", ""

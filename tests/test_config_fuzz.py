@@ -10,8 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from proxy import config_file
-from proxy.config import Config
+from proxy.config import loader
+from proxy.config.model import Config
 from proxy.errors import ConfigError
 from tests.test_config import VALID
 
@@ -47,7 +47,7 @@ LOCATED = re.compile(r"^\S[^\n]*?: \S[^\n]*$")
 
 def _check(text: str) -> None:
     try:
-        loaded = config_file.parse(text)
+        loaded = loader.parse(text)
     except ConfigError as exc:
         assert exc.errors, "an error without a line"
         for line in exc.errors:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy import config_file
+from proxy.config import loader
 from proxy.errors import ConfigError
 from tests.counterparts import ROOT, config
 
@@ -240,10 +240,10 @@ def test_control_config_is_checked_with_paths():
     """control.listen must be a Unix socket or loopback, control.allow must name callers; the default is a Unix socket."""
     base = "listen: 127.0.0.1:0\ncallers: {app: {uid: 1}}\nissuers: {}\nroutes: []\n"
     with pytest.raises(ConfigError) as raised:
-        config_file.parse(base + "control: {listen: 0.0.0.0:15091, allow: [app, ghost]}\n")
+        loader.parse(base + "control: {listen: 0.0.0.0:15091, allow: [app, ghost]}\n")
     errors = "\n".join(raised.value.errors)
     assert "control.listen: '0.0.0.0:15091' is not a loopback address" in errors
     assert "control.allow[1]: 'ghost' is not defined under callers" in errors
     assert "control.allow[0]" not in errors
     text = (ROOT / "config" / "example.yaml").read_text()
-    assert config_file.parse(text).control.listen == "unix:/run/credproxy/control.sock"
+    assert loader.parse(text).control.listen == "unix:/run/credproxy/control.sock"

@@ -7,9 +7,9 @@ import time
 import jwt
 import pytest
 
+from proxy.credentials.dpop import DPoPKey, access_token_hash
+from proxy.credentials.jose import thumbprint
 from proxy.demo.verify import JtiCache, Rejected, verify_proof
-from proxy.dpop import DPoPKey, access_token_hash
-from proxy.jose import thumbprint
 
 
 @pytest.mark.parametrize("alg", ["ES256", "EdDSA"])

@@ -91,7 +91,7 @@ async def test_captured_token_and_proof_are_useless_without_sidecar_key(
     idp, upstream, credproxy, client
 ):
     """A token and proof copied at the resource server cannot be replayed: as bearer, without proof, with the used proof, or with a proof from another key."""
-    from proxy.dpop import DPoPKey, access_token_hash
+    from proxy.credentials.dpop import DPoPKey, access_token_hash
 
     proc = credproxy(_proxy_config(idp, upstream))
     async with client.get(proc.url + "/payments/v1/charges") as response:
@@ -451,12 +451,12 @@ def test_signal_stops_cleanly(idp, upstream, credproxy, signal_name):
 
 async def test_unexpected_error_is_a_problem_not_a_trace(idp, upstream, client, tmp_path):
     """A bug inside credproxy answers 500 problem+json (internal_error), logs it, and keeps serving."""
-    from proxy import config_file
-    from proxy.audit import Audit
-    from proxy.server import Server
+    from proxy.audit.trail import Audit
+    from proxy.config import loader
+    from proxy.lifecycle.server import Server
 
     text = _proxy_config(idp, upstream).replace("{audit}", str(tmp_path / "audit.jsonl"))
-    loaded = config_file.parse(text)
+    loaded = loader.parse(text)
     async with Server(loaded, audit=Audit(loaded.audit.file)) as server:
         base = f"http://127.0.0.1:{server.app_addresses[0].port}"
         injector = server.runtime.routes[0].injector

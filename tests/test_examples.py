@@ -14,7 +14,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from proxy import config_file
+from proxy.config import loader
 from proxy.metrics import Metrics
 from tests.counterparts import config, free_port
 
@@ -28,7 +28,7 @@ def _documents() -> dict[str, dict[str, Any]]:
 
 def test_kubernetes_example_config_is_valid():
     """The ConfigMap's config.yaml loads with no error."""
-    loaded = config_file.parse(_documents()["ConfigMap"]["data"]["config.yaml"])
+    loaded = loader.parse(_documents()["ConfigMap"]["data"]["config.yaml"])
     assert {route.name for route in loaded.routes} == {"payments", "s3"}
 
 
@@ -56,7 +56,7 @@ def test_kubernetes_example_exposes_only_telemetry_on_the_pod_network():
     """admin (0.0.0.0:15090) is telemetry; the control plane is a Unix socket in a volume only
     the sidecar mounts; a NetworkPolicy lets only Prometheus reach the pod, on 15090 alone."""
     documents = _documents()
-    loaded = config_file.parse(documents["ConfigMap"]["data"]["config.yaml"])
+    loaded = loader.parse(documents["ConfigMap"]["data"]["config.yaml"])
     assert loaded.admin == "0.0.0.0:15090"
     assert loaded.allow_non_loopback == ("0.0.0.0:15090",)  # the app listener stays loopback
     # emptyDirs are 0777: the socket goes in a directory credproxy makes (0700) inside it
@@ -116,7 +116,7 @@ def test_compose_example_is_a_sidecar_holding_the_secret_alone():
     assert "secrets" not in app and "volumes" not in app
     assert "127.0.0.1:15001" in " ".join(app["command"])
     assert sidecar["read_only"] is True and sidecar["secrets"][0]["source"] == "client_secret"
-    loaded = config_file.load(EXAMPLES / "compose" / "credproxy.yaml")
+    loaded = loader.load(EXAMPLES / "compose" / "credproxy.yaml")
     assert loaded.callers["app"].uid == int(app["user"].split(":")[0])
     realm = json.loads((EXAMPLES / "compose" / "realm.json").read_text())
     [client] = realm["clients"]

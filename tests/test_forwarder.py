@@ -11,16 +11,16 @@ from aiohttp.base_protocol import BaseProtocol
 from aiohttp.http import HttpRequestParser, HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.app_server import AppRequest
-from proxy.forwarder import (
+from proxy.inbound.handler import _stream_back
+from proxy.inbound.listener import AppRequest
+from proxy.outbound.hygiene import (
     CREDENTIAL_HEADERS,
     HOP_BY_HOP,
     Scrubber,
     request_headers,
     response_head_lines,
 )
-from proxy.handler import _stream_back
-from proxy.upstream import request_head
+from proxy.outbound.upstream import request_head
 from tests.counterparts import LEDGER, PREAMBLE
 from tests.raw_upstream import RawUpstream, Request
 

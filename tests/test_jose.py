@@ -4,7 +4,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from proxy.jose import Signer, public_jwk, thumbprint
+from proxy.credentials.jose import Signer, public_jwk, thumbprint
 
 
 def test_thumbprint_matches_rfc7638_example():

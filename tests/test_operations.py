@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from proxy.audit import Audit
+from proxy.audit.trail import Audit
 from tests.counterparts import ROOT, config, free_port, wait_until
 
 OWNED = """\

@@ -2,8 +2,9 @@
 
 import pytest
 
-from proxy.callers import UNKNOWN, Caller
-from proxy.config import AllowRule, CallerRule
+from proxy.access.callers import UNKNOWN, Caller
+from proxy.access.policy import RoutePolicy, compile_glob
+from proxy.config.model import AllowRule, CallerRule
 from proxy.errors import (
     BrowserRefused,
     CallerNotAllowed,
@@ -11,8 +12,7 @@ from proxy.errors import (
     MethodRefused,
     PathNotAllowed,
 )
-from proxy.guard import Guard
-from proxy.policy import RoutePolicy, compile_glob
+from proxy.inbound.guard import Guard
 
 CALLERS = {
     "app": CallerRule(uid=1000),

@@ -7,8 +7,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from proxy.config import Credential, Route
-from proxy.routing import RouteTable, Target, request_host
+from proxy.config.model import Credential, Route
+from proxy.inbound.routing import RouteTable, Target, request_host
 from tests.counterparts import LEDGER, PREAMBLE
 from tests.raw_upstream import RawUpstream
 
@@ -72,7 +72,7 @@ def test_target_urls_and_htu():
 
 def test_normalize_path_decodes_unreserved_and_removes_dot_segments():
     """RFC 3986 §6.2.2: unreserved escapes decoded, others upper-cased, dot segments removed."""
-    from proxy.routing import normalize_path
+    from proxy.inbound.routing import normalize_path
 
     assert normalize_path("/a/%7e%41/%c3%a9") == ("/a/~A/%C3%A9", "/a/~A/%C3%A9")
     assert normalize_path("/a/%2E%2E/b") == ("/a/../b", "/b")
@@ -85,7 +85,7 @@ def test_normalize_path_refuses_ambiguous_forms():
     import pytest
 
     from proxy.errors import InvalidPath
-    from proxy.routing import normalize_path
+    from proxy.inbound.routing import normalize_path
 
     for raw in ("/a%2fb", "/a%2Fb", "/a%5cb", "/a%00", "/a\\b", "/a//b", "/a%4", "/a%g1"):
         with pytest.raises(InvalidPath):
@@ -112,7 +112,7 @@ def test_normalize_path_refuses_what_upstreams_read_differently():
     import pytest
 
     from proxy.errors import InvalidPath
-    from proxy.routing import normalize_path
+    from proxy.inbound.routing import normalize_path
 
     for raw in ATTACK_PATHS:
         with pytest.raises(InvalidPath):
@@ -127,7 +127,7 @@ def test_overridden_names_every_method_and_path_an_upstream_may_serve_instead():
     from multidict import CIMultiDict
 
     from proxy.errors import InvalidPath
-    from proxy.routing import overridden
+    from proxy.inbound.routing import overridden
 
     headers = CIMultiDict(
         [("X-HTTP-Method-Override", "delete"), ("X-Original-URL", "http://h/a/../admin?x=1")]

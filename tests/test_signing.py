@@ -7,7 +7,7 @@ import asyncio
 
 import pytest
 
-from proxy.signing import MAX_BATCH, SignatureBatch
+from proxy.credentials.signing import MAX_BATCH, SignatureBatch
 from proxy.tasks import spawn
 
 

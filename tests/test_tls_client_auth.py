@@ -16,7 +16,7 @@ from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from proxy.jose import b64url
+from proxy.credentials.jose import b64url
 from tests.counterparts import LEDGER, PREAMBLE, IdP, ThreadedApp
 from tests.tls import TestCA
 

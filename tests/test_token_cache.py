@@ -10,11 +10,11 @@ import asyncio
 
 import pytest
 
-from proxy.audit import Audit
+from proxy.audit.trail import Audit
+from proxy.credentials.token_cache import CacheKey, Token, TokenSource
 from proxy.errors import CredentialUnavailable, IssuerError
 from proxy.metrics import Metrics
 from proxy.secret import Secret
-from proxy.token_cache import CacheKey, Token, TokenSource
 
 KEY = CacheKey("idp", "https://api", "s", bound=True)
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from proxy import config_file
-from proxy.audit import Audit
+from proxy.audit.trail import Audit
+from proxy.config import loader
 from proxy.errors import StartError
-from proxy.server import Server
-from proxy.unix_socket import bind_unix
+from proxy.lifecycle.server import Server
+from proxy.lifecycle.unix_socket import bind_unix
 from tests.counterparts import ROOT
 
 
@@ -129,7 +129,7 @@ async def test_server_app_and_admin_sockets_have_their_mode_without_chmod(tmp_pa
     banned, and answer on them."""
     socket_dir = tmp_path / "run"
     socket_dir.mkdir(mode=0o755)
-    loaded = config_file.parse(_config(tmp_path, socket_dir))
+    loaded = loader.parse(_config(tmp_path, socket_dir))
     _ban_chmod(monkeypatch)
     async with Server(loaded, audit=Audit(loaded.audit.file)):
         assert _mode(socket_dir / "app.sock") == 0o600

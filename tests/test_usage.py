@@ -10,9 +10,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from proxy.audit import Audit
-from proxy.callers import Caller, from_socket
-from proxy.usage import Usage
+from proxy.access.callers import Caller, from_socket
+from proxy.audit.trail import Audit
+from proxy.audit.usage import Usage
 
 
 async def _uses(

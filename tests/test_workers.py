@@ -15,7 +15,7 @@ import time
 
 import aiohttp
 
-from proxy.workers import RestartBackoff
+from proxy.lifecycle.workers import RestartBackoff
 from tests.counterparts import config, wait_until
 
 

@@ -13,7 +13,7 @@ import jwt
 from aiohttp import web
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from ..jose import Signer, public_jwk
+from ..credentials.jose import Signer, public_jwk
 from .verify import JtiCache, Rejected, verify_proof
 
 _ASSERTION_TYPE = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"

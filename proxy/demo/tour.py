@@ -22,10 +22,11 @@ from aiohttp import web
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .. import config_file, log
-from ..audit import Audit
+from .. import log
+from ..audit.trail import Audit
+from ..config import loader
+from ..lifecycle.server import Server
 from ..secret import fingerprint
-from ..server import Server
 from .idp import DemoIdP
 from .resource_server import Verifier, resource_app
 
@@ -114,7 +115,7 @@ async def _run(tour: _Tour, workdir: Path) -> None:
             exe=os.path.realpath(sys.executable),
         )
     )
-    loaded = config_file.load(config_path)
+    loaded = loader.load(config_path)
     try:
         async with Server(loaded, audit=Audit(loaded.audit.file)) as server:
             await _as_the_app(tour, server, verifier)

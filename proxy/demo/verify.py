@@ -8,8 +8,8 @@ from typing import Any
 
 import jwt
 
-from ..dpop import access_token_hash
-from ..jose import thumbprint
+from ..credentials.dpop import access_token_hash
+from ..credentials.jose import thumbprint
 
 PROOF_ALGORITHMS = ("ES256", "EdDSA")
 

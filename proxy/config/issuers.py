@@ -1,0 +1,181 @@
+"""The ``issuers:`` sections of the config, one model per ``type``, and the AWS scope helpers
+that sigv4 routes and their checks share."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, model_validator
+from yarl import URL
+
+from .base import REGION, Duration, Owned, check_http_url, reject_inline_secrets
+
+
+class OAuth2Issuer(Owned):
+    """OAuth2 ``client_credentials`` with OIDC / RFC 8414 discovery."""
+
+    type: Literal["oauth2"]
+    issuer_url: str
+    client_id: str = Field(min_length=1)
+    client_auth: Literal["private_key_jwt", "tls_client_auth", "client_secret"] = "private_key_jwt"
+    client_key_file: Path | None = Field(
+        None, description="private_key_jwt: the assertion key; tls_client_auth: the cert's key"
+    )
+    client_cert_file: Path | None = Field(
+        None,
+        description="tls_client_auth (RFC 8705): PEM client certificate, re-read on rotation; "
+        "routes without their own client certificate present it too (certificate-bound tokens)",
+    )
+    client_key_id: str | None = Field(None, description="'kid' header of client assertions")
+    client_secret_file: Path | None = None
+    assertion_audience: Literal["issuer", "token_endpoint"] = "issuer"
+    assertion_lifetime_s: float = Field(30.0, gt=0, le=60)
+    audience_param: Literal["resource", "audience"] = Field(
+        "resource", description="form parameter carrying a route's audience (RFC 8707: resource)"
+    )
+    ca_file: Path | None = None
+    allow_insecure_http: bool = False
+    refresh_ahead_s: Duration | None = Field(
+        None, description="default: min(60 s, 20 % of the token lifetime)"
+    )
+    request_timeout_s: Duration = 10.0
+    max_lifetime_s: Duration = Field(86400.0, description="cap on an issuer's expires_in")
+    revoke_on_shutdown: bool = Field(
+        True, description="revoke cached tokens at the revocation endpoint (RFC 7009) on exit"
+    )
+    backoff_max_s: Duration = 30.0
+
+    _no_inline = model_validator(mode="before")(reject_inline_secrets)
+
+    @model_validator(mode="after")
+    def _check(self) -> OAuth2Issuer:
+        check_http_url(self.issuer_url, insecure_ok=self.allow_insecure_http, what="issuer_url")
+        if self.client_auth == "private_key_jwt" and self.client_key_file is None:
+            raise ValueError("client_auth private_key_jwt needs client_key_file")
+        if self.client_auth == "client_secret" and self.client_secret_file is None:
+            raise ValueError("client_auth client_secret needs client_secret_file")
+        if self.client_auth == "tls_client_auth" and (
+            self.client_cert_file is None or self.client_key_file is None
+        ):
+            raise ValueError(
+                "client_auth tls_client_auth needs client_cert_file and client_key_file"
+            )
+        if self.client_auth == "tls_client_auth" and URL(self.issuer_url).scheme != "https":
+            raise ValueError("client_auth tls_client_auth needs an https issuer_url")
+        return self
+
+
+class TokenExchangeIssuer(OAuth2Issuer):
+    """RFC 8693 token exchange: the workload's identity token (projected service-account token,
+    JWT-SVID) is exchanged at the IdP; client authentication as for ``oauth2``."""
+
+    type: Literal["token_exchange"]  # type: ignore[assignment]
+    subject_token_file: Path | None = Field(None, description="default: identity.token_file")
+    subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"
+
+
+class AWSIssuer(Owned):
+    """AWS STS ``AssumeRoleWithWebIdentity`` with the workload's token file (EKS IRSA style),
+    optionally chained into ``AssumeRole``; or, as a marked legacy mode, static keys from a file."""
+
+    type: Literal["aws"]
+    role_arn: str | None = Field(None, pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$")
+    token_file: Path | None = Field(None, description="default: identity.token_file")
+    assume_role_arn: str | None = Field(
+        None, pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$", description="chained AssumeRole"
+    )
+    region: str = Field(pattern=REGION)
+    sts_endpoint: str | None = Field(
+        None, description="default: https://sts.<region>.amazonaws.com"
+    )
+    session_name: str = Field("credproxy", pattern=r"^[A-Za-z0-9_+=,.@-]{2,64}$")
+    duration_s: int = Field(3600, ge=900, le=43200)
+    static_credentials_file: Path | None = Field(
+        None, description="legacy: JSON {access_key_id, secret_access_key}; audited as legacy"
+    )
+    ca_file: Path | None = None
+    allow_insecure_http: bool = False
+    refresh_ahead_s: Duration | None = None
+    max_lifetime_s: Duration = Field(
+        43200.0, description="treat credentials as expiring after this long, if STS says later"
+    )
+    request_timeout_s: Duration = 10.0
+    backoff_max_s: Duration = 30.0
+
+    _no_inline = model_validator(mode="before")(reject_inline_secrets)
+
+    @model_validator(mode="after")
+    def _check(self) -> AWSIssuer:
+        if (self.role_arn is None) == (self.static_credentials_file is None):
+            raise ValueError(
+                "set exactly one of role_arn (web identity) or static_credentials_file"
+            )
+        if self.sts_endpoint is not None:
+            check_http_url(
+                self.sts_endpoint, insecure_ok=self.allow_insecure_http, what="sts_endpoint"
+            )
+        return self
+
+    @property
+    def sts_url(self) -> str:
+        return self.sts_endpoint or f"https://sts.{self.region}.amazonaws.com"
+
+
+class StaticIssuer(Owned):
+    """A long-lived secret (API key) read from a file: legacy, audited as such, so owners can
+    find and retire it. The file is re-read every ``reread_s``: rotation needs no restart."""
+
+    type: Literal["static"]
+    secret_file: Path
+    reread_s: Duration = 5.0
+
+    _no_inline = model_validator(mode="before")(reject_inline_secrets)
+
+
+class SelfSignedJWTIssuer(Owned):
+    """A JWT minted per request and signed by the sidecar; upstreams verify it against the JWKS
+    published on the admin listener (``/.well-known/jwks.json``)."""
+
+    type: Literal["self_signed_jwt"]
+    iss: str = Field(min_length=1)
+    sub: str = Field(min_length=1)
+    key_file: Path | None = Field(
+        None, description="PEM key, re-read on change; default: generated"
+    )
+    alg: Literal["ES256", "EdDSA", "RS256"] = Field("ES256", description="for a generated key")
+    lifetime_s: float = Field(30.0, gt=0, le=60)
+    request_claims: bool = Field(False, description="add htm and htu (method, URL sans query)")
+
+    _no_inline = model_validator(mode="before")(reject_inline_secrets)
+
+
+def aws_service_region(host: str) -> tuple[str | None, str | None]:
+    """Derive (signing service, region) from an AWS endpoint host name, where it says them."""
+    match = re.fullmatch(r"(?:.+\.)?([a-z0-9-]+)[.-](" + REGION[1:-1] + r")\.amazonaws\.com", host)
+    if match:
+        return match[1], match[2]
+    return None, None
+
+
+_SIGNING_NAMES_NOT_IN_BOTOCORE_LIST = frozenset({"execute-api", "es", "aoss", "s3-object-lambda"})
+
+
+def known_aws_service(name: str) -> bool | None:
+    """Whether botocore knows the service; None when botocore (credproxy[aws]) is not installed."""
+    try:
+        import botocore.session
+    except ImportError:
+        return None
+    services = botocore.session.get_session().get_available_services()
+    return name in services or name in _SIGNING_NAMES_NOT_IN_BOTOCORE_LIST
+
+
+def sigv4_scope(
+    service: str | None, region: str | None, upstream: str, issuer_region: str | None
+) -> tuple[str | None, str | None]:
+    """The (service, region) a sigv4 route signs for: as configured, else from the upstream
+    host (``dynamodb.eu-west-1.amazonaws.com``), else the region of the route's issuer."""
+    derived_service, derived_region = aws_service_region(URL(upstream).host or "")
+    return service or derived_service, region or derived_region or issuer_region

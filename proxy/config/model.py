@@ -1,0 +1,368 @@
+"""The configuration as frozen typed models: the public shape users write (DESIGN.md).
+
+Secrets never appear here: the config points at files that only the sidecar can read.
+Reading a file into these models, with path-named errors, is ``config_file``'s job; the issuer
+sections live in ``issuer_config`` and the shared pieces in ``config_base``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    AfterValidator,
+    BeforeValidator,
+    Field,
+    model_validator,
+)
+
+from .base import REGION, Duration, Model, Owned, check_http_url
+from .issuers import AWSIssuer, OAuth2Issuer, SelfSignedJWTIssuer, StaticIssuer, TokenExchangeIssuer
+
+
+class Timeouts(Model):
+    connect_s: Duration = 5.0
+    idle_s: Duration = Field(60.0, gt=0, description="longest wait for the next upstream byte")
+    total_s: Duration = Field(300.0, gt=0, description="whole exchange, headers and body")
+
+
+class AppTimeouts(Model):
+    """Bounds on what the app's side of a connection may take (slowloris)."""
+
+    keepalive_s: Duration = Field(
+        75.0, description="idle keep-alive connection, and the longest wait for a request head"
+    )
+    body_idle_s: Duration = Field(
+        30.0, description="longest wait for the next byte of a request body credproxy buffers"
+    )
+
+
+class AppLimits(Model):
+    """Bounds on what app connections may hold before any of them is served (invariant 9).
+    Per process (each ``--workers`` worker has its own)."""
+
+    max_head_bytes: int = Field(
+        32768, ge=1024, le=1024 * 1024, description="request line and headers together (431)"
+    )
+    max_connections: int = Field(
+        1024,
+        ge=1,
+        description="app connections at once; lowered to stay under RLIMIT_NOFILE with a "
+        "reserve for upstream and issuer sockets",
+    )
+    max_connections_per_uid: int = Field(
+        256, ge=1, description="app connections at once from one uid"
+    )
+
+
+_DERIVED_COMPONENTS = (
+    "@method",
+    "@target-uri",
+    "@authority",
+    "@scheme",
+    "@request-target",
+    "@path",
+    "@query",
+)
+
+
+def _check_component(name: str) -> str:
+    if name.startswith("@") and name not in _DERIVED_COMPONENTS:
+        raise ValueError(f"'{name}' is not a derived component ({', '.join(_DERIVED_COMPONENTS)})")
+    if not name.startswith("@") and not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", name):
+        raise ValueError(f"'{name}' is not a lowercase header field name")
+    return name
+
+
+class HTTPSignature(Model):
+    """RFC 9421 parameters for ``inject: http_signature``."""
+
+    components: tuple[Annotated[str, AfterValidator(_check_component)], ...] = Field(
+        ("@method", "@target-uri", "content-digest", "date"),
+        min_length=1,
+        description="covered components; content-digest (RFC 9530) only when a body exists, "
+        "date added when absent",
+    )
+    label: str = Field("sig1", pattern=r"^[a-z*][a-z0-9_.*-]*$")
+    lifetime_s: int = Field(60, ge=1, le=300, description="expires = created + lifetime_s")
+    nonce: bool = Field(True, description="a unique nonce per signature, for replay checks")
+    tag: str | None = Field(None, pattern=r"^[\x20-\x7e]+$", description="application tag")
+    key_id: str | None = Field(
+        None,
+        pattern=r"^[\x20-\x7e]+$",
+        description="keyid; default: the JWK thumbprint (self_signed_jwt); required for static "
+        "(HMAC-SHA256 with the secret)",
+    )
+
+    @model_validator(mode="after")
+    def _unique(self) -> HTTPSignature:
+        if len(set(self.components)) != len(self.components):
+            raise ValueError("components must not repeat")
+        return self
+
+
+class Credential(Model):
+    issuer: str
+    audience: str | None = None
+    scope: str | None = None
+    inject: Literal["bearer", "dpop", "sigv4", "header", "query", "http_signature"] = "dpop"
+    header: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9-]+$", description="inject: header, e.g. X-Api-Key"
+    )
+    header_prefix: str = Field("", description="inject: header, e.g. 'Token '")
+    query_param: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="inject: query")
+    service: str | None = Field(
+        None, pattern=r"^[a-z0-9-]+$", description="sigv4 signing name, e.g. s3, dynamodb, sqs"
+    )
+    region: str | None = Field(None, pattern=REGION, description="sigv4; default: from upstream")
+    payload: Literal["unsigned", "streaming", "signed"] | None = Field(
+        None,
+        description="sigv4 body handling: unsigned streams (S3 accepts UNSIGNED-PAYLOAD); "
+        "streaming streams aws-chunked with a CRC32 trailer (S3, needs Content-Length); signed "
+        "buffers up to payload_max_bytes to hash it. Default: unsigned for s3, signed otherwise",
+    )
+    payload_max_bytes: int = Field(
+        8 * 1024 * 1024,
+        ge=0,
+        le=256 * 1024 * 1024,
+        description="bound on a body buffered to hash it (sigv4 signed, http_signature digest)",
+    )
+    signature: HTTPSignature = Field(
+        default_factory=HTTPSignature, description="inject: http_signature"
+    )
+
+
+class CallerRule(Model):
+    """Attributes the kernel reports for a caller; every attribute given must match."""
+
+    uid: int | None = Field(None, ge=0)
+    gid: int | None = Field(None, ge=0)
+    exe: str | None = Field(None, pattern=r"^/", description="absolute path of the executable")
+    exe_sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
+    cgroup: str | None = Field(None, pattern=r"^/", description="cgroup v2 path prefix")
+    any_local: bool = Field(False, description="any local process: only when written explicitly")
+
+    @model_validator(mode="after")
+    def _check(self) -> CallerRule:
+        named = [
+            f for f in ("uid", "gid", "exe", "exe_sha256", "cgroup") if getattr(self, f) is not None
+        ]
+        if self.any_local and named:
+            raise ValueError(f"any_local: true cannot be combined with {', '.join(named)}")
+        if not self.any_local and not named:
+            raise ValueError(
+                "name at least one of uid, gid, exe, exe_sha256, cgroup, or any_local: true"
+            )
+        return self
+
+
+def _check_glob(pattern: str) -> str:
+    if not pattern.startswith("/"):
+        raise ValueError("a path glob starts with /")
+    if any("**" in part and part != "**" for part in pattern.split("/")):
+        raise ValueError("'**' must be a whole path segment, as in /v1/**")
+    return pattern
+
+
+class AllowRule(Model):
+    """Who may use a route: callers (names under ``callers``), methods, and path globs matched
+    against the path as forwarded (``*`` one segment, ``**`` any number of segments)."""
+
+    callers: tuple[str, ...] = Field(min_length=1)
+    methods: tuple[Annotated[str, Field(pattern=r"^[A-Z]+$")], ...] | None = Field(
+        None, description="default: any method"
+    )
+    paths: tuple[Annotated[str, AfterValidator(_check_glob)], ...] = ("/**",)
+
+
+class Route(Owned):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+    path_prefix: str | None = Field(None, pattern=r"^/")
+    host: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]+$")
+    strip_prefix: bool = True
+    upstream: str
+    ca_file: Path | None = None
+    client_cert_file: Path | None = Field(
+        None, description="mTLS to the upstream; re-read when it changes (rotation)"
+    )
+    client_key_file: Path | None = None
+    allow_insecure_http: bool = False
+    credential: Credential
+    strip_headers: tuple[str, ...] = Field(
+        (), description="extra inbound headers that carry credentials and must not be forwarded"
+    )
+    allow_method_override: bool = Field(
+        False,
+        description="forward X-HTTP-Method-Override, X-Original-URL and the like (stripped by "
+        "default); the allow rules are then checked against the overridden method and path too",
+    )
+    timeouts: Timeouts = Timeouts()
+    allow: tuple[AllowRule, ...] = Field(
+        (), description="default deny: a request no rule allows is refused with 403"
+    )
+    retry_body_max_bytes: int = Field(
+        65536,
+        ge=0,
+        le=1024 * 1024,
+        description="bodies up to this size are buffered so a 401 can be retried",
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> Route:
+        if self.path_prefix is None and self.host is None:
+            raise ValueError("a route needs path_prefix, host, or both")
+        if (self.client_cert_file is None) != (self.client_key_file is None):
+            raise ValueError("client_cert_file and client_key_file go together")
+        check_http_url(self.upstream, insecure_ok=self.allow_insecure_http, what="upstream")
+        return self
+
+
+class Identity(Model):
+    token_file: Path | None = Field(None, description="projected token / JWT-SVID (later issuers)")
+    dpop_alg: Literal["ES256", "EdDSA"] = "ES256"
+
+
+class Log(Model):
+    format: Literal["text", "json"] = "text"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    access: bool = Field(True, description="one line per proxied request")
+
+
+def _octal(value: Any) -> Any:
+    """YAML reads an unquoted 0640 as the number 416: take it as the mode it spells."""
+    return f"{value:04o}" if isinstance(value, int) and not isinstance(value, bool) else value
+
+
+class Audit(Model):
+    file: str = Field("-", description="JSON-lines audit file ('-': stdout); SIGUSR1 reopens it")
+    used: Literal["interval", "request", "off"] = Field(
+        "interval",
+        description="credential.used events: per (route, credential, caller, method) and "
+        "interval, per request, or none",
+    )
+    used_interval_s: Duration = 60.0
+    queue_size: int = Field(
+        10000, ge=100, description="events waiting for the disk; beyond, dropped and counted"
+    )
+    file_mode: Annotated[Literal["0600", "0640"], BeforeValidator(_octal)] = Field(
+        "0600",
+        description="mode the audit file is created with (an existing one is narrowed to it); "
+        "0640 lets the file's group (a log shipper) read it",
+    )
+
+
+class BreakGlass(Model):
+    """Caps on break-glass grants (time-boxed exceptions to a route's policy, in memory only)."""
+
+    max_duration_s: Duration = Field(86400.0, le=7 * 86400, description="longest grant")
+    max_grants: int = Field(16, ge=1, le=1000, description="grants active at once")
+
+
+CONTROL_SOCKET = "unix:/run/credproxy/control.sock"
+
+
+class Control(Model):
+    """The control plane (inventory, revoke, break-glass): a Unix socket or loopback TCP whose
+    callers the kernel identifies, answered only for ``allow`` (names under ``callers``)."""
+
+    listen: str | None = Field(
+        CONTROL_SOCKET,
+        description="unix:/path or loopback host:port; null: no control plane. When left at the "
+        "default and the socket cannot be made, credproxy starts without it (logged)",
+    )
+    allow: tuple[str, ...] = Field(
+        (), description="callers that may use control; default: the sidecar's own uid only"
+    )
+    socket_mode: str = Field(
+        "0600", pattern=r"^0?[0-7]{3}$", description="mode of the control socket file"
+    )
+    head_timeout_s: Duration = Field(
+        10.0, le=300, description="bound on a request head (and keep-alive idle), control and admin"
+    )
+    body_max_bytes: int = Field(65536, ge=1024, le=1024 * 1024)
+    revoke_min_interval_s: float = Field(
+        30.0,
+        ge=0,
+        description="a credential revoked less than this ago is not revoked again (answered "
+        "'recent', no round-trip to the issuer)",
+    )
+    break_glass: BreakGlass = BreakGlass()
+
+
+def _as_tuple(value: Any) -> Any:
+    return (value,) if isinstance(value, str) else value
+
+
+class Config(Model):
+    listen: Annotated[tuple[str, ...], BeforeValidator(_as_tuple)] = Field(min_length=1)
+    admin: str | None = "127.0.0.1:15090"
+    allow_non_loopback: bool | tuple[str, ...] = Field(
+        False,
+        description="listen/admin addresses (as written) that may be non-loopback; true: any "
+        "(check-config warns: prefer naming the address)",
+    )
+    bind_both_loopbacks: bool = Field(
+        True,
+        description="a listener on 127.0.0.1:P also binds [::1]:P and vice versa, so no other "
+        "process can take the 'localhost' of the other family",
+    )
+    unix_socket_mode: str = Field("0660", pattern=r"^0?[0-7]{3}$")
+    local_names: tuple[str, ...] = Field(
+        (), description="Host names accepted besides localhost, loopback literals and route hosts"
+    )
+    identity: Identity = Identity()
+    callers: dict[str, CallerRule] = {}
+    issuers: dict[
+        Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")],
+        Annotated[
+            OAuth2Issuer | TokenExchangeIssuer | AWSIssuer | StaticIssuer | SelfSignedJWTIssuer,
+            Field(discriminator="type"),
+        ],
+    ]
+    routes: tuple[Route, ...] = Field(min_length=1)
+    audit: Audit = Audit()
+    log: Log = Log()
+    warm_up: bool = Field(True, description="obtain every route's credential at start")
+    on_start_failure: Literal["not_ready", "exit"] = Field(
+        "not_ready", description="when warm-up cannot get a credential: stay not-ready or exit 1"
+    )
+    app_timeouts: AppTimeouts = AppTimeouts()
+    app_limits: AppLimits = AppLimits()
+    control: Control = Control()
+    shutdown_timeout_s: Duration = 10.0
+    revoke_timeout_s: Duration = Field(5.0, description="budget for revocations at shutdown")
+
+
+@dataclass(frozen=True)
+class Address:
+    """A parsed ``listen``/``admin`` entry: TCP host and port, or a Unix socket path."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def loopback_twin(host: str) -> str | None:
+    """The loopback address of the other family, for ``bind_both_loopbacks``: 'localhost'
+    resolves to either, so whoever holds the other one receives some apps' requests."""
+    return {"127.0.0.1": "::1", "::1": "127.0.0.1"}.get(host)
+
+
+def parse_address(value: str) -> Address:
+    if value.startswith("unix:"):
+        path = value[len("unix:") :]
+        if not path.startswith("/"):
+            raise ValueError(f"'{value}': a Unix socket path must be absolute")
+        return Address(path=path)
+    match = re.fullmatch(r"\[?([^\[\]]+?)\]?:([0-9]{1,5})", value)
+    if not match or int(match[2]) > 65535:
+        raise ValueError(f"'{value}' is not host:port, [v6]:port or unix:/path")
+    return Address(host=match[1], port=int(match[2]))

@@ -1,0 +1,344 @@
+"""OAuth2 ``client_credentials`` (RFC 6749 §4.4) with discovery (OIDC / RFC 8414).
+
+Client authentication: ``private_key_jwt`` (RFC 7523 assertion, fresh ``jti``, lifetime ≤ 60 s),
+``tls_client_auth`` (RFC 8705: a client certificate, re-read on rotation; the IdP may bind the
+tokens to it) or, as the legacy fallback, ``client_secret`` read from a file (HTTP Basic). Tokens can be bound
+to the sidecar's DPoP key (RFC 9449): the token request then carries a proof, and an IdP's
+``use_dpop_nonce`` answer is honoured with exactly one retry.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import email.utils
+import json
+import secrets
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlencode
+
+import aiohttp
+from multidict import CIMultiDict
+from yarl import URL
+
+from ...config.base import is_loopback
+from ...config.issuers import OAuth2Issuer as OAuth2Config
+from ...config.model import Identity
+from ...errors import IssuerError
+from ...outbound.tls import ClientTLS
+from ...secret import Secret
+from ..dpop import DPoPKey
+from ..identity import load_signing_key, read_secret_file
+from ..jose import Signer
+from ..token_cache import CacheKey, Token
+
+_MAX_RESPONSE_BYTES = 64 * 1024
+_DEFAULT_LIFETIME_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Metadata:
+    issuer: str
+    token_endpoint: str
+    revocation_endpoint: str | None
+
+
+class OAuth2Issuer:
+    """One configured OAuth2 client; ``fetch()`` performs one token request."""
+
+    def __init__(
+        self,
+        name: str,
+        config: OAuth2Config,
+        *,
+        session: aiohttp.ClientSession,
+        dpop_key: DPoPKey,
+        identity: Identity,
+    ) -> None:
+        del identity  # the client key or secret file is this issuer's identity
+        self.name = name
+        self.region: str | None = None
+        self.revoke_on_shutdown = config.revoke_on_shutdown
+        self.config = config
+        self._session = session
+        self._dpop_key = dpop_key
+        self._where = f"issuers.{name}"
+        mtls = config.client_auth == "tls_client_auth"
+        self._tls = ClientTLS(
+            config.ca_file,
+            config.client_cert_file if mtls else None,
+            config.client_key_file if mtls else None,
+            where=self._where,
+        )
+        self._metadata: Metadata | None = None
+        self._discovery_lock = asyncio.Lock()
+        self._dpop_nonce: str | None = None
+        self._signer: Signer | None = None
+        self._client_secret: Secret | None = None
+        if config.client_auth == "private_key_jwt":
+            assert config.client_key_file is not None
+            key = load_signing_key(config.client_key_file, what=f"{self._where}.client_key_file")
+            header = {
+                "typ": "JWT",
+                **({"kid": config.client_key_id} if config.client_key_id else {}),
+            }
+            self._signer = Signer(key, header)
+        elif config.client_auth == "client_secret":
+            assert config.client_secret_file is not None
+            self._client_secret = read_secret_file(
+                config.client_secret_file, what=f"{self._where}.client_secret_file"
+            )
+
+    async def fetch(self, key: CacheKey) -> Token:
+        audience, scope, bound = key.audience, key.scope, key.bound
+        metadata = await self.metadata()
+        form = self._grant()
+        if scope:
+            form["scope"] = scope
+        if audience:
+            form[self.config.audience_param] = audience
+        answer = await self._token_request(metadata, form, bound=bound)
+        if answer is None:  # use_dpop_nonce: the nonce is stored, retry exactly once
+            answer = await self._token_request(metadata, form, bound=bound)
+            if answer is None:
+                raise self._error(f"{metadata.token_endpoint} asked for a DPoP nonce twice")
+        return self._token(answer, bound=bound, endpoint=metadata.token_endpoint)
+
+    def _grant(self) -> dict[str, str]:
+        """The grant-specific part of the token request form."""
+        return {"grant_type": "client_credentials"}
+
+    async def metadata(self) -> Metadata:
+        if self._metadata is None:
+            async with self._discovery_lock:
+                if self._metadata is None:
+                    self._metadata = await self._discover()
+        return self._metadata
+
+    async def _discover(self) -> Metadata:
+        issuer = self.config.issuer_url.rstrip("/")
+        url = URL(issuer)
+        candidates = [
+            f"{issuer}/.well-known/openid-configuration",
+            str(url.with_path("/.well-known/oauth-authorization-server" + url.path.rstrip("/"))),
+        ]
+        document: dict[str, Any] | None = None
+        for candidate in candidates:
+            status, body, _ = await self._call("GET", candidate)
+            if status == 200:
+                document = self._json(body, candidate)
+                break
+            if status != 404:
+                raise self._error(f"discovery at {candidate} answered HTTP {status}")
+        if document is None:
+            raise self._error(f"no discovery document at {' or '.join(candidates)}")
+        if str(document.get("issuer", "")).rstrip("/") != issuer:
+            raise self._error(
+                f"discovery document names issuer {document.get('issuer')!r}, "
+                f"expected {self.config.issuer_url!r} (mix-up protection)"
+            )
+        token_endpoint = document.get("token_endpoint")
+        if not isinstance(token_endpoint, str) or not self._acceptable_url(token_endpoint):
+            raise self._error(
+                f"discovery document has no usable token_endpoint: {token_endpoint!r}"
+            )
+        revocation = document.get("revocation_endpoint")
+        return Metadata(
+            issuer=issuer,
+            token_endpoint=token_endpoint,
+            revocation_endpoint=revocation if isinstance(revocation, str) else None,
+        )
+
+    async def _token_request(
+        self, metadata: Metadata, form: dict[str, str], *, bound: bool
+    ) -> dict[str, Any] | None:
+        """POST to the token endpoint; None means 'retry with the nonce just received'."""
+        endpoint = metadata.token_endpoint
+        body, headers = self._authenticated(metadata, form)
+        if bound:
+            headers["DPoP"] = self._dpop_key.proof("POST", endpoint, nonce=self._dpop_nonce)
+        status, raw, response_headers = await self._call(
+            "POST", endpoint, data=urlencode(body), headers=headers
+        )
+        if nonce := response_headers.get("DPoP-Nonce"):
+            self._dpop_nonce = nonce
+        if status == 200:
+            return self._json(raw, endpoint)
+        error = self._oauth_error(raw)
+        if bound and error.startswith("use_dpop_nonce") and nonce:
+            return None
+        self._metadata = None  # the endpoint may have moved: discover again next time
+        raise IssuerError(
+            f"{self._where}: token endpoint {endpoint} answered HTTP {status}: "
+            f"{error or 'no error code'}",
+            asked_delay_s=_retry_after_s(response_headers.get("Retry-After")),
+        )
+
+    async def revoke(self, token: Token) -> str:
+        """RFC 7009 revocation: "revoked", or "unsupported" where the issuer advertises no
+        revocation endpoint or refuses the token type (e.g. structured JWT access tokens)."""
+        metadata = await self.metadata()
+        endpoint = metadata.revocation_endpoint
+        if endpoint is None:
+            return "unsupported"
+        form = {"token": token.value.reveal(), "token_type_hint": "access_token"}
+        body, headers = self._authenticated(metadata, form)
+        status, raw, _ = await self._call("POST", endpoint, data=urlencode(body), headers=headers)
+        if status == 200:
+            return "revoked"
+        error = self._oauth_error(raw)
+        if error.startswith("unsupported_token_type"):
+            return "unsupported"
+        raise self._error(f"revocation endpoint {endpoint} answered HTTP {status}: {error or '?'}")
+
+    def _authenticated(
+        self, metadata: Metadata, form: dict[str, str]
+    ) -> tuple[dict[str, str], dict[str, str]]:
+        """The form and headers of a request authenticated as this client."""
+        headers = {
+            "Accept": "application/json",
+            "Content-Type": "application/x-www-form-urlencoded",
+        }
+        body = dict(form)
+        if self.config.client_auth == "tls_client_auth":
+            body["client_id"] = self.config.client_id  # RFC 8705 §2: the certificate proves it
+        elif self._signer is not None:
+            body["client_id"] = self.config.client_id
+            body["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
+            body["client_assertion"] = self._client_assertion(metadata)
+        else:
+            assert self._client_secret is not None
+            basic = f"{quote(self.config.client_id, safe='')}:{quote(self._client_secret.reveal(), safe='')}"
+            headers["Authorization"] = "Basic " + _b64(basic)
+        return body, headers
+
+    def _client_assertion(self, metadata: Metadata) -> str:
+        assert self._signer is not None
+        now = int(time.time())
+        audience = (
+            metadata.issuer
+            if self.config.assertion_audience == "issuer"
+            else metadata.token_endpoint
+        )
+        return self._signer.sign(
+            {
+                "iss": self.config.client_id,
+                "sub": self.config.client_id,
+                "aud": audience,
+                "jti": secrets.token_urlsafe(24),
+                "iat": now,
+                "exp": now + int(self.config.assertion_lifetime_s),
+            }
+        )
+
+    def _token(self, answer: dict[str, Any], *, bound: bool, endpoint: str) -> Token:
+        value = answer.get("access_token")
+        if not isinstance(value, str) or not value or not value.isascii():
+            raise self._error(f"{endpoint} answered without a usable access_token")
+        token_type = str(answer.get("token_type", ""))
+        expected = "DPoP" if bound else "Bearer"
+        if token_type.lower() != expected.lower():
+            raise self._error(
+                f"{endpoint} issued token_type {token_type!r}, expected {expected!r}"
+                + (" (the IdP did not bind the token to the DPoP key)" if bound else "")
+            )
+        expires_in = answer.get("expires_in", _DEFAULT_LIFETIME_S)
+        if isinstance(expires_in, str) and expires_in.isdigit():
+            expires_in = int(expires_in)
+        if (
+            not isinstance(expires_in, int | float)
+            or isinstance(expires_in, bool)
+            or expires_in <= 0
+        ):
+            raise self._error(f"{endpoint} answered an unusable expires_in: {expires_in!r}")
+        lifetime_s = min(float(expires_in), self.config.max_lifetime_s)
+        return Token(value=Secret(value), token_type=expected, lifetime_s=lifetime_s)
+
+    async def _call(
+        self, method: str, url: str, **kwargs: Any
+    ) -> tuple[int, bytes, CIMultiDict[str]]:
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
+        try:
+            async with self._session.request(
+                method,
+                url,
+                timeout=timeout,
+                ssl=self._tls.current(),
+                allow_redirects=False,
+                **kwargs,
+            ) as response:
+                body = await _read_limited(response)
+                return response.status, body, response.headers.copy()
+        except TimeoutError:
+            raise self._error(
+                f"{url} did not answer within {self.config.request_timeout_s:g}s"
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise self._error(f"TLS to {url} failed: {exc.__class__.__name__}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._error(f"{url} unreachable: {exc.__class__.__name__}: {exc}") from None
+
+    def _json(self, raw: bytes, url: str) -> dict[str, Any]:
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            raise self._error(f"{url} answered something that is not JSON") from None
+        if not isinstance(document, dict):
+            raise self._error(f"{url} answered JSON that is not an object")
+        return document
+
+    @staticmethod
+    def _oauth_error(raw: bytes) -> str:
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            return ""
+        if not isinstance(document, dict):
+            return ""
+        code = str(document.get("error", ""))[:64]
+        description = str(document.get("error_description", ""))[:200]
+        text = f"{code}: {description}" if description else code
+        return "".join(c if c.isprintable() else "?" for c in text)
+
+    def _acceptable_url(self, value: str) -> bool:
+        url = URL(value)
+        if url.scheme == "https":
+            return bool(url.host)
+        return url.scheme == "http" and (
+            self.config.allow_insecure_http or is_loopback(url.host or "")
+        )
+
+    def _error(self, detail: str) -> IssuerError:
+        return IssuerError(f"{self._where}: {detail}")
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """RFC 9110 §10.2.3: delay seconds or an HTTP date; None when absent or unreadable."""
+    if value is None:
+        return None
+    if value.strip().isdigit():
+        return float(value.strip())
+    try:
+        moment = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if moment.tzinfo is None:
+        return None
+    return max(0.0, moment.timestamp() - time.time())
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode()).decode("ascii")
+
+
+async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in response.content.iter_any():
+        size += len(chunk)
+        if size > _MAX_RESPONSE_BYTES:
+            raise aiohttp.ClientPayloadError(f"response larger than {_MAX_RESPONSE_BYTES} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)

@@ -1,0 +1,58 @@
+"""RFC 8693 token exchange: the workload's identity token — a Kubernetes projected service-account
+token or a JWT-SVID, re-read from its file for every exchange so rotation is picked up and an
+expired one is never reused — is exchanged for an access token for the route's audience and scope.
+Everything else (discovery, client authentication, DPoP binding, nonces) is the OAuth2 issuer's."""
+
+from __future__ import annotations
+
+import aiohttp
+
+from ...config.issuers import TokenExchangeIssuer as TokenExchangeConfig
+from ...config.model import Identity
+from ...errors import IdentityError, IssuerError
+from ..dpop import DPoPKey
+from ..identity import read_secret_file
+from .oauth2 import OAuth2Issuer
+
+GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
+
+
+class TokenExchangeIssuer(OAuth2Issuer):
+    def __init__(
+        self,
+        name: str,
+        config: TokenExchangeConfig,
+        *,
+        session: aiohttp.ClientSession,
+        dpop_key: DPoPKey,
+        identity: Identity,
+    ) -> None:
+        super().__init__(
+            name,
+            config,
+            session=session,
+            dpop_key=dpop_key,
+            identity=identity,
+        )
+        subject_file = config.subject_token_file or identity.token_file
+        if subject_file is None:
+            raise IdentityError(
+                f"issuers.{name}.subject_token_file: needed for token exchange (or set identity.token_file)"
+            )
+        self._subject_file = subject_file
+        self._subject_type = config.subject_token_type
+
+    def _grant(self) -> dict[str, str]:
+        try:
+            subject = read_secret_file(
+                self._subject_file, what=f"issuers.{self.name}.subject_token_file"
+            )
+        except IdentityError as exc:
+            raise IssuerError(str(exc)) from None  # mid-rotation the file may be missing: retry
+        return {
+            "grant_type": GRANT_TYPE,
+            "subject_token": subject.reveal(),
+            "subject_token_type": self._subject_type,
+            "requested_token_type": ACCESS_TOKEN_TYPE,
+        }

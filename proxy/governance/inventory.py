@@ -1,0 +1,96 @@
+"""The credential inventory governance asks for: each credential the sidecar holds or will hold
+— issuer, audience, scope, routes, owner, purpose, expiry, last refresh, last use, use count,
+legacy flag — never a value. Live from a runtime (``GET /credentials`` on the control plane), or
+from the config alone when the sidecar is not running (``credproxy inventory``)."""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from ..audit.usage import Usage
+from ..config.issuers import AWSIssuer, StaticIssuer
+from ..config.model import Config
+from ..credentials.token_cache import MintingSource
+from ..inbound.runtime import Runtime
+
+COLUMNS = ("issuer", "audience", "scope", "routes", "owner", "expires_at", "last_refresh",
+           "last_use", "use_count", "legacy")  # fmt: skip
+
+
+def _legacy(issuer: Any) -> bool:
+    """Long-lived secrets an owner should retire: static API keys, static AWS keys."""
+    return isinstance(issuer, StaticIssuer) or (
+        isinstance(issuer, AWSIssuer) and issuer.static_credentials_file is not None
+    )
+
+
+def _entries(config: Config) -> dict[tuple[str, str | None, str | None], dict[str, Any]]:
+    """One entry per (issuer, audience, scope) the routes ask for, with the routes sharing it."""
+    entries: dict[tuple[str, str | None, str | None], dict[str, Any]] = {}
+    for route in config.routes:
+        credential = route.credential
+        issuer = config.issuers[credential.issuer]
+        key = (credential.issuer, credential.audience, credential.scope)
+        entry = entries.setdefault(key, {
+            "issuer": credential.issuer, "type": issuer.type, "audience": credential.audience,
+            "scope": credential.scope, "inject": credential.inject, "routes": [],
+            "owner": issuer.owner, "purpose": issuer.purpose, "legacy": _legacy(issuer),
+        })  # fmt: skip
+        entry["routes"].append({"name": route.name, "owner": route.owner, "purpose": route.purpose})
+    return entries
+
+
+def from_config(config: Config) -> list[dict[str, Any]]:
+    return list(_entries(config).values())
+
+
+def inventory(runtime: Runtime, usage: Usage) -> list[dict[str, Any]]:
+    entries = _entries(runtime.config)
+    out = []
+    for key, source in runtime.sources.items():
+        entry = dict(entries[(key.issuer, key.audience, key.scope)])
+        token = source.token
+        entry.update(
+            binding="dpop" if key.bound else "bearer",
+            routes=[r for r in entry["routes"] if any(
+                rt.name == r["name"] and rt.source is source for rt in runtime.routes
+            )],
+            per_request=isinstance(source, MintingSource),
+            fingerprint=token.fingerprint if token else None,
+            expires_at=round(token.expires_at, 3) if token else None,
+            last_refresh=round(token.obtained_at, 3) if token else None,
+            **usage.snapshot(key.issuer, key.label),
+        )  # fmt: skip
+        out.append(entry)
+    return out
+
+
+def markdown(entries: list[dict[str, Any]], *, live: bool) -> str:
+    lines = [
+        "| issuer | audience | scope | routes | owner | expires | last refresh | last use "
+        "| uses | legacy |",
+        "|---|---|---|---|---|---|---|---|---:|---|",
+    ]
+    for e in entries:
+        routes = ", ".join(
+            r["name"] + (f" ({r['owner']})" if r.get("owner") else "") for r in e["routes"]
+        )
+        lines.append(
+            f"| {e['issuer']} ({e['type']}) | {e.get('audience') or '-'} | {e.get('scope') or '-'} "
+            f"| {routes} | {e.get('owner') or '-'} | {_when(e, 'expires_at', live)} "
+            f"| {_when(e, 'last_refresh', live)} | {_when(e, 'last_use', live)} "
+            f"| {e.get('use_count', '-') if live else '-'} | {'yes' if e['legacy'] else 'no'} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _when(entry: dict[str, Any], field: str, live: bool) -> str:
+    if not live:
+        return "not running"
+    if entry.get("per_request") and field != "last_use":
+        return "per request"
+    value = entry.get(field)
+    if value is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(value, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")

@@ -1,0 +1,399 @@
+"""The app-facing request handler: route → credential → inject → forward → scrub → stream back."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable
+from http import HTTPStatus
+
+from aiohttp import StreamReader
+from multidict import CIMultiDict
+
+from ..access.break_glass import BreakGlass
+from ..access.callers import Caller
+from ..audit.trail import Audit
+from ..audit.usage import Usage
+from ..credentials.injectors import Outbound
+from ..errors import (
+    CallerNotAllowed,
+    CallerNotIdentified,
+    DestinationNotAllowed,
+    InvalidPath,
+    PathEscapesRoute,
+    PathNotAllowed,
+    PayloadTooLarge,
+    ProblemError,
+    RequestRefused,
+    RequestTimeout,
+    RouteNotFound,
+    TransferCodingNotImplemented,
+    UpstreamCompressedAnswer,
+    UpstreamError,
+)
+from ..log import access_log, server_log
+from ..metrics import Metrics
+from ..outbound.hygiene import Scrubber, request_headers, response_head_lines
+from ..outbound.upstream import Answer, Upstreams, request_head
+from .listener import AppRequest
+from .routing import normalize_path, overridden, request_host
+from .runtime import RouteRuntime, Runtime
+
+_MAX_CONTENT_LENGTH = 2**63 - 1  # beyond, signed 64-bit parsers upstream overflow
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+def send_problem(request: AppRequest, exc: ProblemError) -> None:
+    headers, body = exc.problem()
+    request.send(exc.status, _REASONS.get(exc.status, ""), headers, body)
+
+
+class Handler:
+    """Called by the app listener (``app_server``) for every request, one at a time per
+    connection; it always answers, with the upstream's answer or a problem."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        upstreams: Upstreams,
+        *,
+        metrics: Metrics,
+        audit: Audit,
+        usage: Usage,
+        body_idle_s: float = 30.0,
+        break_glass: BreakGlass | None = None,
+    ) -> None:
+        self.runtime = runtime  # replaced whole on reload (SIGHUP)
+        self._upstreams = upstreams
+        self._metrics = metrics
+        self._audit = audit
+        self._usage = usage
+        self._body_idle_s = body_idle_s
+        self._break_glass = break_glass
+
+    def admit(self, caller: Caller, over_limit: ProblemError | None) -> ProblemError | None:
+        """At accept, before a byte is read: refuse a connection over the limits, or whose
+        caller the kernel could not identify or no rule under ``callers`` names (no route
+        could allow it). A refusal is counted and audited; the listener answers and closes."""
+        refusal = over_limit
+        if refusal is None and not self.runtime.admission.admits(caller):
+            refusal = (
+                CallerNotAllowed(f"no rule under callers matches uid {caller.uid}")
+                if caller.identified
+                else CallerNotIdentified("the peer's socket is closed, unknown or not local")
+            )
+        if refusal is not None:
+            self._metrics.denied.labels(refusal.code).inc()
+            self._audit.emit(
+                "request.denied", reason=refusal.code, at="accept", caller=caller.attributes()
+            )
+        return refusal
+
+    async def __call__(self, request: AppRequest) -> None:
+        started = time.perf_counter()
+        route_name = "-"
+        caller = request.connection.caller
+        runtime = self.runtime  # one config for the whole request, even across a reload
+        batch = runtime.signing.batch
+        batch.requests += 1
+        try:
+            route, forwarded_path = self._route(runtime, request)
+            route_name = route.name
+            if route.policy.needs_process:  # a process may have obtained the socket since
+                caller.recheck()
+            try:
+                route.policy.check(caller, request.method, forwarded_path)
+            except (CallerNotAllowed, PathNotAllowed):
+                if self._break_glass is None or not self._break_glass.permits(
+                    route.name, caller, request.method, forwarded_path, runtime.config.callers
+                ):
+                    raise
+            if route.config.allow_method_override:  # what the upstream may serve instead
+                for method, path in overridden(request.headers, request.method, forwarded_path):
+                    route.policy.check(caller, method, path)
+            upstream_status = await self._proxy(request, route, forwarded_path, caller)
+            outcome = "proxied"
+        except ProblemError as exc:
+            exc.route = exc.route or (route_name if route_name != "-" else None)
+            upstream_status, outcome = 0, exc.code
+            if isinstance(exc, RequestRefused):
+                self._metrics.denied.labels(exc.code).inc()
+                self._audit.emit(
+                    "request.denied",
+                    reason=exc.code,
+                    route=exc.route,
+                    method=request.method[:16],
+                    path=request.url.raw_path[:256],
+                    caller=caller.attributes(),
+                )
+            server_log.warning(
+                "%s %s → %d %s: %s", request.method, request.url.raw_path, exc.status, exc.code, exc
+            )
+            self._answer_problem(request, exc)
+        except ConnectionError:  # the app left before its answer began
+            server_log.info("%s %s: the app closed the connection", request.method, route_name)
+            upstream_status, outcome = 0, "app_closed"
+            request.keep_alive = False
+        except Exception:  # a bug, not the app's fault: still a problem+json, never a trace
+            server_log.exception("%s %s: unexpected error", request.method, route_name)
+            upstream_status, outcome = 0, "internal_error"
+            self._answer_problem(request, ProblemError())
+        finally:
+            batch.requests -= 1
+        duration_s = time.perf_counter() - started
+        self._metrics.count_request(route_name, request.status, outcome, duration_s)
+        if access_log.isEnabledFor(logging.INFO):  # nothing formatted when access is off
+            access_log.info(
+                "%s %s route=%s status=%d upstream=%d ms=%.1f",
+                request.method,
+                request.url.raw_path,
+                route_name,
+                request.status,
+                upstream_status,
+                duration_s * 1000,
+            )
+
+    @staticmethod
+    def _answer_problem(request: AppRequest, exc: ProblemError) -> None:
+        if request.status:  # the answer had begun: a cut connection is the only signal left
+            request.abort()
+            return
+        try:
+            send_problem(request, exc)
+        except ConnectionError:
+            request.keep_alive = False
+
+    def _route(self, runtime: Runtime, request: AppRequest) -> tuple[RouteRuntime, str]:
+        # HTTP_PROXY users send absolute-form targets; target is the request-target as sent.
+        target = request.target
+        url = request.url
+        forward_proxy = "://" in target and not target.startswith("/")
+        if forward_proxy:  # raw_host: as sent, never IDNA-decoded (route hosts are ASCII)
+            host: str | None = (url.raw_host or "").lower()
+        else:  # No browser omits Host; a local HTTP/1.0 client may.
+            host = request_host(request.headers.get("Host", "localhost"))
+        runtime.guard.check(request.method, host, request.headers, forward_proxy=forward_proxy)
+        raw_path = url.raw_path
+        if not raw_path.startswith("/"):
+            raise InvalidPath("not an origin-form path")
+        dotted, path = normalize_path(raw_path)
+        match = runtime.table.match(host, path, host_routes_only=forward_proxy)
+        if dotted != path:
+            named = runtime.table.match(host, dotted, host_routes_only=forward_proxy)
+            if named is not None and (match is None or named[0] != match[0]):
+                raise PathEscapesRoute(f"{dotted!r} leaves its route as {path!r}")
+        if match is None:
+            if forward_proxy:
+                raise DestinationNotAllowed(f"no route names host {host!r}")
+            raise RouteNotFound(f"no route for host {host!r}")
+        index, forwarded_path = match
+        return runtime.routes[index], forwarded_path
+
+    async def _proxy(
+        self, request: AppRequest, route: RouteRuntime, forwarded_path: str, caller: Caller
+    ) -> int:
+        """Forward, stream the answer back; return the upstream's status."""
+        query = request.url.raw_query_string
+        injector = route.injector
+        body, replayable = await _request_body(request, route, self._body_idle_s)
+        outbound = Outbound(
+            method=request.method,
+            url=route.target.url_for(forwarded_path + ("?" + query if query else "")),
+            htu=route.target.htu_for(forwarded_path),
+            headers=_framed(request_headers(request.headers, route.strip), request),
+            body=body if isinstance(body, bytes) else None,
+            has_body=body is not None,
+        )
+        if injector.usable_if_echoed:  # an echo must come back where the scrubber can see it
+            outbound.headers["Accept-Encoding"] = "identity"
+        token = await route.source.get()
+        where = route.where
+        prefetched: bytes | None = None
+        for attempt in (1, 2):
+            outbound.nonce = route.nonce
+            await injector.apply(outbound, token)
+            sent = injector.encode(outbound, body)
+            head, chunked = request_head(
+                request.method,
+                outbound.url.raw_path_qs,
+                route.origin.host_header,
+                outbound.headers,
+                sent,
+            )
+            started = time.perf_counter()
+            answer = await _masking_errors(
+                self._upstreams.exchange(
+                    route.origin,
+                    route.tls.current(),
+                    head,
+                    sent,
+                    chunked=chunked,
+                    method=request.method,
+                    timeouts=route.timeouts,
+                    where=where,
+                ),
+                outbound.secret,
+            )
+            self._metrics.observe_upstream(route.name, time.perf_counter() - started)
+            headers = answer.message.headers
+            if nonce := headers.get("DPoP-Nonce"):
+                route.nonce = nonce
+            if attempt == 2 or not replayable:
+                break
+            retry = _retry_reason(answer)
+            if retry is None and injector.clock_sensitive and answer.status == 403:
+                prefetched = await _small_body(answer)
+                if prefetched is not None and injector.corrects_clock(
+                    403, prefetched, headers.get("Date")
+                ):
+                    retry, prefetched = "clock_skew", None
+            if retry is None:
+                break
+            answer.release()
+            self._metrics.credential_retries.labels(route.name, retry).inc()
+            if retry == "invalid_token":
+                route.source.invalidate(token)
+                token = await route.source.get()
+        key = route.source.key
+        self._usage.record(
+            route=route.name,
+            issuer=key.issuer,
+            label=key.label,
+            fingerprint=token.fingerprint,
+            caller=caller,
+            method=request.method,
+            path=forwarded_path,
+        )
+        if injector.usable_if_echoed and _compressed(answer, request.method):
+            answer.release()
+            raise UpstreamCompressedAnswer(f"{where}: Content-Encoding despite identity asked")
+        await _stream_back(request, answer, outbound.secret, where, prefetched)
+        return answer.status
+
+
+async def _stream_back(
+    request: AppRequest, answer: Answer, secret: str, where: str, prefetched: bytes | None
+) -> None:
+    lines, has_length = response_head_lines(answer.message.raw_headers, secret)
+    reason = answer.message.reason
+    if secret and reason:  # the reason phrase is the upstream's text too
+        reason = Scrubber(secret).masked(reason.encode()).decode(errors="replace")
+    request.start(answer.status, reason, lines, has_length=has_length)
+    connection = request.connection
+    try:
+        scrubber = Scrubber(secret)
+        if prefetched is not None:
+            request.write(scrubber.feed(prefetched) + scrubber.flush())
+        else:
+            body = answer.body
+            while chunk := await body.readany():  # the upstream's errors are UpstreamError
+                data = scrubber.feed(chunk)
+                if body.at_eof():  # the last bytes: the tail held back goes with them
+                    data += scrubber.flush()  # (a small answer leaves in one write)
+                request.write(data)
+                if connection.writing_paused:
+                    await request.drain()
+        request.write(scrubber.flush())
+        request.end()
+    except ProblemError as exc:
+        # Headers are already sent: the only honest signal left is a cut connection.
+        server_log.warning("%s: response cut mid-body: %s", where, exc)
+        request.abort()
+    except ConnectionError:
+        server_log.info("%s: the app closed the connection mid-response", where)
+        request.keep_alive = False
+    finally:
+        answer.release()
+
+
+async def _masking_errors(exchange: Awaitable[Answer], secret: str) -> Answer:
+    """The exchange's answer, or its error with any echo of the credential masked: a second
+    line of defence, as the upstream layer never quotes what an upstream sent."""
+    try:
+        return await exchange
+    except UpstreamError as exc:
+        if secret:
+            exc.args = (Scrubber(secret).masked(str(exc).encode()).decode(errors="replace"),)
+        raise
+
+
+def _compressed(answer: Answer, method: str) -> bool:
+    """Whether the answer has a body in a content coding the scrubber cannot read."""
+    if method == "HEAD" or answer.status in (204, 304):
+        return False
+    codings = ",".join(answer.message.headers.getall("Content-Encoding", ()))
+    return any(c.strip().lower() not in ("", "identity") for c in codings.split(","))
+
+
+def _framed(headers: CIMultiDict[str], request: AppRequest) -> CIMultiDict[str]:
+    """The app's Content-Length re-serialised from the parsed value: the proxy's own framing."""
+    if "Content-Length" in headers and request.content_length is not None:
+        headers["Content-Length"] = str(request.content_length)
+    return headers
+
+
+async def _request_body(
+    request: AppRequest, route: RouteRuntime, idle_s: float
+) -> tuple[bytes | StreamReader | None, bool]:
+    """The body to send and whether it can be sent twice. Streams unless the injector must hash
+    it (bounded: 413 beyond) or it is small enough to keep for one replay."""
+    codings = ",".join(request.headers.getall("Transfer-Encoding", ())).lower()
+    if codings and [c.strip() for c in codings.split(",") if c.strip() != "identity"] != [
+        "chunked"
+    ]:
+        raise TransferCodingNotImplemented(f"Transfer-Encoding {codings[:60]!r}")
+    if not request.body_exists:
+        return None, True
+    length = request.content_length
+    if length is not None and length > _MAX_CONTENT_LENGTH:
+        raise PayloadTooLarge(f"Content-Length {length}")
+    bound = route.injector.body_max_bytes
+    if route.injector.needs_body and length is not None and length > bound:
+        raise PayloadTooLarge(f"body of {length} bytes, route limit {bound}")
+    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
+        request.send_continue()
+    if route.injector.needs_body:
+        return await _read_body(request.body, bound, idle_s), True
+    if length is not None and length <= route.config.retry_body_max_bytes:
+        return await _read_body(request.body, length, idle_s), True
+    return request.body, False
+
+
+async def _read_body(body: StreamReader, bound: int, idle_s: float) -> bytes:
+    """The whole body, at most ``bound`` bytes (413 beyond), each read within ``idle_s`` (408)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        try:
+            async with asyncio.timeout(idle_s):
+                chunk = await body.readany()
+        except TimeoutError:
+            raise RequestTimeout(f"no request body byte for {idle_s:g}s") from None
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > bound:
+            raise PayloadTooLarge(f"body over the route limit of {bound} bytes")
+        chunks.append(chunk)
+
+
+async def _small_body(answer: Answer) -> bytes | None:
+    """An error body worth inspecting: small and of known length; None leaves it streaming."""
+    length = answer.message.headers.get("Content-Length")
+    if length is None or int(length) > 65536:
+        return None
+    return await answer.body.read()
+
+
+def _retry_reason(answer: Answer) -> str | None:
+    """RFC 6750 / RFC 9449 errors after which one replay with a new token or nonce can succeed."""
+    if answer.status != 401:
+        return None
+    headers = answer.message.headers
+    challenge = ",".join(headers.getall("WWW-Authenticate", ()))
+    if 'error="use_dpop_nonce"' in challenge and "DPoP-Nonce" in headers:
+        return "use_dpop_nonce"
+    if 'error="invalid_token"' in challenge:
+        return "invalid_token"
+    return None

@@ -1,0 +1,392 @@
+"""The app listener's wire: HTTP/1.1 connections read by aiohttp's own request parser.
+
+A raw protocol instead of aiohttp's web server (the hot path's other large cost): the same
+strict parser and limits, requests answered one at a time in order (pipelining), keep-alive
+with an idle timeout, and a request the parser refuses answered 400 before the connection
+closes. The handler answers through ``AppRequest``; nothing here knows about credentials.
+
+Every connection is bound to its caller when it is accepted, before a byte of it is read
+(``callers.from_socket``); the admission check and the connection limits (in total and per uid,
+``app_limits``) may refuse it there, with one problem answer and a close.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter, deque
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+
+from aiohttp import StreamReader
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpProcessingError, HttpRequestParser, RawRequestMessage
+from aiohttp.streams import EmptyStreamReader
+from multidict import CIMultiDictProxy
+from yarl import URL
+
+from ..access.callers import UNKNOWN, Caller, from_socket
+from ..errors import HeadTooLarge, MalformedRequest, ProblemError, TooManyConnections
+from ..log import server_log
+from ..tasks import spawn
+
+_READ_LIMIT = 2**16  # buffered body bytes before the app is paused
+_MAX_QUEUED = 8  # pipelined requests parsed ahead before the app is paused
+_NO_BODY = frozenset({204, 304})
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+_LINGER_S = 2.0  # after a refusal, for the app to read it
+_MAX_LINGERING = 64
+
+
+class AppGone(ConnectionResetError):
+    """The app closed its connection while its request was being served."""
+
+
+class AppRequest:
+    """One parsed request and the way back to the app: ``send`` a whole answer, or ``start``,
+    ``write`` (and ``drain``) and ``end`` a streamed one."""
+
+    __slots__ = (
+        "message", "body", "method", "target", "url", "headers", "keep_alive", "status",
+        "_connection", "_chunked", "_head",
+    )  # fmt: skip
+
+    def __init__(
+        self, connection: AppConnection, message: RawRequestMessage, body: StreamReader
+    ) -> None:
+        self.message = message
+        self.body = body
+        self.method: str = message.method
+        self.target: str = message.path  # as sent: origin-form path and query, or absolute-form
+        self.url: URL = message.url
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.keep_alive = not message.should_close
+        self.status = 0  # of the answer, once started
+        self._connection = connection
+        self._chunked = False
+        self._head = b""  # held back to go out with the first body bytes: one write
+
+    @property
+    def version(self) -> tuple[int, int]:
+        return tuple(self.message.version)  # type: ignore[return-value]
+
+    @property
+    def body_exists(self) -> bool:
+        return not isinstance(self.body, EmptyStreamReader)
+
+    @property
+    def content_length(self) -> int | None:
+        value = self.message.headers.get("Content-Length")
+        return int(value) if value is not None else None  # the parser checked its digits
+
+    @property
+    def connection(self) -> AppConnection:
+        return self._connection
+
+    def send_continue(self) -> None:
+        self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+
+    def start(self, status: int, reason: str, header_lines: bytes, *, has_length: bool) -> None:
+        """The answer's head; ``header_lines`` are complete ``Name: value\\r\\n`` lines without
+        hop-by-hop fields; the body is framed by their Content-Length when ``has_length``, else
+        chunked (HTTP/1.1) or by closing the connection (HTTP/1.0)."""
+        self.status = status
+        bodyless = self.message.method == "HEAD" or status in _NO_BODY or status < 200
+        framing = b""
+        if not bodyless and not has_length:
+            if self.message.version >= (1, 1):
+                self._chunked, framing = True, b"Transfer-Encoding: chunked\r\n"
+            else:
+                self.keep_alive = False
+        if not self.keep_alive:
+            framing += b"Connection: close\r\n"
+        elif self.message.version < (1, 1):
+            framing += b"Connection: keep-alive\r\n"
+        version = b"HTTP/1.1" if self.message.version >= (1, 1) else b"HTTP/1.0"
+        self._head = b"%s %d %s\r\n%s%s\r\n" % (
+            version,
+            status,
+            reason.encode("latin-1", "replace"),
+            header_lines,
+            framing,
+        )
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        if self._chunked:
+            data = b"%x\r\n%b\r\n" % (len(data), data)
+        if self._head:
+            data, self._head = self._head + data, b""
+        self._connection.write(data)
+
+    async def drain(self) -> None:
+        await self._connection.drain()
+
+    def end(self) -> None:
+        tail = b"0\r\n\r\n" if self._chunked else b""
+        if self._head or tail:
+            data, self._head = self._head + tail, b""
+            self._connection.write(data)
+
+    def send(self, status: int, reason: str, headers: dict[str, str], body: bytes) -> None:
+        self.start(status, reason, _whole_body_lines(headers, body), has_length=True)
+        self.write(body)
+        self.end()
+
+    def abort(self) -> None:
+        """Headers are out and the body cannot be completed: a cut connection is the signal."""
+        self.keep_alive = False
+        self._connection.abort()
+
+
+def _described(error: HttpProcessingError) -> str:
+    """The parser's description of what is wrong, without the quoted request line after it."""
+    return str(error.message).split("\n", 1)[0].rstrip(":") or type(error).__name__
+
+
+def _whole_body_lines(headers: dict[str, str], body: bytes) -> bytes:
+    """Header lines of an answer credproxy writes itself, its Content-Length included."""
+    lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    return f"{lines}Content-Length: {len(body)}\r\n".encode("latin-1")
+
+
+Handler = Callable[[AppRequest], Awaitable[None]]
+# At accept: (caller, the limits' refusal or None) → the refusal to answer, or None to serve.
+Admit = Callable[[Caller, ProblemError | None], ProblemError | None]
+
+
+class Limits:
+    """``app_limits`` as enforced: ``max_connections`` already lowered under RLIMIT_NOFILE."""
+
+    __slots__ = ("max_head_bytes", "max_connections", "max_connections_per_uid")
+
+    def __init__(
+        self, max_head_bytes: int, max_connections: int, max_connections_per_uid: int
+    ) -> None:
+        self.max_head_bytes = max_head_bytes
+        self.max_connections = max_connections
+        self.max_connections_per_uid = min(max_connections_per_uid, max_connections)
+
+
+class AppConnection(BaseProtocol):
+    """One app connection: parse, queue, answer in order, keep alive while idle."""
+
+    __slots__ = (
+        "_listener", "_queue", "_task", "_reading", "_refusal", "_head_bytes", "_head_tail", "caller",
+        "closing", "idle_since",
+    )  # fmt: skip
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, listener: AppListener) -> None:
+        super().__init__(
+            loop,
+            HttpRequestParser(
+                self, loop, _READ_LIMIT, max_line_size=8190, max_field_size=8190,
+                max_headers=128, payload_exception=MalformedRequest, auto_decompress=False,
+            ),
+        )  # fmt: skip
+        self._listener = listener
+        self._queue: deque[tuple[RawRequestMessage, StreamReader]] = deque()
+        self._task: asyncio.Task[None] | None = None
+        self.idle_since: float | None = None  # no request in progress since; see ``AppListener``
+        self._reading: StreamReader | None = None  # the body being received
+        self._refusal: ProblemError | None = None  # to answer once the queue is done
+        self._head_bytes = 0  # of a head not yet complete
+        self._head_tail = b""  # its last bytes: "\r\n\r\n" may straddle two reads
+        self.caller = UNKNOWN  # bound at accept, before any byte is read
+        self.closing = False  # answer what is in flight, then close
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        listener = self._listener
+        limits = listener.limits
+        over_limit: ProblemError | None = None
+        if len(listener.connections) >= limits.max_connections:
+            over_limit = TooManyConnections(f"{limits.max_connections} app connections open")
+        else:
+            self.caller = from_socket(transport.get_extra_info("socket"))
+            if listener.per_uid[self.caller.uid] >= limits.max_connections_per_uid:
+                over_limit = TooManyConnections(
+                    f"{limits.max_connections_per_uid} app connections open from uid "
+                    f"{self.caller.uid}"
+                )
+        refusal = listener.admit(self.caller, over_limit)
+        if refusal is not None:
+            self._parser = None
+            self._send_refusal(refusal)
+            return
+        listener.connections.add(self)
+        listener.per_uid[self.caller.uid] += 1
+        self.idle_since = self._loop.time()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        listener = self._listener
+        listener.lingering.pop(self, None)
+        if self in listener.connections:
+            listener.connections.discard(self)
+            uid = self.caller.uid
+            listener.per_uid[uid] -= 1
+            if listener.per_uid[uid] <= 0:
+                del listener.per_uid[uid]
+        self._parser = None
+        if self._reading is not None and not self._reading.is_eof():
+            self._reading.set_exception(AppGone("the app closed the connection mid-body"))
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None or self._refusal is not None:
+            return  # after a refusal or an upgrade request nothing more is read
+        reading = self._reading
+        if (reading is None or reading.is_eof()) and self._over_head_limit(data):
+            limit = self._listener.limits.max_head_bytes
+            self._refuse(HeadTooLarge(f"request head over {limit} bytes"))
+            return
+        try:
+            messages, upgraded, _ = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._refuse(MalformedRequest(_described(exc)))
+            return
+        if messages:
+            self._head_bytes, self._head_tail = 0, b""
+            self.idle_since = None
+            self._queue.extend(messages)
+            payload = messages[-1][1]
+            self._reading = None if payload.is_eof() else payload
+            if len(self._queue) > _MAX_QUEUED:
+                self._pause_reading_for_buffer()
+            if self._task is None:
+                self._task = self._loop.create_task(self._serve())
+        if upgraded:  # never tunnelled: the request is answered as a plain one, then close
+            self._parser = None
+            self.closing = True
+
+    def _over_head_limit(self, data: bytes) -> bool:
+        """Count ``data`` (received between requests) up to the end of the head it continues:
+        whether the head has grown past ``max_head_bytes``. Heads after the first in one read
+        are bounded by the read's size and the parser's own limits."""
+        seen = self._head_tail + data
+        end = seen.find(b"\r\n\r\n")
+        self._head_bytes += len(data) if end < 0 else end + 4 - len(self._head_tail)
+        self._head_tail = seen[-3:]
+        return self._head_bytes > self._listener.limits.max_head_bytes
+
+    def _refuse(self, error: ProblemError) -> None:
+        """``error``'s text never quotes the request's bytes: they may hold a secret."""
+        self._parser = None
+        reading = self._reading
+        if reading is not None and not reading.is_eof():
+            # The body being read breaks its framing: its request gets the 400 itself.
+            reading.set_exception(error)
+            self.closing = True
+        elif self._task is None:
+            self._send_refusal(error)
+        else:
+            self._refusal = error  # after the requests before it
+
+    def _send_refusal(self, error: ProblemError) -> None:
+        server_log.warning("app connection closed: %s: %s", error.code.replace("_", " "), error)
+        headers, body = error.problem()
+        lines = _whole_body_lines(headers, body)
+        reason = _REASONS.get(error.status, "").encode()
+        self.write(
+            b"HTTP/1.1 %d %b\r\n%bConnection: close\r\n\r\n%b" % (error.status, reason, lines, body)
+        )
+        self.close()
+
+    async def _serve(self) -> None:
+        try:
+            while self._queue and self.transport is not None:
+                message, payload = self._queue.popleft()
+                if self._buffer_paused and len(self._queue) <= _MAX_QUEUED // 2:
+                    self._resume_reading_for_buffer()
+                request = AppRequest(self, message, payload)
+                if self.closing:
+                    request.keep_alive = False
+                try:
+                    await self._listener.handler(request)
+                except Exception:  # the handler answers every error itself: this is a bug
+                    server_log.exception("%s %s: unexpected error", message.method, message.path)
+                    request.keep_alive = False
+                if not (request.keep_alive and payload.is_eof()) or self.closing:
+                    self.close()
+                    return
+            if self._refusal is not None:
+                self._send_refusal(self._refusal)
+                return
+        finally:
+            self._task = None
+        if self.transport is not None:
+            self.idle_since = self._loop.time()
+
+    @property
+    def busy(self) -> bool:
+        return self._task is not None
+
+    def write(self, data: bytes) -> None:
+        if self.transport is None:
+            raise AppGone("the app closed the connection")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        if self.writing_paused:
+            try:
+                await self._drain_helper()
+            except ConnectionError:
+                raise AppGone("the app closed the connection") from None
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+
+
+class AppListener:
+    """What every app connection shares; a protocol factory for ``create_server``."""
+
+    def __init__(self, handler: Handler, admit: Admit, keepalive_s: float, limits: Limits) -> None:
+        self.handler = handler
+        self.admit = admit
+        self.keepalive_s = keepalive_s
+        self.limits = limits
+        self.connections: set[AppConnection] = set()
+        self.per_uid: Counter[int | None] = Counter()
+        self.lingering: dict[AppConnection, float] = {}  # refused, until: see ``_linger``
+        self._sweep: asyncio.Task[None] | None = None
+
+    def __call__(self) -> AppConnection:
+        if self._sweep is None:
+            self._sweep = spawn(self._close_idle_every(0.25), name="app-idle-sweep")
+        return AppConnection(asyncio.get_running_loop(), self)
+
+    async def _close_idle_every(self, interval_s: float) -> None:
+        """Connections without a request in progress for ``keepalive_s`` are closed (a head
+        that never completes included): a sweep, not a timer per request."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            now = loop.time()
+            expired = now - self.keepalive_s
+            for connection in list(self.connections):
+                if connection.idle_since is not None and connection.idle_since <= expired:
+                    connection.abort()
+            for connection, until in list(self.lingering.items()):
+                if until <= now:
+                    connection.abort()
+
+    async def drain(self, timeout_s: float) -> None:
+        """Idle connections close now; busy ones after their answer, or at ``timeout_s``."""
+        for connection in list(self.connections):
+            connection.closing = True
+            if not connection.busy:
+                connection.close()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        while any(c.busy for c in self.connections) and loop.time() < deadline:
+            await asyncio.sleep(0.05)
+        for connection in [*self.connections, *self.lingering]:
+            connection.abort()
+        if self._sweep is not None:
+            self._sweep.cancel()

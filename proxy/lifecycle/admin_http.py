@@ -1,0 +1,254 @@
+"""What the telemetry (``admin:``) and control listeners share: aiohttp's HTTP/1.1 parser with a
+bound on each request head and on keep-alive idle (a sweep, as on the app listener), a Host
+allow-list against DNS rebinding, the caller identified by the kernel when a connection is
+accepted, bounded bodies, and every refusal answered as problem+json, audited and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import os
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
+from ..access.break_glass import BreakGlass
+from ..access.callers import UNKNOWN, Caller, from_socket
+from ..audit.trail import Audit
+from ..audit.usage import Usage
+from ..config.model import Config
+from ..errors import (
+    HostNotAllowed,
+    InvalidControlRequest,
+    MethodNotAllowed,
+    NotFound,
+    ProblemError,
+    RequestTimeout,
+)
+from ..inbound.routing import request_host
+from ..inbound.runtime import Runtime
+from ..log import server_log
+from ..metrics import Metrics
+from ..tasks import spawn
+from .unix_socket import bind_unix
+
+Endpoint = Callable[[web.BaseRequest, Caller], Awaitable[web.StreamResponse]]
+Check = Callable[[web.BaseRequest, Caller], None]
+_SWEEP_INTERVAL_S = 0.25
+
+
+class Sidecar(Protocol):
+    """What the admin and control endpoints read from the running server."""
+
+    @property
+    def runtime(self) -> Runtime: ...
+    @property
+    def config(self) -> Config: ...
+    @property
+    def draining(self) -> bool: ...
+    @property
+    def metrics(self) -> Metrics: ...
+    @property
+    def audit(self) -> Audit: ...
+    @property
+    def usage(self) -> Usage: ...
+    @property
+    def break_glass(self) -> BreakGlass: ...
+    def sample_gauges(self) -> None: ...
+
+
+def problem_response(exc: ProblemError) -> web.Response:
+    headers, body = exc.problem()
+    return web.Response(status=exc.status, body=body, headers=headers)
+
+
+def host_is_local(host_header: str | None, local_names: frozenset[str]) -> bool:
+    """IP literals, ``localhost`` and configured ``local_names``: a DNS-rebinding page has a
+    DNS name of its own, never one of these. No Host (HTTP/1.0) counts as localhost."""
+    if host_header is None:
+        return True
+    host = request_host(host_header)
+    if host is None:
+        return False
+    if host == "localhost" or host in local_names:
+        return True
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class _Connection(RequestHandler):
+    """aiohttp's connection protocol, plus the caller (looked up when the connection is
+    accepted, before any byte is read) and the time by which its next head must be complete."""
+
+    caller: Caller
+    deadline: float | None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.caller = from_socket(transport.get_extra_info("socket"))
+        self.deadline = self._loop.time() + self.keepalive_timeout
+        super().connection_made(transport)
+
+
+class AdminServer(web.Server):
+    """One listener's HTTP server: ``endpoints`` by path and method, behind the Host check and
+    ``check`` (the control plane's caller check), with heads bounded by ``head_timeout_s``."""
+
+    def __init__(
+        self,
+        name: str,
+        endpoints: Mapping[str, Mapping[str, Endpoint]],
+        *,
+        local_names: Iterable[str],
+        head_timeout_s: float,
+        audit: Audit,
+        metrics: Metrics,
+        check: Check | None = None,
+    ) -> None:
+        super().__init__(self._serve)
+        self.name = name
+        self._endpoints = endpoints
+        self._local_names = frozenset(n.lower() for n in local_names)
+        self._head_timeout_s = head_timeout_s
+        self._audit = audit
+        self._metrics = metrics
+        self._check = check
+        self._sweep: asyncio.Task[None] | None = None
+        self._servers: list[asyncio.Server] = []
+
+    def __call__(self) -> _Connection:
+        if self._sweep is None:
+            self._sweep = spawn(
+                self._close_late_every(_SWEEP_INTERVAL_S), name=f"{self.name}-sweep"
+            )
+        return _Connection(
+            self,
+            loop=asyncio.get_running_loop(),
+            keepalive_timeout=self._head_timeout_s,  # aiohttp's own idle close, same bound
+            access_log=None,  # type: ignore[arg-type]
+            max_line_size=8190,
+            max_field_size=8190,
+            max_headers=64,
+        )
+
+    async def listen_tcp(self, host: str, port: int) -> int:
+        """Listen on ``host:port``; returns the port bound."""
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(self, host, port, reuse_address=True)
+        self._servers.append(server)
+        return int(server.sockets[0].getsockname()[1])
+
+    async def listen_unix(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        self._servers.append(await loop.create_unix_server(self, sock=sock))
+
+    async def aclose(self) -> None:
+        for server in self._servers:
+            server.close()
+        self.pre_shutdown()
+        await self.shutdown(1.0)
+        if self._sweep is not None:
+            self._sweep.cancel()
+            await asyncio.gather(self._sweep, return_exceptions=True)
+
+    async def _close_late_every(self, interval_s: float) -> None:
+        """Connections whose head is not complete by its deadline (half-sent, trickled, or an
+        idle keep-alive) are closed: aiohttp's parser alone would wait an hour."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            now = loop.time()
+            for connection in self.connections:
+                deadline = getattr(connection, "deadline", None)
+                if deadline is not None and deadline <= now:
+                    connection.force_close()
+
+    async def _serve(self, request: web.BaseRequest) -> web.StreamResponse:
+        connection = request.protocol
+        caller = getattr(connection, "caller", UNKNOWN)
+        if isinstance(connection, _Connection):
+            connection.deadline = None  # the head is in; the body has its own bound
+        try:
+            if not host_is_local(request.headers.get("Host"), self._local_names):
+                raise HostNotAllowed(f"Host {request.headers.get('Host', '')[:100]!r}")
+            if self._check is not None:
+                self._check(request, caller)
+            methods = self._endpoints.get(request.path)
+            if methods is None:
+                raise NotFound(request.path[:100])
+            endpoint = methods.get(request.method)
+            if endpoint is None:
+                raise MethodNotAllowed(request.method[:16])
+            return await endpoint(request, caller)
+        except ProblemError as exc:
+            return self._refused(request, caller, exc)
+        finally:
+            if isinstance(connection, _Connection):
+                connection.deadline = asyncio.get_running_loop().time() + self._head_timeout_s
+
+    def _refused(self, request: web.BaseRequest, caller: Caller, exc: ProblemError) -> web.Response:
+        if exc.status == 403:
+            self._metrics.denied.labels(exc.code).inc()
+            self._audit.emit(
+                "request.denied",
+                reason=exc.code,
+                listener=self.name,
+                method=request.method[:16],
+                path=request.raw_path[:256],
+                caller=caller.attributes(),
+            )
+            server_log.warning(
+                "%s listener: %s %s refused (%s): %s; caller %s",
+                self.name,
+                request.method[:16],
+                request.path[:100],
+                exc.code,
+                exc,
+                caller.attributes(),
+            )
+        return problem_response(exc)
+
+
+async def read_body(request: web.BaseRequest, *, max_bytes: int, timeout_s: float) -> bytes:
+    """The whole body, at most ``max_bytes``, within ``timeout_s``."""
+    if request.content_length is not None and request.content_length > max_bytes:
+        raise InvalidControlRequest(f"body of {request.content_length} bytes; at most {max_bytes}")
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout_s):
+            while chunk := await request.content.readany():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise InvalidControlRequest(f"body over {max_bytes} bytes")
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestTimeout(f"body not complete within {timeout_s:g}s") from None
+    return b"".join(chunks)
+
+
+def unix_socket(path: str, mode: int, *, where: str) -> socket.socket:
+    """A listening Unix socket created with ``mode`` (``unix_socket.bind_unix``: through the
+    umask, in a directory no other user can write to); the directory is made (0700) if missing."""
+    Path(path).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    sock = bind_unix(path, mode, where=where)
+    sock.listen(64)
+    sock.setblocking(False)
+    return sock
+
+
+def remove_socket(path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def json_response(data: Any, status: int = 200) -> web.Response:
+    return web.json_response(data, status=status, headers={"Cache-Control": "no-store"})

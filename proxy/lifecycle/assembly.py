@@ -1,0 +1,164 @@
+"""Assembly: one config into a ``Runtime`` — the DPoP key, issuers, token sources and every
+route's facts. On a reload, what did not change (the DPoP key, issuers, their sources and
+tokens) is carried over from the previous runtime.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+
+from ..access.policy import Admission, RoutePolicy
+from ..audit.trail import Audit
+from ..config.model import Config, Route
+from ..credentials.dpop import DPoPKey
+from ..credentials.injectors import Signing, make_injector
+from ..credentials.issuers import ISSUERS, Issuer, SelfSignedJWTIssuer
+from ..credentials.signing import SignatureBatch
+from ..credentials.token_cache import CacheKey, MintingSource, Token, TokenSource
+from ..credentials.token_share import SHARED_TYPES, LeaderClient
+from ..inbound.guard import Guard
+from ..inbound.routing import RouteTable, Target
+from ..inbound.runtime import RouteRuntime, Runtime
+from ..metrics import Metrics
+from ..outbound.hygiene import CREDENTIAL_HEADERS, HOP_BY_HOP, OVERRIDE_HEADERS
+from ..outbound.tls import ClientTLS
+from ..outbound.upstream import Origin, Timeouts
+
+
+def build(
+    config: Config,
+    *,
+    session: aiohttp.ClientSession,
+    metrics: Metrics,
+    audit: Audit,
+    previous: Runtime | None = None,
+    dpop_key: DPoPKey | None = None,
+    leader: LeaderClient | None = None,
+) -> Runtime:
+    """Raise ``IdentityError`` (naming the config path) when a key or secret file is unusable.
+
+    On a reload, ``previous`` lends what did not change: the DPoP key (cached tokens are bound to
+    it), issuers whose config is the same, and their token sources with the tokens they hold."""
+    if previous is not None and previous.config.identity == config.identity:
+        same, dpop_key = previous.issuers, previous.signing.dpop_key
+    else:
+        same, dpop_key = {}, dpop_key or DPoPKey(config.identity.dpop_alg)
+    signing = Signing(dpop_key, previous.signing.batch if previous else SignatureBatch())
+    issuers: dict[str, Issuer] = {
+        name: same[name]
+        if name in same and same[name].config == issuer
+        else ISSUERS[issuer.type](
+            name,
+            issuer,  # the table pairs each type with its config model
+            session=session,
+            dpop_key=dpop_key,
+            identity=config.identity,
+        )
+        for name, issuer in config.issuers.items()
+    }
+    sources: dict[CacheKey, TokenSource | MintingSource] = {}
+    routes: list[RouteRuntime] = []
+    for i, route in enumerate(config.routes):
+        credential = route.credential
+        issuer = issuers[credential.issuer]
+        injector = make_injector(route, issuer, signing)
+        key = CacheKey(
+            credential.issuer, credential.audience, credential.scope, injector.binds_token
+        )
+        kept = previous.sources.get(key) if previous is not None else None
+        if kept is not None and issuers[key.issuer] is same.get(key.issuer):
+            sources[key] = kept
+        elif key not in sources:
+            sources[key] = (
+                MintingSource(key, key_id=issuer.kid, audit=audit)
+                if isinstance(issuer, SelfSignedJWTIssuer)
+                else _source(
+                    key,
+                    issuer,
+                    metrics=metrics,
+                    audit=audit,
+                    leader=leader,
+                    revoke_min_interval_s=config.control.revoke_min_interval_s,
+                )
+            )
+        tls = ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=f"routes[{i}]")
+        routes.append(
+            RouteRuntime(
+                name=route.name,
+                config=route,
+                target=Target.of(route.upstream),
+                source=sources[key],
+                injector=injector,
+                strip=HOP_BY_HOP
+                | CREDENTIAL_HEADERS
+                | injector.strip
+                | {h.lower() for h in route.strip_headers}
+                | (frozenset() if route.allow_method_override else OVERRIDE_HEADERS),
+                origin=Origin.of(route.upstream),
+                timeouts=Timeouts(
+                    connect_s=route.timeouts.connect_s,
+                    idle_s=route.timeouts.idle_s,
+                    total_s=route.timeouts.total_s,
+                ),
+                tls=tls,
+                policy=RoutePolicy(route.allow, config.callers),
+            )
+        )
+    for source in sources.values():
+        source.routes = tuple(r.name for r in routes if r.source is source)
+    guard = Guard([*config.local_names, *(route.host for route in config.routes if route.host)])
+    return Runtime(
+        guard,
+        Admission(config.callers),
+        RouteTable(config.routes),
+        routes,
+        sources,
+        issuers,
+        signing,
+        config,
+    )
+
+
+def _client_certificate(route: Route, issuer: Issuer) -> tuple[Path | None, Path | None]:
+    """The route's own client certificate; else, when its issuer authenticates with one
+    (tls_client_auth), that one: the issuer's tokens may be bound to it (RFC 8705 §3)."""
+    if route.client_cert_file is not None:
+        return route.client_cert_file, route.client_key_file
+    config = issuer.config
+    if getattr(config, "client_auth", None) == "tls_client_auth":
+        return config.client_cert_file, config.client_key_file
+    return None, None
+
+
+def _source(
+    key: CacheKey,
+    issuer: Issuer,
+    *,
+    metrics: Metrics,
+    audit: Audit,
+    leader: LeaderClient | None,
+    revoke_min_interval_s: float,
+) -> TokenSource:
+    follower = leader is not None and issuer.config.type in SHARED_TYPES
+
+    async def fetch() -> Token:
+        if follower:
+            assert leader is not None
+            return await leader.fetch(key)
+        return await issuer.fetch(key)
+
+    return TokenSource(
+        key,
+        fetch,
+        revoke=issuer.revoke,
+        owns_tokens=not follower,  # the leader revokes what it fetched
+        metrics=metrics,
+        audit=audit,
+        refresh_ahead_s=getattr(issuer.config, "refresh_ahead_s", None),
+        backoff_max_s=getattr(issuer.config, "backoff_max_s", 30.0),
+        revoke_min_interval_s=revoke_min_interval_s,
+        # a token request may take discovery and a token call, each within the issuer's timeout
+        wait_max_s=max(60.0, 2 * getattr(issuer.config, "request_timeout_s", 0.0) + 5.0),
+    )

@@ -1,0 +1,363 @@
+"""The upstream side's wire: pooled keep-alive HTTP/1.1 connections, one exchange at a time.
+
+A raw protocol on aiohttp's own response parser (``aiohttp.http``), without the client's
+per-request machinery: the hot path's largest cost. A connection goes back to its origin's pool
+only when its answer was read to the end and neither side asked to close. Errors leave here as
+the ``UpstreamError`` family, naming the route and upstream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import ssl
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+
+from aiohttp import StreamReader
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import HttpProcessingError, HttpResponseParser, RawResponseMessage
+from multidict import CIMultiDict
+from yarl import URL
+
+from ..errors import (
+    UpstreamConnectError,
+    UpstreamError,
+    UpstreamProtocolError,
+    UpstreamTimeout,
+    UpstreamTLSError,
+)
+from ..tasks import spawn
+
+Body = bytes | StreamReader | AsyncIterable[bytes] | None
+_READ_LIMIT = 2**16  # buffered answer bytes before the upstream is paused
+_DEFAULT_TLS = ssl.create_default_context()
+_SWEEP_S = 0.1  # how often timeouts are checked: their precision
+_QUOTED = re.compile(r"""(?:\bb)?['"]""")  # where aiohttp starts quoting what it parsed
+
+
+@dataclass(frozen=True, slots=True)
+class Origin:
+    """Where a route's connections go: ``of`` takes the upstream URL."""
+
+    host: str
+    port: int
+    tls: bool
+    host_header: str  # as the Host header names it: default port left out
+
+    @classmethod
+    def of(cls, upstream: str) -> Origin:
+        url = URL(upstream)
+        host = url.raw_host or ""
+        port = url.port or (443 if url.scheme == "https" else 80)
+        name = f"[{host}]" if ":" in host else host
+        explicit = url.explicit_port not in (None, {"http": 80, "https": 443}.get(url.scheme))
+        return cls(host, port, url.scheme == "https", f"{name}:{port}" if explicit else name)
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    connect_s: float
+    idle_s: float  # longest silence while an answer is awaited or read
+    total_s: float  # the whole exchange, answer body included
+
+
+class Answer:
+    """The upstream's answer: its head, its body stream, and ``release`` when done with it."""
+
+    __slots__ = ("message", "body", "_connection")
+
+    def __init__(
+        self, message: RawResponseMessage, body: StreamReader, connection: _Connection
+    ) -> None:
+        self.message = message
+        self.body = body
+        self._connection = connection
+
+    @property
+    def status(self) -> int:
+        return self.message.code
+
+    def release(self) -> None:
+        """Back to the pool when the body was read to its end; closed otherwise."""
+        self._connection.finish(self.body.is_eof() and not self.message.should_close)
+
+
+def _described(error: HttpProcessingError) -> str:
+    """The parser's words for what is wrong, without the bytes it quotes after them: an
+    upstream may echo the credential anywhere, its status line included."""
+    words = _QUOTED.split(str(error.message), 1)[0]
+    return " ".join(words.split()).rstrip(" :") or type(error).__name__
+
+
+class _Connection(BaseProtocol):
+    __slots__ = (
+        "_pool", "_watched", "_answer", "_payload", "_where", "_deadline", "_idle_s",
+        "_last_read", "received", "idle_since",
+    )  # fmt: skip
+
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, pool: list[_Connection], watched: set[_Connection]
+    ) -> None:
+        super().__init__(loop)
+        self._pool = pool
+        self._watched = watched  # exchanges awaiting or reading an answer: see ``Upstreams``
+        self._answer: asyncio.Future[tuple[RawResponseMessage, StreamReader]] | None = None
+        self._payload: StreamReader | None = None
+        self._where = ""
+        self._deadline = 0.0
+        self._idle_s = 0.0
+        self._last_read = 0.0
+        self.received = False  # any byte of this exchange's answer
+        self.idle_since = 0.0
+
+    def start(self, method: str, where: str, deadline: float, idle_s: float) -> None:
+        """A new exchange: a parser for its answer (HEAD answers have no body)."""
+        self._parser = HttpResponseParser(
+            self,
+            self._loop,
+            _READ_LIMIT,
+            max_line_size=8190,
+            max_field_size=8190,
+            response_with_body=method != "HEAD",
+            read_until_eof=True,
+            auto_decompress=False,  # bodies pass through byte for byte
+        )
+        self._answer = self._loop.create_future()
+        self._payload = None
+        self._where = where
+        self._deadline = deadline
+        self._idle_s = idle_s
+        self.received = False
+
+    def awaiting(self) -> None:
+        """The request is sent: from now on the upstream's silence counts (``idle_s``)."""
+        self._last_read = self._loop.time()
+        self._watched.add(self)
+
+    def check_timeouts(self, now: float) -> None:
+        """Called by the pool's sweep a few times a second: no timer per exchange."""
+        if now >= self._deadline:
+            self._fail(UpstreamTimeout(f"{self._where}: no complete answer in time (total_s)"))
+        elif not self._reading_paused and now - self._last_read >= self._idle_s:
+            self._fail(UpstreamTimeout(f"{self._where}: silent for {self._idle_s:g}s (idle_s)"))
+
+    def data_received(self, data: bytes) -> None:
+        parser = self._parser
+        if parser is None:  # bytes nobody asked for: this connection cannot be trusted again
+            self._close()
+            return
+        if data:
+            self.received = True
+            self._last_read = self._loop.time()
+        try:
+            messages, upgraded, _ = parser.feed_data(data)
+        except HttpProcessingError as exc:
+            self._fail(UpstreamProtocolError(f"{self._where}: invalid answer: {_described(exc)}"))
+            return
+        for message, payload in messages:
+            if message.code == 101 or upgraded:
+                self._fail(UpstreamProtocolError(f"{self._where}: unrequested protocol switch"))
+                return
+            if message.code < 200:
+                continue  # interim answers (100, 103) are not relayed
+            answer = self._answer
+            if answer is not None and not answer.done():
+                self._payload = payload
+                answer.set_result((message, payload))
+        if self._payload is not None and self._payload.is_eof():
+            self._watched.discard(self)  # the whole answer is here
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        if self in self._pool:
+            self._pool.remove(self)
+        parser, self._parser = self._parser, None
+        if parser is None:
+            return
+        try:
+            parser.feed_eof()  # ends a body read until EOF; a cut one raises
+        except HttpProcessingError as error:
+            self._fail(UpstreamProtocolError(f"{self._where}: answer cut: {_described(error)}"))
+            return
+        self._fail(UpstreamProtocolError(f"{self._where}: connection closed before an answer"))
+
+    def _fail(self, error: UpstreamError) -> None:
+        """Whoever waits on this exchange gets ``error``; the connection is not reused."""
+        answer, payload = self._answer, self._payload
+        if answer is not None and not answer.done():
+            answer.set_exception(error)
+        elif payload is not None and not payload.is_eof():
+            payload.set_exception(error)
+        self._close()
+
+    def _close(self) -> None:
+        self._watched.discard(self)
+        self._parser = None
+        if self.transport is not None:
+            self.transport.abort()
+
+    async def answer(self) -> tuple[RawResponseMessage, StreamReader]:
+        assert self._answer is not None
+        return await self._answer
+
+    def finish(self, reusable: bool) -> None:
+        self._watched.discard(self)
+        self._answer = self._payload = self._parser = None
+        if reusable and self.transport is not None and not self.transport.is_closing():
+            self.idle_since = self._loop.time()
+            self._pool.append(self)
+        else:
+            self._close()
+
+
+class Upstreams:
+    """Keep-alive connections per origin and TLS context, opened on demand, reused LIFO."""
+
+    def __init__(self, keepalive_s: float = 30.0) -> None:
+        self._keepalive_s = keepalive_s
+        self._idle: dict[tuple[str, int, int], list[_Connection]] = {}
+        self._watched: set[_Connection] = set()
+        self._sweep: asyncio.Task[None] | None = None
+
+    async def _sweep_every(self, interval_s: float) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(interval_s)
+            now = loop.time()
+            for connection in list(self._watched):
+                connection.check_timeouts(now)
+
+    async def exchange(
+        self,
+        origin: Origin,
+        tls: ssl.SSLContext | bool,
+        head: bytes,
+        body: Body,
+        *,
+        chunked: bool,
+        method: str,
+        timeouts: Timeouts,
+        where: str,
+    ) -> Answer:
+        """Send one request (``head`` serialised by ``request_head``) and await its answer's
+        head. A pooled connection the upstream closed before answering is replaced once, when
+        the body can be sent again."""
+        loop = asyncio.get_running_loop()
+        if self._sweep is None:
+            self._sweep = spawn(self._sweep_every(_SWEEP_S), name="upstream-timeouts")
+        deadline = loop.time() + timeouts.total_s
+        context = (tls if isinstance(tls, ssl.SSLContext) else _DEFAULT_TLS) if origin.tls else None
+        pool = self._idle.setdefault((origin.host, origin.port, id(context)), [])
+        replayable = body is None or isinstance(body, bytes)
+        while True:
+            connection = self._pooled(pool, loop.time())
+            reused = connection is not None
+            if connection is None:
+                connection = await self._connect(loop, origin, context, pool, timeouts, where)
+            connection.start(method, where, deadline, timeouts.idle_s)
+            try:
+                await _send(connection, head, body, chunked, deadline, where)
+                connection.awaiting()
+                message, payload = await connection.answer()
+            except UpstreamError:
+                if reused and replayable and not connection.received:
+                    connection.finish(False)
+                    continue  # the upstream had closed it while idle
+                connection.finish(False)
+                raise
+            except BaseException:
+                connection.finish(False)
+                raise
+            return Answer(message, payload, connection)
+
+    def _pooled(self, pool: list[_Connection], now: float) -> _Connection | None:
+        while pool:
+            connection = pool.pop()
+            if now - connection.idle_since < self._keepalive_s and connection.transport:
+                return connection
+            connection.finish(False)
+        return None
+
+    async def _connect(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        origin: Origin,
+        context: ssl.SSLContext | None,
+        pool: list[_Connection],
+        timeouts: Timeouts,
+        where: str,
+    ) -> _Connection:
+        try:
+            async with asyncio.timeout(timeouts.connect_s):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(loop, pool, self._watched),
+                    origin.host,
+                    origin.port,
+                    ssl=context,
+                    server_hostname=origin.host if context is not None else None,
+                )
+        except TimeoutError:
+            raise UpstreamTimeout(f"{where}: no connection in {timeouts.connect_s:g}s") from None
+        except ssl.SSLError as exc:
+            raise UpstreamTLSError(f"{where}: TLS failed: {exc}") from None
+        except OSError as exc:
+            raise UpstreamConnectError(f"{where}: cannot connect: {exc}") from None
+        return connection
+
+    def close(self) -> None:
+        if self._sweep is not None:
+            self._sweep.cancel()
+        for pool in self._idle.values():
+            while pool:
+                pool.pop().finish(False)
+
+
+def request_head(
+    method: str, target: str, host: str, headers: CIMultiDict[str], body: Body
+) -> tuple[bytes, bool]:
+    """The request line and header section in credproxy's own framing, and whether the body is
+    chunked: the given body decides Content-Length (bytes), keeps the app's or injector's (a
+    stream of known length) or chunks."""
+    chunked = False
+    if isinstance(body, bytes):
+        headers["Content-Length"] = str(len(body))
+    elif body is not None and "Content-Length" not in headers:
+        headers["Transfer-Encoding"] = "chunked"
+        chunked = True
+    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
+    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
+    lines.append("\r\n")
+    text = "".join(lines)
+    if text.count("\n") != len(lines) + 1:  # a value with a line break would forge headers
+        raise ValueError("a header value contains a line break")
+    return text.encode("utf-8", "surrogateescape"), chunked
+
+
+async def _send(
+    connection: _Connection, head: bytes, body: Body, chunked: bool, deadline: float, where: str
+) -> None:
+    transport = connection.transport
+    if transport is None:
+        raise UpstreamProtocolError(f"{where}: connection closed before the request was sent")
+    if body is None or isinstance(body, bytes):
+        transport.write(head + body if body else head)
+        return
+    transport.write(head)
+    chunks = body.iter_any() if isinstance(body, StreamReader) else body
+    try:
+        async with asyncio.timeout_at(deadline):
+            async for chunk in chunks:  # errors reading the app's body are the app's
+                if transport.is_closing():
+                    return  # the upstream answered early or left: its answer (or none) tells
+                if chunk:
+                    transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
+                if connection.writing_paused:
+                    try:
+                        await connection._drain_helper()
+                    except ConnectionError as exc:
+                        raise UpstreamProtocolError(f"{where}: lost while sending: {exc}") from None
+    except TimeoutError:
+        raise UpstreamTimeout(f"{where}: request body still sending at total_s") from None
+    if chunked:
+        transport.write(b"0\r\n\r\n")
