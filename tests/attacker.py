@@ -3,6 +3,8 @@ from another network namespace, or as a forked pair. Usage: attacker.py MODE ARG
 
 - ``blind HOST PORT N PATH``: N times: connect, send a whole POST, close before any answer.
 - ``get TARGET PATH``: an honest request: send it, wait for the answer.
+- ``late TARGET PATH``: connect, wait half a second (the server may refuse at accept
+  meanwhile), then send the request and read the answer.
 - ``hold HOST PORT N``: open N connections and keep them; report how many the server closed.
 - ``fork-send TARGET PATH EXE``: connect, fork; the parent execs EXE (keeping the socket),
   the child waits for that exec, then sends the request and reports the answer.
@@ -17,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 
 
 def _request(path: str, body: bytes = b"", *, close: bool = False) -> bytes:
@@ -56,6 +59,13 @@ def _status(sock: socket.socket) -> dict[str, object]:
 
 def get(target: str, path: str) -> None:
     with _connect(target) as sock:
+        sock.sendall(_request(path, close=True))
+        print(json.dumps(_status(sock)))
+
+
+def late(target: str, path: str) -> None:
+    with _connect(target) as sock:
+        time.sleep(0.5)
         sock.sendall(_request(path, close=True))
         print(json.dumps(_status(sock)))
 
@@ -160,6 +170,8 @@ if __name__ == "__main__":
         blind(args[0], int(args[1]), int(args[2]), args[3])
     elif mode == "get":
         get(args[0], args[1])
+    elif mode == "late":
+        late(args[0], args[1])
     elif mode == "hold":
         hold(args[0], int(args[1]), int(args[2]))
     elif mode == "fork-send":

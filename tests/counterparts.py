@@ -496,8 +496,13 @@ class Credproxy:
 
     def control(self) -> aiohttp.ClientSession:
         """A client of its control socket (as the test process: root, the sidecar's uid);
-        requests go to ``http://localhost/…``."""
-        return aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=str(self.control_path)))
+        requests go to ``http://localhost/…``, over at most the connections one uid may hold."""
+        from proxy.lifecycle.admin_http import MAX_CONNECTIONS_PER_UID
+
+        connector = aiohttp.UnixConnector(
+            path=str(self.control_path), limit=MAX_CONNECTIONS_PER_UID
+        )
+        return aiohttp.ClientSession(connector=connector)
 
     def audit(self, event: str | None = None) -> list[dict[str, Any]]:
         """The audit events so far (of one kind). The sidecar writes them from a thread, so this

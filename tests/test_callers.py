@@ -621,3 +621,66 @@ def test_a_squatter_on_the_other_loopback_family_stops_the_start(credproxy, reco
     finally:
         squatter.kill()
         squatter.communicate()
+
+
+def test_a_refusal_at_accept_is_readable_by_a_client_that_writes_late(
+    credproxy, recorder, tmp_path
+):
+    """The refusal at accept is followed by a FIN, not a reset: a client of another uid that
+    sends its request after the refusal still reads the 403 problem."""
+    proc = credproxy(_static_config(recorder.origin, tmp_path))
+    target = proc.url.removeprefix("http://")
+    for _ in range(5):
+        answer = attack("late", target, "/api/x", user=NOBODY)
+        assert answer == {"status": 403, "code": "caller_not_allowed"}, answer
+
+
+def test_a_dual_stack_client_talking_ipv4_is_identified(credproxy, recorder, tmp_path):
+    """An AF_INET6 socket connected to ::ffff:127.0.0.1 (Java's default) is the same kernel
+    socket owner as any other: the approved uid is served, not refused as unknown."""
+    proc = credproxy(_static_config(recorder.origin, tmp_path))
+    port = proc.url.rsplit(":", 1)[1]
+    assert attack("get", f"[::ffff:127.0.0.1]:{port}", "/api/mapped") == {
+        "status": 200,
+        "code": None,
+    }
+    assert attack("get", f"[::ffff:127.0.0.1]:{port}", "/api/x", user=NOBODY) == {
+        "status": 403,
+        "code": "caller_not_allowed",
+    }
+
+
+def test_in_a_user_namespace_the_overflow_uid_identifies_no_one(credproxy, recorder, tmp_path):
+    """Run in a user namespace mapping only root, the sidecar sees every other uid as the
+    overflow uid: a rule naming it must not admit uid 1234 (or anyone) through it."""
+    proc = credproxy(
+        _static_config(recorder.origin, tmp_path, caller="{uid: 65534}"),
+        wrap=("unshare", "--user", "--map-root-user", "--"),
+    )
+    target = proc.url.removeprefix("http://")
+    for uid in (1234, NOBODY):
+        answer = attack("get", target, "/api/x", user=uid)
+        assert answer == {"status": 403, "code": "caller_not_identified"}, (uid, answer)
+    assert recorder.requests == []
+
+
+def test_the_holders_scan_reads_only_the_socket_owners_processes(monkeypatch):
+    """Another uid's processes, however many descriptors they hold, are never read by the scan
+    (no one else can make it slow), and a scan over budget is unknown rather than long."""
+    from proxy.access import callers
+
+    other = subprocess.Popen(["sleep", "30"], user=NOBODY)
+    read: list[str] = []
+    real_readlink = callers._readlink
+    monkeypatch.setattr(callers, "_readlink", lambda path: read.append(path) or real_readlink(path))
+    try:
+        ours, theirs = socket.socketpair()
+        with ours, theirs:
+            caller = callers.from_socket(ours)
+            assert caller.holders == (os.getpid(),)
+            assert not [p for p in read if p.startswith(f"/proc/{other.pid}/")]
+            monkeypatch.setattr(callers, "_SCAN_MAX_FDS", 1)
+            assert callers.from_socket(ours).holders is None
+    finally:
+        other.kill()
+        other.wait()

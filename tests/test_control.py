@@ -19,9 +19,8 @@ import pytest
 
 from proxy.config import loader
 from proxy.errors import ConfigError
-from tests.counterparts import ROOT, config
+from tests.counterparts import NOBODY, ROOT, attacker_command, config
 
-NOBODY = 65534
 ATTACK = """\
 import http.client, json, socket, sys
 kind, where, method, path = sys.argv[1:5]
@@ -247,3 +246,30 @@ def test_control_config_is_checked_with_paths():
     assert "control.allow[0]" not in errors
     text = (ROOT / "config" / "example.yaml").read_text()
     assert loader.parse(text).control.listen == "unix:/run/credproxy/control.sock"
+
+
+async def test_another_uid_cannot_hold_the_telemetry_listener(idp, upstream, credproxy, client):
+    """40 connections from another uid to the telemetry listener: past 8 per uid each is
+    answered 503 at accept and closed, the rest by the head bound, and /healthz keeps answering
+    the sidecar's own probes meanwhile."""
+    proc = credproxy(
+        _opaque(
+            idp, upstream, top=f'control: {{listen: "unix:{_short_socket()}", head_timeout_s: 1}}'
+        )
+    )
+    host, port = proc.admin_url.removeprefix("http://").rsplit(":", 1)
+    holder = subprocess.Popen(
+        attacker_command("hold", host, port, "40"), stdout=subprocess.PIPE, text=True, user=NOBODY
+    )
+    try:
+        async with client.get(proc.admin_url + "/healthz") as response:
+            assert response.status == 200
+    finally:
+        output, _ = await asyncio.to_thread(holder.communicate, timeout=120)
+    assert json.loads(output) == {"opened": 40, "closed": 40}
+    refused = [
+        e for e in proc.audit("request.denied")
+        if e.get("listener") == "admin" and e["reason"] == "too_many_connections"
+    ]  # fmt: skip
+    assert len(refused) >= 32
+    assert {e["caller"]["uid"] for e in refused} == {NOBODY}

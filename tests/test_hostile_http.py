@@ -921,3 +921,19 @@ def _forwarded_key(port: int, upstream: RawUpstream) -> str | None:
     reply = exchange(port, _get(target=b"/api/key"))
     assert reply.status == 200, reply.data[:300]
     return upstream.requests[-1].values("X-Api-Key")[0]
+
+
+def test_a_second_pipelined_head_over_max_head_bytes_is_refused_after_the_first_answer(
+    sidecar: int, upstream: RawUpstream
+) -> None:
+    """A small request and, in the same write, a 56 KB second head (each line under the
+    parser's limits): the first is answered, the second gets 431 and never reaches upstream."""
+    big = (
+        b"GET /api/big HTTP/1.1\r\n"
+        + H
+        + b"".join(b"X-F%d: %s\r\n" % (i, b"v" * 1000) for i in range(56))
+        + b"\r\n"
+    )
+    reply = exchange(sidecar, _get(target=b"/api/small").replace(CLOSE, b"") + big, answers=2)
+    assert [r.status for r in reply.responses] == [200, 431]
+    assert [r.target for r in upstream.requests] == ["/small"]

@@ -124,7 +124,10 @@ async def test_30_concurrent_revokes_make_one_token_request_and_one_revocation(
         assert sum("revocation" in r for r in calls) == 1  # one RFC 7009 call
         assert {r["outcome"] for r in results} == {"revoked"}
         assert len({r["fingerprint"] for r in results}) == 1
-        assert sorted({r["answered"] for r in results}) == ["joined", "now"]
+        # one rotation answers "now"; the others joined it, or (over the 8 connections one uid
+        # may hold) came after it and were answered "recent"
+        answered = [r["answered"] for r in results]
+        assert answered.count("now") == 1 and set(answered) <= {"now", "joined", "recent"}
         later = await revoke()
     assert (later["outcome"], later["answered"]) == ("revoked", "recent")
     assert len(idp.records()) == before + 2  # the recent answer cost nothing at the IdP

@@ -10,7 +10,8 @@ Resolved once, when the connection is accepted and before any byte of it is read
   *unknown*, and an unknown caller never matches a rule.
 
 Process attributes (gid on TCP, executable, its sha256, cgroup) are resolved only when a rule
-asks, from **every** process that holds the peer's socket (``/proc/<pid>/fd``): an attribute is
+asks, from **every** process of the socket's owner uid that holds the peer's socket
+(``/proc/<pid>/fd``, at most ``_SCAN_MAX_FDS`` descriptors read, else unknown): an attribute is
 known only when all holders agree, so ``connect(); fork(); exec(approved)`` in one process and
 sending from the other matches nothing. ``recheck()`` scans the holders again (per request on
 routes whose rules name such attributes). Nothing the caller sends is consulted.
@@ -30,6 +31,24 @@ _UNSET: Any = object()
 _PEERCRED = struct.Struct("3i")
 _sha256_by_file: dict[tuple[int, int, int, int], str] = {}
 _TCP_ESTABLISHED = 1
+_SCAN_MAX_FDS = 20_000  # descriptors read per holders scan; beyond, the holders are unknown
+_SHA256_CACHE_SIZE = 64
+
+
+def _overflow_uid() -> int | None:
+    """In a user namespace that does not map every uid, the kernel reports each unmapped one as
+    the overflow uid: it names no one in particular, so it identifies no caller."""
+    try:
+        with open("/proc/self/uid_map", encoding="ascii") as uid_map:
+            if uid_map.read().split() == ["0", "0", "4294967295"]:
+                return None  # the initial namespace: every uid is itself
+        with open("/proc/sys/kernel/overflowuid", encoding="ascii") as overflow:
+            return int(overflow.read())
+    except (OSError, ValueError):
+        return 65534
+
+
+_OVERFLOW_UID = _overflow_uid()
 
 
 class Caller:
@@ -52,7 +71,7 @@ class Caller:
     ) -> None:
         self.transport = transport
         self.uid = uid
-        self.identified = uid is not None and transport in ("tcp", "unix")
+        self.identified = uid is not None and uid != _OVERFLOW_UID and transport in ("tcp", "unix")
         self._gid = gid if gid is not None else _UNSET
         self._pid = pid if pid else None
         self._inode = inode  # the peer's socket: its holders are the calling processes
@@ -265,10 +284,20 @@ def _sock_diag(src: tuple[bytes, int], dst: tuple[bytes, int]) -> Any:
     if payload is None or len(payload) < _INET_REPLY.size:
         return None
     fields = _INET_REPLY.unpack_from(payload)
-    state, reply_id, uid, inode = fields[1], fields[4:8], fields[13], fields[14]
+    state, uid, inode = fields[1], fields[13], fields[14]
+    # A dual-stack (AF_INET6) socket talking IPv4 is found by its IPv4 4-tuple, and reported
+    # with IPv4-mapped addresses.
+    reply_id = (fields[4], fields[5], _unmapped(fields[6]), _unmapped(fields[7]))
     if state != _TCP_ESTABLISHED or inode == 0 or reply_id != id_:
         return None
     return uid, inode
+
+
+def _unmapped(address: bytes) -> bytes:
+    """A 16-byte diag address with an IPv4-mapped one turned into the IPv4 form (zero-padded)."""
+    if address[:12] == b"\0" * 10 + b"\xff\xff":
+        return address[12:].ljust(16, b"\0")
+    return address
 
 
 def _unix_peer_inode(own_inode: int) -> int | None:
@@ -329,10 +358,15 @@ def _find_socket(
 
 
 def _holders_of(inode: int, owner_uid: int | None) -> tuple[int, ...] | None:
-    """Every process whose fd table holds ``socket:[inode]``, sorted; None when unknown: none
-    found, or a process of the socket's owner whose fds cannot be read (it could hold it)."""
+    """Every process of the socket's owner uid whose fd table holds ``socket:[inode]``, sorted;
+    None when unknown: none found, one of them unreadable, or more than ``_SCAN_MAX_FDS``
+    descriptors to look at. Only the owner's processes are read: another uid holds the socket
+    only if the owner handed it over, and no other uid can make this scan costly."""
+    if owner_uid is None:
+        return None
     target = f"socket:[{inode}]"
     holders: list[int] = []
+    budget = _SCAN_MAX_FDS
     try:
         entries = os.listdir("/proc")
     except OSError:
@@ -340,18 +374,18 @@ def _holders_of(inode: int, owner_uid: int | None) -> tuple[int, ...] | None:
     for entry in entries:
         if not entry.isdigit():
             continue
-        fd_dir = f"/proc/{entry}/fd"
         try:
+            if os.stat(f"/proc/{entry}").st_uid != owner_uid:
+                continue
+            fd_dir = f"/proc/{entry}/fd"
             fds = os.listdir(fd_dir)
         except FileNotFoundError:
             continue  # exited
         except OSError:
-            try:
-                if os.stat(f"/proc/{entry}").st_uid == owner_uid:
-                    return None  # could hold the socket and we cannot see
-            except OSError:
-                pass
-            continue
+            return None  # could hold the socket and we cannot see
+        budget -= len(fds)
+        if budget < 0:
+            return None
         for fd in fds:
             if _readlink(f"{fd_dir}/{fd}") == target:
                 holders.append(int(entry))
@@ -402,6 +436,8 @@ def _file_sha256(path: str) -> str | None:
             info = os.fstat(binary.fileno())
             key = (info.st_dev, info.st_ino, info.st_mtime_ns, info.st_size)
             if key not in _sha256_by_file:
+                if len(_sha256_by_file) >= _SHA256_CACHE_SIZE:
+                    del _sha256_by_file[next(iter(_sha256_by_file))]
                 _sha256_by_file[key] = hashlib.file_digest(binary, "sha256").hexdigest()
             return _sha256_by_file[key]
     except OSError:

@@ -144,6 +144,14 @@ def _described(error: HttpProcessingError) -> str:
     return str(error.message).split("\n", 1)[0].rstrip(":") or type(error).__name__
 
 
+def _head_size(message: RawRequestMessage) -> int:
+    """The size of a parsed head as sent (request line, fields, line ends), near enough."""
+    size = len(message.method) + len(message.path) + 14
+    for name, value in message.raw_headers:
+        size += len(name) + len(value) + 4
+    return size
+
+
 def _whole_body_lines(headers: dict[str, str], body: bytes) -> bytes:
     """Header lines of an answer credproxy writes itself, its Content-Length included."""
     lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
@@ -246,6 +254,10 @@ class AppConnection(BaseProtocol):
         except HttpProcessingError as exc:
             self._refuse(MalformedRequest(_described(exc)))
             return
+        limit = self._listener.limits.max_head_bytes
+        oversized = next((i for i, (m, _) in enumerate(messages) if _head_size(m) > limit), None)
+        if oversized is not None:  # a head after the first of a pipelined read
+            messages, upgraded = messages[:oversized], False
         if messages:
             self._head_bytes, self._head_tail = 0, b""
             self.idle_since = None
@@ -256,6 +268,9 @@ class AppConnection(BaseProtocol):
                 self._pause_reading_for_buffer()
             if self._task is None:
                 self._task = self._loop.create_task(self._serve())
+        if oversized is not None:  # the requests before it are answered first
+            self._reading = None
+            self._refuse(HeadTooLarge(f"request head over {limit} bytes"))
         if upgraded:  # never tunnelled: the request is answered as a plain one, then close
             self._parser = None
             self.closing = True
@@ -263,7 +278,7 @@ class AppConnection(BaseProtocol):
     def _over_head_limit(self, data: bytes) -> bool:
         """Count ``data`` (received between requests) up to the end of the head it continues:
         whether the head has grown past ``max_head_bytes``. Heads after the first in one read
-        are bounded by the read's size and the parser's own limits."""
+        are measured once parsed (``_head_size``)."""
         seen = self._head_tail + data
         end = seen.find(b"\r\n\r\n")
         self._head_bytes += len(data) if end < 0 else end + 4 - len(self._head_tail)
@@ -291,7 +306,19 @@ class AppConnection(BaseProtocol):
         self.write(
             b"HTTP/1.1 %d %b\r\n%bConnection: close\r\n\r\n%b" % (error.status, reason, lines, body)
         )
-        self.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after a refusal so the app can read it: closing with its request unread would
+        reset the connection and lose the answer. So: FIN now, discard what still arrives, close
+        when the app does or after ``_LINGER_S``; beyond ``_MAX_LINGERING`` at once, a reset."""
+        transport = self.transport
+        lingering = self._listener.lingering
+        if transport is None or len(lingering) >= _MAX_LINGERING or not transport.can_write_eof():
+            self.close()
+            return
+        transport.write_eof()
+        lingering[self] = self._loop.time() + _LINGER_S
 
     async def _serve(self) -> None:
         try:

@@ -11,9 +11,10 @@ import contextlib
 import ipaddress
 import os
 import socket
+from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
@@ -30,6 +31,7 @@ from ..errors import (
     NotFound,
     ProblemError,
     RequestTimeout,
+    TooManyConnections,
 )
 from ..inbound.routing import request_host
 from ..inbound.runtime import Runtime
@@ -40,7 +42,15 @@ from .unix_socket import bind_unix
 
 Endpoint = Callable[[web.BaseRequest, Caller], Awaitable[web.StreamResponse]]
 Check = Callable[[web.BaseRequest, Caller], None]
+Admit = Callable[[Caller], ProblemError | None]
 _SWEEP_INTERVAL_S = 0.25
+# Per listener: telemetry is scraped by one or two clients, control used by an operator; both
+# are counted in the descriptors the app listener leaves free (``server._connection_limits``).
+MAX_CONNECTIONS = 32
+MAX_CONNECTIONS_PER_UID = 8
+_LINGER_S = 2.0
+_MAX_LINGERING = 16
+ADMIN_DESCRIPTORS = MAX_CONNECTIONS + _MAX_LINGERING  # at most, per listener
 
 
 class Sidecar(Protocol):
@@ -87,15 +97,54 @@ def host_is_local(host_header: str | None, local_names: frozenset[str]) -> bool:
 
 class _Connection(RequestHandler):
     """aiohttp's connection protocol, plus the caller (looked up when the connection is
-    accepted, before any byte is read) and the time by which its next head must be complete."""
+    accepted, before any byte is read) and the time by which its next head must be complete.
+    Over the listener's connection limits, or refused by its ``admit`` check, the connection
+    gets one problem answer and is closed before anything is read."""
 
     caller: Caller
     deadline: float | None
+    counted: bool
+    refused: bool
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        server = self._manager
+        assert isinstance(server, AdminServer)
         self.caller = from_socket(transport.get_extra_info("socket"))
         self.deadline = self._loop.time() + self.keepalive_timeout
-        super().connection_made(transport)
+        self.counted = False
+        refusal = server.admit_connection(self.caller)
+        self.refused = refusal is not None
+        if refusal is None:
+            self.counted = True
+            super().connection_made(transport)
+            return
+        # aiohttp never sees this connection: one answer, then close (see ``linger``)
+        headers, body = refusal.problem()
+        lines = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+        cast(asyncio.WriteTransport, transport).write(
+            f"HTTP/1.1 {refusal.status} {refusal.code}\r\n{lines}Content-Length: "
+            f"{len(body)}\r\nConnection: close\r\n\r\n".encode("latin-1")
+            + body
+        )
+        server.linger(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.refused:
+            super().data_received(data)
+
+    def eof_received(self) -> None:
+        if not self.refused:
+            super().eof_received()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self.refused:
+            return
+        if self.counted:
+            self.counted = False
+            server = self._manager
+            assert isinstance(server, AdminServer)
+            server.release_connection(self.caller)
+        super().connection_lost(exc)
 
 
 class AdminServer(web.Server):
@@ -112,7 +161,10 @@ class AdminServer(web.Server):
         audit: Audit,
         metrics: Metrics,
         check: Check | None = None,
+        admit: Admit | None = None,
     ) -> None:
+        """``check``: per request, may raise a problem; ``admit``: at accept, before a byte is
+        read (the control plane refuses callers ``control.allow`` does not name there)."""
         super().__init__(self._serve)
         self.name = name
         self._endpoints = endpoints
@@ -121,6 +173,10 @@ class AdminServer(web.Server):
         self._audit = audit
         self._metrics = metrics
         self._check = check
+        self._admit = admit
+        self._open = 0
+        self._lingering = 0
+        self._per_uid: Counter[int | None] = Counter()
         self._sweep: asyncio.Task[None] | None = None
         self._servers: list[asyncio.Server] = []
 
@@ -134,10 +190,58 @@ class AdminServer(web.Server):
             loop=asyncio.get_running_loop(),
             keepalive_timeout=self._head_timeout_s,  # aiohttp's own idle close, same bound
             access_log=None,  # type: ignore[arg-type]
-            max_line_size=8190,
-            max_field_size=8190,
-            max_headers=64,
+            max_line_size=4096,  # a head of at most 32 × 4 KiB per connection
+            max_field_size=4096,
+            max_headers=32,
         )
+
+    def admit_connection(self, caller: Caller) -> ProblemError | None:
+        """Count a new connection in, or the refusal to answer it with (counted, audited)."""
+        refusal: ProblemError | None = None
+        if self._open >= MAX_CONNECTIONS:
+            refusal = TooManyConnections(f"{self.name}: {MAX_CONNECTIONS} connections open")
+        elif self._per_uid[caller.uid] >= MAX_CONNECTIONS_PER_UID:
+            refusal = TooManyConnections(
+                f"{self.name}: {MAX_CONNECTIONS_PER_UID} connections open from uid {caller.uid}"
+            )
+        elif self._admit is not None:
+            refusal = self._admit(caller)
+        if refusal is not None:
+            self._metrics.denied.labels(refusal.code).inc()
+            self._audit.emit(
+                "request.denied",
+                reason=refusal.code,
+                listener=self.name,
+                at="accept",
+                caller=caller.attributes(),
+            )
+            server_log.warning("%s connection closed at accept: %s", self.name, refusal)
+            return refusal
+        self._open += 1
+        self._per_uid[caller.uid] += 1
+        return None
+
+    def linger(self, transport: asyncio.BaseTransport) -> None:
+        """After a refusal at accept: FIN now, close in ``_LINGER_S`` (or when the client does),
+        so the client reads the answer rather than a reset; at most ``_MAX_LINGERING`` at once."""
+        writer = cast(asyncio.WriteTransport, transport)  # uvloop's are not registered as such
+        if self._lingering >= _MAX_LINGERING or not writer.can_write_eof():
+            transport.close()
+            return
+        writer.write_eof()
+        self._lingering += 1
+
+        def close() -> None:
+            self._lingering -= 1
+            transport.close()
+
+        asyncio.get_running_loop().call_later(_LINGER_S, close)
+
+    def release_connection(self, caller: Caller) -> None:
+        self._open -= 1
+        self._per_uid[caller.uid] -= 1
+        if self._per_uid[caller.uid] <= 0:
+            del self._per_uid[caller.uid]
 
     async def listen_tcp(self, host: str, port: int) -> int:
         """Listen on ``host:port``; returns the port bound."""

@@ -13,7 +13,13 @@ from aiohttp import web
 
 from ..access.callers import Caller
 from ..access.policy import CallerMatcher
-from ..errors import BrowserRefused, ControlCallerNotAllowed, InvalidControlRequest, UnknownName
+from ..errors import (
+    BrowserRefused,
+    ControlCallerNotAllowed,
+    InvalidControlRequest,
+    ProblemError,
+    UnknownName,
+)
 from ..governance.inventory import inventory
 from ..log import server_log
 from .admin_http import AdminServer, Endpoint, Sidecar, json_response, read_body
@@ -35,8 +41,13 @@ def control_server(sidecar: Sidecar) -> AdminServer:
             raise BrowserRefused(f"Origin {headers['Origin'][:100]!r}")
         if headers.get("Sec-Fetch-Site", "none") != "none":
             raise BrowserRefused(f"Sec-Fetch-Site {headers['Sec-Fetch-Site'][:20]!r}")
-        if not allowed(sidecar, caller):
+        if not allowed(sidecar, caller):  # again: a reload may have changed control.allow
             raise ControlCallerNotAllowed("caller not in control.allow")
+
+    def admit(caller: Caller) -> ProblemError | None:
+        if allowed(sidecar, caller):
+            return None
+        return ControlCallerNotAllowed("caller not in control.allow")
 
     config = sidecar.config
     return AdminServer(
@@ -47,6 +58,7 @@ def control_server(sidecar: Sidecar) -> AdminServer:
         audit=sidecar.audit,
         metrics=sidecar.metrics,
         check=check,
+        admit=admit,
     )
 
 

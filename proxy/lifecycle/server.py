@@ -35,7 +35,7 @@ from ..metrics import Metrics
 from ..outbound.upstream import Upstreams
 from ..tasks import spawn
 from . import control, telemetry
-from .admin_http import AdminServer, remove_socket, unix_socket
+from .admin_http import ADMIN_DESCRIPTORS, AdminServer, remove_socket, unix_socket
 from .assembly import build
 from .unix_socket import bind_unix
 
@@ -44,13 +44,14 @@ _GAUGE_INTERVAL_S = 5.0
 
 def _connection_limits(limits: AppLimits) -> Limits:
     """``app_limits`` under this process's RLIMIT_NOFILE (raised to its hard limit first), with
-    a quarter (at least 64) kept for upstream and issuer sockets, files and the admin listener."""
+    a quarter (at least 64) kept for upstream and issuer sockets and files, and what the
+    telemetry and control listeners may hold at most."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < hard:
         with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
             soft = hard
-    usable = max(1, soft - max(64, soft // 4))
+    usable = max(1, soft - max(64, soft // 4) - 2 * ADMIN_DESCRIPTORS)
     if usable < limits.max_connections:
         server_log.warning(
             "app_limits.max_connections lowered from %d to %d: RLIMIT_NOFILE is %d",
