@@ -3,7 +3,8 @@
 import pytest
 
 from proxy.access.callers import UNKNOWN, Caller
-from proxy.access.policy import RoutePolicy, compile_glob
+from proxy.access.policy import Admission, RoutePolicy, compile_glob
+from proxy.config.loader import parse
 from proxy.config.model import AllowRule, CallerRule
 from proxy.errors import (
     BrowserRefused,
@@ -119,3 +120,30 @@ def test_guard_refuses_foreign_hosts_browsers_and_connect():
     guard.check("GET", "localhost", {"Sec-Fetch-Site": "none"}, forward_proxy=False)
     with pytest.raises(MethodRefused):
         guard.check("CONNECT", "localhost", {}, forward_proxy=False)
+
+
+def test_a_cgroup_rule_matches_whole_path_segments_only():
+    """A cgroup rule is a prefix of whole segments: /kubepods admits /kubepods and what lies
+    under /kubepods/, never a sibling such as /kubepods-evil."""
+    config = parse(
+        "listen: 127.0.0.1:0\n"
+        "issuers: {k: {type: static, secret_file: /k}}\n"
+        "callers: {pods: {cgroup: /kubepods}, slash: {cgroup: /kubepods/}}\n"
+        "routes: [{name: r, path_prefix: /, upstream: 'https://a.example',\n"
+        "  credential: {issuer: k, inject: bearer}, allow: [{callers: [pods]}, {callers: [slash]}]}]\n"
+    )
+    policy = RoutePolicy(config.routes[0].allow, config.callers)
+    admission = Admission(config.callers)
+
+    def in_cgroup(cgroup: str | None):
+        caller = _caller(1000)
+        caller._cgroup = cgroup  # what /proc/4242/cgroup would say
+        return caller
+
+    for inside in ("/kubepods", "/kubepods/", "/kubepods/burstable/pod1/c2"):
+        assert policy.check(in_cgroup(inside), "GET", "/") == "pods"
+        assert admission.admits(in_cgroup(inside))
+    for outside in ("/kubepods-evil", "/kubepods-evil/x", "/kubepodsx/burstable", "/", None):
+        with pytest.raises(CallerNotAllowed):
+            policy.check(in_cgroup(outside), "GET", "/")
+        assert not admission.admits(in_cgroup(outside))

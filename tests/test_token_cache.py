@@ -124,6 +124,25 @@ async def test_invalidate_fetches_one_new_token(audit):
     await source.aclose()
 
 
+async def test_a_rejection_of_an_already_replaced_token_does_not_refresh_again(audit):
+    """Concurrent 401 invalid_token answers for one token cost one refresh, including one that
+    arrives after the token was already replaced; a rejection of the current token refreshes."""
+    fetch = ScriptedFetch(delay_s=0.01)
+    source = _source(fetch, audit)
+    rejected = await source.get()
+
+    async def retried(token: Token) -> Token:  # what the handler does on 401 invalid_token
+        source.invalidate(token)
+        return await source.get()
+
+    first, second = await asyncio.gather(retried(rejected), retried(rejected))
+    late = await retried(rejected)  # the same old token, rejected once more
+    assert first is second is late and first is not rejected
+    assert fetch.calls == 2
+    assert await retried(first) is not first and fetch.calls == 3
+    await source.aclose()
+
+
 async def test_closed_source_refuses_use(audit):
     """aclose() ends the background task; a later start() fails with a clear message."""
     source = _source(ScriptedFetch(), audit)
