@@ -1,0 +1,7 @@
+"""``python -m bench.compare``: what ``bench/run`` executes."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,104 @@
+"""credproxy itself, one variant per credential scheme: a table of the issuer and credential each
+route gets; every variant writes its config as YAML and waits for ``/readyz``."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import yaml
+
+from ..constants import CREDPROXY, CREDPROXY_LOG, KEY_HEADER
+from ..processes import free_port, wait_ready
+from ..workspace import Bench
+from .subject import Started
+
+Config = dict[str, Any]
+
+
+def _static_issuer(bench: Bench) -> Config:
+    return {"type": "static", "secret_file": str(bench.key_file)}
+
+
+def _oauth2_issuer(bench: Bench) -> Config:
+    return {
+        "type": "oauth2",
+        "issuer_url": bench.idp,
+        "client_id": "orders-service",
+        "client_auth": "private_key_jwt",
+        "client_key_file": str(bench.client_key_file),
+        "refresh_ahead_s": bench.settings.refresh_ahead_s,
+        "revoke_on_shutdown": False,
+    }
+
+
+def _jwt_issuer(bench: Bench) -> Config:
+    return {"type": "self_signed_jwt", "iss": "bench", "sub": "bench", "request_claims": True}
+
+
+def _token_for_upstream(inject: str) -> Callable[[Bench], Config]:
+    def credential(bench: Bench) -> Config:
+        return {"audience": bench.upstream, "scope": "payments.write", "inject": inject}
+
+    return credential
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One credproxy configuration under test."""
+
+    name: str  # its process, log and work directory
+    issuer: Callable[[Bench], Config]
+    credential: Callable[[Bench], Config]
+    workers: int = 1
+
+    def config(self, bench: Bench, port: int, admin: int, audit_file: str) -> Config:
+        return {
+            "listen": f"127.0.0.1:{port}",
+            "admin": f"127.0.0.1:{admin}",
+            "callers": {"bench": {"uid": os.getuid()}},
+            "issuers": {"bench-issuer": self.issuer(bench)},
+            "routes": [
+                {
+                    "name": "api",
+                    "path_prefix": "/api/",
+                    "upstream": bench.upstream,
+                    "credential": {"issuer": "bench-issuer", **self.credential(bench)},
+                    "allow": [{"callers": ["bench"]}],
+                }
+            ],
+            "audit": {"file": audit_file},
+            "log": CREDPROXY_LOG,
+        }
+
+    def start(self, bench: Bench) -> Started:
+        """``credproxy run`` (under ``bench.under`` when set: callgrind) until ``/readyz``."""
+        prefix = bench.subdir(self.name, mode=0o700)
+        port, admin = free_port(), free_port()
+        config = self.config(bench, port, admin, str(prefix / "audit.jsonl"))
+        path = prefix / "credproxy.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        argv = [*bench.under, str(CREDPROXY), "run", "-c", str(path)]
+        cpus = bench.proxy_cpus
+        if self.workers > 1:
+            argv += ["--workers", str(self.workers)]
+            cpus = bench.all_cpus  # the workers need more than the one proxy core
+        process = bench.processes.start(self.name, argv, cpus=cpus)
+        admin_url = f"http://127.0.0.1:{admin}"
+        wait_ready(admin_url + "/readyz", [process], timeout_s=180 if bench.under else 30)
+        return Started(f"http://127.0.0.1:{port}/api", [process], admin_url=admin_url)
+
+
+VARIANTS: dict[str, Variant] = {
+    "cp-static": Variant(
+        "credproxy-static", _static_issuer, lambda _: {"inject": "header", "header": KEY_HEADER}
+    ),
+    "cp-bearer": Variant("credproxy-bearer", _oauth2_issuer, _token_for_upstream("bearer")),
+    "cp-dpop": Variant("credproxy-dpop", _oauth2_issuer, _token_for_upstream("dpop")),
+    "cp-jwt": Variant("credproxy-jwt", _jwt_issuer, lambda _: {"inject": "bearer"}),
+    "cp-bearer-2w": Variant(
+        "credproxy-bearer-2w", _oauth2_issuer, _token_for_upstream("bearer"), workers=2
+    ),
+}

@@ -1,0 +1,69 @@
+"""Issue 7's targets are a table checked against a run: each target gives its line, or none when
+what it compares did not run."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from bench.compare.constants import RESULTS
+from bench.compare.results import Results, Row, Upload
+from bench.compare.targets import TARGETS, Run, render_targets
+
+
+def _committed() -> Run:
+    results = Results.load(RESULTS / "compare.json")
+    live = {row.key: row for row in results.rows if not row.error}
+    return Run(live, results.settings, soak_rss="RSS MiB 65.3 → 65.4 (+0.1%)")
+
+
+def test_targets_are_one_table_with_unique_names():
+    """Every target is a record of the table; the report lists them in its order."""
+    names = [target.name for target in TARGETS]
+    assert len(names) == len(set(names)) == 12
+    rendered = render_targets(_committed())
+    positions = [next(i for i, line in enumerate(rendered) if f"| {n} |" in line) for n in names]
+    assert positions == sorted(positions)
+
+
+def test_the_committed_run_meets_and_misses_what_its_report_says():
+    """Checked against the committed results, the targets give the committed verdicts."""
+    rendered = render_targets(_committed())
+    assert "| bearer ≥ 0.25× nginx req/s | 0.27× | met |" in rendered
+    assert "| DPoP ≥ 0.8× bearer req/s | 0.63× | **not met** |" in rendered
+    assert "| every credproxy scheme ≥ 10× mitmproxy req/s | min 10.6× | met |" in rendered
+    assert "| added p99 at c=1 ≤ 400 µs (worst scheme) | 1317 µs | **not met** |" in rendered
+    assert "| one IdP token request per credential per refresh window | 9 requests | met |" in (
+        rendered
+    )
+    assert (
+        "| RSS flat (±5 %) over 10 min | RSS MiB 65.3 → 65.4 (+0.1%) | "
+        "see [soak.md](soak.md) (`bench/soak.py`) |"
+    ) in rendered
+
+
+def test_a_target_whose_reference_did_not_run_gives_no_line():
+    """Without nginx in the run (``--only``), the target against nginx is left out."""
+    run = _committed()
+    without_nginx = replace(run, live={k: r for k, r in run.live.items() if k != "nginx"})
+    assert not any("× nginx req/s" in line for line in render_targets(without_nginx))
+
+
+def test_two_workers_without_workers_support_says_so():
+    """Where `credproxy run --workers` does not exist, the 2-worker target says why it is empty."""
+    run = _committed()
+    settings = replace(run.settings, workers_supported=False)
+    live = {k: r for k, r in run.live.items() if k != "cp-bearer-2w"}
+    rendered = render_targets(Run(live, settings))
+    assert "| 2 workers ≥ 1.7× one worker | — | `credproxy run --workers` not there yet |" in (
+        rendered
+    )
+
+
+def test_an_incomplete_upload_is_not_met():
+    """An upload that nginx did not store whole fails its target, whatever the RSS did."""
+    run = _committed()
+    bearer: Row = run.live["cp-bearer"]
+    broken = replace(bearer, upload=Upload(502, 1.0, 12345, 67_000_000, 67_500_000))
+    rendered = render_targets(replace(run, live={**run.live, "cp-bearer": broken}))
+    [line] = [x for x in rendered if x.startswith("| 1 GiB streamed upload")]
+    assert "**upload failed**: 502, 12345 bytes stored" in line and line.endswith("**not met** |")
