@@ -672,7 +672,12 @@ def test_the_holders_scan_reads_only_the_socket_owners_processes(monkeypatch):
     other = subprocess.Popen(["sleep", "30"], user=NOBODY)
     read: list[str] = []
     real_readlink = callers._readlink
-    monkeypatch.setattr(callers, "_readlink", lambda path: read.append(path) or real_readlink(path))
+
+    def counted_readlink(path: str) -> str | None:
+        read.append(path)
+        return real_readlink(path)
+
+    monkeypatch.setattr(callers, "_readlink", counted_readlink)
     try:
         ours, theirs = socket.socketpair()
         with ours, theirs:
