@@ -5,6 +5,7 @@
     ├── IdentityError(ValueError)             key or secret file unreadable or unusable
     ├── StartError                            cannot listen, audit, or get a first credential
     └── ProblemError                          answered to the app as problem+json
+        ├── InternalError                     500 internal_error (a bug; traceback in the log)
         ├── RequestRefused                    4xx the proxy decided on its own
         │   ├── MalformedRequest              400 malformed_request (not valid HTTP/1.1)
         │   ├── RouteNotFound                 404 route_not_found
@@ -95,6 +96,14 @@ class ProblemError(CredproxyError):
         if self.retry_after_s is not None:
             headers["Retry-After"] = str(int(self.retry_after_s))
         return headers, json.dumps(body).encode()
+
+
+class InternalError(ProblemError):
+    """A bug in credproxy, not the app's or an upstream's doing: logged with its traceback."""
+
+    status = 500
+    code = "internal_error"
+    public_detail = "credproxy failed to handle the request; see the sidecar log."
 
 
 class RequestRefused(ProblemError):

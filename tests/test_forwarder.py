@@ -7,8 +7,6 @@ from collections.abc import Iterator
 from urllib.parse import quote, quote_plus, unquote
 
 import pytest
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http import HttpRequestParser, HttpResponseParser
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.inbound.handler import _stream_back
@@ -21,6 +19,7 @@ from proxy.outbound.hygiene import (
     response_head_lines,
 )
 from proxy.outbound.upstream import request_head
+from proxy.wire import BaseProtocol, HttpRequestParser, HttpResponseParser
 from tests.counterparts import LEDGER, PREAMBLE
 from tests.raw_upstream import RawUpstream, Request
 

@@ -244,7 +244,7 @@ def test_parser_errors_are_described_without_the_bytes_they_quote(message):
     """What the upstream sent (an echoed token among it) never enters an error's text."""
     from aiohttp.http_exceptions import BadHttpMessage
 
-    from proxy.outbound.upstream import _described
+    from proxy.wire import described as _described
 
     described = _described(BadHttpMessage(message))
     assert "SECRET" not in described and described.startswith(("Bad status line", "Invalid"))

@@ -188,10 +188,10 @@ class Caller:
 UNKNOWN = Caller("unknown", None)
 
 
-def from_socket(sock: Any) -> Caller:
+def from_socket(sock: socket.socket | None) -> Caller:
     """Resolve the peer of an accepted connection; anything unexpected yields ``UNKNOWN``.
-    ``sock``: a socket or what asyncio's transports hand out (anything with ``fileno``,
-    ``family``, ``getsockopt``, ``getsockname`` and ``getpeername``)."""
+    ``sock``: a socket, or the socket-like object a transport's ``get_extra_info("socket")``
+    hands out (uvloop's has the same methods)."""
     if sock is None:
         return UNKNOWN
     try:

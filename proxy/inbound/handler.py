@@ -20,6 +20,7 @@ from ..errors import (
     CallerNotAllowed,
     CallerNotIdentified,
     DestinationNotAllowed,
+    InternalError,
     InvalidPath,
     PathEscapesRoute,
     PathNotAllowed,
@@ -138,7 +139,7 @@ class Handler:
         except Exception:  # a bug, not the app's fault: still a problem+json, never a trace
             server_log.exception("%s %s: unexpected error", request.method, route_name)
             upstream_status, outcome = 0, "internal_error"
-            self._answer_problem(request, ProblemError())
+            self._answer_problem(request, InternalError())
         finally:
             batch.requests -= 1
         duration_s = time.perf_counter() - started

@@ -18,9 +18,6 @@ from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 
 from aiohttp import StreamReader
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http import HttpProcessingError, HttpRequestParser, RawRequestMessage
-from aiohttp.streams import EmptyStreamReader
 from multidict import CIMultiDictProxy
 from yarl import URL
 
@@ -28,6 +25,14 @@ from ..access.callers import UNKNOWN, Caller, from_socket
 from ..errors import HeadTooLarge, MalformedRequest, ProblemError, TooManyConnections
 from ..log import server_log
 from ..tasks import spawn
+from ..wire import (
+    BaseProtocol,
+    EmptyStreamReader,
+    HttpProcessingError,
+    HttpRequestParser,
+    RawRequestMessage,
+    described,
+)
 
 _READ_LIMIT = 2**16  # buffered body bytes before the app is paused
 _MAX_QUEUED = 8  # pipelined requests parsed ahead before the app is paused
@@ -139,11 +144,6 @@ class AppRequest:
         self._connection.abort()
 
 
-def _described(error: HttpProcessingError) -> str:
-    """The parser's description of what is wrong, without the quoted request line after it."""
-    return str(error.message).split("\n", 1)[0].rstrip(":") or type(error).__name__
-
-
 def _head_size(message: RawRequestMessage) -> int:
     """The size of a parsed head as sent (request line, fields, line ends), near enough."""
     size = len(message.method) + len(message.path) + 14
@@ -252,7 +252,7 @@ class AppConnection(BaseProtocol):
         try:
             messages, upgraded, _ = parser.feed_data(data)
         except HttpProcessingError as exc:
-            self._refuse(MalformedRequest(_described(exc)))
+            self._refuse(MalformedRequest(described(exc)))
             return
         limit = self._listener.limits.max_head_bytes
         oversized = next((i for i, (m, _) in enumerate(messages) if _head_size(m) > limit), None)

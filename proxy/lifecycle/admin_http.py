@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any, Protocol, cast
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from ..access.break_glass import BreakGlass
 from ..access.callers import UNKNOWN, Caller, from_socket
@@ -38,6 +37,7 @@ from ..inbound.runtime import Runtime
 from ..log import server_log
 from ..metrics import Metrics
 from ..tasks import spawn
+from ..wire import RequestHandler
 from .unix_socket import bind_unix
 
 Endpoint = Callable[[web.BaseRequest, Caller], Awaitable[web.StreamResponse]]

@@ -9,14 +9,11 @@ the ``UpstreamError`` family, naming the route and upstream.
 from __future__ import annotations
 
 import asyncio
-import re
 import ssl
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
 
 from aiohttp import StreamReader
-from aiohttp.base_protocol import BaseProtocol
-from aiohttp.http import HttpProcessingError, HttpResponseParser, RawResponseMessage
 from multidict import CIMultiDict
 from yarl import URL
 
@@ -28,12 +25,18 @@ from ..errors import (
     UpstreamTLSError,
 )
 from ..tasks import spawn
+from ..wire import (
+    BaseProtocol,
+    HttpProcessingError,
+    HttpResponseParser,
+    RawResponseMessage,
+    described,
+)
 
 Body = bytes | StreamReader | AsyncIterable[bytes] | None
 _READ_LIMIT = 2**16  # buffered answer bytes before the upstream is paused
 _DEFAULT_TLS = ssl.create_default_context()
 _SWEEP_S = 0.1  # how often timeouts are checked: their precision
-_QUOTED = re.compile(r"""(?:\bb)?['"]""")  # where aiohttp starts quoting what it parsed
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,13 +84,6 @@ class Answer:
     def release(self) -> None:
         """Back to the pool when the body was read to its end; closed otherwise."""
         self._connection.finish(self.body.is_eof() and not self.message.should_close)
-
-
-def _described(error: HttpProcessingError) -> str:
-    """The parser's words for what is wrong, without the bytes it quotes after them: an
-    upstream may echo the credential anywhere, its status line included."""
-    words = _QUOTED.split(str(error.message), 1)[0]
-    return " ".join(words.split()).rstrip(" :") or type(error).__name__
 
 
 class _Connection(BaseProtocol):
@@ -153,7 +149,7 @@ class _Connection(BaseProtocol):
         try:
             messages, upgraded, _ = parser.feed_data(data)
         except HttpProcessingError as exc:
-            self._fail(UpstreamProtocolError(f"{self._where}: invalid answer: {_described(exc)}"))
+            self._fail(UpstreamProtocolError(f"{self._where}: invalid answer: {described(exc)}"))
             return
         for message, payload in messages:
             if message.code == 101 or upgraded:
@@ -178,7 +174,7 @@ class _Connection(BaseProtocol):
         try:
             parser.feed_eof()  # ends a body read until EOF; a cut one raises
         except HttpProcessingError as error:
-            self._fail(UpstreamProtocolError(f"{self._where}: answer cut: {_described(error)}"))
+            self._fail(UpstreamProtocolError(f"{self._where}: answer cut: {described(error)}"))
             return
         self._fail(UpstreamProtocolError(f"{self._where}: connection closed before an answer"))
 

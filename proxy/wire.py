@@ -1,0 +1,45 @@
+"""aiohttp's HTTP/1.1 machinery that is not its public API, in one place: the request and
+response parsers, the protocol base class with flow control, the parsed message types, the web
+server's connection protocol, and what a parser error may say.
+
+The app listener (``inbound.listener``), the upstream pool (``outbound.upstream``) and the
+telemetry/control listeners (``lifecycle.admin_http``) are built on these for speed and strict
+parsing. They are internal to aiohttp (pinned ``>=3.11,<4`` in pyproject.toml): when aiohttp
+moves them, this module is the one to adapt.
+"""
+
+from __future__ import annotations
+
+import re
+
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.http import (
+    HttpProcessingError,
+    HttpRequestParser,
+    HttpResponseParser,
+    RawRequestMessage,
+    RawResponseMessage,
+)
+from aiohttp.streams import EmptyStreamReader
+from aiohttp.web_protocol import RequestHandler
+
+__all__ = [
+    "BaseProtocol",
+    "EmptyStreamReader",
+    "HttpProcessingError",
+    "HttpRequestParser",
+    "HttpResponseParser",
+    "RawRequestMessage",
+    "RawResponseMessage",
+    "RequestHandler",
+    "described",
+]
+
+_QUOTED = re.compile(r"""(?:\bb)?['"]""")  # where aiohttp starts quoting what it parsed
+
+
+def described(error: HttpProcessingError) -> str:
+    """The parser's words for what is wrong, without the bytes it quotes after them (a request
+    line, a status line, a header): either side may carry a credential there."""
+    words = _QUOTED.split(str(error.message), 1)[0].split("\n", 1)[0]
+    return " ".join(words.split()).rstrip(" :") or type(error).__name__
