@@ -121,3 +121,19 @@ async def test_grants_need_a_reason_respect_caps_and_only_allowed_callers(
     assert proc.stop() == 0  # grants live in memory only: a restart ends them, audited
     [ended] = proc.audit("policy.break_glass.expired")
     assert (ended["ended"], ended["reason"]) == ("shutdown", REASON)
+
+
+async def test_with_several_workers_a_grant_is_refused_rather_than_partly_applied(
+    idp, upstream, credproxy, client
+):
+    """With --workers 2 a grant held by one process would let a fraction of the requests
+    through: the control plane refuses it, says why, and the route still refuses the caller."""
+    proc = credproxy(_config(idp, upstream), args=("--workers", "2"))
+    file = str(proc.config_file)
+    refused = _cli("break-glass", "-c", file, "--route", "payments", "--caller", "ops",
+                   "--for", "1m", "--reason", REASON)  # fmt: skip
+    assert refused.returncode == 1
+    assert "--workers 1" in refused.stderr
+    assert not proc.audit("policy.break_glass.granted")
+    async with client.get(proc.url + "/payments/api/x") as response:
+        assert (await response.json())["code"] == "caller_not_allowed"

@@ -93,6 +93,10 @@ def endpoints(sidecar: Sidecar) -> Mapping[str, Mapping[str, Endpoint]]:
 
     async def grant(request: web.BaseRequest, caller: Caller) -> web.StreamResponse:
         """A break-glass grant: JSON ``{route, caller, for, reason, methods?, paths?}``."""
+        if sidecar.workers > 1:  # grants live in one process: they would reach 1/N of requests
+            raise InvalidControlRequest(
+                "break-glass grants are held by one process; run with --workers 1 to grant one"
+            )
         control = sidecar.config.control
         body = await read_body(
             request, max_bytes=control.body_max_bytes, timeout_s=control.head_timeout_s

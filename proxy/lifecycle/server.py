@@ -87,6 +87,7 @@ class Server:
         reuse_port: bool = False,
         leader_socket: str | None = None,
         is_leader: bool = False,
+        workers: int = 1,
     ) -> None:
         """``dpop_key``, ``inherited`` (listening sockets by listen address), ``reuse_port`` and
         ``leader_socket`` are for workers: one DPoP key for all, Unix sockets and TCP ports
@@ -94,6 +95,7 @@ class Server:
         self.config = config
         self._leader_socket = leader_socket
         self._is_leader = is_leader
+        self.workers = workers  # how many processes serve the listeners (``--workers``)
         self._leader: LeaderClient | None = None
         self._dpop_key = dpop_key
         self._inherited = inherited or {}

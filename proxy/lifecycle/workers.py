@@ -158,6 +158,7 @@ def supervise(config: Config, path: Path, count: int) -> int:
                 reuse_port=True,
                 leader_socket=leader_socket,
                 is_leader=index == 0,
+                workers=count,
             )
         except Exception:
             server_log.exception("worker %d failed", index)
