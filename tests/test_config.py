@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import loader
-from proxy.config.issuers import OAuth2Issuer
+from proxy.config.issuers import OAuth2IssuerConfig
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def test_valid_config_parses_into_frozen_models_with_defaults():
     assert loaded.admin == "127.0.0.1:15090"
     assert loaded.routes[0].credential.inject == "dpop"
     issuer = loaded.issuers["idp"]
-    assert isinstance(issuer, OAuth2Issuer) and issuer.client_auth == "private_key_jwt"
+    assert isinstance(issuer, OAuth2IssuerConfig) and issuer.client_auth == "private_key_jwt"
     with pytest.raises(ValueError):
         loaded.routes[0].credential.inject = "bearer"  # type: ignore[misc]
 

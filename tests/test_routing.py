@@ -7,20 +7,20 @@ from collections.abc import Sequence
 
 import pytest
 
-from proxy.config.model import Credential, Route
+from proxy.config.model import CredentialConfig, RouteConfig
 from proxy.inbound.routing import RouteTable, Target, request_host
 from tests.counterparts import LEDGER, PREAMBLE
 from tests.raw_upstream import RawUpstream
 
 
 def _route(name, prefix=None, host=None, strip=True):
-    return Route(
+    return RouteConfig(
         name=name,
         path_prefix=prefix,
         host=host,
         strip_prefix=strip,
         upstream="https://u.example",
-        credential=Credential(issuer="i"),
+        credential=CredentialConfig(issuer="i"),
     )
 
 

@@ -13,7 +13,7 @@ from yarl import URL
 from .base import REGION, Duration, Owned, check_http_url, reject_inline_secrets
 
 
-class OAuth2Issuer(Owned):
+class OAuth2IssuerConfig(Owned):
     """OAuth2 ``client_credentials`` with OIDC / RFC 8414 discovery."""
 
     type: Literal["oauth2"]
@@ -50,7 +50,7 @@ class OAuth2Issuer(Owned):
     _no_inline = model_validator(mode="before")(reject_inline_secrets)
 
     @model_validator(mode="after")
-    def _check(self) -> OAuth2Issuer:
+    def _check(self) -> OAuth2IssuerConfig:
         check_http_url(self.issuer_url, insecure_ok=self.allow_insecure_http, what="issuer_url")
         if self.client_auth == "private_key_jwt" and self.client_key_file is None:
             raise ValueError("client_auth private_key_jwt needs client_key_file")
@@ -67,7 +67,7 @@ class OAuth2Issuer(Owned):
         return self
 
 
-class TokenExchangeIssuer(OAuth2Issuer):
+class TokenExchangeIssuerConfig(OAuth2IssuerConfig):
     """RFC 8693 token exchange: the workload's identity token (projected service-account token,
     JWT-SVID) is exchanged at the IdP; client authentication as for ``oauth2``."""
 
@@ -76,7 +76,7 @@ class TokenExchangeIssuer(OAuth2Issuer):
     subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"
 
 
-class AWSIssuer(Owned):
+class AWSIssuerConfig(Owned):
     """AWS STS ``AssumeRoleWithWebIdentity`` with the workload's token file (EKS IRSA style),
     optionally chained into ``AssumeRole``; or, as a marked legacy mode, static keys from a file."""
 
@@ -107,7 +107,7 @@ class AWSIssuer(Owned):
     _no_inline = model_validator(mode="before")(reject_inline_secrets)
 
     @model_validator(mode="after")
-    def _check(self) -> AWSIssuer:
+    def _check(self) -> AWSIssuerConfig:
         if (self.role_arn is None) == (self.static_credentials_file is None):
             raise ValueError(
                 "set exactly one of role_arn (web identity) or static_credentials_file"
@@ -123,7 +123,7 @@ class AWSIssuer(Owned):
         return self.sts_endpoint or f"https://sts.{self.region}.amazonaws.com"
 
 
-class StaticIssuer(Owned):
+class StaticIssuerConfig(Owned):
     """A long-lived secret (API key) read from a file: legacy, audited as such, so owners can
     find and retire it. The file is re-read every ``reread_s``: rotation needs no restart."""
 
@@ -134,7 +134,7 @@ class StaticIssuer(Owned):
     _no_inline = model_validator(mode="before")(reject_inline_secrets)
 
 
-class SelfSignedJWTIssuer(Owned):
+class SelfSignedJWTIssuerConfig(Owned):
     """A JWT minted per request and signed by the sidecar; upstreams verify it against the JWKS
     published on the admin listener (``/.well-known/jwks.json``)."""
 

@@ -13,7 +13,13 @@ from yarl import URL
 
 from ..errors import ConfigError
 from .base import is_loopback
-from .issuers import AWSIssuer, OAuth2Issuer, StaticIssuer, known_aws_service, sigv4_scope
+from .issuers import (
+    AWSIssuerConfig,
+    OAuth2IssuerConfig,
+    StaticIssuerConfig,
+    known_aws_service,
+    sigv4_scope,
+)
 from .model import Config, parse_address
 
 
@@ -209,15 +215,15 @@ def warnings(config: Config) -> list[str]:
     """Things that are allowed but deserve a second look; ``check-config`` prints them."""
     notes: list[str] = []
     for name, issuer in config.issuers.items():
-        url = issuer.issuer_url if isinstance(issuer, OAuth2Issuer) else None
-        url = issuer.sts_url if isinstance(issuer, AWSIssuer) else url
+        url = issuer.issuer_url if isinstance(issuer, OAuth2IssuerConfig) else None
+        url = issuer.sts_url if isinstance(issuer, AWSIssuerConfig) else url
         if url is not None and URL(url).scheme == "http":
             notes.append(
                 f"issuers.{name}: plain http to {url}; acceptable for a local service only"
             )
-        if isinstance(issuer, AWSIssuer) and issuer.static_credentials_file is not None:
+        if isinstance(issuer, AWSIssuerConfig) and issuer.static_credentials_file is not None:
             notes.append(f"issuers.{name}: static AWS keys (legacy); prefer role_arn + token_file")
-        if isinstance(issuer, StaticIssuer):
+        if isinstance(issuer, StaticIssuerConfig):
             notes.append(f"issuers.{name}: a static secret (legacy); audited so it can be retired")
         for field in (
             "client_key_file",

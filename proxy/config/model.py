@@ -20,10 +20,16 @@ from pydantic import (
 )
 
 from .base import REGION, Duration, Model, Owned, check_http_url
-from .issuers import AWSIssuer, OAuth2Issuer, SelfSignedJWTIssuer, StaticIssuer, TokenExchangeIssuer
+from .issuers import (
+    AWSIssuerConfig,
+    OAuth2IssuerConfig,
+    SelfSignedJWTIssuerConfig,
+    StaticIssuerConfig,
+    TokenExchangeIssuerConfig,
+)
 
 
-class Timeouts(Model):
+class TimeoutsConfig(Model):
     connect_s: Duration = 5.0
     idle_s: Duration = Field(60.0, gt=0, description="longest wait for the next upstream byte")
     total_s: Duration = Field(300.0, gt=0, description="whole exchange, headers and body")
@@ -104,7 +110,7 @@ class HTTPSignature(Model):
         return self
 
 
-class Credential(Model):
+class CredentialConfig(Model):
     issuer: str
     audience: str | None = None
     scope: str | None = None
@@ -178,7 +184,7 @@ class AllowRule(Model):
     paths: tuple[Annotated[str, AfterValidator(_check_glob)], ...] = ("/**",)
 
 
-class Route(Owned):
+class RouteConfig(Owned):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     path_prefix: str | None = Field(None, pattern=r"^/")
     host: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]+$")
@@ -190,7 +196,7 @@ class Route(Owned):
     )
     client_key_file: Path | None = None
     allow_insecure_http: bool = False
-    credential: Credential
+    credential: CredentialConfig
     strip_headers: tuple[str, ...] = Field(
         (), description="extra inbound headers that carry credentials and must not be forwarded"
     )
@@ -199,7 +205,7 @@ class Route(Owned):
         description="forward X-HTTP-Method-Override, X-Original-URL and the like (stripped by "
         "default); the allow rules are then checked against the overridden method and path too",
     )
-    timeouts: Timeouts = Timeouts()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
     allow: tuple[AllowRule, ...] = Field(
         (), description="default deny: a request no rule allows is refused with 403"
     )
@@ -211,7 +217,7 @@ class Route(Owned):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> Route:
+    def _check(self) -> RouteConfig:
         if self.path_prefix is None and self.host is None:
             raise ValueError("a route needs path_prefix, host, or both")
         if (self.client_cert_file is None) != (self.client_key_file is None):
@@ -220,12 +226,12 @@ class Route(Owned):
         return self
 
 
-class Identity(Model):
+class IdentityConfig(Model):
     token_file: Path | None = Field(None, description="projected token / JWT-SVID (later issuers)")
     dpop_alg: Literal["ES256", "EdDSA"] = "ES256"
 
 
-class Log(Model):
+class LogConfig(Model):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
     access: bool = Field(True, description="one line per proxied request")
@@ -236,7 +242,7 @@ def _octal(value: Any) -> Any:
     return f"{value:04o}" if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-class Audit(Model):
+class AuditConfig(Model):
     file: str = Field("-", description="JSON-lines audit file ('-': stdout); SIGUSR1 reopens it")
     used: Literal["interval", "request", "off"] = Field(
         "interval",
@@ -254,7 +260,7 @@ class Audit(Model):
     )
 
 
-class BreakGlass(Model):
+class BreakGlassConfig(Model):
     """Caps on break-glass grants (time-boxed exceptions to a route's policy, in memory only)."""
 
     max_duration_s: Duration = Field(86400.0, le=7 * 86400, description="longest grant")
@@ -264,7 +270,7 @@ class BreakGlass(Model):
 CONTROL_SOCKET = "unix:/run/credproxy/control.sock"
 
 
-class Control(Model):
+class ControlConfig(Model):
     """The control plane (inventory, revoke, break-glass): a Unix socket or loopback TCP whose
     callers the kernel identifies, answered only for ``allow`` (names under ``callers``)."""
 
@@ -289,7 +295,7 @@ class Control(Model):
         description="a credential revoked less than this ago is not revoked again (answered "
         "'recent', no round-trip to the issuer)",
     )
-    break_glass: BreakGlass = BreakGlass()
+    break_glass: BreakGlassConfig = BreakGlassConfig()
 
 
 def _as_tuple(value: Any) -> Any:
@@ -313,25 +319,29 @@ class Config(Model):
     local_names: tuple[str, ...] = Field(
         (), description="Host names accepted besides localhost, loopback literals and route hosts"
     )
-    identity: Identity = Identity()
+    identity: IdentityConfig = IdentityConfig()
     callers: dict[str, CallerRule] = {}
     issuers: dict[
         Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")],
         Annotated[
-            OAuth2Issuer | TokenExchangeIssuer | AWSIssuer | StaticIssuer | SelfSignedJWTIssuer,
+            OAuth2IssuerConfig
+            | TokenExchangeIssuerConfig
+            | AWSIssuerConfig
+            | StaticIssuerConfig
+            | SelfSignedJWTIssuerConfig,
             Field(discriminator="type"),
         ],
     ]
-    routes: tuple[Route, ...] = Field(min_length=1)
-    audit: Audit = Audit()
-    log: Log = Log()
+    routes: tuple[RouteConfig, ...] = Field(min_length=1)
+    audit: AuditConfig = AuditConfig()
+    log: LogConfig = LogConfig()
     warm_up: bool = Field(True, description="obtain every route's credential at start")
     on_start_failure: Literal["not_ready", "exit"] = Field(
         "not_ready", description="when warm-up cannot get a credential: stay not-ready or exit 1"
     )
     app_timeouts: AppTimeouts = AppTimeouts()
     app_limits: AppLimits = AppLimits()
-    control: Control = Control()
+    control: ControlConfig = ControlConfig()
     shutdown_timeout_s: Duration = 10.0
     revoke_timeout_s: Duration = Field(5.0, description="budget for revocations at shutdown")
 

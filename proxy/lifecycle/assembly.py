@@ -11,7 +11,7 @@ import aiohttp
 
 from ..access.policy import Admission, RoutePolicy
 from ..audit.trail import Audit
-from ..config.model import Config, Route
+from ..config.model import Config, RouteConfig
 from ..credentials.dpop import DPoPKey
 from ..credentials.injectors import Signing, make_injector
 from ..credentials.issuers import ISSUERS, Issuer, SelfSignedJWTIssuer
@@ -121,7 +121,7 @@ def build(
     )
 
 
-def _client_certificate(route: Route, issuer: Issuer) -> tuple[Path | None, Path | None]:
+def _client_certificate(route: RouteConfig, issuer: Issuer) -> tuple[Path | None, Path | None]:
     """The route's own client certificate; else, when its issuer authenticates with one
     (tls_client_auth), that one: the issuer's tokens may be bound to it (RFC 8705 §3)."""
     if route.client_cert_file is not None:

@@ -12,7 +12,7 @@ from typing import Any
 
 from yarl import URL
 
-from ...config.model import Route
+from ...config.model import RouteConfig
 from ..dpop import DPoPKey
 from ..signing import SignatureBatch
 from .base import Injector, Outbound
@@ -33,7 +33,7 @@ class Signing:
     batch: SignatureBatch
 
 
-INJECTORS: dict[str, Callable[[Route, Any, Signing], Injector]] = {
+INJECTORS: dict[str, Callable[[RouteConfig, Any, Signing], Injector]] = {
     "bearer": lambda route, issuer, signing: BearerInjector(),
     "dpop": lambda route, issuer, signing: DPoPInjector(signing.dpop_key, signing.batch),
     "sigv4": lambda route, issuer, signing: SigV4Injector.for_route(route, issuer.region),
@@ -52,7 +52,7 @@ INJECTORS: dict[str, Callable[[Route, Any, Signing], Injector]] = {
 }
 
 
-def make_injector(route: Route, issuer: Any, signing: Signing) -> Injector:
+def make_injector(route: RouteConfig, issuer: Any, signing: Signing) -> Injector:
     credential = route.credential
     if getattr(issuer, "per_request", False) and credential.inject != "http_signature":
         upstream = URL(route.upstream)

@@ -21,7 +21,7 @@ from typing import Any
 from aiohttp import StreamReader
 
 from ...config.issuers import sigv4_scope
-from ...config.model import Route
+from ...config.model import RouteConfig
 from ...errors import LengthRequired
 from ..token_cache import Token
 from .base import Body, Injector, Outbound
@@ -68,7 +68,7 @@ class SigV4Injector(Injector):
         self._offset = datetime.timedelta(0)
 
     @classmethod
-    def for_route(cls, route: Route, issuer_region: str | None) -> SigV4Injector:
+    def for_route(cls, route: RouteConfig, issuer_region: str | None) -> SigV4Injector:
         """Service and region as configured, else from the upstream host, else the issuer's."""
         credential = route.credential
         service, region = sigv4_scope(

@@ -14,8 +14,8 @@ from typing import Any
 
 import aiohttp
 
-from ...config.issuers import AWSIssuer as AWSConfig
-from ...config.model import Identity
+from ...config.issuers import AWSIssuerConfig
+from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ...secret import Secret
 from ..dpop import DPoPKey
@@ -29,11 +29,11 @@ class AWSIssuer:
     def __init__(
         self,
         name: str,
-        config: AWSConfig,
+        config: AWSIssuerConfig,
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        identity: Identity,
+        identity: IdentityConfig,
     ) -> None:
         del session, dpop_key  # botocore brings its own HTTP client and trust store
         import botocore.session

@@ -24,8 +24,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ...config.base import is_loopback
-from ...config.issuers import OAuth2Issuer as OAuth2Config
-from ...config.model import Identity
+from ...config.issuers import OAuth2IssuerConfig
+from ...config.model import IdentityConfig
 from ...errors import IssuerError
 from ...outbound.tls import ClientTLS
 from ...secret import Secret
@@ -51,11 +51,11 @@ class OAuth2Issuer:
     def __init__(
         self,
         name: str,
-        config: OAuth2Config,
+        config: OAuth2IssuerConfig,
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        identity: Identity,
+        identity: IdentityConfig,
     ) -> None:
         del identity  # the client key or secret file is this issuer's identity
         self.name = name

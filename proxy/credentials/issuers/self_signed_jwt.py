@@ -15,8 +15,8 @@ from typing import Any
 
 import aiohttp
 
-from ...config.issuers import SelfSignedJWTIssuer as JWTConfig
-from ...config.model import Identity
+from ...config.issuers import SelfSignedJWTIssuerConfig
+from ...config.model import IdentityConfig
 from ..dpop import DPoPKey
 from ..identity import generate_key, load_signing_key
 from ..jose import Signer, SigningKey, b64url, public_jwk, thumbprint
@@ -39,11 +39,11 @@ class SelfSignedJWTIssuer:
     def __init__(
         self,
         name: str,
-        config: JWTConfig,
+        config: SelfSignedJWTIssuerConfig,
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        identity: Identity,
+        identity: IdentityConfig,
     ) -> None:
         del session, dpop_key, identity  # the signing key is this issuer's identity
         self.name = name

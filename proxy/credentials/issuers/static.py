@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import aiohttp
 
-from ...config.issuers import StaticIssuer as StaticConfig
-from ...config.model import Identity
+from ...config.issuers import StaticIssuerConfig
+from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
@@ -21,11 +21,11 @@ class StaticIssuer:
     def __init__(
         self,
         name: str,
-        config: StaticConfig,
+        config: StaticIssuerConfig,
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        identity: Identity,
+        identity: IdentityConfig,
     ) -> None:
         del session, dpop_key, identity  # the secret file is the whole identity
         self.name = name
