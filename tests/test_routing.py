@@ -7,7 +7,8 @@ from collections.abc import Sequence
 
 import pytest
 
-from proxy.config.model import CredentialConfig, RouteConfig
+from proxy.config.credential import DPoPCredential
+from proxy.config.model import RouteConfig
 from proxy.inbound.routing import RouteTable, Target, request_host
 from tests.counterparts import LEDGER, PREAMBLE
 from tests.raw_upstream import RawUpstream
@@ -20,7 +21,7 @@ def _route(name, prefix=None, host=None, strip=True):
         host=host,
         strip_prefix=strip,
         upstream="https://u.example",
-        credential=CredentialConfig(issuer="i"),
+        credential=DPoPCredential(issuer="i"),
     )
 
 

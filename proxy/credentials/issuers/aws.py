@@ -21,11 +21,15 @@ from ...secret import Secret
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
+from .base import issuer
 
 _STATIC_REREAD_S = 300.0  # static keys never expire; re-read the file this often (rotation)
 
 
+@issuer(AWSIssuerConfig)
 class AWSIssuer:
+    shared_by_workers = True  # fetched over the network
+
     def __init__(
         self,
         name: str,

@@ -33,6 +33,7 @@ from ..dpop import DPoPKey
 from ..identity import load_signing_key, read_secret_file
 from ..jose import Signer
 from ..token_cache import CacheKey, Token
+from .base import issuer
 
 _MAX_RESPONSE_BYTES = 64 * 1024
 _DEFAULT_LIFETIME_S = 300.0
@@ -45,8 +46,11 @@ class Metadata:
     revocation_endpoint: str | None
 
 
+@issuer(OAuth2IssuerConfig)
 class OAuth2Issuer:
     """One configured OAuth2 client; ``fetch()`` performs one token request."""
+
+    shared_by_workers = True  # fetched over the network
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from ..identity import generate_key, load_signing_key
 from ..jose import Signer, SigningKey, b64url, public_jwk, thumbprint
 from ..signing import SignatureBatch
 from ..token_cache import CacheKey, Token
+from .base import issuer
 
 _STAT_INTERVAL_S = 1.0
 _HTTP_SIGNATURE_ALGS = {
@@ -31,7 +32,9 @@ _HTTP_SIGNATURE_ALGS = {
 }
 
 
+@issuer(SelfSignedJWTIssuerConfig)
 class SelfSignedJWTIssuer:
+    shared_by_workers = False  # minted by each worker
     region: str | None = None
     revoke_on_shutdown = False
     per_request = True  # no token cache: every request gets its own JWT

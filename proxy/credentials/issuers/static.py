@@ -12,9 +12,12 @@ from ...errors import IdentityError, IssuerError
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
+from .base import issuer
 
 
+@issuer(StaticIssuerConfig)
 class StaticIssuer:
+    shared_by_workers = False  # each worker reads the file
     region: str | None = None
     revoke_on_shutdown = False
 

@@ -12,12 +12,14 @@ from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
+from .base import issuer
 from .oauth2 import OAuth2Issuer
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 
 
+@issuer(TokenExchangeIssuerConfig)
 class TokenExchangeIssuer(OAuth2Issuer):
     def __init__(
         self,
