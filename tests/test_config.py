@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from proxy.config import loader
-from proxy.config.issuers import OAuth2Issuer
+from proxy.config.issuers import OAuth2IssuerConfig
 from proxy.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +43,7 @@ def test_valid_config_parses_into_frozen_models_with_defaults():
     assert loaded.admin == "127.0.0.1:15090"
     assert loaded.routes[0].credential.inject == "dpop"
     issuer = loaded.issuers["idp"]
-    assert isinstance(issuer, OAuth2Issuer) and issuer.client_auth == "private_key_jwt"
+    assert isinstance(issuer, OAuth2IssuerConfig) and issuer.client_auth == "private_key_jwt"
     with pytest.raises(ValueError):
         loaded.routes[0].credential.inject = "bearer"  # type: ignore[misc]
 
@@ -107,15 +107,27 @@ BAD = [
         "unknown derived signature component",
         VALID.replace(
             "scope: payments.write}",
-            "scope: payments.write, inject: dpop, signature: {components: ['@body']}}",
+            "scope: payments.write, inject: http_signature, "
+            "signature: {key_id: k1, components: ['@body']}}",
+        ).replace(
+            VALID[VALID.index("    type: oauth2") : VALID.index("routes:")],
+            "    type: static\n    secret_file: /secrets/hmac-key\n",
         ),
         "routes[0].credential.signature.components[0]: '@body' is not a derived component",
     ),
     (
+        "signature parameters on a route that does not sign",
+        VALID.replace(
+            "scope: payments.write}",
+            "scope: payments.write, inject: dpop, signature: {components: ['@method']}}",
+        ),
+        "routes[0].credential.signature: only for inject: http_signature",
+    ),
+    (
         "unknown injector",
         VALID.replace("scope: payments.write}", "scope: payments.write, inject: magic}"),
-        "routes[0].credential.inject: Input should be 'bearer', 'dpop', 'sigv4', 'header', 'query' "
-        "or 'http_signature' (got 'magic')",
+        "routes[0].credential.inject: 'magic' is not a supported injector (expected one of "
+        "'bearer', 'dpop', 'sigv4', 'header', 'query', 'http_signature')",
     ),
     (
         "unknown issuer type",
@@ -407,3 +419,155 @@ def test_check_config_warns_about_plain_http_to_loopback(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "issuers.idp: plain http to http://127.0.0.1:8080" in result.stderr
     assert "routes[0].upstream: plain http" in result.stderr
+
+
+CROSS = """\
+listen: 127.0.0.1:15001
+issuers:
+  idp: {type: oauth2, issuer_url: https://idp.example.com, client_id: o, client_key_file: /k.pem}
+  aws: {type: aws, role_arn: "arn:aws:iam::123456789012:role/app", token_file: /t, region: eu-west-1}
+  key: {type: static, secret_file: /secrets/hmac-key}
+routes:
+  - {name: a, path_prefix: /a/, upstream: https://a.example.com,
+     credential: {issuer: idp, inject: sigv4}}
+  - {name: b, path_prefix: /b/, upstream: https://storage.internal,
+     credential: {issuer: aws, inject: sigv4, payload: streaming}}
+  - {name: c, path_prefix: /c/, upstream: https://c.example.com,
+     credential: {issuer: key, inject: http_signature}}
+bogus: 1
+"""
+
+
+def test_cross_reference_errors_come_all_at_once_with_their_paths():
+    """Credential-versus-issuer problems of every route, several in one credential, come back
+    together with shape errors elsewhere, each naming its path."""
+    errors = _errors(CROSS)
+    for expected in (
+        "bogus: unknown key",
+        "routes[0].credential.inject: 'sigv4' does not go with an issuer of type oauth2 "
+        "(use bearer or dpop)",
+        "routes[1].credential.service: required for sigv4",
+        "routes[1].credential.payload: streaming (aws-chunked with a checksum trailer) is for s3",
+        "routes[2].credential.signature.key_id: required to sign with a static (HMAC) secret",
+    ):
+        assert any(line.startswith(expected) for line in errors), (expected, errors)
+
+
+PLACEMENT = [
+    ("inject: dpop, header: X-Api-Key", "routes[0].credential.header: only for inject: header"),
+    (
+        "inject: bearer, query_param: key",
+        "routes[0].credential.query_param: only for inject: query",
+    ),
+    ("service: s3", "routes[0].credential.service: only for inject: sigv4"),
+    (
+        "inject: bearer, header_prefix: 'Token '",
+        "routes[0].credential.header_prefix: only for inject: header",
+    ),
+    (
+        "payload_max_bytes: 1024",
+        "routes[0].credential.payload_max_bytes: only for inject: sigv4 or http_signature",
+    ),
+    ("inject: dpop, hedaer: X", "routes[0].credential.hedaer: unknown key"),
+]
+
+
+@pytest.mark.parametrize(("options", "expected"), PLACEMENT, ids=[e for _, e in PLACEMENT])
+def test_an_option_given_to_the_wrong_injector_names_the_right_one(options, expected):
+    """Each injector takes only its own options; another's is named with the injectors it is for."""
+    errors = _errors(VALID.replace("scope: payments.write}", f"scope: payments.write, {options}}}"))
+    assert any(line.startswith(expected) for line in errors), errors
+    assert not any("Extra inputs" in line for line in errors), errors
+
+
+def test_schema_shows_each_injector_with_its_options():
+    """`credproxy schema`: a route's credential is one shape per inject, each with its options
+    only, and every issuer type says which injectors it supports."""
+    from proxy.config.credential import CREDENTIAL_CONFIGS
+    from proxy.config.issuers import ISSUER_CONFIGS
+
+    schema = loader.json_schema()
+    defs = schema["$defs"]
+    credential = defs["RouteConfig"]["properties"]["credential"]
+    mapping = credential["discriminator"]["mapping"]
+    assert credential["discriminator"]["propertyName"] == "inject"
+    assert sorted(mapping) == sorted(CREDENTIAL_CONFIGS)
+    options = {tag: set(defs[ref.split("/")[-1]]["properties"]) for tag, ref in mapping.items()}
+    common = {"issuer", "audience", "scope", "inject"}
+    assert options["dpop"] == options["bearer"] == common
+    assert options["header"] == common | {"header", "header_prefix"}
+    assert options["query"] == common | {"query_param"}
+    assert options["sigv4"] == common | {"service", "region", "payload", "payload_max_bytes"}
+    assert options["http_signature"] == common | {"signature", "payload_max_bytes"}
+    dpop = defs[mapping["dpop"].split("/")[-1]]
+    assert dpop["properties"]["inject"]["default"] == "dpop" and "inject" not in dpop["required"]
+    issuers = schema["properties"]["issuers"]["patternProperties"]
+    [issuer_union] = issuers.values()
+    assert sorted(issuer_union["discriminator"]["mapping"]) == sorted(ISSUER_CONFIGS)
+    for model in ISSUER_CONFIGS.values():
+        injects = ", ".join(model.supported_injectors)
+        assert defs[model.__name__]["description"].endswith(f"may inject: {injects}")
+
+
+def test_registries_and_checks_are_derived_from_the_plugins_declarations():
+    """The runtime tables pair every config model with an implementation, and the inject check
+    follows each issuer model's supported_injectors: no table of its own to keep in step."""
+    from proxy.config.credential import CREDENTIAL_CONFIGS
+    from proxy.config.issuers import ISSUER_CONFIGS
+    from proxy.credentials.injectors import INJECTORS
+    from proxy.credentials.issuers import ISSUERS
+
+    assert set(ISSUERS) == set(ISSUER_CONFIGS.values())
+    assert set(INJECTORS) == set(CREDENTIAL_CONFIGS.values())
+    for kind, model in ISSUER_CONFIGS.items():
+        assert model.supported_injectors
+        for inject in CREDENTIAL_CONFIGS:
+            errors = loader._credential_checks(
+                "r", {"upstream": "https://u.example"}, {"issuer": "i", "inject": inject},
+                {"type": kind},
+            )  # fmt: skip
+            refused = any("does not go with an issuer" in e for e in errors)
+            assert refused == (inject not in model.supported_injectors), (kind, inject, errors)
+
+
+NEW_ISSUER = """
+from typing import Literal
+from proxy.config.issuers import IssuerConfig
+
+class VaultIssuerConfig(IssuerConfig):
+    type: Literal["vault"]
+    supported_injectors = ("bearer",)
+    address: str
+
+from proxy.config import loader
+from proxy.errors import ConfigError
+
+text = '''
+listen: 127.0.0.1:15001
+issuers: {v: {type: vault, address: https://vault.example}}
+routes: [{name: r, path_prefix: /r/, upstream: https://u.example, credential: {issuer: v, INJECT}}]
+'''
+assert loader.parse(text.replace("INJECT", "inject: bearer")).issuers["v"].address
+try:
+    loader.parse(text.replace("INJECT", "inject: dpop"))
+except ConfigError as exc:
+    print(exc.errors)
+print("vault" in loader.json_schema()["properties"]["issuers"]["patternProperties"]["^[A-Za-z0-9][A-Za-z0-9_.-]*$"]["discriminator"]["mapping"])
+try:
+    import proxy.credentials.issuers
+except ImportError as exc:
+    print(exc)
+"""
+
+
+def test_a_new_issuer_needs_only_its_config_model_and_its_module():
+    """A new issuer config model joins the config union, the inject check and the schema by being
+    defined; without its module under credentials/issuers/, the runtime refuses to import."""
+    result = subprocess.run(
+        [sys.executable, "-c", NEW_ISSUER], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    refused, in_schema, no_module = result.stdout.splitlines()
+    assert "'dpop' does not go with an issuer of type vault (use bearer)" in refused
+    assert in_schema == "True"
+    assert "issuer types without an implementation" in no_module and "vault" in no_module

@@ -120,7 +120,7 @@ def test_compose_example_is_a_sidecar_holding_the_secret_alone():
     assert loaded.callers["app"].uid == int(app["user"].split(":")[0])
     realm = json.loads((EXAMPLES / "compose" / "realm.json").read_text())
     [client] = realm["clients"]
-    assert client["clientId"] == loaded.issuers["keycloak"].client_id  # type: ignore[union-attr]
+    assert client["clientId"] == loaded.issuers["keycloak"].client_id  # type: ignore[attr-defined]
     assert client["secret"] == "${CREDPROXY_CLIENT_SECRET}"  # never a literal secret
 
 

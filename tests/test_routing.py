@@ -7,20 +7,21 @@ from collections.abc import Sequence
 
 import pytest
 
-from proxy.config.model import Credential, Route
+from proxy.config.credential import DPoPCredential
+from proxy.config.model import RouteConfig
 from proxy.inbound.routing import RouteTable, Target, request_host
 from tests.counterparts import LEDGER, PREAMBLE
 from tests.raw_upstream import RawUpstream
 
 
 def _route(name, prefix=None, host=None, strip=True):
-    return Route(
+    return RouteConfig(
         name=name,
         path_prefix=prefix,
         host=host,
         strip_prefix=strip,
         upstream="https://u.example",
-        credential=Credential(issuer="i"),
+        credential=DPoPCredential(issuer="i"),
     )
 
 

@@ -264,7 +264,7 @@ routes:
 async def test_minted_claims_are_exact_json_whatever_the_names_hold(request_claims):
     """The per-request claims template escapes what config and request put in it: the JWT
     decodes (verified with the JWKS key) to exactly the claims below."""
-    from proxy.config.issuers import SelfSignedJWTIssuer as JWTConfig
+    from proxy.config.issuers import SelfSignedJWTIssuerConfig as JWTConfig
     from proxy.credentials.issuers.self_signed_jwt import SelfSignedJWTIssuer
     from proxy.credentials.signing import SignatureBatch
 
@@ -355,7 +355,7 @@ async def test_an_unusable_static_secret_with_exit_on_start_failure_exits(tmp_pa
 async def test_a_generated_key_is_of_the_configured_alg(alg):
     """Without a key_file, alg decides the generated key: RS256 publishes an RSA key and signs
     RS256 JWTs (not an EC key under an RS256 config)."""
-    from proxy.config.issuers import SelfSignedJWTIssuer as JWTConfig
+    from proxy.config.issuers import SelfSignedJWTIssuerConfig as JWTConfig
     from proxy.credentials.issuers.self_signed_jwt import SelfSignedJWTIssuer
     from proxy.credentials.signing import SignatureBatch
 

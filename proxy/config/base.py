@@ -1,5 +1,5 @@
 """What every config model shares: frozen models, governance fields, URL and inline-secret
-checks, durations. ``config`` (the whole file) and ``issuer_config`` (issuer sections) build on it.
+checks, durations. ``model`` (the whole file), ``issuers`` and ``credential`` build on it.
 """
 
 from __future__ import annotations

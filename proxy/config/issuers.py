@@ -1,22 +1,65 @@
 """The ``issuers:`` sections of the config, one model per ``type``, and the AWS scope helpers
-that sigv4 routes and their checks share."""
+that sigv4 routes and their checks share.
+
+Each model is an issuer plug-in's config-side declaration: its ``type`` (``Literal``), its fields
+and checks, and ``supported_injectors`` (the ``inject`` values its credentials can travel with).
+Defining a subclass of ``IssuerConfig`` registers it in ``ISSUER_CONFIGS``; the union of issuer
+sections in ``Config``, the inject-versus-type check and the schema are derived from that table.
+The runtime side registers against the model: ``credentials/issuers/<type>.py``.
+"""
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, ClassVar, Literal, Union, get_args
 
-from pydantic import Field, model_validator
+from pydantic import Field, GetJsonSchemaHandler, model_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema
 from yarl import URL
 
 from .base import REGION, Duration, Owned, check_http_url, reject_inline_secrets
 
+ISSUER_CONFIGS: dict[str, type[IssuerConfig]] = {}
+"""``type`` → config model, in definition order (the order errors and the schema list them)."""
 
-class OAuth2Issuer(Owned):
+
+class IssuerConfig(Owned):
+    """What every issuer section declares. A subclass with ``type: Literal["<name>"]`` is a
+    plug-in: defining it registers it."""
+
+    type: str
+    supported_injectors: ClassVar[tuple[str, ...]] = ()
+    """The ``credential.inject`` values routes using this issuer may choose."""
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        (tag,) = get_args(cls.model_fields["type"].annotation)
+        ISSUER_CONFIGS[tag] = cls
+
+    @classmethod
+    def __get_pydantic_json_schema__(
+        cls, core_schema: CoreSchema, handler: GetJsonSchemaHandler
+    ) -> JsonSchemaValue:
+        schema = handler.resolve_ref_schema(handler(core_schema))
+        said = schema.get("description", "").rstrip(".")
+        injects = ", ".join(cls.supported_injectors)
+        schema["description"] = f"{said}. Routes using it may inject: {injects}".lstrip(". ")
+        return schema
+
+
+def issuer_union() -> Any:
+    """The issuer sections ``Config`` accepts: every registered model, told apart by ``type``."""
+    return Annotated[Union[tuple(ISSUER_CONFIGS.values())], Field(discriminator="type")]  # noqa: UP007
+
+
+class OAuth2IssuerConfig(IssuerConfig):
     """OAuth2 ``client_credentials`` with OIDC / RFC 8414 discovery."""
 
     type: Literal["oauth2"]
+    supported_injectors = ("bearer", "dpop")
     issuer_url: str
     client_id: str = Field(min_length=1)
     client_auth: Literal["private_key_jwt", "tls_client_auth", "client_secret"] = "private_key_jwt"
@@ -50,7 +93,7 @@ class OAuth2Issuer(Owned):
     _no_inline = model_validator(mode="before")(reject_inline_secrets)
 
     @model_validator(mode="after")
-    def _check(self) -> OAuth2Issuer:
+    def _check(self) -> OAuth2IssuerConfig:
         check_http_url(self.issuer_url, insecure_ok=self.allow_insecure_http, what="issuer_url")
         if self.client_auth == "private_key_jwt" and self.client_key_file is None:
             raise ValueError("client_auth private_key_jwt needs client_key_file")
@@ -67,20 +110,22 @@ class OAuth2Issuer(Owned):
         return self
 
 
-class TokenExchangeIssuer(OAuth2Issuer):
+class TokenExchangeIssuerConfig(OAuth2IssuerConfig):
     """RFC 8693 token exchange: the workload's identity token (projected service-account token,
     JWT-SVID) is exchanged at the IdP; client authentication as for ``oauth2``."""
 
     type: Literal["token_exchange"]  # type: ignore[assignment]
+    supported_injectors = ("bearer", "dpop")
     subject_token_file: Path | None = Field(None, description="default: identity.token_file")
     subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"
 
 
-class AWSIssuer(Owned):
+class AWSIssuerConfig(IssuerConfig):
     """AWS STS ``AssumeRoleWithWebIdentity`` with the workload's token file (EKS IRSA style),
     optionally chained into ``AssumeRole``; or, as a marked legacy mode, static keys from a file."""
 
     type: Literal["aws"]
+    supported_injectors = ("sigv4",)
     role_arn: str | None = Field(None, pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$")
     token_file: Path | None = Field(None, description="default: identity.token_file")
     assume_role_arn: str | None = Field(
@@ -107,7 +152,7 @@ class AWSIssuer(Owned):
     _no_inline = model_validator(mode="before")(reject_inline_secrets)
 
     @model_validator(mode="after")
-    def _check(self) -> AWSIssuer:
+    def _check(self) -> AWSIssuerConfig:
         if (self.role_arn is None) == (self.static_credentials_file is None):
             raise ValueError(
                 "set exactly one of role_arn (web identity) or static_credentials_file"
@@ -123,22 +168,24 @@ class AWSIssuer(Owned):
         return self.sts_endpoint or f"https://sts.{self.region}.amazonaws.com"
 
 
-class StaticIssuer(Owned):
+class StaticIssuerConfig(IssuerConfig):
     """A long-lived secret (API key) read from a file: legacy, audited as such, so owners can
     find and retire it. The file is re-read every ``reread_s``: rotation needs no restart."""
 
     type: Literal["static"]
+    supported_injectors = ("header", "query", "bearer", "http_signature")
     secret_file: Path
     reread_s: Duration = 5.0
 
     _no_inline = model_validator(mode="before")(reject_inline_secrets)
 
 
-class SelfSignedJWTIssuer(Owned):
+class SelfSignedJWTIssuerConfig(IssuerConfig):
     """A JWT minted per request and signed by the sidecar; upstreams verify it against the JWKS
     published on the admin listener (``/.well-known/jwks.json``)."""
 
     type: Literal["self_signed_jwt"]
+    supported_injectors = ("bearer", "header", "http_signature")
     iss: str = Field(min_length=1)
     sub: str = Field(min_length=1)
     key_file: Path | None = Field(

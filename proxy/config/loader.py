@@ -1,4 +1,4 @@
-"""Reading a config file: YAML (duplicate keys refused) → ``config.Config``, with every error
+"""Reading a config file: YAML (duplicate keys refused) → ``model.Config``, with every error
 named by its path and offending value, all at once, plus cross-section checks and warnings."""
 
 from __future__ import annotations
@@ -8,13 +8,20 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 from yarl import URL
 
 from ..errors import ConfigError
 from .base import is_loopback
-from .issuers import AWSIssuer, OAuth2Issuer, StaticIssuer, known_aws_service, sigv4_scope
-from .model import Config, parse_address
+from .credential import CREDENTIAL_CONFIGS, DEFAULT_INJECT, CredentialConfig, injectors_with
+from .issuers import (
+    ISSUER_CONFIGS,
+    AWSIssuerConfig,
+    IssuerConfig,
+    OAuth2IssuerConfig,
+    StaticIssuerConfig,
+)
+from .model import AnyCredentialConfig, AnyIssuerConfig, Config, parse_address
 
 
 def _shown(name: object) -> str:
@@ -110,7 +117,7 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
         elif isinstance(credential, dict) and isinstance(issuer, str):
             if isinstance(issuers.get(issuer), dict):
                 where = f"routes[{i}].credential"
-                errors.extend(_injection_checks(where, route, credential, issuers[issuer]))
+                errors.extend(_credential_checks(where, route, credential, issuers[issuer]))
     return errors
 
 
@@ -145,79 +152,56 @@ def _control_checks(data: dict[str, Any]) -> list[str]:
     return errors
 
 
-_INJECTS_BY_ISSUER = {
-    "oauth2": ("bearer", "dpop"),
-    "token_exchange": ("bearer", "dpop"),
-    "aws": ("sigv4",),
-    "static": ("header", "query", "bearer", "http_signature"),
-    "self_signed_jwt": ("bearer", "header", "http_signature"),
-}
-ISSUER_TYPES = tuple(_INJECTS_BY_ISSUER)
+_CREDENTIAL: TypeAdapter[CredentialConfig] = TypeAdapter(AnyCredentialConfig)
+_ISSUER: TypeAdapter[IssuerConfig] = TypeAdapter(AnyIssuerConfig)
 
 
-def _injection_checks(
+def _credential_checks(
     where: str, route: dict[str, Any], credential: dict[str, Any], issuer: dict[str, Any]
 ) -> list[str]:
-    inject = credential.get("inject", "dpop")
-    allowed = _INJECTS_BY_ISSUER.get(str(issuer.get("type")), ())
-    if allowed and inject not in allowed:
+    """A route's credential against its issuer, from the plug-ins' declarations: ``inject`` among
+    the issuer type's ``supported_injectors``, then every problem the credential's model finds
+    (``cross_checks``). Each part is validated on its own, so the checks run even when pydantic
+    finds shape errors elsewhere in the file; a part that is itself invalid is pydantic's to report."""
+    kind = issuer.get("type")
+    model = ISSUER_CONFIGS.get(kind) if isinstance(kind, str) else None
+    if model is None:
+        return []  # pydantic reports the type
+    inject = credential.get("inject", DEFAULT_INJECT)
+    if not isinstance(inject, str) or inject not in CREDENTIAL_CONFIGS:
+        return []  # pydantic reports an unknown injector
+    if inject not in model.supported_injectors:
         return [
-            f"{where}.inject: {inject!r} does not go with an issuer of type {issuer.get('type')} "
-            f"(use {' or '.join(allowed)})"
+            f"{where}.inject: {inject!r} does not go with an issuer of type {kind} "
+            f"(use {' or '.join(model.supported_injectors)})"
         ]
-    if inject == "header" and not credential.get("header"):
-        return [f"{where}.header: required with inject: header (e.g. X-Api-Key)"]
-    if inject == "query" and not credential.get("query_param"):
-        return [f"{where}.query_param: required with inject: query"]
-    signature = credential.get("signature")
-    key_id = signature.get("key_id") if isinstance(signature, dict) else None
-    if inject == "http_signature" and issuer.get("type") == "static" and not key_id:
-        return [f"{where}.signature.key_id: required to sign with a static (HMAC) secret"]
-    if inject == "http_signature" and issuer.get("type") == "self_signed_jwt" and key_id:
-        return [
-            f"{where}.signature.key_id: the keyid is the key's JWK thumbprint, as in the admin "
-            "JWKS; remove key_id"
-        ]
-    return _sigv4_checks(where, route, credential, issuer)
-
-
-def _sigv4_checks(
-    where: str, route: dict[str, Any], credential: dict[str, Any], issuer: dict[str, Any]
-) -> list[str]:
-    if credential.get("inject") != "sigv4" or not isinstance(route.get("upstream"), str):
+    upstream = route.get("upstream")
+    if not isinstance(upstream, str):
         return []
-    service, region = sigv4_scope(
-        credential.get("service"), credential.get("region"), route["upstream"], issuer.get("region")
-    )
-    if service is None:
-        return [f"{where}.service: required for sigv4 (the upstream host does not name one)"]
-    if region is None:
-        return [
-            f"{where}.region: required for sigv4 (neither the upstream host nor the issuer names one)"
-        ]
-    if credential.get("payload") == "streaming" and service != "s3":
-        return [f"{where}.payload: streaming (aws-chunked with a checksum trailer) is for s3 only"]
-    known = known_aws_service(service)
-    if known is None:
-        return [f"{where}.inject: sigv4 needs the aws extra: pip install 'credproxy[aws]'"]
-    if not known:
-        return [f"{where}.service: {service!r} is not an AWS service botocore knows"]
-    return []
+    try:
+        checked = _CREDENTIAL.validate_python(credential)
+        issuer_config = _ISSUER.validate_python(issuer)
+    except ValidationError:
+        return []
+    return [
+        f"{where}.{field}: {message}" if field else f"{where}: {message}"
+        for field, message in checked.cross_checks(issuer_config, upstream)
+    ]
 
 
 def warnings(config: Config) -> list[str]:
     """Things that are allowed but deserve a second look; ``check-config`` prints them."""
     notes: list[str] = []
     for name, issuer in config.issuers.items():
-        url = issuer.issuer_url if isinstance(issuer, OAuth2Issuer) else None
-        url = issuer.sts_url if isinstance(issuer, AWSIssuer) else url
+        url = issuer.issuer_url if isinstance(issuer, OAuth2IssuerConfig) else None
+        url = issuer.sts_url if isinstance(issuer, AWSIssuerConfig) else url
         if url is not None and URL(url).scheme == "http":
             notes.append(
                 f"issuers.{name}: plain http to {url}; acceptable for a local service only"
             )
-        if isinstance(issuer, AWSIssuer) and issuer.static_credentials_file is not None:
+        if isinstance(issuer, AWSIssuerConfig) and issuer.static_credentials_file is not None:
             notes.append(f"issuers.{name}: static AWS keys (legacy); prefer role_arn + token_file")
-        if isinstance(issuer, StaticIssuer):
+        if isinstance(issuer, StaticIssuerConfig):
             notes.append(f"issuers.{name}: a static secret (legacy); audited so it can be retired")
         for field in (
             "client_key_file",
@@ -264,9 +248,20 @@ def warnings(config: Config) -> list[str]:
     return notes
 
 
+def _untagged(loc: tuple[str | int, ...]) -> tuple[tuple[str | int, ...], str | None]:
+    """pydantic puts a union's tag in the path (issuers.idp.oauth2.client_id,
+    routes[0].credential.header.header); users never wrote it. The path without it, and the
+    ``inject`` when it was a credential's."""
+    if len(loc) > 2 and loc[0] == "issuers" and loc[2] in ISSUER_CONFIGS:
+        return loc[:2] + loc[3:], None
+    if len(loc) > 3 and loc[0] == "routes" and loc[2] == "credential":
+        tag = loc[3]
+        if isinstance(tag, str) and tag in CREDENTIAL_CONFIGS:
+            return loc[:3] + loc[4:], tag
+    return loc, None
+
+
 def _format_location(loc: tuple[str | int, ...]) -> str:
-    if len(loc) > 2 and loc[0] == "issuers" and loc[2] in ISSUER_TYPES:
-        loc = loc[:2] + loc[3:]  # pydantic adds the union's tag; users never wrote it
     out = ""
     for part in loc:
         if isinstance(part, int):
@@ -280,17 +275,30 @@ def _format_location(loc: tuple[str | int, ...]) -> str:
     return out or "(top level)"
 
 
+_TAGS = {"type": "type", "inject": "injector"}  # a discriminator → what its values are
+
+
 def _format_error(error: Any) -> str:
-    where = _format_location(tuple(error["loc"]))
+    loc, inject = _untagged(tuple(error["loc"]))
+    where = _format_location(loc)
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
+        owners = injectors_with(str(loc[-1])) if inject is not None and len(loc) == 4 else []
+        if owners:
+            return f"{where}: only for inject: {' or '.join(owners)}"
         return f"{where}: unknown key (check its spelling and indentation)"
     if error["type"] == "missing":
+        if inject is not None and len(loc) == 4:
+            return f"{where}: required with inject: {inject}"
         return f"{where}: field required"
     if error["type"] in ("union_tag_invalid", "union_tag_not_found"):
-        expected = error.get("ctx", {}).get("expected_tags", "")
-        got = error.get("ctx", {}).get("tag", "nothing")
-        return f"{where}.type: {got!r} is not a supported type (expected one of {expected})"
+        ctx = error.get("ctx", {})
+        tag = str(ctx.get("discriminator", "'type'")).strip("'")
+        expected, got = ctx.get("expected_tags", ""), ctx.get("tag", "nothing")
+        return (
+            f"{where}.{tag}: {got!r} is not a supported {_TAGS.get(tag, tag)} "
+            f"(expected one of {expected})"
+        )
     if not isinstance(error["input"], str | int | float | bool):
         return f"{where}: {message}"  # a whole section: repeating it helps nobody
     shown = repr(error["input"])

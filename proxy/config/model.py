@@ -1,8 +1,9 @@
-"""The configuration as frozen typed models: the public shape users write (DESIGN.md).
+"""The configuration as frozen typed models: the public shape users write (docs/design.md).
 
 Secrets never appear here: the config points at files that only the sidecar can read.
-Reading a file into these models, with path-named errors, is ``config_file``'s job; the issuer
-sections live in ``issuer_config`` and the shared pieces in ``config_base``.
+Reading a file into these models, with path-named errors, is ``loader``'s job; the issuer
+sections live in ``issuers``, a route's ``credential`` in ``credential`` (each a table of plug-in
+models this module takes its unions from) and the shared pieces in ``base``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -19,11 +20,28 @@ from pydantic import (
     model_validator,
 )
 
-from .base import REGION, Duration, Model, Owned, check_http_url
-from .issuers import AWSIssuer, OAuth2Issuer, SelfSignedJWTIssuer, StaticIssuer, TokenExchangeIssuer
+from .base import Duration, Model, Owned, check_http_url
+from .credential import CREDENTIAL_CONFIGS, DEFAULT_INJECT, CredentialConfig, credential_union
+from .issuers import ISSUER_CONFIGS, IssuerConfig, issuer_union
+
+if TYPE_CHECKING:  # the plug-ins' base classes; at run time, the union of the registered ones
+    AnyIssuerConfig = IssuerConfig
+    AnyCredentialConfig = CredentialConfig
+else:
+    AnyIssuerConfig = issuer_union()
+    AnyCredentialConfig = credential_union()
+
+_UNKNOWN_INJECTS = [
+    f"{tag}: {inject}"
+    for tag, model in ISSUER_CONFIGS.items()
+    for inject in model.supported_injectors
+    if inject not in CREDENTIAL_CONFIGS
+]
+if _UNKNOWN_INJECTS:  # a plug-in names an injector no credential model declares
+    raise TypeError(f"supported_injectors without a credential model: {_UNKNOWN_INJECTS}")
 
 
-class Timeouts(Model):
+class TimeoutsConfig(Model):
     connect_s: Duration = 5.0
     idle_s: Duration = Field(60.0, gt=0, description="longest wait for the next upstream byte")
     total_s: Duration = Field(300.0, gt=0, description="whole exchange, headers and body")
@@ -55,83 +73,6 @@ class AppLimits(Model):
     )
     max_connections_per_uid: int = Field(
         256, ge=1, description="app connections at once from one uid"
-    )
-
-
-_DERIVED_COMPONENTS = (
-    "@method",
-    "@target-uri",
-    "@authority",
-    "@scheme",
-    "@request-target",
-    "@path",
-    "@query",
-)
-
-
-def _check_component(name: str) -> str:
-    if name.startswith("@") and name not in _DERIVED_COMPONENTS:
-        raise ValueError(f"'{name}' is not a derived component ({', '.join(_DERIVED_COMPONENTS)})")
-    if not name.startswith("@") and not re.fullmatch(r"[a-z0-9!#$%&'*+.^_`|~-]+", name):
-        raise ValueError(f"'{name}' is not a lowercase header field name")
-    return name
-
-
-class HTTPSignature(Model):
-    """RFC 9421 parameters for ``inject: http_signature``."""
-
-    components: tuple[Annotated[str, AfterValidator(_check_component)], ...] = Field(
-        ("@method", "@target-uri", "content-digest", "date"),
-        min_length=1,
-        description="covered components; content-digest (RFC 9530) only when a body exists, "
-        "date added when absent",
-    )
-    label: str = Field("sig1", pattern=r"^[a-z*][a-z0-9_.*-]*$")
-    lifetime_s: int = Field(60, ge=1, le=300, description="expires = created + lifetime_s")
-    nonce: bool = Field(True, description="a unique nonce per signature, for replay checks")
-    tag: str | None = Field(None, pattern=r"^[\x20-\x7e]+$", description="application tag")
-    key_id: str | None = Field(
-        None,
-        pattern=r"^[\x20-\x7e]+$",
-        description="keyid; default: the JWK thumbprint (self_signed_jwt); required for static "
-        "(HMAC-SHA256 with the secret)",
-    )
-
-    @model_validator(mode="after")
-    def _unique(self) -> HTTPSignature:
-        if len(set(self.components)) != len(self.components):
-            raise ValueError("components must not repeat")
-        return self
-
-
-class Credential(Model):
-    issuer: str
-    audience: str | None = None
-    scope: str | None = None
-    inject: Literal["bearer", "dpop", "sigv4", "header", "query", "http_signature"] = "dpop"
-    header: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9-]+$", description="inject: header, e.g. X-Api-Key"
-    )
-    header_prefix: str = Field("", description="inject: header, e.g. 'Token '")
-    query_param: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]+$", description="inject: query")
-    service: str | None = Field(
-        None, pattern=r"^[a-z0-9-]+$", description="sigv4 signing name, e.g. s3, dynamodb, sqs"
-    )
-    region: str | None = Field(None, pattern=REGION, description="sigv4; default: from upstream")
-    payload: Literal["unsigned", "streaming", "signed"] | None = Field(
-        None,
-        description="sigv4 body handling: unsigned streams (S3 accepts UNSIGNED-PAYLOAD); "
-        "streaming streams aws-chunked with a CRC32 trailer (S3, needs Content-Length); signed "
-        "buffers up to payload_max_bytes to hash it. Default: unsigned for s3, signed otherwise",
-    )
-    payload_max_bytes: int = Field(
-        8 * 1024 * 1024,
-        ge=0,
-        le=256 * 1024 * 1024,
-        description="bound on a body buffered to hash it (sigv4 signed, http_signature digest)",
-    )
-    signature: HTTPSignature = Field(
-        default_factory=HTTPSignature, description="inject: http_signature"
     )
 
 
@@ -178,7 +119,7 @@ class AllowRule(Model):
     paths: tuple[Annotated[str, AfterValidator(_check_glob)], ...] = ("/**",)
 
 
-class Route(Owned):
+class RouteConfig(Owned):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     path_prefix: str | None = Field(None, pattern=r"^/")
     host: str | None = Field(None, pattern=r"^[A-Za-z0-9.-]+$")
@@ -190,7 +131,9 @@ class Route(Owned):
     )
     client_key_file: Path | None = None
     allow_insecure_http: bool = False
-    credential: Credential
+    credential: AnyCredentialConfig = Field(
+        description=f"one shape per inject; inject defaults to {DEFAULT_INJECT}"
+    )
     strip_headers: tuple[str, ...] = Field(
         (), description="extra inbound headers that carry credentials and must not be forwarded"
     )
@@ -199,7 +142,7 @@ class Route(Owned):
         description="forward X-HTTP-Method-Override, X-Original-URL and the like (stripped by "
         "default); the allow rules are then checked against the overridden method and path too",
     )
-    timeouts: Timeouts = Timeouts()
+    timeouts: TimeoutsConfig = TimeoutsConfig()
     allow: tuple[AllowRule, ...] = Field(
         (), description="default deny: a request no rule allows is refused with 403"
     )
@@ -211,7 +154,7 @@ class Route(Owned):
     )
 
     @model_validator(mode="after")
-    def _check(self) -> Route:
+    def _check(self) -> RouteConfig:
         if self.path_prefix is None and self.host is None:
             raise ValueError("a route needs path_prefix, host, or both")
         if (self.client_cert_file is None) != (self.client_key_file is None):
@@ -220,12 +163,12 @@ class Route(Owned):
         return self
 
 
-class Identity(Model):
+class IdentityConfig(Model):
     token_file: Path | None = Field(None, description="projected token / JWT-SVID (later issuers)")
     dpop_alg: Literal["ES256", "EdDSA"] = "ES256"
 
 
-class Log(Model):
+class LogConfig(Model):
     format: Literal["text", "json"] = "text"
     level: Literal["debug", "info", "warning", "error"] = "info"
     access: bool = Field(True, description="one line per proxied request")
@@ -236,7 +179,7 @@ def _octal(value: Any) -> Any:
     return f"{value:04o}" if isinstance(value, int) and not isinstance(value, bool) else value
 
 
-class Audit(Model):
+class AuditConfig(Model):
     file: str = Field("-", description="JSON-lines audit file ('-': stdout); SIGUSR1 reopens it")
     used: Literal["interval", "request", "off"] = Field(
         "interval",
@@ -254,7 +197,7 @@ class Audit(Model):
     )
 
 
-class BreakGlass(Model):
+class BreakGlassConfig(Model):
     """Caps on break-glass grants (time-boxed exceptions to a route's policy, in memory only)."""
 
     max_duration_s: Duration = Field(86400.0, le=7 * 86400, description="longest grant")
@@ -264,7 +207,7 @@ class BreakGlass(Model):
 CONTROL_SOCKET = "unix:/run/credproxy/control.sock"
 
 
-class Control(Model):
+class ControlConfig(Model):
     """The control plane (inventory, revoke, break-glass): a Unix socket or loopback TCP whose
     callers the kernel identifies, answered only for ``allow`` (names under ``callers``)."""
 
@@ -289,7 +232,7 @@ class Control(Model):
         description="a credential revoked less than this ago is not revoked again (answered "
         "'recent', no round-trip to the issuer)",
     )
-    break_glass: BreakGlass = BreakGlass()
+    break_glass: BreakGlassConfig = BreakGlassConfig()
 
 
 def _as_tuple(value: Any) -> Any:
@@ -313,25 +256,19 @@ class Config(Model):
     local_names: tuple[str, ...] = Field(
         (), description="Host names accepted besides localhost, loopback literals and route hosts"
     )
-    identity: Identity = Identity()
+    identity: IdentityConfig = IdentityConfig()
     callers: dict[str, CallerRule] = {}
-    issuers: dict[
-        Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")],
-        Annotated[
-            OAuth2Issuer | TokenExchangeIssuer | AWSIssuer | StaticIssuer | SelfSignedJWTIssuer,
-            Field(discriminator="type"),
-        ],
-    ]
-    routes: tuple[Route, ...] = Field(min_length=1)
-    audit: Audit = Audit()
-    log: Log = Log()
+    issuers: dict[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")], AnyIssuerConfig]
+    routes: tuple[RouteConfig, ...] = Field(min_length=1)
+    audit: AuditConfig = AuditConfig()
+    log: LogConfig = LogConfig()
     warm_up: bool = Field(True, description="obtain every route's credential at start")
     on_start_failure: Literal["not_ready", "exit"] = Field(
         "not_ready", description="when warm-up cannot get a credential: stay not-ready or exit 1"
     )
     app_timeouts: AppTimeouts = AppTimeouts()
     app_limits: AppLimits = AppLimits()
-    control: Control = Control()
+    control: ControlConfig = ControlConfig()
     shutdown_timeout_s: Duration = 10.0
     revoke_timeout_s: Duration = Field(5.0, description="budget for revocations at shutdown")
 

@@ -19,8 +19,6 @@ from ..errors import CredentialUnavailable, IssuerError
 from ..secret import Secret
 from .token_cache import CacheKey, Token, TokenSource
 
-SHARED_TYPES = frozenset({"oauth2", "token_exchange", "aws"})  # tokens fetched over the network
-
 
 def _query(key: CacheKey) -> dict[str, str]:
     query = {"issuer": key.issuer, "bound": "1" if key.bound else "0"}

@@ -9,7 +9,7 @@ import datetime
 from typing import Any
 
 from ..audit.usage import Usage
-from ..config.issuers import AWSIssuer, StaticIssuer
+from ..config.issuers import AWSIssuerConfig, StaticIssuerConfig
 from ..config.model import Config
 from ..credentials.token_cache import MintingSource
 from ..inbound.runtime import Runtime
@@ -20,8 +20,8 @@ COLUMNS = ("issuer", "audience", "scope", "routes", "owner", "expires_at", "last
 
 def _legacy(issuer: Any) -> bool:
     """Long-lived secrets an owner should retire: static API keys, static AWS keys."""
-    return isinstance(issuer, StaticIssuer) or (
-        isinstance(issuer, AWSIssuer) and issuer.static_credentials_file is not None
+    return isinstance(issuer, StaticIssuerConfig) or (
+        isinstance(issuer, AWSIssuerConfig) and issuer.static_credentials_file is not None
     )
 
 

@@ -15,7 +15,7 @@ from urllib.parse import unquote_to_bytes
 from multidict import MultiMapping
 from yarl import URL
 
-from ..config.model import Route
+from ..config.model import RouteConfig
 from ..errors import InvalidPath
 from ..outbound.hygiene import METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS
 
@@ -140,7 +140,7 @@ def request_host(host_header: str | None) -> str | None:
 class RouteTable:
     """Longest path prefix wins; among equal prefixes a route naming the Host wins."""
 
-    def __init__(self, routes: Sequence[Route]) -> None:
+    def __init__(self, routes: Sequence[RouteConfig]) -> None:
         entries = [
             _Entry(
                 index=i,

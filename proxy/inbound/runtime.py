@@ -10,7 +10,7 @@ import functools
 from dataclasses import dataclass, field
 
 from ..access.policy import Admission, RoutePolicy
-from ..config.model import Config, Route
+from ..config.model import Config, RouteConfig
 from ..credentials.injectors import Injector, Signing
 from ..credentials.issuers import Issuer
 from ..credentials.token_cache import CacheKey, MintingSource, TokenSource
@@ -23,7 +23,7 @@ from .routing import RouteTable, Target
 @dataclass(eq=False)
 class RouteRuntime:
     name: str
-    config: Route
+    config: RouteConfig
     target: Target
     source: TokenSource | MintingSource
     injector: Injector

@@ -11,13 +11,13 @@ import aiohttp
 
 from ..access.policy import Admission, RoutePolicy
 from ..audit.trail import Audit
-from ..config.model import Config, Route
+from ..config.model import Config, RouteConfig
 from ..credentials.dpop import DPoPKey
 from ..credentials.injectors import Signing, make_injector
 from ..credentials.issuers import ISSUERS, Issuer, SelfSignedJWTIssuer
 from ..credentials.signing import SignatureBatch
 from ..credentials.token_cache import CacheKey, MintingSource, Token, TokenSource
-from ..credentials.token_share import SHARED_TYPES, LeaderClient
+from ..credentials.token_share import LeaderClient
 from ..inbound.guard import Guard
 from ..inbound.routing import RouteTable, Target
 from ..inbound.runtime import RouteRuntime, Runtime
@@ -49,9 +49,9 @@ def build(
     issuers: dict[str, Issuer] = {
         name: same[name]
         if name in same and same[name].config == issuer
-        else ISSUERS[issuer.type](
+        else ISSUERS[type(issuer)](
             name,
-            issuer,  # the table pairs each type with its config model
+            issuer,  # the table pairs each config model with its implementation
             session=session,
             dpop_key=dpop_key,
             identity=config.identity,
@@ -121,7 +121,7 @@ def build(
     )
 
 
-def _client_certificate(route: Route, issuer: Issuer) -> tuple[Path | None, Path | None]:
+def _client_certificate(route: RouteConfig, issuer: Issuer) -> tuple[Path | None, Path | None]:
     """The route's own client certificate; else, when its issuer authenticates with one
     (tls_client_auth), that one: the issuer's tokens may be bound to it (RFC 8705 §3)."""
     if route.client_cert_file is not None:
@@ -141,7 +141,7 @@ def _source(
     leader: LeaderClient | None,
     revoke_min_interval_s: float,
 ) -> TokenSource:
-    follower = leader is not None and issuer.config.type in SHARED_TYPES
+    follower = leader is not None and issuer.shared_by_workers
 
     async def fetch() -> Token:
         if follower:

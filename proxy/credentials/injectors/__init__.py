@@ -1,67 +1,37 @@
 """Injectors put a credential into one outbound request; one module per kind.
 
-``INJECTORS`` maps the route's ``credential.inject`` to a factory (STYLE habit 5); credentials
-minted per request (self-signed JWTs) get the JWT injector whatever header carries them.
+A plug-in is one module here plus its config model in ``config/credential.py`` (which declares
+the ``inject`` name and the options). The module defines the injector and registers a factory
+for that model with ``@injector(<config model>)``; ``make_injector`` looks the route's credential
+up in ``INJECTORS`` (STYLE habit 5). Every module of this package is imported here, so adding the
+module is all it takes; a config model without a factory fails at import. Credentials minted per
+request (self-signed JWTs) are carried by the ``jwt`` injector, chosen by the factories of the
+injectors that support them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+import importlib
+import pkgutil
 
-from yarl import URL
-
-from ...config.model import Route
-from ..dpop import DPoPKey
-from ..signing import SignatureBatch
-from .base import Injector, Outbound
-from .bearer import BearerInjector
-from .dpop import DPoPInjector
-from .header import HeaderInjector, QueryInjector
-from .http_signature import HTTPSignatureInjector, hmac_key
-from .jwt import JWTInjector
-from .sigv4 import SigV4Injector
+from ...config.credential import CREDENTIAL_CONFIGS
+from ...config.model import RouteConfig
+from ..issuers import Issuer
+from .base import INJECTORS, Injector, Outbound, Signing, injector
 
 
-@dataclass(frozen=True, slots=True)
-class Signing:
-    """What the sidecar signs with, shared by every route: its DPoP key and the batch in which
-    per-request signatures are made (``signing``)."""
-
-    dpop_key: DPoPKey
-    batch: SignatureBatch
+def make_injector(route: RouteConfig, issuer: Issuer, signing: Signing) -> Injector:
+    return INJECTORS[type(route.credential)](route.credential, route, issuer, signing)
 
 
-INJECTORS: dict[str, Callable[[Route, Any, Signing], Injector]] = {
-    "bearer": lambda route, issuer, signing: BearerInjector(),
-    "dpop": lambda route, issuer, signing: DPoPInjector(signing.dpop_key, signing.batch),
-    "sigv4": lambda route, issuer, signing: SigV4Injector.for_route(route, issuer.region),
-    "header": lambda route, issuer, signing: HeaderInjector(
-        route.credential.header or "", route.credential.header_prefix
-    ),
-    "query": lambda route, issuer, signing: QueryInjector(route.credential.query_param or ""),
-    "http_signature": lambda route, issuer, signing: HTTPSignatureInjector(
-        issuer.signing_key
-        if getattr(issuer, "per_request", False)
-        else hmac_key(route.credential.signature.key_id or ""),
-        route.credential.signature,
-        signing.batch,
-        body_max_bytes=route.credential.payload_max_bytes,
-    ),
-}
+def _import_plugins() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    missing = [tag for tag, model in CREDENTIAL_CONFIGS.items() if model not in INJECTORS]
+    if missing:
+        raise ImportError(f"inject values without an injector in {__name__}: {missing}")
 
 
-def make_injector(route: Route, issuer: Any, signing: Signing) -> Injector:
-    credential = route.credential
-    if getattr(issuer, "per_request", False) and credential.inject != "http_signature":
-        upstream = URL(route.upstream)
-        audience = credential.audience or f"{upstream.scheme}://{upstream.authority}"
-        header, prefix = "Authorization", "Bearer "
-        if credential.inject == "header":
-            header, prefix = credential.header or "", credential.header_prefix
-        return JWTInjector(issuer.mint, signing.batch, audience, header, prefix)
-    return INJECTORS[credential.inject](route, issuer, signing)
+_import_plugins()
 
-
-__all__ = ["INJECTORS", "Injector", "Outbound", "Signing", "make_injector"]
+__all__ = ["INJECTORS", "Injector", "Outbound", "Signing", "injector", "make_injector"]

@@ -1,14 +1,22 @@
-"""What every injector is given (``Outbound``) and what it may tell the handler (``Injector``)."""
+"""What every injector is given (``Outbound``) and what it may tell the handler (``Injector``);
+the table that pairs each credential config model with the factory of its injector
+(``INJECTORS``), filled by the ``@injector(<config model>)`` line of each module."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from aiohttp import StreamReader
 from multidict import CIMultiDict
 from yarl import URL
 
+from ...config.credential import CredentialConfig
+from ...config.model import RouteConfig
+from ..dpop import DPoPKey
+from ..issuers.base import Issuer
+from ..signing import SignatureBatch
 from ..token_cache import Token
 
 Body = bytes | StreamReader | AsyncIterable[bytes] | None
@@ -50,3 +58,31 @@ class Injector:
     def corrects_clock(self, status: int, body: bytes, date: str | None) -> bool:
         """Whether this answer means "your clock is off", now corrected: worth one replay."""
         return False
+
+
+@dataclass(frozen=True, slots=True)
+class Signing:
+    """What the sidecar signs with, shared by every route: its DPoP key and the batch in which
+    per-request signatures are made (``signing``)."""
+
+    dpop_key: DPoPKey
+    batch: SignatureBatch
+
+
+C = TypeVar("C", bound=CredentialConfig)
+InjectorFactory = Callable[[C, RouteConfig, Issuer, Signing], Injector]
+"""(the route's credential, the route, its issuer, the sidecar's signing) → the route's injector."""
+
+INJECTORS: dict[type[CredentialConfig], InjectorFactory[Any]] = {}
+
+
+def injector(config: type[C]) -> Callable[[InjectorFactory[C]], InjectorFactory[C]]:
+    """Register the decorated factory as the injector of credentials modelled by ``config``."""
+
+    def register(factory: InjectorFactory[C]) -> InjectorFactory[C]:
+        if config in INJECTORS:
+            raise TypeError(f"{config.__name__} already has an injector")
+        INJECTORS[config] = factory
+        return factory
+
+    return register

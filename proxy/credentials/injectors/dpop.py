@@ -6,10 +6,13 @@ server's latest nonce, so neither the token nor the proof can be replayed elsewh
 
 from __future__ import annotations
 
+from ...config.credential import DPoPCredential
+from ...config.model import RouteConfig
 from ..dpop import DPoPKey
+from ..issuers.base import Issuer
 from ..signing import SignatureBatch
 from ..token_cache import Token
-from .base import Injector, Outbound
+from .base import Injector, Outbound, Signing, injector
 
 
 class DPoPInjector(Injector):
@@ -25,3 +28,10 @@ class DPoPInjector(Injector):
         outbound.headers["DPoP"] = await self._key.request_proof(
             self._batch, outbound.method, outbound.htu, ath=token.ath, nonce=outbound.nonce
         )
+
+
+@injector(DPoPCredential)
+def _dpop(
+    credential: DPoPCredential, route: RouteConfig, issuer: Issuer, signing: Signing
+) -> Injector:
+    return DPoPInjector(signing.dpop_key, signing.batch)

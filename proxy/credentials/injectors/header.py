@@ -7,8 +7,12 @@ from urllib.parse import quote
 
 from yarl import URL
 
+from ...config.credential import HeaderCredential, QueryCredential
+from ...config.model import RouteConfig
+from ..issuers.base import Issuer, PerRequestIssuer
 from ..token_cache import Token
-from .base import Injector, Outbound
+from .base import Injector, Outbound, Signing, injector
+from .jwt import JWTInjector
 
 
 class HeaderInjector(Injector):
@@ -37,3 +41,21 @@ class QueryInjector(Injector):
         kept = [p for p in url.raw_query_string.split("&") if p and not p.startswith(self._prefix)]
         kept.append(self._prefix + quote(outbound.secret, safe=""))
         outbound.url = URL(str(url.with_query(None)) + "?" + "&".join(kept), encoded=True)
+
+
+@injector(HeaderCredential)
+def _header(
+    credential: HeaderCredential, route: RouteConfig, issuer: Issuer, signing: Signing
+) -> Injector:
+    if isinstance(issuer, PerRequestIssuer):
+        return JWTInjector.for_route(
+            route, issuer, signing, credential.header, credential.header_prefix
+        )
+    return HeaderInjector(credential.header, credential.header_prefix)
+
+
+@injector(QueryCredential)
+def _query(
+    credential: QueryCredential, route: RouteConfig, issuer: Issuer, signing: Signing
+) -> Injector:
+    return QueryInjector(credential.query_param)

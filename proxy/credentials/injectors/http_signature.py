@@ -16,11 +16,13 @@ import secrets
 import time
 from collections.abc import Callable
 
-from ...config.model import HTTPSignature
+from ...config.credential import HTTPSignature, HTTPSignatureCredential
+from ...config.model import RouteConfig
 from ...errors import UnsignableRequest
+from ..issuers.base import Issuer, PerRequestIssuer
 from ..signing import SignatureBatch
 from ..token_cache import Token
-from .base import Injector, Outbound
+from .base import Injector, Outbound, Signing, injector
 
 # the current key for a request: (keyid, algorithm, sign(bytes) → signature)
 KeyFor = Callable[[Token], tuple[str, str, Callable[[bytes], bytes]]]
@@ -104,3 +106,17 @@ class HTTPSignatureInjector(Injector):
         if not value.isascii():
             raise UnsignableRequest(f"signed header {name!r} is not ASCII")
         return value
+
+
+@injector(HTTPSignatureCredential)
+def _http_signature(
+    credential: HTTPSignatureCredential, route: RouteConfig, issuer: Issuer, signing: Signing
+) -> Injector:
+    key_for = (
+        issuer.signing_key
+        if isinstance(issuer, PerRequestIssuer)
+        else hmac_key(credential.signature.key_id or "")
+    )
+    return HTTPSignatureInjector(
+        key_for, credential.signature, signing.batch, body_max_bytes=credential.payload_max_bytes
+    )

@@ -5,9 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
 
+from yarl import URL
+
+from ...config.model import RouteConfig
+from ..issuers.base import PerRequestIssuer
 from ..signing import SignatureBatch
 from ..token_cache import Token
-from .base import Injector, Outbound
+from .base import Injector, Outbound, Signing
 
 
 class JWTInjector(Injector):
@@ -27,6 +31,20 @@ class JWTInjector(Injector):
         self._header = header
         self._prefix = prefix
         self.strip = frozenset({header.lower()})
+
+    @classmethod
+    def for_route(
+        cls,
+        route: RouteConfig,
+        issuer: PerRequestIssuer,
+        signing: Signing,
+        header: str,
+        prefix: str,
+    ) -> JWTInjector:
+        """JWTs for the route's audience, else its upstream origin, in ``header``."""
+        upstream = URL(route.upstream)
+        audience = route.credential.audience or f"{upstream.scheme}://{upstream.authority}"
+        return cls(issuer.mint, signing.batch, audience, header, prefix)
 
     async def apply(self, outbound: Outbound, token: Token) -> None:
         del token  # nothing cached: the JWT is made now

@@ -20,11 +20,13 @@ from typing import Any
 
 from aiohttp import StreamReader
 
+from ...config.credential import SigV4Credential
 from ...config.issuers import sigv4_scope
-from ...config.model import Route
+from ...config.model import RouteConfig
 from ...errors import LengthRequired
+from ..issuers.base import Issuer
 from ..token_cache import Token
-from .base import Body, Injector, Outbound
+from .base import Body, Injector, Outbound, Signing, injector
 
 _SIGNED = ("content-type", "content-md5")
 _SKEW_MARKERS = (b"RequestTimeTooSkewed", b"Signature expired", b"InvalidSignatureException")
@@ -68,13 +70,14 @@ class SigV4Injector(Injector):
         self._offset = datetime.timedelta(0)
 
     @classmethod
-    def for_route(cls, route: Route, issuer_region: str | None) -> SigV4Injector:
+    def for_route(
+        cls, credential: SigV4Credential, upstream: str, issuer_region: str | None
+    ) -> SigV4Injector:
         """Service and region as configured, else from the upstream host, else the issuer's."""
-        credential = route.credential
         service, region = sigv4_scope(
-            credential.service, credential.region, route.upstream, issuer_region
+            credential.service, credential.region, upstream, issuer_region
         )
-        assert service and region, "config_file checks that sigv4 routes resolve both"
+        assert service and region, "the loader checks that sigv4 routes resolve both"
         payload = credential.payload or ("unsigned" if service == "s3" else "signed")
         return cls(
             service,
@@ -162,6 +165,13 @@ class SigV4Injector(Injector):
             return False  # not a clock problem we can fix
         self._offset = offset
         return True
+
+
+@injector(SigV4Credential)
+def _sigv4(
+    credential: SigV4Credential, route: RouteConfig, issuer: Issuer, signing: Signing
+) -> Injector:
+    return SigV4Injector.for_route(credential, route.upstream, issuer.region)
 
 
 def _chunked_length(size: int) -> int:

@@ -1,46 +1,30 @@
 """Issuers obtain short-lived credentials with the workload's identity; one module per type.
 
-``ISSUERS`` maps the config's ``type`` to the implementation (STYLE habit 5).
+A plug-in is one module here plus its config model in ``config/issuers.py`` (which declares the
+``type``, the fields and the injectors it supports). The module defines the issuer class and
+registers it against that model with ``@issuer(<config model>)``; ``ISSUERS`` (config model →
+implementation, STYLE habit 5) is what assembly uses. Every module of this package is imported
+here, so adding the module is all it takes; a config model without one fails at import.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any, Protocol
+import importlib
+import pkgutil
 
-from ..token_cache import CacheKey, Token
-from .aws import AWSIssuer
-from .oauth2 import OAuth2Issuer
+from ...config.issuers import ISSUER_CONFIGS
+from .base import ISSUERS, Issuer, PerRequestIssuer, issuer
 from .self_signed_jwt import SelfSignedJWTIssuer
-from .static import StaticIssuer
-from .token_exchange import TokenExchangeIssuer
 
 
-class Issuer(Protocol):
-    name: str
-    config: Any
-    region: str | None  # where the issuer's credentials are scoped (AWS), else None
-    revoke_on_shutdown: bool
-
-    async def fetch(self, key: CacheKey) -> Token: ...
-
-    async def revoke(self, token: Token) -> str: ...
+def _import_plugins() -> None:
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    missing = [tag for tag, model in ISSUER_CONFIGS.items() if model not in ISSUERS]
+    if missing:
+        raise ImportError(f"issuer types without an implementation in {__name__}: {missing}")
 
 
-ISSUERS: dict[str, Callable[..., Issuer]] = {
-    "oauth2": OAuth2Issuer,
-    "token_exchange": TokenExchangeIssuer,
-    "aws": AWSIssuer,
-    "static": StaticIssuer,
-    "self_signed_jwt": SelfSignedJWTIssuer,
-}
+_import_plugins()
 
-__all__ = [
-    "ISSUERS",
-    "AWSIssuer",
-    "Issuer",
-    "OAuth2Issuer",
-    "SelfSignedJWTIssuer",
-    "StaticIssuer",
-    "TokenExchangeIssuer",
-]
+__all__ = ["ISSUERS", "Issuer", "PerRequestIssuer", "SelfSignedJWTIssuer", "issuer"]

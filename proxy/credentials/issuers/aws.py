@@ -14,26 +14,30 @@ from typing import Any
 
 import aiohttp
 
-from ...config.issuers import AWSIssuer as AWSConfig
-from ...config.model import Identity
+from ...config.issuers import AWSIssuerConfig
+from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ...secret import Secret
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
+from .base import issuer
 
 _STATIC_REREAD_S = 300.0  # static keys never expire; re-read the file this often (rotation)
 
 
+@issuer(AWSIssuerConfig)
 class AWSIssuer:
+    shared_by_workers = True  # fetched over the network
+
     def __init__(
         self,
         name: str,
-        config: AWSConfig,
+        config: AWSIssuerConfig,
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        identity: Identity,
+        identity: IdentityConfig,
     ) -> None:
         del session, dpop_key  # botocore brings its own HTTP client and trust store
         import botocore.session

@@ -24,8 +24,8 @@ from multidict import CIMultiDict
 from yarl import URL
 
 from ...config.base import is_loopback
-from ...config.issuers import OAuth2Issuer as OAuth2Config
-from ...config.model import Identity
+from ...config.issuers import OAuth2IssuerConfig
+from ...config.model import IdentityConfig
 from ...errors import IssuerError
 from ...outbound.tls import ClientTLS
 from ...secret import Secret
@@ -33,6 +33,7 @@ from ..dpop import DPoPKey
 from ..identity import load_signing_key, read_secret_file
 from ..jose import Signer
 from ..token_cache import CacheKey, Token
+from .base import issuer
 
 _MAX_RESPONSE_BYTES = 64 * 1024
 _DEFAULT_LIFETIME_S = 300.0
@@ -45,17 +46,20 @@ class Metadata:
     revocation_endpoint: str | None
 
 
+@issuer(OAuth2IssuerConfig)
 class OAuth2Issuer:
     """One configured OAuth2 client; ``fetch()`` performs one token request."""
+
+    shared_by_workers = True  # fetched over the network
 
     def __init__(
         self,
         name: str,
-        config: OAuth2Config,
+        config: OAuth2IssuerConfig,
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        identity: Identity,
+        identity: IdentityConfig,
     ) -> None:
         del identity  # the client key or secret file is this issuer's identity
         self.name = name

@@ -15,13 +15,14 @@ from typing import Any
 
 import aiohttp
 
-from ...config.issuers import SelfSignedJWTIssuer as JWTConfig
-from ...config.model import Identity
+from ...config.issuers import SelfSignedJWTIssuerConfig
+from ...config.model import IdentityConfig
 from ..dpop import DPoPKey
 from ..identity import generate_key, load_signing_key
 from ..jose import Signer, SigningKey, b64url, public_jwk, thumbprint
 from ..signing import SignatureBatch
 from ..token_cache import CacheKey, Token
+from .base import issuer
 
 _STAT_INTERVAL_S = 1.0
 _HTTP_SIGNATURE_ALGS = {
@@ -31,7 +32,9 @@ _HTTP_SIGNATURE_ALGS = {
 }
 
 
+@issuer(SelfSignedJWTIssuerConfig)
 class SelfSignedJWTIssuer:
+    shared_by_workers = False  # minted by each worker
     region: str | None = None
     revoke_on_shutdown = False
     per_request = True  # no token cache: every request gets its own JWT
@@ -39,11 +42,11 @@ class SelfSignedJWTIssuer:
     def __init__(
         self,
         name: str,
-        config: JWTConfig,
+        config: SelfSignedJWTIssuerConfig,
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        identity: Identity,
+        identity: IdentityConfig,
     ) -> None:
         del session, dpop_key, identity  # the signing key is this issuer's identity
         self.name = name

@@ -6,26 +6,29 @@ from __future__ import annotations
 
 import aiohttp
 
-from ...config.issuers import StaticIssuer as StaticConfig
-from ...config.model import Identity
+from ...config.issuers import StaticIssuerConfig
+from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
+from .base import issuer
 
 
+@issuer(StaticIssuerConfig)
 class StaticIssuer:
+    shared_by_workers = False  # each worker reads the file
     region: str | None = None
     revoke_on_shutdown = False
 
     def __init__(
         self,
         name: str,
-        config: StaticConfig,
+        config: StaticIssuerConfig,
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        identity: Identity,
+        identity: IdentityConfig,
     ) -> None:
         del session, dpop_key, identity  # the secret file is the whole identity
         self.name = name

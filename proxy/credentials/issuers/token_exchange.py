@@ -7,26 +7,28 @@ from __future__ import annotations
 
 import aiohttp
 
-from ...config.issuers import TokenExchangeIssuer as TokenExchangeConfig
-from ...config.model import Identity
+from ...config.issuers import TokenExchangeIssuerConfig
+from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
+from .base import issuer
 from .oauth2 import OAuth2Issuer
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 
 
+@issuer(TokenExchangeIssuerConfig)
 class TokenExchangeIssuer(OAuth2Issuer):
     def __init__(
         self,
         name: str,
-        config: TokenExchangeConfig,
+        config: TokenExchangeIssuerConfig,
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
-        identity: Identity,
+        identity: IdentityConfig,
     ) -> None:
         super().__init__(
             name,
