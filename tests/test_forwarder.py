@@ -38,10 +38,16 @@ def _json_u(value: str, *, lower: bool = False, only: str = "") -> str:
     )
 
 
+def _escaped(value: str, template: str) -> str:
+    """Every character but letters and digits written as ``template`` % its code point."""
+    return "".join(c if c.isalnum() else template % ord(c) for c in value)
+
+
 def encoded_forms(value: str) -> dict[str, str]:
     """Every form in which an upstream may echo an injected value, by name."""
     percent = quote(value, safe="")
     plus = quote_plus(value, safe="")
+    html = _escaped(value, "&#%d;")  # Go html/template
     return {
         "literal": value,
         "percent": percent,
@@ -52,6 +58,19 @@ def encoded_forms(value: str) -> dict[str, str]:
         "json-u": _json_u(value),
         "json-u-lower": _json_u(value, lower=True),
         "json-u-mixed": _json_u(value, only="+").replace("/", "\\/"),
+        # a URL carrying the value, itself percent-encoded into another URL (return_to=), twice
+        "percent-2": quote(percent, safe=""),
+        "percent-2-lower": quote(_lower_hex(percent), safe=""),
+        "percent-3": quote(quote(percent, safe=""), safe=""),
+        "plus-2": quote_plus(plus, safe=""),
+        "html-dec": html,
+        "html-dec-zeros": _escaped(value, "&#%04d;"),
+        "html-hex": _escaped(value, "&#x%X;"),
+        "html-hex-lower-zeros": _escaped(value, "&#X%04x;"),
+        "js-x": _escaped(value, "\\x%02x"),
+        "js-x-upper": _escaped(value, "\\x%02X"),
+        "percent-of-html": quote(html, safe=""),
+        "percent-of-js-x": quote(_escaped(value, "\\x%02x"), safe=""),
     }
 
 
@@ -75,11 +94,15 @@ def test_scrubber_masks_secret_split_at_every_chunk_boundary():
 @pytest.mark.parametrize(
     ("secret", "form"),
     [pytest.param(KEY, name, id=f"key-{name}") for name in encoded_forms(KEY)]
-    + [pytest.param(SECRET, name, id=f"jwt-{name}") for name in ("literal", "json-u")],
+    + [
+        pytest.param(SECRET, name, id=f"jwt-{name}")
+        for name in ("literal", "json-u", "percent-2", "html-dec", "js-x")
+    ],
 )
 def test_scrubber_masks_every_encoded_echo_split_at_every_offset(secret, form):
-    """An echo in any encoding the injectors produce (percent either case, plus-form, JSON
-    escapes) is masked wherever the chunks split it, the length unchanged."""
+    """An echo in any encoding the injectors produce or an upstream adds (percent either case
+    and nested up to three deep, plus-form, JSON and JavaScript escapes, HTML references) is
+    masked wherever the chunks split it, the length unchanged."""
     echo = encoded_forms(secret)[form].encode()
     body = b'{"a":"' + echo + b'","b":"x' + echo + echo + b'"}'
     splits = [[body[:at], body[at:]] for at in range(len(body) + 1)]
@@ -101,6 +124,18 @@ def test_scrubber_holds_back_only_a_tail_that_could_begin_an_echo():
     assert scrubber.feed(b"ve\\u00") == b""
     assert scrubber.feed(b"zz%") == b"sk_live\\u00zz"
     assert scrubber.feed(b"20 done") == b"%20 done" and scrubber.flush() == b""
+
+
+def test_scrubber_holds_back_a_nested_or_html_escape_cut_short():
+    """A second layer of percent-encoding, an HTML reference or a JavaScript escape cut short
+    by a chunk boundary waits for the next chunk; the echo it began is masked whole."""
+    scrubber = Scrubber(KEY)
+    assert scrubber.feed(b"a sk_live%25") == b"a "  # '%25' may begin '%252F'
+    assert scrubber.feed(b"2F4f&#") == b""  # 'sk_live/4f' two layers down, then '&#'
+    assert scrubber.feed(b"43;Zq= 9x\n") == b"*" * len("sk_live%252F4f&#43;Zq= 9x") + b"\n"
+    assert scrubber.feed(b"x &#x") == b"x " and scrubber.feed(b"2") == b""
+    assert scrubber.feed(b"B; \\x") == b"&#x2B; " and scrubber.flush() == b"\\x"
+    assert scrubber.feed(b"100% &# done") == b"100% &# done"
 
 
 def test_request_headers_drop_hop_by_hop_connection_listed_and_credentials():
@@ -150,6 +185,19 @@ def test_response_head_lines_mask_a_percent_encoded_credential_in_location():
     raw = ((b"Location", location.encode()), (b"X-Lower", _lower_hex(quote(KEY, safe="")).encode()))
     lines, _ = response_head_lines(raw, KEY)
     assert b"4f" not in lines.lower() and b"Zq" not in lines
+    assert len(lines) == sum(len(name) + len(value) + 4 for name, value in raw)
+
+
+@pytest.mark.parametrize(
+    "form", ["percent-2", "percent-3", "plus-2", "html-dec", "html-hex-lower-zeros", "js-x"]
+)
+def test_response_head_lines_mask_a_nested_or_escaped_credential(form):
+    """A header echoing the key percent-encoded twice or three times, or HTML- or JavaScript-
+    escaped, is masked, the header's length kept."""
+    echo = encoded_forms(KEY)[form]
+    raw = ((b"Location", f"https://login.example/?return_to={echo}&n=1".encode()),)
+    lines, _ = response_head_lines(raw, KEY)
+    assert echo.encode() not in lines and b"*" * len(echo) + b"&n=1\r\n" in lines
     assert len(lines) == sum(len(name) + len(value) + 4 for name, value in raw)
 
 
@@ -232,7 +280,10 @@ def _encoding_echo(request: Request) -> bytes:
     path = request.target.split("?")[0].rsplit("/", 1)[1]
     head = "HTTP/1.1 200 OK\r\n"
     body = json.dumps({"received": request.target}).encode()
-    if path == "redirect":
+    if path == "login":  # a login redirect: the original URL, percent-encoded, in return_to
+        origin = f"https://api.example{request.target}"
+        head = f"HTTP/1.1 302 Found\r\nLocation: https://login.example/?return_to={quote(origin, safe='')}\r\n"
+    elif path == "redirect":
         query = request.target.partition("?")[2]
         head = f"HTTP/1.1 302 Found\r\nLocation: https://elsewhere.example/cb?{query}\r\n"
         head += f"X-Lower: {_lower_hex(quote(value, safe=''))}\r\n"
@@ -306,3 +357,21 @@ async def test_a_compressed_answer_on_a_bearer_route_is_refused_not_passed_blind
     [request] = echoing.requests
     LEDGER.secret(_credential(request))
     assert request.values("Accept-Encoding") == ["identity"]
+
+
+async def test_a_login_redirect_carrying_the_query_key_double_encoded_is_masked(
+    sidecar, echoing, client
+):
+    """The reviewer's repro: a query-injected key comes back in ``return_to=`` inside the
+    original URL, so percent-encoded twice; the app gets it masked, the Location's length kept."""
+    async with client.get(sidecar.url + "/q/login?x=1", allow_redirects=False) as response:
+        location = response.headers["Location"]
+        assert response.status == 302
+    [request] = echoing.requests
+    twice = quote(quote(KEY, safe=""), safe="")
+    assert twice in quote(request.target, safe="")  # what the upstream echoed
+    expected = "https://login.example/?return_to=" + quote(
+        f"https://api.example{request.target}", safe=""
+    )
+    assert twice not in location and len(location) == len(expected)
+    assert location == expected.replace(twice, "*" * len(twice))

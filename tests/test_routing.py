@@ -104,7 +104,18 @@ ATTACK_PATHS = [
     "/v1/charges/%e0%80%ae%e0%80%ae/admin",
     "/v1/charges/%ef%bc%8e%ef%bc%8e/admin",  # fullwidth dots, '..' under NFKC
     "/v1/charges/%ff",
+    # non-ASCII that NFKC folds to ASCII punctuation: '../admin', '..\\admin', '..;/', '%2e%2e/'
+    "/v1/charges/%EF%BC%8E%EF%BC%8E%EF%BC%8Fadmin",  # ．．／
+    "/v1/charges/..%EF%BC%8Fadmin",  # ／ fullwidth solidus
+    "/v1/charges/..%EF%BC%BCadmin",  # ＼ fullwidth reverse solidus
+    "/v1/charges/%E2%80%A5%EF%BC%8Fadmin",  # ‥ two dot leader
+    "/v1/charges/%EF%B9%92%EF%B9%92/admin",  # ﹒﹒ small full stops
+    "/v1/charges/..%EF%BC%9B/admin",  # ； fullwidth semicolon
+    "/v1/charges/%EF%B9%AA2e%EF%B9%AA2e/admin",  # ﹪ small percent sign
+    "/v1/charges/x%EF%BC%9Fy",  # ？ a query in disguise
 ]
+# Percent-encoded, as a request line carries non-ASCII (raw UTF-8 there is a malformed request).
+LEGIT_NON_ASCII = ["/v1/charges/caf%C3%A9", "/v1/charges/%E6%97%A5%E6%9C%AC"]
 
 
 def test_normalize_path_refuses_what_upstreams_read_differently():
@@ -115,10 +126,12 @@ def test_normalize_path_refuses_what_upstreams_read_differently():
     from proxy.errors import InvalidPath
     from proxy.inbound.routing import normalize_path
 
-    for raw in ATTACK_PATHS:
+    for raw in [*ATTACK_PATHS, "/v1/charges/．．／admin", "/v1/charges/..＼admin"]:
         with pytest.raises(InvalidPath):
-            normalize_path(raw)
+            normalize_path(raw)  # raw text too: a URL override header may carry it
     assert normalize_path("/a/b;v=1/%c3%a9/100%25off")[1] == "/a/b;v=1/%C3%A9/100%25off"
+    for raw in [*LEGIT_NON_ASCII, "/files/café", "/files/日本/Ångström"]:
+        assert normalize_path(raw)[1] == raw
 
 
 def test_overridden_names_every_method_and_path_an_upstream_may_serve_instead():
@@ -231,3 +244,11 @@ async def test_an_allowed_override_is_checked_by_the_policy(name, value, sidecar
     status, _ = await _send(sidecar, "/ovr/v1/charges/1", [(name, allowed)])
     [request] = recorder.requests
     assert status == 200 and request.values(name) == [allowed]
+
+
+@pytest.mark.parametrize("path", LEGIT_NON_ASCII)
+async def test_non_ascii_path_text_is_forwarded_byte_for_byte(path, sidecar, recorder):
+    """Letters beyond ASCII pass the policy and reach the upstream exactly as the app sent them."""
+    status, _ = await _send(sidecar, "/pay" + path)
+    [request] = recorder.requests
+    assert status == 200 and request.target == path

@@ -7,6 +7,7 @@ so what matching saw is exactly what the upstream receives.
 from __future__ import annotations
 
 import re
+import string
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -31,7 +32,8 @@ def normalize_path(raw_path: str) -> tuple[str, str]:
     Refused (``InvalidPath``): encoded '/', '\\' or NUL, a literal backslash or NUL, an empty
     segment ('//'), a malformed escape; and what upstreams read differently from us: a second
     layer of encoding ('%252e', decoded twice by some), escapes that are not UTF-8 ('%c0%ae',
-    an overlong '.'), and a dot segment with parameters ('..;', which Tomcat/Spring read as '..').
+    an overlong '.'), a dot segment with parameters ('..;', which Tomcat/Spring read as '..'),
+    and a non-ASCII character that NFKC folds to ASCII punctuation ('．', '／', '＼', '﹪').
     """
     if "\\" in raw_path or "\0" in raw_path:
         raise InvalidPath("backslash or NUL in path")
@@ -57,6 +59,7 @@ def normalize_path(raw_path: str) -> tuple[str, str]:
 
 _ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
 _DOTS = frozenset({".", ".."})
+_ASCII_PUNCTUATION = frozenset(string.punctuation)
 
 
 def _refuse_misread(raw_path: str) -> None:
@@ -67,12 +70,18 @@ def _refuse_misread(raw_path: str) -> None:
         raise InvalidPath("percent-escapes or bytes that are not UTF-8") from None
     if _ESCAPE.search(once):  # a '%XX' that only appears after one decoding: '%25' + hex
         raise InvalidPath("double percent-encoding")
+    if not once.isascii():
+        # An upstream that folds compatibility forms (NFKC, Windows best-fit) reads '．．／' as
+        # '../', '＼' as '\\', '﹪' as '%': ASCII punctuation in disguise is never path text.
+        for char in once:
+            if char > "\x7f" and not _ASCII_PUNCTUATION.isdisjoint(
+                unicodedata.normalize("NFKC", char)
+            ):
+                raise InvalidPath("a character that normalizes to ASCII punctuation")
     for segment in once.split("/"):
         name, params, _ = segment.partition(";")
-        if not name.isascii():  # fullwidth dots become dots under NFKC
-            name = unicodedata.normalize("NFKC", name)
-        if name in _DOTS and (params or name != segment):
-            raise InvalidPath("a dot segment with parameters or in disguise")
+        if name in _DOTS and name != segment:  # '..;' too
+            raise InvalidPath("a dot segment with parameters")
 
 
 def _remove_dot_segments(path: str) -> str:

@@ -56,7 +56,8 @@ def response_head_lines(
 ) -> tuple[bytes, bool]:
     """The upstream's header lines (``Name: value\\r\\n``, bytes as received) minus hop-by-hop
     and ``Connection``-listed ones, any echo of the credential masked (in the encodings
-    ``Scrubber`` knows: a ``Location`` carries a query credential percent-encoded); and whether
+    ``Scrubber`` knows: a ``Location`` carries a query credential percent-encoded, twice when
+    the original URL is itself a parameter, ``return_to=``); and whether
     a Content-Length still frames the body."""
     names = [name.lower() for name, _ in raw_headers]
     drop = _HOP_BY_HOP_BYTES
@@ -79,13 +80,39 @@ def response_head_lines(
     return block, b"content-length" in names and b"content-length" not in drop
 
 
-# How an upstream may echo one byte of a credential besides itself: percent-encoded (how the
-# query injector sends it; either hex case), a JSON \u00XX (either case) or short escape (\/ as
-# PHP writes it), and '+' for a space (the query's form encoding).
-_ESCAPE = re.compile(rb"%([0-9A-Fa-f]{2})|\\u00([0-7][0-9A-Fa-f])|\\([/\\\"])")
+# How an upstream may echo one byte of a credential besides itself; each escape stands for one
+# byte (ASCII but for percent-encoding, which escapes UTF-8 byte by byte), hex in either case:
+#   %XX             percent-encoding, as the query injector sends it
+#   \u00XX  \xXX    JSON and JavaScript escapes
+#   \/  \\  \"       JSON short escapes (\/ as PHP writes it)
+#   &#NN;  &#xXX;   HTML numeric references (Go html/template writes &#43;), up to 5 leading zeros
+#   +               a space, in the query's form encoding
+_ESCAPE = re.compile(
+    rb"%([0-9A-Fa-f]{2})"
+    rb"|\\(?:u00|x)([0-7][0-9A-Fa-f])"
+    rb"|&#[xX]0{0,5}([0-7]?[0-9A-Fa-f]);"
+    rb"|&#0{0,5}(1[01][0-9]|12[0-7]|[1-9]?[0-9]);"
+    rb"|\\([/\\\"])"
+)
 _ESCAPE_OR_PLUS = re.compile(_ESCAPE.pattern + rb"|(\+)")
-_PARTIAL_ESCAPE = re.compile(rb"(?:%[0-9A-Fa-f]?|\\(?:u(?:0(?:0[0-7]?)?)?)?)\Z")
-_MAX_ESCAPE_BYTES = 6  # \u00XX
+_HEX_GROUPS = (1, 2, 3)
+_DECIMAL_GROUP = 4
+_LITERAL_GROUP = 5
+# The start of an escape, cut short by the end of the data (or of a chunk).
+_PARTIAL_ESCAPE = re.compile(
+    rb"(?:%[0-9A-Fa-f]?"
+    rb"|\\(?:u(?:0(?:0[0-7]?)?)?|x[0-7]?)?"
+    rb"|&(?:#(?:[xX][0-9A-Fa-f]{0,7}|[0-9]{0,8})?)?"
+    rb")\Z"
+)
+_MAX_PARTIAL_BYTES = 11  # &#x0000002B without its ';'
+# An echo nested in encodings is decoded this many times: a URL with the key percent-encoded,
+# itself percent-encoded into another URL's query (a login redirect's return_to), and once more.
+_LAYERS = 3
+# The most bytes one byte of an echo takes on the wire, in the forms decoded: an HTML reference
+# with leading zeros under two more layers of percent-encoding (%2526%2523x000002B%253B).
+_MAX_ESCAPE_BYTES = 23
+_ESCAPE_STARTS = (b"%", b"\\", b"&#")
 
 
 def _decoded(data: bytes, escape: re.Pattern[bytes]) -> tuple[bytes, list[int], list[int]]:
@@ -97,8 +124,16 @@ def _decoded(data: bytes, escape: re.Pattern[bytes]) -> tuple[bytes, list[int], 
     raw = size = 0
     for match in escape.finditer(data):
         start, end = match.span()
-        code = match[1] or match[2]
-        pieces += (data[raw:start], bytes.fromhex(code.decode()) if code else match[3] or b" ")
+        group = match.lastindex
+        if group in _HEX_GROUPS:
+            byte = bytes((int(match[group], 16),))
+        elif group == _DECIMAL_GROUP:
+            byte = bytes((int(match[group]),))
+        elif group == _LITERAL_GROUP:
+            byte = match[group]
+        else:
+            byte = b" "
+        pieces += (data[raw:start], byte)
         size += start - raw + 1
         decoded_ends.append(size)
         raw_ends.append(end)
@@ -107,33 +142,54 @@ def _decoded(data: bytes, escape: re.Pattern[bytes]) -> tuple[bytes, list[int], 
     return b"".join(pieces), decoded_ends, raw_ends
 
 
-def _raw_offset(offset: int, decoded_ends: list[int], raw_ends: list[int]) -> int:
-    """Where decoded byte ``offset`` begins in the raw data."""
-    i = bisect.bisect_right(decoded_ends, offset)
-    return offset if i == 0 else raw_ends[i - 1] + offset - decoded_ends[i - 1]
+def _raw_offset(offset: int, layers: list[tuple[list[int], list[int]]]) -> int:
+    """Where byte ``offset`` of the innermost decoding begins in the raw data, through every
+    layer (each: where its escapes ended, decoded and raw)."""
+    for decoded_ends, raw_ends in reversed(layers):
+        i = bisect.bisect_right(decoded_ends, offset)
+        offset = offset if i == 0 else raw_ends[i - 1] + offset - decoded_ends[i - 1]
+    return offset
+
+
+def _has_escape(data: bytes, plus: bool) -> bool:
+    return any(data.find(start) >= 0 for start in _ESCAPE_STARTS) or (plus and data.find(b"+") >= 0)
 
 
 class Scrubber:
     """Masks every echo of a secret in a byte stream, even across chunk boundaries: the secret
-    itself, and its percent-encoded, JSON-escaped and plus-form encodings, mixed in any way.
+    itself, and its percent-encoded, JSON- and JavaScript-escaped, HTML-referenced and plus-form
+    encodings, mixed in any way and nested up to ``_LAYERS`` deep (``%252B``).
 
     A mask has the length of what it covers, so ``Content-Length`` stays true. Between chunks it
     holds back only a tail that could begin an echo, so streams are not delayed.
     """
 
-    __slots__ = ("_secret", "_escapes", "_echo_bytes", "_run", "_window", "_tail")
+    __slots__ = (
+        "_secret",
+        "_escapes",
+        "_plus",
+        "_echo_bytes",
+        "_escape_bytes",
+        "_run",
+        "_window",
+        "_tail",
+    )
 
     def __init__(self, secret: str) -> None:
         self._secret = secret.encode()
-        spaced = b" " in self._secret
-        self._escapes = (_ESCAPE, _ESCAPE_OR_PLUS) if spaced else (_ESCAPE,)
+        self._plus = b" " in self._secret
+        self._escapes = (_ESCAPE, _ESCAPE_OR_PLUS) if self._plus else (_ESCAPE,)
         # An echo is a run of bytes that are the secret's own or make up escapes: elsewhere
         # (binary data, prose) nothing needs decoding, and runs are found at C speed.
-        self._echo_bytes = bytearray(256)  # a translate table: 1 for a byte an echo may hold
-        for byte in {*self._secret, *b"%\\u0123456789ABCDEFabcdef", *b"+" * spaced}:
+        # Translate tables: 1 for a byte an echo may hold; 2 for one that may begin an escape.
+        self._echo_bytes = bytearray(256)
+        for byte in {*self._secret, *b"%\\&ux#;X0123456789ABCDEFabcdef", *b"+" * self._plus}:
             self._echo_bytes[byte] = 1
+        self._escape_bytes = bytearray(256)
+        for byte in b"%\\&" + b"+" * self._plus:
+            self._escape_bytes[byte] = 2
         self._run = b"\x01" * len(self._secret)  # an echo takes at least a byte per byte
-        # every byte but one of an echo, each at its longest (\u00XX), and an escape cut short
+        # every byte but one of an echo, each at its longest, and an escape cut short
         self._window = max(len(self._secret) - 1, 0) * _MAX_ESCAPE_BYTES + _MAX_ESCAPE_BYTES - 1
         self._tail = b""
 
@@ -144,26 +200,46 @@ class Scrubber:
             return data
         if data.find(secret) >= 0:  # find: `in` formats a TypeError first on 3.11
             data = data.replace(secret, b"*" * len(secret))
-        if data.find(b"%") < 0 and data.find(b"\\") < 0 and len(self._escapes) == 1:
+        if not _has_escape(data, self._plus):
             return data  # nothing encoded: the common case
-        kinds = data.translate(self._echo_bytes)
+        runs = data.translate(self._echo_bytes)
+        if runs.find(self._run) < 0:
+            return data  # no run of echo bytes as long as the secret: binary data, prose
+        kinds = data.translate(self._escape_bytes)
+        length = len(secret)
         out: bytearray | None = None
-        start = kinds.find(self._run)
-        while start >= 0:
-            end = kinds.find(b"\x00", start)
+        # Only a run of echo bytes as long as the secret and holding an escape can hide an
+        # encoded echo: leap from a long run to the next escape and back, at C speed.
+        end = 0
+        while (run := runs.find(self._run, end)) >= 0 and (at := kinds.find(b"\x02", run)) >= 0:
+            start = run if at < run + length else runs.rfind(b"\x00", 0, at) + 1
+            end = runs.find(b"\x00", at)
             end = len(data) if end < 0 else end
+            if end - start < length:
+                continue
             for escape in self._escapes:
-                run = bytes(out[start:end]) if out is not None else data[start:end]
-                decoded, decoded_ends, raw_ends = _decoded(run, escape)
-                at = decoded.find(secret)
-                while at >= 0:
-                    first = start + _raw_offset(at, decoded_ends, raw_ends)
-                    last = start + _raw_offset(at + len(secret), decoded_ends, raw_ends)
+                text = data[start:end] if out is None else bytes(out[start:end])
+                for first, last in self._echoes(text, escape):
                     out = out if out is not None else bytearray(data)
-                    out[first:last] = b"*" * (last - first)
-                    at = decoded.find(secret, at + len(secret))
-            start = kinds.find(self._run, end)
+                    out[start + first : start + last] = b"*" * (last - first)
         return bytes(out) if out is not None else data
+
+    def _echoes(self, run: bytes, escape: re.Pattern[bytes]) -> list[tuple[int, int]]:
+        """Where in ``run`` an encoded echo of the secret lies, decoding up to ``_LAYERS`` deep."""
+        secret = self._secret
+        found: list[tuple[int, int]] = []
+        layers: list[tuple[list[int], list[int]]] = []
+        text = run
+        for _ in range(_LAYERS):
+            text, decoded_ends, raw_ends = _decoded(text, escape)
+            if not decoded_ends:
+                break  # nothing left to decode
+            layers.append((decoded_ends, raw_ends))
+            at = text.find(secret)
+            while at >= 0:
+                found.append((_raw_offset(at, layers), _raw_offset(at + len(secret), layers)))
+                at = text.find(secret, at + len(secret))
+        return found
 
     def _held_from(self, data: bytes) -> int:
         """Where the shortest tail of ``data`` that could begin an echo starts (len: none)."""
@@ -171,17 +247,29 @@ class Scrubber:
         base = max(len(data) - self._window, 0)
         base += data[base:].translate(self._echo_bytes).rfind(b"\x00") + 1  # the last run
         window = data[base:]
-        partial = _PARTIAL_ESCAPE.search(window)
-        # an escape cut short could begin an echo: held, whatever comes before it
-        held = cut = partial.start() if partial is not None else len(window)
+        held = len(window)
         for escape in self._escapes:
-            decoded, decoded_ends, raw_ends = _decoded(window[:cut], escape)
-            at = decoded.find(secret[:1], max(len(decoded) - len(secret) + 1, 0))
-            while at >= 0:
-                if secret.startswith(decoded[at:]):  # the longest such tail comes first
-                    held = min(held, _raw_offset(at, decoded_ends, raw_ends))
+            text = window
+            layers: list[tuple[list[int], list[int]]] = []
+            for depth in range(_LAYERS + 1):
+                cut = len(text)
+                if depth < _LAYERS:  # an escape cut short could begin an echo: held
+                    partial = _PARTIAL_ESCAPE.search(text, max(cut - _MAX_PARTIAL_BYTES, 0))
+                    cut = partial.start() if partial is not None else cut
+                    held = min(held, _raw_offset(cut, layers))
+                # and so could the secret's first bytes (the longest such tail comes first)
+                at = text.find(secret[:1], max(cut - len(secret) + 1, 0), cut)
+                while at >= 0:
+                    if secret.startswith(text[at:cut]):
+                        held = min(held, _raw_offset(at, layers))
+                        break
+                    at = text.find(secret[:1], at + 1, cut)
+                if depth == _LAYERS:
                     break
-                at = decoded.find(secret[:1], at + 1)
+                text, decoded_ends, raw_ends = _decoded(text[:cut], escape)
+                if not decoded_ends:
+                    break  # nothing decodes: deeper layers hold nothing new
+                layers.append((decoded_ends, raw_ends))
         return base + held
 
     def feed(self, chunk: bytes) -> bytes:
