@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Awaitable
 from http import HTTPStatus
 
 from aiohttp import StreamReader
@@ -223,8 +222,8 @@ class Handler:
                 sent,
             )
             started = time.perf_counter()
-            answer = await _masking_errors(
-                self._upstreams.exchange(
+            try:
+                answer = await self._upstreams.exchange(
                     route.origin,
                     route.tls.current(),
                     head,
@@ -233,9 +232,10 @@ class Handler:
                     method=request.method,
                     timeouts=route.timeouts,
                     where=where,
-                ),
-                outbound.secret,
-            )
+                )
+            except UpstreamError as exc:
+                _mask(exc, outbound.secret)
+                raise
             self._metrics.observe_upstream(route.name, time.perf_counter() - started)
             headers = answer.message.headers
             if nonce := headers.get("DPoP-Nonce"):
@@ -308,15 +308,11 @@ async def _stream_back(
         answer.release()
 
 
-async def _masking_errors(exchange: Awaitable[Answer], secret: str) -> Answer:
-    """The exchange's answer, or its error with any echo of the credential masked: a second
-    line of defence, as the upstream layer never quotes what an upstream sent."""
-    try:
-        return await exchange
-    except UpstreamError as exc:
-        if secret:
-            exc.args = (Scrubber(secret).masked(str(exc).encode()).decode(errors="replace"),)
-        raise
+def _mask(exc: UpstreamError, secret: str) -> None:
+    """Mask any echo of the credential in ``exc``'s text: a second line of defence, as the
+    upstream layer never quotes what an upstream sent."""
+    if secret:
+        exc.args = (Scrubber(secret).masked(str(exc).encode()).decode(errors="replace"),)
 
 
 def _compressed(answer: Answer, method: str) -> bool:

@@ -279,7 +279,7 @@ class AppConnection(BaseProtocol):
         """Count ``data`` (received between requests) up to the end of the head it continues:
         whether the head has grown past ``max_head_bytes``. Heads after the first in one read
         are measured once parsed (``_head_size``)."""
-        seen = self._head_tail + data
+        seen = self._head_tail + data if self._head_tail else data
         end = seen.find(b"\r\n\r\n")
         self._head_bytes += len(data) if end < 0 else end + 4 - len(self._head_tail)
         self._head_tail = seen[-3:]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+import functools
 import re
 from collections.abc import Sequence
 
@@ -151,8 +152,53 @@ def _raw_offset(offset: int, layers: list[tuple[list[int], list[int]]]) -> int:
     return offset
 
 
+def _may_escape(data: bytes, start: int, plus: bool) -> bool:
+    """Whether ``data[start:]`` holds a byte that may begin an escape, whole or cut short."""
+    return (
+        data.find(b"%", start) >= 0
+        or data.find(b"\\", start) >= 0
+        or data.find(b"&", start) >= 0
+        or (plus and data.find(b"+", start) >= 0)
+    )
+
+
+def _secret_start(data: bytes, base: int, secret: bytes) -> int:
+    """Where in ``data[base:]`` the longest tail that begins ``secret`` starts (len: none)."""
+    end = len(data)
+    at = data.find(secret[:1], max(end - len(secret) + 1, base))
+    while at >= 0:
+        if secret.startswith(data[at:]):
+            return at - base
+        at = data.find(secret[:1], at + 1)
+    return end - base
+
+
 def _has_escape(data: bytes, plus: bool) -> bool:
     return any(data.find(start) >= 0 for start in _ESCAPE_STARTS) or (plus and data.find(b"+") >= 0)
+
+
+_EchoTables = tuple[bytes, bool, tuple[re.Pattern[bytes], ...], bytes, bytes, bytes, int]
+
+
+@functools.lru_cache(maxsize=64)  # one per credential in use, built once rather than per request
+def _echo_tables(secret: bytes) -> _EchoTables:
+    """What a ``Scrubber`` of ``secret`` looks for: (secret, whether it holds a space, the escape
+    patterns, the echo and escape translate tables, the shortest echo run, the hold window)."""
+    plus = b" " in secret
+    escapes = (_ESCAPE, _ESCAPE_OR_PLUS) if plus else (_ESCAPE,)
+    # An echo is a run of bytes that are the secret's own or make up escapes: elsewhere
+    # (binary data, prose) nothing needs decoding, and runs are found at C speed.
+    # Translate tables: 1 for a byte an echo may hold; 2 for one that may begin an escape.
+    echo_bytes = bytearray(256)
+    for byte in {*secret, *b"%\\&ux#;X0123456789ABCDEFabcdef", *b"+" * plus}:
+        echo_bytes[byte] = 1
+    escape_bytes = bytearray(256)
+    for byte in b"%\\&" + b"+" * plus:
+        escape_bytes[byte] = 2
+    run = b"\x01" * len(secret)  # an echo takes at least a byte per byte
+    # every byte but one of an echo, each at its longest, and an escape cut short
+    window = max(len(secret) - 1, 0) * _MAX_ESCAPE_BYTES + _MAX_ESCAPE_BYTES - 1
+    return secret, plus, escapes, bytes(echo_bytes), bytes(escape_bytes), run, window
 
 
 class Scrubber:
@@ -176,21 +222,15 @@ class Scrubber:
     )
 
     def __init__(self, secret: str) -> None:
-        self._secret = secret.encode()
-        self._plus = b" " in self._secret
-        self._escapes = (_ESCAPE, _ESCAPE_OR_PLUS) if self._plus else (_ESCAPE,)
-        # An echo is a run of bytes that are the secret's own or make up escapes: elsewhere
-        # (binary data, prose) nothing needs decoding, and runs are found at C speed.
-        # Translate tables: 1 for a byte an echo may hold; 2 for one that may begin an escape.
-        self._echo_bytes = bytearray(256)
-        for byte in {*self._secret, *b"%\\&ux#;X0123456789ABCDEFabcdef", *b"+" * self._plus}:
-            self._echo_bytes[byte] = 1
-        self._escape_bytes = bytearray(256)
-        for byte in b"%\\&" + b"+" * self._plus:
-            self._escape_bytes[byte] = 2
-        self._run = b"\x01" * len(self._secret)  # an echo takes at least a byte per byte
-        # every byte but one of an echo, each at its longest, and an escape cut short
-        self._window = max(len(self._secret) - 1, 0) * _MAX_ESCAPE_BYTES + _MAX_ESCAPE_BYTES - 1
+        (
+            self._secret,
+            self._plus,
+            self._escapes,
+            self._echo_bytes,
+            self._escape_bytes,
+            self._run,
+            self._window,
+        ) = _echo_tables(secret.encode())
         self._tail = b""
 
     def masked(self, data: bytes) -> bytes:
@@ -245,6 +285,8 @@ class Scrubber:
         """Where the shortest tail of ``data`` that could begin an echo starts (len: none)."""
         secret = self._secret
         base = max(len(data) - self._window, 0)
+        if not _may_escape(data, base, self._plus):  # nothing encoded near the end: only the
+            return base + _secret_start(data, base, secret)  # secret's own first bytes count
         base += data[base:].translate(self._echo_bytes).rfind(b"\x00") + 1  # the last run
         window = data[base:]
         held = len(window)
