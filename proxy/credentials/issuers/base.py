@@ -51,7 +51,9 @@ C = TypeVar("C", bound=IssuerConfig)
 
 
 class IssuerFactory(Protocol[C_contra]):
-    """An issuer class (or a function) that builds an issuer from its config model ``C``."""
+    """An issuer class (or a function) that builds an issuer from the config model it was
+    registered for (``@issuer(<model>)``; not checked statically: a TypeVar bound cannot name
+    another)."""
 
     def __call__(
         self,
