@@ -1,7 +1,8 @@
 """credproxy: a sidecar that injects per-request, short-lived credentials into an app's calls.
 
-Packages by stage; imports point down this list only (``errors``, ``log``, ``secret``, ``tasks``
-and ``metrics`` are leaves every layer may call)::
+Packages by stage; imports point down this list only (``errors``, ``log``, ``secret``, ``tasks``,
+``metrics`` and the adapters ``wire`` (aiohttp internals) and ``aws_sdk`` (botocore) are leaves
+every layer may call)::
 
     cli ─▶ lifecycle/   server (listeners, signals, drain), assembly (config → runtime), workers,
                         telemetry + control listeners (admin_http, telemetry, control)

@@ -41,6 +41,26 @@
 
 The app only ever sees ``status``, ``code`` and ``public_detail``; ``str(exc)`` is for the operator's
 log and may name files and endpoints, never a credential.
+
+Where third-party errors become these (one place per boundary, raised ``from None`` where the
+original's text could quote a secret or a request):
+
+- the app's HTTP (aiohttp's parser, behind ``wire``): ``inbound.listener``
+  (``data_received``) → ``MalformedRequest``, worded by ``wire.described``
+- upstreams (OSError, ``ssl.SSLError``, TimeoutError, parser errors): ``outbound.upstream``
+  (connecting: ``Upstreams._connect``; the answer: ``_Connection``'s parser callbacks; the body:
+  ``_send``) → ``Upstream*``
+- IdPs over HTTP (aiohttp, OSError, TimeoutError, JSON): ``credentials.issuers.oauth2``
+  (``OAuth2Issuer._call`` and ``_json``; token exchange inherits them) → ``IssuerError``
+- AWS STS (botocore ``ClientError``, ``BotoCoreError``): ``aws_sdk.sts_errors`` → ``IssuerError``
+- the leader worker (aiohttp, TimeoutError, JSON): ``credentials.token_share.LeaderClient.fetch``
+  → ``IssuerError``
+- key and secret files (OSError, PEM ``ValueError``, UnicodeDecodeError): ``credentials.identity``
+  (``_read``, ``load_signing_key``, ``read_secret_file``) → ``IdentityError``
+- the config file (OSError, UnicodeDecodeError, YAML, pydantic): ``config.loader`` → ``ConfigError``
+- listening sockets (OSError): ``lifecycle.unix_socket.cannot_listen`` → ``StartError``
+- the audit file (OSError): ``audit.trail.Audit._open`` → ``StartError`` (a failed write is logged)
+- control requests (JSON): ``lifecycle.control`` → ``InvalidControlRequest``
 """
 
 from __future__ import annotations

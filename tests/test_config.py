@@ -227,6 +227,16 @@ def test_check_config_missing_file(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_a_config_file_that_is_not_utf8_is_a_config_error(tmp_path):
+    """A config file in another encoding is a ConfigError naming the file and the byte, not a
+    UnicodeDecodeError (which check-config would print as a traceback)."""
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes(VALID.encode() + b"# caf\xe9\n")
+    with pytest.raises(ConfigError) as raised:
+        loader.load(latin1)
+    assert raised.value.errors == [f"{latin1}: not UTF-8 text (byte {len(VALID) + 5})"]
+
+
 def test_schema_is_json_schema_of_the_config():
     """`credproxy schema` prints a JSON Schema that knows the public field names."""
     result = _cli("schema")

@@ -160,3 +160,24 @@ def test_run_refuses_a_world_writable_socket_directory(tmp_path):
         result.stdout + result.stderr
     )
     assert list(socket_dir.iterdir()) == []
+
+
+def test_every_listener_that_cannot_bind_says_so_in_one_wording(tmp_path):
+    """An OSError at bind becomes StartError "cannot listen on <address>: <the system's words>",
+    with the config key first when given; asyncio's repetition of the address is dropped."""
+    import errno
+
+    from proxy.lifecycle.unix_socket import cannot_listen
+
+    asyncio_error = OSError(
+        errno.EADDRINUSE, "error while attempting to bind on address ('127.0.0.1', 80): in use"
+    )
+    error = cannot_listen("127.0.0.1:80", asyncio_error)
+    assert isinstance(error, StartError)
+    assert str(error) == f"cannot listen on 127.0.0.1:80: {os.strerror(errno.EADDRINUSE)}"
+    error = cannot_listen("unix:/x.sock", OSError("no errno"), where="admin")
+    assert str(error) == "admin: cannot listen on unix:/x.sock: no errno"
+    long_path = str(tmp_path / ("d" * 120) / "app.sock")  # longer than sun_path
+    (tmp_path / ("d" * 120)).mkdir(mode=0o700)
+    with pytest.raises(StartError, match=r"^listen: cannot listen on unix:/.*app\.sock: "):
+        bind_unix(long_path, 0o660, where="listen")

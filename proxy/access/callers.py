@@ -20,14 +20,22 @@ routes whose rules name such attributes). Nothing the caller sends is consulted.
 from __future__ import annotations
 
 import atexit
+import enum
 import hashlib
 import ipaddress
 import os
 import socket
 import struct
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Final, TypeVar
 
-_UNSET: Any = object()
+
+class _Unset(enum.Enum):
+    UNSET = enum.auto()
+
+
+_UNSET: Final = _Unset.UNSET  # not looked up yet (None: looked up, unknown)
+T = TypeVar("T")
 _PEERCRED = struct.Struct("3i")
 _sha256_by_file: dict[tuple[int, int, int, int], str] = {}
 _TCP_ESTABLISHED = 1
@@ -72,22 +80,23 @@ class Caller:
         self.transport = transport
         self.uid = uid
         self.identified = uid is not None and uid != _OVERFLOW_UID and transport in ("tcp", "unix")
-        self._gid = gid if gid is not None else _UNSET
+        self._gid: int | None | _Unset = gid if gid is not None else _UNSET
         self._pid = pid if pid else None
         self._inode = inode  # the peer's socket: its holders are the calling processes
-        self._holders: Any = _UNSET
-        self._exe: Any = _UNSET
-        self._exe_sha256: Any = _UNSET
-        self._cgroup: Any = _UNSET
+        self._holders: tuple[int, ...] | None | _Unset = _UNSET
+        self._exe: str | None | _Unset = _UNSET
+        self._exe_sha256: str | None | _Unset = _UNSET
+        self._cgroup: str | None | _Unset = _UNSET
         self._known: tuple[tuple[str, object], ...] | None = None  # attributes(), until a lookup
 
     @property
     def holders(self) -> tuple[int, ...] | None:
         """Pids of every process holding the peer's socket; None when that cannot be known
         (no inode, a process of the socket's owner whose fds are unreadable, none found)."""
-        if self._holders is _UNSET:
-            self._holders = _holders_of(self._inode, self.uid) if self._inode else None
-        return self._holders  # type: ignore[no-any-return]
+        holders = self._holders
+        if holders is _UNSET:
+            holders = self._holders = _holders_of(self._inode, self.uid) if self._inode else None
+        return holders
 
     @property
     def pid(self) -> int | None:
@@ -99,29 +108,35 @@ class Caller:
 
     @property
     def gid(self) -> int | None:
-        if self._gid is _UNSET:
-            self._gid = self._agreed(_status_gid)
-        return self._gid
+        gid = self._gid
+        if gid is _UNSET:
+            gid = self._gid = self._agreed(_status_gid)
+        return gid
 
     @property
     def exe(self) -> str | None:
-        if self._exe is _UNSET:
-            self._exe = self._agreed(_exe_path)
-        return self._exe  # type: ignore[no-any-return]
+        exe = self._exe
+        if exe is _UNSET:
+            exe = self._exe = self._agreed(_exe_path)
+        return exe
 
     @property
     def exe_sha256(self) -> str | None:
-        if self._exe_sha256 is _UNSET:
-            self._exe_sha256 = self._agreed(lambda pid: _file_sha256(f"/proc/{pid}/exe"))
-        return self._exe_sha256  # type: ignore[no-any-return]
+        exe_sha256 = self._exe_sha256
+        if exe_sha256 is _UNSET:
+            exe_sha256 = self._exe_sha256 = self._agreed(
+                lambda pid: _file_sha256(f"/proc/{pid}/exe")
+            )
+        return exe_sha256
 
     @property
     def cgroup(self) -> str | None:
-        if self._cgroup is _UNSET:
-            self._cgroup = self._agreed(_cgroup_v2)
-        return self._cgroup  # type: ignore[no-any-return]
+        cgroup = self._cgroup
+        if cgroup is _UNSET:
+            cgroup = self._cgroup = self._agreed(_cgroup_v2)
+        return cgroup
 
-    def _agreed(self, lookup: Any) -> Any:
+    def _agreed(self, lookup: Callable[[int], T | None]) -> T | None:
         """``lookup(pid)`` when every holder gives the same known answer, else None."""
         self._known = None
         holders = self.holders
@@ -208,7 +223,10 @@ def from_socket(sock: socket.socket | None) -> Caller:
     return UNKNOWN
 
 
-def _from_tcp(local: tuple[Any, ...], peer: tuple[Any, ...]) -> Caller:
+_Address = tuple[str, int] | tuple[str, int, int, int]  # AF_INET, AF_INET6 socket names
+
+
+def _from_tcp(local: _Address, peer: _Address) -> Caller:
     # The peer's socket is the one whose local end is the peer's address and remote end ours.
     wanted = (_address_key(peer[0], peer[1]), _address_key(local[0], local[1]))
     found = _sock_diag(*wanted)
@@ -242,7 +260,13 @@ _UNIX_REPLY = struct.Struct("=BBBBI8s")
 _UDIAG_SHOW_PEER = 4
 _UNIX_DIAG_PEER = 2
 _NO_COOKIE = b"\xff" * 8
-_NO_NETLINK: Any = object()
+
+
+class _NoNetlink(enum.Enum):
+    NO_NETLINK = enum.auto()
+
+
+_NO_NETLINK: Final = _NoNetlink.NO_NETLINK
 _diag_socket: socket.socket | None = None
 _sequence = 0
 
@@ -269,7 +293,9 @@ def _diag(family_request: bytes) -> bytes | None:
     return None
 
 
-def _sock_diag(src: tuple[bytes, int], dst: tuple[bytes, int]) -> Any:
+def _sock_diag(
+    src: tuple[bytes, int], dst: tuple[bytes, int]
+) -> tuple[int, int] | None | _NoNetlink:
     """(uid, inode) of the TCP socket with exactly this 4-tuple when the kernel positively says
     so: ESTABLISHED, a real inode, the same 4-tuple. None: unknown. ``_NO_NETLINK``: ask /proc."""
     family = socket.AF_INET if len(src[0]) == 4 else socket.AF_INET6

@@ -16,13 +16,13 @@ from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
 
+from .. import aws_sdk
 from .base import REGION, Model
 from .issuers import (
     AWSIssuerConfig,
     IssuerConfig,
     SelfSignedJWTIssuerConfig,
     StaticIssuerConfig,
-    known_aws_service,
     sigv4_scope,
 )
 
@@ -112,7 +112,7 @@ class SigV4Credential(CredentialConfig):
             problems.append(
                 ("payload", "streaming (aws-chunked with a checksum trailer) is for s3 only")
             )
-        known = known_aws_service(service) if service is not None else True
+        known = aws_sdk.known_service(service) if service is not None else True
         if known is None:
             problems.append(("inject", "sigv4 needs the aws extra: pip install 'credproxy[aws]'"))
         elif not known:

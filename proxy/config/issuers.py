@@ -206,19 +206,6 @@ def aws_service_region(host: str) -> tuple[str | None, str | None]:
     return None, None
 
 
-_SIGNING_NAMES_NOT_IN_BOTOCORE_LIST = frozenset({"execute-api", "es", "aoss", "s3-object-lambda"})
-
-
-def known_aws_service(name: str) -> bool | None:
-    """Whether botocore knows the service; None when botocore (credproxy[aws]) is not installed."""
-    try:
-        import botocore.session
-    except ImportError:
-        return None
-    services = botocore.session.get_session().get_available_services()
-    return name in services or name in _SIGNING_NAMES_NOT_IN_BOTOCORE_LIST
-
-
 def sigv4_scope(
     service: str | None, region: str | None, upstream: str, issuer_region: str | None
 ) -> tuple[str | None, str | None]:

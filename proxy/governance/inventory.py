@@ -9,7 +9,7 @@ import datetime
 from typing import Any
 
 from ..audit.usage import Usage
-from ..config.issuers import AWSIssuerConfig, StaticIssuerConfig
+from ..config.issuers import AWSIssuerConfig, IssuerConfig, StaticIssuerConfig
 from ..config.model import Config
 from ..credentials.token_cache import MintingSource
 from ..inbound.runtime import Runtime
@@ -18,7 +18,7 @@ COLUMNS = ("issuer", "audience", "scope", "routes", "owner", "expires_at", "last
            "last_use", "use_count", "legacy")  # fmt: skip
 
 
-def _legacy(issuer: Any) -> bool:
+def _legacy(issuer: IssuerConfig) -> bool:
     """Long-lived secrets an owner should retire: static API keys, static AWS keys."""
     return isinstance(issuer, StaticIssuerConfig) or (
         isinstance(issuer, AWSIssuerConfig) and issuer.static_credentials_file is not None

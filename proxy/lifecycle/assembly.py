@@ -11,10 +11,11 @@ import aiohttp
 
 from ..access.policy import Admission, RoutePolicy
 from ..audit.trail import Audit
+from ..config.issuers import OAuth2IssuerConfig
 from ..config.model import Config, RouteConfig
 from ..credentials.dpop import DPoPKey
 from ..credentials.injectors import Signing, make_injector
-from ..credentials.issuers import ISSUERS, Issuer, SelfSignedJWTIssuer
+from ..credentials.issuers import Issuer, SelfSignedJWTIssuer, make_issuer
 from ..credentials.signing import SignatureBatch
 from ..credentials.token_cache import CacheKey, MintingSource, Token, TokenSource
 from ..credentials.token_share import LeaderClient
@@ -49,9 +50,9 @@ def build(
     issuers: dict[str, Issuer] = {
         name: same[name]
         if name in same and same[name].config == issuer
-        else ISSUERS[type(issuer)](
+        else make_issuer(
             name,
-            issuer,  # the table pairs each config model with its implementation
+            issuer,
             session=session,
             dpop_key=dpop_key,
             identity=config.identity,
@@ -127,7 +128,7 @@ def _client_certificate(route: RouteConfig, issuer: Issuer) -> tuple[Path | None
     if route.client_cert_file is not None:
         return route.client_cert_file, route.client_key_file
     config = issuer.config
-    if getattr(config, "client_auth", None) == "tls_client_auth":
+    if isinstance(config, OAuth2IssuerConfig) and config.client_auth == "tls_client_auth":
         return config.client_cert_file, config.client_key_file
     return None, None
 

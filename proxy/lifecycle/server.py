@@ -37,7 +37,7 @@ from ..tasks import spawn
 from . import control, telemetry
 from .admin_http import ADMIN_DESCRIPTORS, AdminServer, remove_socket, unix_socket
 from .assembly import build
-from .unix_socket import bind_unix
+from .unix_socket import bind_unix, cannot_listen, os_reason
 
 _GAUGE_INTERVAL_S = 5.0
 
@@ -261,7 +261,7 @@ class Server:
                     continue
                 raise StartError(
                     f"cannot listen on {Address(host=twin, port=bound.port)} beside {bound}: "
-                    f"{os.strerror(exc.errno or 0)}. Another process holds the other loopback family of this "
+                    f"{os_reason(exc)}. Another process holds the other loopback family of this "
                     "port and would receive the requests of apps that resolve 'localhost' to it; "
                     "stop it, or set bind_both_loopbacks: false if no app uses 'localhost'"
                 ) from None
@@ -279,9 +279,7 @@ class Server:
         except OSError as exc:
             if raw:
                 raise
-            raise StartError(
-                f"cannot listen on {Address(host=host, port=port)}: {os.strerror(exc.errno or 0)}"
-            ) from None
+            raise cannot_listen(Address(host=host, port=port), exc) from None
 
     async def _listen_admin(self, address: Address) -> AdminServer:
         """The telemetry listener (``admin:``): read-only, may face the pod network."""
@@ -298,7 +296,7 @@ class Server:
             mode = int(self.config.unix_socket_mode, 8)
             self.admin_address = await self._serve_on(server, address, mode, "admin")
         except OSError as exc:
-            raise StartError(f"cannot listen on {address}: {exc.strerror or exc}") from None
+            raise cannot_listen(address, exc) from None
         return server
 
     async def _serve_on(
@@ -322,7 +320,7 @@ class Server:
             mode = int(self.config.control.socket_mode, 8)
             self.control_address = await self._serve_on(server, address, mode, "control.listen")
         except (OSError, StartError) as exc:
-            reason = str(exc) if isinstance(exc, StartError) else exc.strerror or str(exc)
+            reason = str(exc) if isinstance(exc, StartError) else os_reason(exc)
             if "listen" in self.config.control.model_fields_set:
                 raise StartError(f"control.listen: cannot listen on {address}: {reason}") from None
             server_log.warning(

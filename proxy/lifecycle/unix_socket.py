@@ -1,4 +1,5 @@
-"""Binding a Unix socket so that no other user can reach or replace it by accident of timing.
+"""Binding a Unix socket so that no other user can reach or replace it by accident of timing;
+and ``cannot_listen``, the one wording of a listener that cannot bind (TCP or Unix).
 
 The socket is created with its final mode (the umask is narrowed around ``bind``): a ``chmod``
 afterwards would leave a window with the default mode, and would follow a symlink planted at the
@@ -18,6 +19,17 @@ from ..errors import StartError
 _umask_lock = threading.Lock()  # the umask is per process: one bind at a time changes it
 
 
+def cannot_listen(address: object, exc: OSError, *, where: str = "") -> StartError:
+    """The ``StartError`` for an OSError binding or listening on ``address`` (``where``: the
+    config key): raise it ``from None``."""
+    return StartError(f"{where}: " * bool(where) + f"cannot listen on {address}: {os_reason(exc)}")
+
+
+def os_reason(exc: OSError) -> str:
+    """The system's words for ``exc``: asyncio's bind errors repeat the address in their text."""
+    return os.strerror(exc.errno) if exc.errno else str(exc)
+
+
 def bind_unix(path: str, mode: int, *, where: str) -> socket.socket:
     """A stream socket bound at ``path`` with permissions ``mode``, not yet listening (the
     caller's server listens). ``where`` names the config key in errors. A socket left at the path
@@ -34,7 +46,7 @@ def bind_unix(path: str, mode: int, *, where: str) -> socket.socket:
                 os.umask(previous)
     except OSError as exc:
         sock.close()
-        raise StartError(f"{where}: cannot listen on unix:{path}: {exc.strerror}") from None
+        raise cannot_listen(f"unix:{path}", exc, where=where) from None
     return sock
 
 

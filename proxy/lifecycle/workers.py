@@ -35,7 +35,7 @@ from ..credentials.dpop import DPoPKey
 from ..errors import StartError
 from ..log import server_log
 from ..secret import INSTANCE  # drawn here, before forking: every worker fingerprints alike
-from .unix_socket import bind_unix
+from .unix_socket import bind_unix, cannot_listen
 
 _RESTART_BASE_S = 0.5
 _RESTART_MAX_S = 30.0
@@ -107,9 +107,7 @@ def _reserve(host: str, port: int, *, twin: bool) -> socket.socket:
     except OSError as exc:
         if not (twin and exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT)):
             reservation.close()
-            raise StartError(
-                f"cannot listen on {Address(host=host, port=port)}: {exc.strerror}"
-            ) from None
+            raise cannot_listen(Address(host=host, port=port), exc) from None
     return reservation
 
 

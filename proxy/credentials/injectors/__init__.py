@@ -15,13 +15,7 @@ import importlib
 import pkgutil
 
 from ...config.credential import CREDENTIAL_CONFIGS
-from ...config.model import RouteConfig
-from ..issuers import Issuer
-from .base import INJECTORS, Injector, Outbound, Signing, injector
-
-
-def make_injector(route: RouteConfig, issuer: Issuer, signing: Signing) -> Injector:
-    return INJECTORS[type(route.credential)](route.credential, route, issuer, signing)
+from .base import INJECTORS, Injector, Outbound, Signing, injector, make_injector
 
 
 def _import_plugins() -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Never, TypeVar, cast
 
 from aiohttp import StreamReader
 from multidict import CIMultiDict
@@ -73,7 +73,9 @@ C = TypeVar("C", bound=CredentialConfig)
 InjectorFactory = Callable[[C, RouteConfig, Issuer, Signing], Injector]
 """(the route's credential, the route, its issuer, the sidecar's signing) → the route's injector."""
 
-INJECTORS: dict[type[CredentialConfig], InjectorFactory[Any]] = {}
+INJECTORS: dict[type[CredentialConfig], InjectorFactory[Never]] = {}
+"""Credential model → the factory registered for it, which takes that model (``make_injector``
+relies on it); ``Never``: no one credential type fits every factory."""
 
 
 def injector(config: type[C]) -> Callable[[InjectorFactory[C]], InjectorFactory[C]]:
@@ -86,3 +88,13 @@ def injector(config: type[C]) -> Callable[[InjectorFactory[C]], InjectorFactory[
         return factory
 
     return register
+
+
+def make_injector(route: RouteConfig, issuer: Issuer, signing: Signing) -> Injector:
+    """The route's injector, made by the factory registered for its credential's model."""
+    return _make(route.credential, route, issuer, signing)
+
+
+def _make(credential: C, route: RouteConfig, issuer: Issuer, signing: Signing) -> Injector:
+    factory = cast(InjectorFactory[C], INJECTORS[type(credential)])  # registered for this model
+    return factory(credential, route, issuer, signing)

@@ -1,4 +1,5 @@
-"""AWS Signature Version 4 on every request, with botocore's signer (``credproxy[aws]``).
+"""AWS Signature Version 4 on every request, with botocore's signer (``credproxy[aws]``, behind
+``proxy.aws_sdk``).
 
 Only the host, ``x-amz-*``, ``content-type`` and ``content-md5`` headers are signed, so the rest
 of the app's headers can pass unchanged. Bodies stream unsigned (``UNSIGNED-PAYLOAD``, S3), stream
@@ -16,10 +17,10 @@ import datetime
 import email.utils
 import zlib
 from collections.abc import AsyncIterator
-from typing import Any
 
 from aiohttp import StreamReader
 
+from ...aws_sdk import SigV4Signer
 from ...config.credential import SigV4Credential
 from ...config.issuers import sigv4_scope
 from ...config.model import RouteConfig
@@ -32,8 +33,6 @@ _SIGNED = ("content-type", "content-md5")
 _SKEW_MARKERS = (b"RequestTimeTooSkewed", b"Signature expired", b"InvalidSignatureException")
 _CHUNK = 64 * 1024  # aws-chunked frame size; fixed, so the encoded length is known up front
 _TRAILER = "x-amz-checksum-crc32"
-# botocore signs STREAMING-UNSIGNED-PAYLOAD-TRAILER when the checksum travels in a trailer
-_TRAILER_CONTEXT = {"request_algorithm": {"in": "trailer", "algorithm": "crc32", "name": _TRAILER}}
 
 
 class SigV4Injector(Injector):
@@ -57,16 +56,12 @@ class SigV4Injector(Injector):
         body_max_bytes: int,
         checksum_trailer: bool = False,
     ) -> None:
-        from botocore.auth import S3SigV4Auth, SigV4Auth
-        from botocore.config import Config
-
         self.service = service
         self.region = region
         self.needs_body = sign_payload
         self.checksum_trailer = checksum_trailer
         self.body_max_bytes = body_max_bytes
-        self._auth_class = S3SigV4Auth if service == "s3" else SigV4Auth
-        self._client_config = Config(s3={"payload_signing_enabled": sign_payload})
+        self._signer = SigV4Signer(service, region, sign_payload=sign_payload)
         self._offset = datetime.timedelta(0)
 
     @classmethod
@@ -88,32 +83,28 @@ class SigV4Injector(Injector):
         )
 
     async def apply(self, outbound: Outbound, token: Token) -> None:
-        from botocore.awsrequest import AWSRequest
-        from botocore.credentials import Credentials
-
         assert token.key_id is not None and token.signing_secret is not None
         chunked = self._frame_chunked(outbound)
         session_token = None if token.legacy else token.value.reveal()
         outbound.secret = session_token or ""  # the secret key itself never travels
-        credentials = Credentials(token.key_id, token.signing_secret.reveal(), session_token)
         signed: dict[str, str] = {
             name: value
             for name, value in outbound.headers.items()
             if name.lower().startswith("x-amz-") or name.lower() in _SIGNED
         }
-        request = AWSRequest(
-            method=outbound.method,
-            url=str(outbound.url),
-            headers=signed,
-            data=outbound.body if self.needs_body else None,
+        signature = self._signer.sign(
+            outbound.method,
+            str(outbound.url),
+            signed,
+            outbound.body if self.needs_body else None,
+            key_id=token.key_id,
+            secret_key=token.signing_secret,
+            session_token=session_token,
+            now=datetime.datetime.now(datetime.UTC) + self._offset,  # corrected for skew
+            crc32_trailer=_TRAILER if chunked else None,
         )
-        request.context["client_config"] = self._client_config
-        if chunked:
-            request.context["checksum"] = _TRAILER_CONTEXT
-        self._sign(self._auth_class(credentials, self.service, self.region), request)
-        for name in ("Authorization", "X-Amz-Date", "X-Amz-Security-Token", "X-Amz-Content-SHA256"):
-            if name in request.headers:
-                outbound.headers[name] = request.headers[name]
+        for name, value in signature.items():
+            outbound.headers[name] = value
 
     def _frame_chunked(self, outbound: Outbound) -> bool:
         """Set the aws-chunked headers when this body gets a checksum trailer. Not when the app
@@ -143,15 +134,6 @@ class SigV4Injector(Injector):
             return body
         assert isinstance(body, bytes | StreamReader), "the handler passes what it read"
         return _aws_chunked(body)
-
-    def _sign(self, auth: Any, request: Any) -> None:
-        """botocore's ``add_auth`` steps, with our clock (corrected for skew) as the time."""
-        now = datetime.datetime.now(datetime.UTC) + self._offset
-        request.context["timestamp"] = now.strftime("%Y%m%dT%H%M%SZ")
-        auth._modify_request_before_signing(request)
-        canonical_request = auth.canonical_request(request)
-        string_to_sign = auth.string_to_sign(request, canonical_request)
-        auth._inject_signature_to_request(request, auth.signature(string_to_sign, request))
 
     def corrects_clock(self, status: int, body: bytes, date: str | None) -> bool:
         if status != 403 or date is None or not any(m in body for m in _SKEW_MARKERS):

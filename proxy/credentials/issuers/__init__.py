@@ -3,7 +3,7 @@
 A plug-in is one module here plus its config model in ``config/issuers.py`` (which declares the
 ``type``, the fields and the injectors it supports). The module defines the issuer class and
 registers it against that model with ``@issuer(<config model>)``; ``ISSUERS`` (config model →
-implementation, STYLE habit 5) is what assembly uses. Every module of this package is imported
+implementation, STYLE habit 5) is what ``make_issuer``, which assembly calls, looks up. Every module of this package is imported
 here, so adding the module is all it takes; a config model without one fails at import.
 """
 
@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 
 from ...config.issuers import ISSUER_CONFIGS
-from .base import ISSUERS, Issuer, PerRequestIssuer, issuer
+from .base import ISSUERS, Issuer, PerRequestIssuer, issuer, make_issuer
 from .self_signed_jwt import SelfSignedJWTIssuer
 
 
@@ -27,4 +27,4 @@ def _import_plugins() -> None:
 
 _import_plugins()
 
-__all__ = ["ISSUERS", "Issuer", "PerRequestIssuer", "SelfSignedJWTIssuer", "issuer"]
+__all__ = ["ISSUERS", "Issuer", "PerRequestIssuer", "SelfSignedJWTIssuer", "issuer", "make_issuer"]

@@ -1,7 +1,7 @@
 """AWS credentials from STS: ``AssumeRoleWithWebIdentity`` with the workload's projected token
 (EKS IRSA / Pod Identity style), optionally chained into ``AssumeRole``; or static keys from a
-file, as a marked legacy mode. botocore (``credproxy[aws]``) speaks STS, in a worker thread: one
-call per refresh window, off the request path.
+file, as a marked legacy mode. botocore (``credproxy[aws]``, behind ``proxy.aws_sdk``) speaks STS,
+in a worker thread: one call per refresh window, off the request path.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import asyncio
 import datetime
 import json
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 
+from ...aws_sdk import STSClient, sts_errors
 from ...config.issuers import AWSIssuerConfig
 from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
@@ -40,9 +40,6 @@ class AWSIssuer:
         identity: IdentityConfig,
     ) -> None:
         del session, dpop_key  # botocore brings its own HTTP client and trust store
-        import botocore.session
-        from botocore.config import Config
-
         self.name = name
         self.config = config
         self.region: str | None = config.region
@@ -52,14 +49,12 @@ class AWSIssuer:
             raise IdentityError(
                 f"{self._where}.token_file: needed for web identity (or set identity.token_file)"
             )
-        self._botocore = botocore.session.get_session()
-        self._client_config = Config(
-            region_name=config.region,
-            connect_timeout=config.request_timeout_s,
-            read_timeout=config.request_timeout_s,
-            retries={"max_attempts": 1},  # the token cache owns retries and backoff
+        self._sts = STSClient(
+            config.sts_url,
+            region=config.region,
+            timeout_s=config.request_timeout_s,
+            ca_file=config.ca_file,
         )
-        self._verify: str | bool = str(config.ca_file) if config.ca_file else True
 
     revoke_on_shutdown = False
 
@@ -74,66 +69,31 @@ class AWSIssuer:
     def _fetch(self) -> Token:
         if self.config.static_credentials_file is not None:
             return self._static(self.config.static_credentials_file)
-        from botocore import UNSIGNED
-        from botocore.exceptions import BotoCoreError, ClientError
-
         assert self._token_file is not None and self.config.role_arn is not None
         try:
             web_identity = read_secret_file(self._token_file, what=f"{self._where}.token_file")
         except IdentityError as exc:
             raise IssuerError(str(exc)) from None  # a rotating file may be briefly missing: retry
-        try:
-            sts = self._client(signature_version=UNSIGNED)
-            answer = sts.assume_role_with_web_identity(
-                RoleArn=self.config.role_arn,
-                RoleSessionName=self.config.session_name,
-                WebIdentityToken=web_identity.reveal(),
-                DurationSeconds=self.config.duration_s,
-            )["Credentials"]
+        with sts_errors(f"{self._where}: STS at {self.config.sts_url}", web_identity):
+            answer = self._sts.assume_role_with_web_identity(
+                self.config.role_arn, self.config.session_name, web_identity, self.config.duration_s
+            )
             if self.config.assume_role_arn is not None:
-                chained = self._client(
-                    aws_access_key_id=answer["AccessKeyId"],
-                    aws_secret_access_key=answer["SecretAccessKey"],
-                    aws_session_token=answer["SessionToken"],
+                answer = self._sts.assume_role(
+                    answer,
+                    self.config.assume_role_arn,
+                    self.config.session_name,
+                    min(self.config.duration_s, 3600),  # AWS caps role chaining
                 )
-                answer = chained.assume_role(
-                    RoleArn=self.config.assume_role_arn,
-                    RoleSessionName=self.config.session_name,
-                    DurationSeconds=min(self.config.duration_s, 3600),  # AWS caps role chaining
-                )["Credentials"]
-        except ClientError as exc:
-            error = exc.response.get("Error", {})
-            raise IssuerError(
-                f"{self._where}: STS at {self.config.sts_url} refused: "
-                f"{error.get('Code', '?')}: {str(error.get('Message', ''))[:200]}"
-            ) from None
-        except BotoCoreError as exc:
-            raise IssuerError(
-                f"{self._where}: STS at {self.config.sts_url} failed: {type(exc).__name__}"
-            ) from None
-        expires: datetime.datetime = answer["Expiration"]
-        lifetime_s = (expires - datetime.datetime.now(datetime.UTC)).total_seconds()
+        lifetime_s = (answer.expiration - datetime.datetime.now(datetime.UTC)).total_seconds()
         if lifetime_s <= 0:
             raise IssuerError(f"{self._where}: STS returned credentials that already expired")
         return Token(
-            value=Secret(answer["SessionToken"]),
+            value=answer.session_token,
             token_type="AWS4",
             lifetime_s=min(lifetime_s, self.config.max_lifetime_s),
-            key_id=answer["AccessKeyId"],
-            signing_secret=Secret(answer["SecretAccessKey"]),
-        )
-
-    def _client(self, **kwargs: Any) -> Any:
-        from botocore.config import Config
-
-        signature = kwargs.pop("signature_version", None)
-        config = (
-            self._client_config.merge(Config(signature_version=signature))
-            if signature
-            else self._client_config
-        )
-        return self._botocore.create_client(
-            "sts", endpoint_url=self.config.sts_url, config=config, verify=self._verify, **kwargs
+            key_id=answer.access_key_id,
+            signing_secret=answer.secret_access_key,
         )
 
     def _static(self, path: Path) -> Token:

@@ -1,10 +1,11 @@
 """What an issuer is (``Issuer``) and the table that pairs each issuer config model with its
-implementation (``ISSUERS``), filled by the ``@issuer(<config model>)`` line of each module."""
+implementation (``ISSUERS``), filled by the ``@issuer(<config model>)`` line of each module;
+``make_issuer`` builds the issuer a config section describes."""
 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Never, Protocol, TypeVar, cast, runtime_checkable
 
 import aiohttp
 
@@ -17,11 +18,15 @@ from ..token_cache import CacheKey, Token
 
 class Issuer(Protocol):
     name: str
-    config: Any
     region: str | None  # where the issuer's credentials are scoped (AWS), else None
     revoke_on_shutdown: bool
     # Tokens come over the network: with --workers, worker 0 fetches them for all (token_share).
     shared_by_workers: bool
+
+    @property
+    def config(self) -> IssuerConfig:
+        """The section it was built from; a reload keeps the issuer while this is equal."""
+        ...
 
     async def fetch(self, key: CacheKey) -> Token: ...
 
@@ -41,11 +46,19 @@ class PerRequestIssuer(Issuer, Protocol):
     def signing_key(self, token: Token) -> tuple[str, str, Callable[[bytes], bytes]]: ...
 
 
-class IssuerFactory(Protocol):
+C_contra = TypeVar("C_contra", bound=IssuerConfig, contravariant=True)
+C = TypeVar("C", bound=IssuerConfig)
+
+
+class IssuerFactory(Protocol[C_contra]):
+    """An issuer class (or a function) that builds an issuer from the config model it was
+    registered for (``@issuer(<model>)``; not checked statically: a TypeVar bound cannot name
+    another)."""
+
     def __call__(
         self,
         name: str,
-        config: Any,  # the model it was registered for
+        config: C_contra,
         *,
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
@@ -53,9 +66,11 @@ class IssuerFactory(Protocol):
     ) -> Issuer: ...
 
 
-ISSUERS: dict[type[IssuerConfig], IssuerFactory] = {}
+ISSUERS: dict[type[IssuerConfig], IssuerFactory[Never]] = {}
+"""Config model → the factory registered for it, which takes that model (``make_issuer`` relies
+on it); ``Never``: no one config type fits every factory."""
 
-F = TypeVar("F", bound=IssuerFactory)
+F = TypeVar("F", bound=IssuerFactory[Never])
 
 
 def issuer(config: type[IssuerConfig]) -> Callable[[F], F]:
@@ -68,3 +83,16 @@ def issuer(config: type[IssuerConfig]) -> Callable[[F], F]:
         return factory
 
     return register
+
+
+def make_issuer(
+    name: str,
+    config: C,
+    *,
+    session: aiohttp.ClientSession,
+    dpop_key: DPoPKey,
+    identity: IdentityConfig,
+) -> Issuer:
+    """The issuer ``config`` describes, built by the implementation registered for its model."""
+    factory = cast(IssuerFactory[C], ISSUERS[type(config)])  # registered for exactly this model
+    return factory(name, config, session=session, dpop_key=dpop_key, identity=identity)
