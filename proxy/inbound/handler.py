@@ -278,7 +278,7 @@ async def _stream_back(
 ) -> None:
     lines, has_length = response_head_lines(answer.message.raw_headers, secret)
     reason = answer.message.reason
-    if secret and reason:  # the reason phrase is the upstream's text too
+    if secret and reason and reason != _REASONS.get(answer.status):  # the upstream's own text
         reason = Scrubber(secret).masked(reason.encode()).decode(errors="replace")
     request.start(answer.status, reason, lines, has_length=has_length)
     connection = request.connection
@@ -317,9 +317,10 @@ def _mask(exc: UpstreamError, secret: str) -> None:
 
 def _compressed(answer: Answer, method: str) -> bool:
     """Whether the answer has a body in a content coding the scrubber cannot read."""
-    if method == "HEAD" or answer.status in (204, 304):
+    headers = answer.message.headers
+    if "Content-Encoding" not in headers or method == "HEAD" or answer.status in (204, 304):
         return False
-    codings = ",".join(answer.message.headers.getall("Content-Encoding", ()))
+    codings = ",".join(headers.getall("Content-Encoding", ()))
     return any(c.strip().lower() not in ("", "identity") for c in codings.split(","))
 
 

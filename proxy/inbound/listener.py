@@ -244,18 +244,28 @@ class AppConnection(BaseProtocol):
         parser = self._parser
         if parser is None or self._refusal is not None:
             return  # after a refusal or an upgrade request nothing more is read
+        limit = self._listener.limits.max_head_bytes
         reading = self._reading
-        if (reading is None or reading.is_eof()) and self._over_head_limit(data):
-            limit = self._listener.limits.max_head_bytes
-            self._refuse(HeadTooLarge(f"request head over {limit} bytes"))
-            return
+        # Heads within one read no longer than the limit (what follows the first one in this
+        # read included) cannot exceed it: the usual case costs no counting.
+        small = self._head_bytes + len(data) <= limit
+        if reading is None or reading.is_eof():
+            if small:
+                self._head_bytes += len(data)
+                self._head_tail = data[-3:]
+            elif self._over_head_limit(data):
+                self._refuse(HeadTooLarge(f"request head over {limit} bytes"))
+                return
         try:
             messages, upgraded, _ = parser.feed_data(data)
         except HttpProcessingError as exc:
             self._refuse(MalformedRequest(described(exc)))
             return
-        limit = self._listener.limits.max_head_bytes
-        oversized = next((i for i, (m, _) in enumerate(messages) if _head_size(m) > limit), None)
+        oversized = (
+            None
+            if small
+            else next((i for i, (m, _) in enumerate(messages) if _head_size(m) > limit), None)
+        )
         if oversized is not None:  # a head after the first of a pipelined read
             messages, upgraded = messages[:oversized], False
         if messages:

@@ -113,7 +113,6 @@ _LAYERS = 3
 # The most bytes one byte of an echo takes on the wire, in the forms decoded: an HTML reference
 # with leading zeros under two more layers of percent-encoding (%2526%2523x000002B%253B).
 _MAX_ESCAPE_BYTES = 23
-_ESCAPE_STARTS = (b"%", b"\\", b"&#")
 
 
 def _decoded(data: bytes, escape: re.Pattern[bytes]) -> tuple[bytes, list[int], list[int]]:
@@ -174,7 +173,12 @@ def _secret_start(data: bytes, base: int, secret: bytes) -> int:
 
 
 def _has_escape(data: bytes, plus: bool) -> bool:
-    return any(data.find(start) >= 0 for start in _ESCAPE_STARTS) or (plus and data.find(b"+") >= 0)
+    return (
+        data.find(b"%") >= 0
+        or data.find(b"\\") >= 0
+        or data.find(b"&#") >= 0
+        or (plus and data.find(b"+") >= 0)
+    )
 
 
 _EchoTables = tuple[bytes, bool, tuple[re.Pattern[bytes], ...], bytes, bytes, bytes, int]
