@@ -45,6 +45,11 @@ class TimeoutsConfig(Model):
     connect_s: Duration = 5.0
     idle_s: Duration = Field(60.0, gt=0, description="longest wait for the next upstream byte")
     total_s: Duration = Field(300.0, gt=0, description="whole exchange, headers and body")
+    streams_outlive_total: bool = Field(
+        False,
+        description="an event stream (text/event-stream) may outlive total_s; idle_s still "
+        "bounds the silence between its bytes",
+    )
 
 
 class AppTimeouts(Model):

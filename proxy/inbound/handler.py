@@ -31,6 +31,7 @@ from ..errors import (
     TransferCodingNotImplemented,
     UpstreamCompressedAnswer,
     UpstreamError,
+    UpstreamTimeout,
 )
 from ..log import access_log, server_log
 from ..metrics import Metrics
@@ -112,8 +113,7 @@ class Handler:
             if route.config.allow_method_override:  # what the upstream may serve instead
                 for method, path in overridden(request.headers, request.method, forwarded_path):
                     route.policy.check(caller, method, path)
-            upstream_status = await self._proxy(request, route, forwarded_path, caller)
-            outcome = "proxied"
+            upstream_status, outcome = await self._proxy(request, route, forwarded_path, caller)
         except ProblemError as exc:
             exc.route = exc.route or (route_name if route_name != "-" else None)
             upstream_status, outcome = 0, exc.code
@@ -145,12 +145,13 @@ class Handler:
         self._metrics.count_request(route_name, request.status, outcome, duration_s)
         if access_log.isEnabledFor(logging.INFO):  # nothing formatted when access is off
             access_log.info(
-                "%s %s route=%s status=%d upstream=%d ms=%.1f",
+                "%s %s route=%s status=%d upstream=%d outcome=%s ms=%.1f",
                 request.method,
                 request.url.raw_path,
                 route_name,
                 request.status,
                 upstream_status,
+                outcome,
                 duration_s * 1000,
             )
 
@@ -192,8 +193,8 @@ class Handler:
 
     async def _proxy(
         self, request: AppRequest, route: RouteRuntime, forwarded_path: str, caller: Caller
-    ) -> int:
-        """Forward, stream the answer back; return the upstream's status."""
+    ) -> tuple[int, str]:
+        """Forward, stream the answer back; return the upstream's status and the outcome."""
         query = request.url.raw_query_string
         injector = route.injector
         body, replayable = await _request_body(request, route, self._body_idle_s)
@@ -269,25 +270,30 @@ class Handler:
         if injector.usable_if_echoed and _compressed(answer, request.method):
             answer.release()
             raise UpstreamCompressedAnswer(f"{where}: Content-Encoding despite identity asked")
-        await _stream_back(request, answer, outbound.secret, where, prefetched)
-        return answer.status
+        outcome = await _stream_back(request, answer, outbound.secret, where, prefetched)
+        return answer.status, outcome
 
 
 async def _stream_back(
     request: AppRequest, answer: Answer, secret: str, where: str, prefetched: bytes | None
-) -> None:
+) -> str:
+    """Relay the answer; return the outcome: ``proxied``, or how it was cut short
+    (``upstream_timeout``, ``upstream_cut``: the app saw the status, not the whole body)."""
     lines, has_length = response_head_lines(answer.message.raw_headers, secret)
     reason = answer.message.reason
     if secret and reason and reason != _REASONS.get(answer.status):  # the upstream's own text
         reason = Scrubber(secret).masked(reason.encode()).decode(errors="replace")
     request.start(answer.status, reason, lines, has_length=has_length)
     connection = request.connection
+    outcome = "proxied"
     try:
         scrubber = Scrubber(secret)
         if prefetched is not None:
             request.write(scrubber.feed(prefetched) + scrubber.flush())
         else:
             body = answer.body
+            if not has_length and not body.is_eof():  # a stream: its head goes out at once
+                request.flush_head()
             while chunk := await body.readany():  # the upstream's errors are UpstreamError
                 data = scrubber.feed(chunk)
                 if body.at_eof():  # the last bytes: the tail held back goes with them
@@ -300,12 +306,15 @@ async def _stream_back(
     except ProblemError as exc:
         # Headers are already sent: the only honest signal left is a cut connection.
         server_log.warning("%s: response cut mid-body: %s", where, exc)
+        outcome = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_cut"
         request.abort()
     except ConnectionError:
         server_log.info("%s: the app closed the connection mid-response", where)
+        outcome = "app_closed"
         request.keep_alive = False
     finally:
         answer.release()
+    return outcome
 
 
 def _mask(exc: UpstreamError, secret: str) -> None:

@@ -127,6 +127,13 @@ class AppRequest:
     async def drain(self) -> None:
         await self._connection.drain()
 
+    def flush_head(self) -> None:
+        """Send the head now, without waiting for body bytes: for streams (SSE), whose first
+        event may be long in coming while the app waits for the head."""
+        if self._head:
+            data, self._head = self._head, b""
+            self._connection.write(data)
+
     def end(self) -> None:
         tail = b"0\r\n\r\n" if self._chunked else b""
         if self._head or tail:

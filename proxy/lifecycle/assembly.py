@@ -102,6 +102,7 @@ def build(
                     connect_s=route.timeouts.connect_s,
                     idle_s=route.timeouts.idle_s,
                     total_s=route.timeouts.total_s,
+                    streams_outlive_total=route.timeouts.streams_outlive_total,
                 ),
                 tls=tls,
                 policy=RoutePolicy(route.allow, config.callers),

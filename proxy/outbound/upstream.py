@@ -9,6 +9,7 @@ the ``UpstreamError`` family, naming the route and upstream.
 from __future__ import annotations
 
 import asyncio
+import math
 import ssl
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
@@ -63,6 +64,7 @@ class Timeouts:
     connect_s: float
     idle_s: float  # longest silence while an answer is awaited or read
     total_s: float  # the whole exchange, answer body included
+    streams_outlive_total: bool = False  # an event stream is bounded by idle_s alone
 
 
 class Answer:
@@ -86,10 +88,15 @@ class Answer:
         self._connection.finish(self.body.is_eof() and not self.message.should_close)
 
 
+def _is_event_stream(message: RawResponseMessage) -> bool:
+    content_type = message.headers.get("Content-Type", "")
+    return content_type.split(";", 1)[0].strip().lower() == "text/event-stream"
+
+
 class _Connection(BaseProtocol):
     __slots__ = (
         "_pool", "_watched", "_answer", "_payload", "_where", "_deadline", "_idle_s",
-        "_last_read", "received", "idle_since",
+        "_streams_outlive", "_last_read", "received", "idle_since",
     )  # fmt: skip
 
     def __init__(
@@ -103,11 +110,14 @@ class _Connection(BaseProtocol):
         self._where = ""
         self._deadline = 0.0
         self._idle_s = 0.0
+        self._streams_outlive = False
         self._last_read = 0.0
         self.received = False  # any byte of this exchange's answer
         self.idle_since = 0.0
 
-    def start(self, method: str, where: str, deadline: float, idle_s: float) -> None:
+    def start(
+        self, method: str, where: str, deadline: float, idle_s: float, streams_outlive: bool
+    ) -> None:
         """A new exchange: a parser for its answer (HEAD answers have no body)."""
         self._parser = HttpResponseParser(
             self,
@@ -124,6 +134,7 @@ class _Connection(BaseProtocol):
         self._where = where
         self._deadline = deadline
         self._idle_s = idle_s
+        self._streams_outlive = streams_outlive
         self.received = False
 
     def awaiting(self) -> None:
@@ -159,6 +170,8 @@ class _Connection(BaseProtocol):
                 continue  # interim answers (100, 103) are not relayed
             answer = self._answer
             if answer is not None and not answer.done():
+                if self._streams_outlive and _is_event_stream(message):
+                    self._deadline = math.inf  # idle_s alone bounds a stream
                 self._payload = payload
                 answer.set_result((message, payload))
         if self._payload is not None and self._payload.is_eof():
@@ -251,7 +264,9 @@ class Upstreams:
             reused = connection is not None
             if connection is None:
                 connection = await self._connect(loop, origin, context, pool, timeouts, where)
-            connection.start(method, where, deadline, timeouts.idle_s)
+            connection.start(
+                method, where, deadline, timeouts.idle_s, timeouts.streams_outlive_total
+            )
             try:
                 await _send(connection, head, body, chunked, deadline, where)
                 connection.awaiting()
