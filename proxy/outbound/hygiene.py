@@ -164,12 +164,17 @@ def _may_escape(data: bytes, start: int, plus: bool) -> bool:
 def _secret_start(data: bytes, base: int, secret: bytes) -> int:
     """Where in ``data[base:]`` the longest tail that begins ``secret`` starts (len: none)."""
     end = len(data)
-    at = data.find(secret[:1], max(end - len(secret) + 1, base))
+    if end > base and data[end - 1] == secret[0] and len(secret) > 1:
+        last = end - 1  # a one-byte tail: checked apart, the search below looks for two bytes
+    else:
+        last = end
+    pair = secret[:2]
+    at = data.find(pair, max(end - len(secret) + 1, base))
     while at >= 0:
         if secret.startswith(data[at:]):
             return at - base
-        at = data.find(secret[:1], at + 1)
-    return end - base
+        at = data.find(pair, at + 1)
+    return last - base
 
 
 def _has_escape(data: bytes, plus: bool) -> bool:
