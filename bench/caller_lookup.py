@@ -20,7 +20,7 @@ from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from proxy.access import callers  # noqa: E402
+from proxy.access import callers, kernel  # noqa: E402
 
 
 def _timed(fn: Callable[..., object], *args: object) -> float:
@@ -48,13 +48,11 @@ def main(n: int) -> None:
         conn, _ = server.accept()
         rows["connect+accept (reference)"].append((time.perf_counter() - started) * 1e6)
         wanted = (
-            callers._address_key(*conn.getpeername()),
-            callers._address_key(*conn.getsockname()),
+            kernel.address_key(*conn.getpeername()),
+            kernel.address_key(*conn.getsockname()),
         )
         rows["uid+inode: sock_diag"].append(_timed(callers.from_socket, conn))
-        rows["uid+inode: /proc/net/tcp"].append(
-            _timed(callers._find_socket, "/proc/net/tcp", wanted)
-        )
+        rows["uid+inode: /proc/net/tcp"].append(_timed(kernel.find_socket, "/proc/net/tcp", wanted))
         caller = callers.from_socket(conn)
         rows["pid+exe+cgroup (lazy, on demand)"].append(_timed(_resolve_all, caller))
         rows["holders rescan (per request, exe rules)"].append(_timed(caller.recheck))

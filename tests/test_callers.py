@@ -306,7 +306,7 @@ def test_sock_diag_and_proc_net_tcp_agree(family_host):
     """The netlink lookup and the /proc/net/tcp{,6} fallback find the same owner uid and inode."""
     import socket
 
-    from proxy.access import callers
+    from proxy.access import callers, kernel
 
     family = socket.AF_INET6 if ":" in family_host else socket.AF_INET
     with socket.socket(family) as server:
@@ -316,12 +316,12 @@ def test_sock_diag_and_proc_net_tcp_agree(family_host):
             conn, _ = server.accept()
             with conn:
                 wanted = (
-                    callers._address_key(*conn.getpeername()[:2]),
-                    callers._address_key(*conn.getsockname()[:2]),
+                    kernel.address_key(*conn.getpeername()[:2]),
+                    kernel.address_key(*conn.getsockname()[:2]),
                 )
                 table = "/proc/net/tcp6" if family == socket.AF_INET6 else "/proc/net/tcp"
-                from_netlink = callers._sock_diag(*wanted)
-                assert from_netlink == callers._find_socket(table, wanted)
+                from_netlink = kernel.sock_diag(*wanted)
+                assert from_netlink == kernel.find_socket(table, wanted)
                 assert from_netlink is not None and from_netlink[0] == os.getuid()
                 caller = callers.from_socket(conn)
                 assert caller.pid == os.getpid()  # the client socket is ours
@@ -388,7 +388,7 @@ def recorder():
 def test_a_peer_that_closed_first_is_unknown_never_uid_0(monkeypatch):
     """The kernel reports a socket whose owner closed it as uid 0, inode 0 (and a half-closed
     one as FIN_WAIT): neither is an identified caller, by netlink or by the /proc fallback."""
-    from proxy.access import callers
+    from proxy.access import callers, kernel
 
     def accepted(close_how: str):
         server = socket.socket()
@@ -405,7 +405,7 @@ def test_a_peer_that_closed_first_is_unknown_never_uid_0(monkeypatch):
 
     for fallback in (False, True):
         if fallback:  # netlink unavailable: the /proc tables must apply the same rules
-            monkeypatch.setattr(callers, "_diag", lambda _: (_ for _ in ()).throw(OSError()))
+            monkeypatch.setattr(kernel, "_diag", lambda _: (_ for _ in ()).throw(OSError()))
         for how in ("close", "shutdown"):
             ours, client = accepted(how)
             with ours, client:
@@ -422,7 +422,7 @@ def test_a_peer_that_closed_first_is_unknown_never_uid_0(monkeypatch):
 
 def test_a_kernel_answer_for_another_4_tuple_is_unknown(monkeypatch):
     """A sock_diag reply that names another socket than the one asked for is not trusted."""
-    from proxy.access import callers
+    from proxy.access import callers, kernel
 
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
@@ -430,7 +430,7 @@ def test_a_kernel_answer_for_another_4_tuple_is_unknown(monkeypatch):
     with server, socket.create_connection(server.getsockname()):
         ours, _ = server.accept()
         with ours:
-            real = callers._diag
+            real = kernel._diag
 
             def other_port(request: bytes):  # fault injector: the reply for sport + 1
                 payload = real(request)
@@ -438,7 +438,7 @@ def test_a_kernel_answer_for_another_4_tuple_is_unknown(monkeypatch):
                 sport = struct.unpack_from("=H", payload, 4)[0]
                 return payload[:4] + struct.pack("=H", (sport + 1) & 0xFFFF) + payload[6:]
 
-            monkeypatch.setattr(callers, "_diag", other_port)
+            monkeypatch.setattr(kernel, "_diag", other_port)
             assert callers.from_socket(ours) is callers.UNKNOWN
 
 
@@ -667,24 +667,24 @@ def test_in_a_user_namespace_the_overflow_uid_identifies_no_one(credproxy, recor
 def test_the_holders_scan_reads_only_the_socket_owners_processes(monkeypatch):
     """Another uid's processes, however many descriptors they hold, are never read by the scan
     (no one else can make it slow), and a scan over budget is unknown rather than long."""
-    from proxy.access import callers
+    from proxy.access import callers, kernel
 
     other = subprocess.Popen(["sleep", "30"], user=NOBODY)
     read: list[str] = []
-    real_readlink = callers._readlink
+    real_readlink = kernel.readlink
 
     def counted_readlink(path: str) -> str | None:
         read.append(path)
         return real_readlink(path)
 
-    monkeypatch.setattr(callers, "_readlink", counted_readlink)
+    monkeypatch.setattr(kernel, "readlink", counted_readlink)
     try:
         ours, theirs = socket.socketpair()
         with ours, theirs:
             caller = callers.from_socket(ours)
             assert caller.holders == (os.getpid(),)
             assert not [p for p in read if p.startswith(f"/proc/{other.pid}/")]
-            monkeypatch.setattr(callers, "_SCAN_MAX_FDS", 1)
+            monkeypatch.setattr(kernel, "SCAN_MAX_FDS", 1)
             assert callers.from_socket(ours).holders is None
     finally:
         other.kill()
