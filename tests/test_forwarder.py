@@ -375,3 +375,15 @@ async def test_a_login_redirect_carrying_the_query_key_double_encoded_is_masked(
     )
     assert twice not in location and len(location) == len(expected)
     assert location == expected.replace(twice, "*" * len(twice))
+
+
+def test_the_last_chunk_is_masked_with_what_was_held_back_and_nothing_is_held():
+    """``last`` (the stream's final bytes) masks an echo split between the held tail and the
+    last chunk, percent-encoded too, and returns everything: nothing stays behind."""
+    secret = "tok/en+secret"
+    for echo in (secret.encode(), b"tok%2Fen%2Bsecret"):
+        for cut in range(1, len(echo)):
+            scrubber = Scrubber(secret)
+            out = scrubber.feed(b"x=" + echo[:cut]) + scrubber.last(echo[cut:] + b";")
+            assert out == b"x=" + b"*" * len(echo) + b";", (echo, cut)
+            assert scrubber.flush() == b""

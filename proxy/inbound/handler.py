@@ -295,10 +295,10 @@ async def _stream_back(
             if not has_length and not body.is_eof():  # a stream: its head goes out at once
                 request.flush_head()
             while chunk := await body.readany():  # the upstream's errors are UpstreamError
-                data = scrubber.feed(chunk)
                 if body.at_eof():  # the last bytes: the tail held back goes with them
-                    data += scrubber.flush()  # (a small answer leaves in one write)
-                request.write(data)
+                    request.write(scrubber.last(chunk))  # (a small answer leaves in one write)
+                else:
+                    request.write(scrubber.feed(chunk))
                 if connection.writing_paused:
                     await request.drain()
         request.write(scrubber.flush())

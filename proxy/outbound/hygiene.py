@@ -331,6 +331,13 @@ class Scrubber:
         self._tail = data[held:]
         return data[:held]
 
+    def last(self, chunk: bytes) -> bytes:
+        """The stream's last bytes with what was held back, masked: nothing left to hold."""
+        if not self._secret:
+            return chunk
+        data, self._tail = self._tail + chunk if self._tail else chunk, b""
+        return self.masked(data)
+
     def flush(self) -> bytes:
         tail, self._tail = self._tail, b""
         return tail
