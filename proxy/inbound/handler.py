@@ -35,7 +35,7 @@ from ..errors import (
 )
 from ..log import access_log, server_log
 from ..metrics import Metrics
-from ..outbound.hygiene import Scrubber, request_headers, response_head_lines
+from ..outbound.hygiene import Scrubber, mask_echoes, request_headers, response_head_lines
 from ..outbound.upstream import Answer, Upstreams, request_head
 from .listener import AppRequest
 from .routing import normalize_path, overridden, request_host
@@ -282,7 +282,7 @@ async def _stream_back(
     lines, has_length = response_head_lines(answer.message.raw_headers, secret)
     reason = answer.message.reason
     if secret and reason and reason != _REASONS.get(answer.status):  # the upstream's own text
-        reason = Scrubber(secret).masked(reason.encode()).decode(errors="replace")
+        reason = mask_echoes(reason.encode(), secret).decode(errors="replace")
     request.start(answer.status, reason, lines, has_length=has_length)
     connection = request.connection
     outcome = "proxied"
@@ -321,7 +321,7 @@ def _mask(exc: UpstreamError, secret: str) -> None:
     """Mask any echo of the credential in ``exc``'s text: a second line of defence, as the
     upstream layer never quotes what an upstream sent."""
     if secret:
-        exc.args = (Scrubber(secret).masked(str(exc).encode()).decode(errors="replace"),)
+        exc.args = (mask_echoes(str(exc).encode(), secret).decode(errors="replace"),)
 
 
 def _compressed(answer: Answer, method: str) -> bool:

@@ -77,7 +77,7 @@ def response_head_lines(
         ]
     )
     if secret:
-        block = Scrubber(secret).masked(block)  # '*' only: no line break in a mask
+        block = mask_echoes(block, secret)  # '*' only: no line break in a mask
     return block, b"content-length" in names and b"content-length" not in drop
 
 
@@ -184,6 +184,17 @@ def _has_escape(data: bytes, plus: bool) -> bool:
         or data.find(b"&#") >= 0
         or (plus and data.find(b"+") >= 0)
     )
+
+
+def mask_echoes(data: bytes, secret: str) -> bytes:
+    """``data`` (whole: a header block, a reason, an error text) with every echo of ``secret``
+    masked; the common case, no echo and nothing encoded, costs a few searches."""
+    if not secret:
+        return data
+    needle = secret.encode()
+    if data.find(needle) < 0 and not _has_escape(data, b" " in needle):
+        return data
+    return Scrubber(secret).masked(data)
 
 
 _EchoTables = tuple[bytes, bool, tuple[re.Pattern[bytes], ...], bytes, bytes, bytes, int]
