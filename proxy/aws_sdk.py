@@ -4,7 +4,8 @@ services exist, STS calls, the SigV4 signer, and what its errors may say.
 What is relied on, and why:
 
 - ``botocore.session.get_session()``: ``get_available_services()`` checks a sigv4 route's
-  service at load time; ``create_client("sts", ...)`` speaks STS (its endpoint, timeouts,
+  service at load time; ``get_service_model(name).protocol`` says which error format the
+  route's SDK clients parse; ``create_client("sts", ...)`` speaks STS (its endpoint, timeouts,
   retries off, the CA bundle; ``botocore.UNSIGNED`` for ``AssumeRoleWithWebIdentity``) for the
   ``aws`` issuer, with botocore's own HTTP client and trust store.
 - ``botocore.exceptions.ClientError`` (AWS answered with an error: its ``Code`` and
@@ -49,6 +50,22 @@ def known_service(name: str) -> bool | None:
         return None
     services = botocore.session.get_session().get_available_services()
     return name in services or name in _SIGNING_NAMES_NOT_IN_BOTOCORE_LIST
+
+
+def service_protocol(name: str) -> str | None:
+    """The wire protocol botocore's model gives a service (``rest-xml``, ``query``, ``ec2``,
+    ``json``, ``rest-json``…); None when the name is not a service model botocore has (a
+    signing name such as ``execute-api``) or botocore is missing."""
+    try:
+        import botocore.session
+        from botocore.exceptions import UnknownServiceError
+    except ImportError:
+        return None
+    try:
+        protocol = botocore.session.get_session().get_service_model(name).protocol
+    except UnknownServiceError:
+        return None
+    return protocol if isinstance(protocol, str) else None
 
 
 @contextmanager

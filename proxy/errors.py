@@ -10,6 +10,7 @@
         │   ├── MalformedRequest              400 malformed_request (not valid HTTP/1.1)
         │   ├── RouteNotFound                 404 route_not_found
         │   ├── InvalidPath                   400 invalid_path
+        │   ├── PathNotCanonical              400 path_not_canonical (would be rewritten)
         │   ├── PayloadTooLarge               413 payload_too_large
         │   ├── RequestTimeout                408 request_timeout (slow body)
         │   ├── TransferCodingNotImplemented  501 transfer_coding_not_implemented
@@ -40,7 +41,11 @@
             └── UpstreamTimeout(TimeoutError)           504 upstream_timeout
 
 The app only ever sees ``status``, ``code`` and ``public_detail``; ``str(exc)`` is for the operator's
-log and may name files and endpoints, never a credential.
+log and may name files and endpoints, never a credential. ``answer()`` writes them as
+problem+json, or, where a route's ``answer_as`` says so, in an AWS service's own error format
+(S3's ``<Error>``, the query/EC2 ``<ErrorResponse>``, the JSON protocols' ``__type``) so that
+SDKs show the code and detail instead of a bare status; the ``Code`` is credproxy's code, never
+one of AWS's, so no SDK mistakes a refusal for a retryable AWS condition.
 
 Where third-party errors become these (one place per boundary, raised ``from None`` where the
 original's text could quote a secret or a request):
@@ -66,8 +71,12 @@ original's text could quote a secret or a request):
 from __future__ import annotations
 
 import json
+from typing import Literal
+from xml.sax.saxutils import escape
 
 _PROBLEM_PREFIX = "urn:credproxy:problem:"
+
+AnswerFormat = Literal["problem", "s3_xml", "aws_xml", "aws_json"]
 
 
 class CredproxyError(Exception):
@@ -95,10 +104,35 @@ class ProblemError(CredproxyError):
     code = "internal_error"
     public_detail = "credproxy failed to handle the request; see the sidecar log."
     retry_after_s: float | None = None
+    answer_as: AnswerFormat = "problem"  # the route's error format, set once the route is known
 
     def __init__(self, log_detail: str = "", *, route: str | None = None) -> None:
         super().__init__(log_detail or self.public_detail)
         self.route = route
+
+    def answer(self) -> tuple[dict[str, str], bytes]:
+        """Headers and body in ``answer_as``: problem+json, or the AWS format of the route."""
+        if self.answer_as == "problem":
+            return self.problem()
+        headers = {"Cache-Control": "no-store"}
+        if self.retry_after_s is not None:
+            headers["Retry-After"] = str(int(self.retry_after_s))
+        code, message = self.code, self.public_detail
+        if self.answer_as == "aws_json":
+            headers["Content-Type"] = "application/x-amz-json-1.1"
+            headers["x-amzn-ErrorType"] = code
+            return headers, json.dumps({"__type": code, "message": message}).encode()
+        headers["Content-Type"] = "application/xml"
+        error = f"<Code>{code}</Code><Message>{escape(message)}</Message>"
+        if self.answer_as == "s3_xml":
+            body = f"<Error>{error}<RequestId>credproxy</RequestId></Error>"
+        else:
+            kind = "Sender" if self.status < 500 else "Receiver"
+            body = (
+                f"<ErrorResponse><Error><Type>{kind}</Type>{error}</Error>"
+                "<RequestId>credproxy</RequestId></ErrorResponse>"
+            )
+        return headers, ('<?xml version="1.0" encoding="UTF-8"?>\n' + body).encode()
 
     def problem(self) -> tuple[dict[str, str], bytes]:
         """Headers and RFC 9457 body with the stable code and the class's fixed public text,
@@ -154,7 +188,18 @@ class InvalidPath(RequestRefused):
         "The path contains an encoded '/' or '\\', a backslash, NUL, an empty segment ('//'), "
         "a malformed or double percent-encoding ('%25' before hex digits), percent-escapes that "
         "are not UTF-8 (overlong forms), or a '.' or '..' segment with ';' parameters; send the "
-        "canonical path."
+        "canonical path (routes to opaque-key APIs such as S3 can say path: opaque)."
+    )
+
+
+class PathNotCanonical(RequestRefused):
+    status = 400
+    code = "path_not_canonical"
+    public_detail = (
+        "credproxy forwards the path exactly as sent or not at all, and on this route "
+        "(path: normalized) it would have to rewrite it: a '.' or '..' segment, or a "
+        "percent-escape of a letter, digit or '-._~' ('%7E' for '~'). Send the canonical path; "
+        "routes to opaque-key APIs (S3, GCS, blob stores) can say path: opaque."
     )
 
 

@@ -404,3 +404,87 @@ async def test_s3_streaming_with_checksum_trailer(moto, sts_relay, credproxy, cl
     async with client.put(f"{proc.url}/s3t/{moto.bucket}/unsized", data=unsized()) as response:
         problem = await response.json()
         assert response.status == 411 and problem["code"] == "length_required"
+
+
+# -- paths: forward what the app sent, or refuse in S3's own words (issue 18, defect 3) ---------
+
+ODD_KEYS = [
+    "dir/../dots.txt",
+    "dir//double.txt",
+    "a%2Fb.txt",  # a literal '%2F' in the key: sent as %252F
+    "with space and+plus.txt",
+    "unicode/café/日本語.txt",
+    "./leading-dot",
+    "trailing/..",
+]
+NORMALIZED_ROUTE = f"""\
+  - name: s3-normalized
+    path_prefix: /s3n/
+    upstream: {{url}}
+    path: normalized
+    credential: {{{{issuer: aws, inject: sigv4, service: s3, region: {REGION}}}}}
+    allow: [{{{{callers: [test-suite]}}}}]
+"""
+
+
+def test_odd_keys_round_trip_byte_for_byte_through_the_opaque_s3_route(moto, sts_relay, credproxy):
+    """boto3 keys with '..', '//', '%2F', spaces and unicode are stored under exactly the key
+    the app named (the S3 route defaults to path: opaque), read back byte for byte, and no
+    other object appears or is overwritten."""
+    proc = credproxy(aws_config(moto, sts_relay.url))
+    app, admin = app_client(proc, "s3"), moto.client("s3")
+    admin.put_object(Bucket=moto.bucket, Key="dots.txt", Body=b"must not be overwritten")
+    for i, key in enumerate(ODD_KEYS):
+        body = f"object {i}: {key}".encode()
+        app.put_object(Bucket=moto.bucket, Key=key, Body=body)
+        assert app.get_object(Bucket=moto.bucket, Key=key)["Body"].read() == body, key
+        assert admin.get_object(Bucket=moto.bucket, Key=key)["Body"].read() == body, key
+    stored = {o["Key"] for o in admin.list_objects_v2(Bucket=moto.bucket)["Contents"]}
+    assert set(ODD_KEYS) <= stored
+    dots = admin.get_object(Bucket=moto.bucket, Key="dots.txt")["Body"].read()
+    assert dots == b"must not be overwritten"
+
+
+def test_keys_a_normalized_route_would_rewrite_are_refused_in_s3_xml(moto, sts_relay, credproxy):
+    """On an S3 route with path: normalized, keys normalizing would change are refused with an
+    S3 XML error whose code boto3 surfaces; nothing reaches S3; plain odd keys still work."""
+    from botocore.exceptions import ClientError
+
+    proc = credproxy(
+        aws_config(moto, sts_relay.url, extra_route=NORMALIZED_ROUTE.format(url=moto.url))
+    )
+    app = boto3.client("s3", endpoint_url=f"{proc.url}/s3n", region_name=REGION, config=APP_CONFIG)
+    refused = {
+        "dir/../rewritten.txt": "path_not_canonical",
+        "dir/./rewritten.txt": "path_not_canonical",
+        "dir//rewritten.txt": "invalid_path",
+        "a%2Frewritten.txt": "invalid_path",
+    }
+    for key, code in refused.items():
+        with pytest.raises(ClientError) as error:
+            app.put_object(Bucket=moto.bucket, Key=key, Body=b"x")
+        answer = error.value.response
+        assert answer["ResponseMetadata"]["HTTPStatusCode"] == 400, key
+        assert answer["Error"]["Code"] == code, key
+        assert "path" in answer["Error"]["Message"], key
+        assert code in str(error.value)  # what the app's log shows
+    keys = {o["Key"] for o in moto.client("s3").list_objects_v2(Bucket=moto.bucket)["Contents"]}
+    assert not {k for k in keys if "rewritten" in k}
+    for key in ("with space.txt", "unicode/日本.txt"):
+        app.put_object(Bucket=moto.bucket, Key=key, Body=key.encode())
+        assert app.get_object(Bucket=moto.bucket, Key=key)["Body"].read() == key.encode()
+
+
+def test_boto3_with_http_proxy_beside_its_endpoint_url_is_proxied(
+    moto, sts_relay, credproxy, monkeypatch
+):
+    """boto3 with HTTP_PROXY at credproxy and endpoint_url at credproxy sends the absolute form
+    to credproxy itself, which serves it as the route (not 403)."""
+    proc = credproxy(aws_config(moto, sts_relay.url))
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proc.url)
+    monkeypatch.setenv("http_proxy", proc.url)
+    app = app_client(proc, "s3")
+    app.put_object(Bucket=moto.bucket, Key="via-http-proxy.txt", Body=b"proxied")
+    assert app.get_object(Bucket=moto.bucket, Key="via-http-proxy.txt")["Body"].read() == b"proxied"

@@ -483,3 +483,65 @@ def test_unwritable_audit_file_fails_start_clearly(idp, upstream, credproxy, tmp
     proc = credproxy(text, expect_ready=False)
     assert proc.process is not None and proc.process.wait(timeout=30) == 1
     assert "audit.file: cannot append to" in proc.log() and "Traceback" not in proc.log()
+
+
+# -- HTTP_PROXY pointing at credproxy beside a base URL on the same port (issue 18, defect 2) ---
+
+PROXY_ENV = ("HTTP_PROXY", "http_proxy", "NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy")
+
+
+def _get_through_proxy(kind: str, url: str, proxy: str) -> tuple[int, bytes]:
+    """One GET by a real client that takes its proxy from the environment."""
+    import subprocess
+
+    if kind == "requests":
+        import requests
+
+        response = requests.get(url, timeout=10)
+        return response.status_code, response.content
+    if kind == "httpx":
+        import httpx
+
+        with httpx.Client(trust_env=True, timeout=10) as http:
+            answer = http.get(url)
+        return answer.status_code, answer.content
+    done = subprocess.run(  # curl honours only the lower-case http_proxy
+        ["curl", "-sS", "-o", "-", "-w", "\n%{http_code}", url],
+        capture_output=True, timeout=15, check=True,
+    )  # fmt: skip
+    body, _, status = done.stdout.rpartition(b"\n")
+    return int(status), body
+
+
+@pytest.mark.parametrize("kind", ["requests", "httpx", "curl"])
+async def test_http_proxy_beside_a_base_url_on_the_same_port_is_proxied(
+    idp, upstream, credproxy, monkeypatch, kind
+):
+    """With HTTP_PROXY and http_proxy at credproxy and the base URL at credproxy too, the client
+    sends the absolute form to credproxy itself: an ordinary request (200), while a foreign
+    destination (another host, the upstream's own port) is still destination_not_allowed."""
+    from tests.aws_counterparts import Relay
+
+    proc = credproxy(_proxy_config(idp, upstream))
+    port = int(proc.url.rsplit(":", 1)[1])
+    for name in PROXY_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HTTP_PROXY", proc.url)
+    monkeypatch.setenv("http_proxy", proc.url)
+    url = f"{proc.url}/payments/v1/charges?limit=2"
+    status, body = await asyncio.to_thread(_get_through_proxy, kind, url, proc.url)
+    assert status == 200, body
+    assert json.loads(body)["path"] == "/v1/charges"
+    for foreign in ("http://example.com/payments/v1", f"{upstream.origin}/v1/charges"):
+        status, body = await asyncio.to_thread(_get_through_proxy, kind, foreign, proc.url)
+        assert (status, json.loads(body)["code"]) == (403, "destination_not_allowed"), foreign
+    # the same through a recording relay: the client did send the absolute form
+    relay = Relay(port)
+    try:
+        monkeypatch.setenv("HTTP_PROXY", relay.url)
+        monkeypatch.setenv("http_proxy", relay.url)
+        status, _ = await asyncio.to_thread(_get_through_proxy, kind, url, relay.url)
+        assert status == 200
+        assert relay.requests[-1].startswith(f"GET {url} HTTP/1.1\r\n".encode())
+    finally:
+        relay.close()

@@ -43,7 +43,11 @@ def test_kubernetes_example_is_a_native_sidecar_holding_the_identity_alone():
     identity_volumes = {"client-key", "tokens"}
     assert identity_volumes <= {m["name"] for m in sidecar["volumeMounts"]}
     assert not identity_volumes & {m["name"] for m in app.get("volumeMounts", [])}
-    assert all("127.0.0.1:15001" in env["value"] for env in app["env"])
+    env = {e["name"]: e["value"] for e in app["env"]}
+    assert all("127.0.0.1:15001" in v for n, v in env.items() if n.lower() != "no_proxy")
+    assert env["HTTP_PROXY"] == env["http_proxy"]  # curl reads only the lower-case one
+    for name in ("NO_PROXY", "no_proxy"):  # base URLs go direct, not to a proxy elsewhere
+        assert {"127.0.0.1", "localhost"} <= set(env[name].split(","))
     [token] = [v for v in pod["volumes"] if v["name"] == "tokens"][0]["projected"]["sources"]
     assert (
         token["serviceAccountToken"]["audience"]
@@ -114,6 +118,7 @@ def test_compose_example_is_a_sidecar_holding_the_secret_alone():
     app, sidecar = services["app"], services["credproxy"]
     assert app["network_mode"] == "service:credproxy"
     assert "secrets" not in app and "volumes" not in app
+    assert {"127.0.0.1", "localhost"} <= set(app["environment"]["no_proxy"].split(","))
     assert "127.0.0.1:15001" in " ".join(app["command"])
     assert sidecar["read_only"] is True and sidecar["secrets"][0]["source"] == "client_secret"
     loaded = loader.load(EXAMPLES / "compose" / "credproxy.yaml")

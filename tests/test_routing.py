@@ -14,7 +14,7 @@ from tests.counterparts import LEDGER, PREAMBLE
 from tests.raw_upstream import RawUpstream
 
 
-def _route(name, prefix=None, host=None, strip=True):
+def _route(name, prefix=None, host=None, strip=True, path=None):
     return RouteConfig(
         name=name,
         path_prefix=prefix,
@@ -22,6 +22,7 @@ def _route(name, prefix=None, host=None, strip=True):
         strip_prefix=strip,
         upstream="https://u.example",
         credential=DPoPCredential(issuer="i"),
+        path=path,
     )
 
 
@@ -69,6 +70,137 @@ def test_target_urls_and_htu():
     assert str(target.url_for("/x%2Fy?q=%20")) == "https://u.example/base/x%2Fy?q=%20"
     assert target.htu_for("/x") == "https://u.example/base/x"
     assert Target.of("http://127.0.0.1:8080").htu_for("/") == "http://127.0.0.1:8080/"
+
+
+# -- path modes: forward what the app sent, or refuse (invariant 11) ----------------------------
+
+MODES = RouteTable(
+    [
+        _route("api", "/api/"),
+        _route("blob", "/blob/", path="opaque"),
+        _route("admin", "/admin/"),
+    ]
+)
+
+
+def test_normalized_route_forwards_canonical_paths_as_sent():
+    """A path normalizing leaves unchanged is forwarded as sent, escapes' hex case included."""
+    assert MODES.route(None, "/api/v1/caf%c3%a9;v=1") == (0, "/v1/caf%c3%a9;v=1")
+    assert MODES.route(None, "/api/v1/%C3%A9~x") == (0, "/v1/%C3%A9~x")
+    assert MODES.route(None, "/nowhere") is None
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["/api/a/./b", "/api/a/../b", "/api/a/%2e%2E/b", "/api/a/.", "/api/%7Euser", "/api/%41", "/%61pi/x"],
+)  # fmt: skip
+def test_normalized_route_refuses_what_normalizing_would_rewrite(raw):
+    """Dot segments and escaped unreserved characters are refused with path_not_canonical,
+    named after the route, never rewritten."""
+    from proxy.errors import PathNotCanonical
+
+    with pytest.raises(PathNotCanonical) as refused:
+        MODES.route(None, raw)
+    assert refused.value.code == "path_not_canonical"
+    assert refused.value.route == ("api" if raw.startswith("/api/") else None)
+
+
+def test_normalized_route_keeps_the_routing_refusals():
+    """'//', encoded '/', double encoding, '..;' and NFKC punctuation stay refused; '..' out
+    of the route is path_escapes_route."""
+    from proxy.errors import InvalidPath, PathEscapesRoute
+
+    for raw in ("/api/a//b", "/api/a%2Fb", "/api/%252e%252e/x", "/api/..;/x", "/api/%EF%BC%8F"):
+        with pytest.raises(InvalidPath):
+            MODES.route(None, raw)
+    for raw in ("/api/../admin/x", "/api/%2e%2e/blob/x"):
+        with pytest.raises(PathEscapesRoute):
+            MODES.route(None, raw)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    ["/blob/dir/../dots.txt", "/blob/dir//double.txt", "/blob/a%2Fb", "/blob/%7E%41", "/blob/./x",
+     "/blob/a%20b/caf%C3%A9", "/blob/%252e", "/blob/..;/x", "/blob/%EF%BC%8F", "/blob/a\\b", "/blob/"],
+)  # fmt: skip
+def test_opaque_route_forwards_the_raw_bytes_after_its_prefix(raw):
+    """On an opaque route nothing is normalized or refused for its form: the bytes after the
+    prefix are forwarded (and checked by the policy) exactly as sent."""
+    assert MODES.route(None, raw) == (1, raw[len("/blob") :])
+
+
+@pytest.mark.parametrize("raw", ["/blob/a%00b", "/blob/a\x00b", "/blob/a\rb", "/blob/a\nb"])
+def test_opaque_route_still_refuses_nul_cr_lf(raw):
+    """NUL, CR and LF, raw or NUL as %00, are refused even on an opaque route."""
+    from proxy.errors import InvalidPath
+
+    with pytest.raises(InvalidPath) as refused:
+        MODES.route(None, raw)
+    assert refused.value.route == "blob"
+
+
+def test_opaque_is_matched_on_the_raw_prefix():
+    """An encoded prefix does not reach an opaque route: it is refused as not canonical."""
+    from proxy.errors import PathNotCanonical
+
+    with pytest.raises(PathNotCanonical):
+        MODES.route(None, "/bl%6Fb/x")
+
+
+def test_sigv4_s3_routes_default_to_opaque_others_to_normalized():
+    """path defaults to opaque for sigv4 to s3 (named or from the host), normalized elsewhere;
+    an explicit path wins."""
+    from proxy.config.credential import SigV4Credential
+
+    def sigv4(upstream, service=None, path=None):
+        return RouteConfig(
+            name="r", path_prefix="/r/", upstream=upstream, path=path,
+            credential=SigV4Credential(issuer="aws", inject="sigv4", service=service, region="us-east-1"),
+        )  # fmt: skip
+
+    assert sigv4("https://s3.us-east-1.amazonaws.com").path_mode == "opaque"
+    assert sigv4("http://127.0.0.1:9000", service="s3").path_mode == "opaque"
+    assert sigv4("http://127.0.0.1:9000", service="s3", path="normalized").path_mode == "normalized"
+    assert sigv4("https://dynamodb.us-east-1.amazonaws.com").path_mode == "normalized"
+    assert _route("x", "/x/").path_mode == "normalized"
+
+
+@pytest.mark.parametrize(
+    ("answer_as", "protocol"),
+    [("s3_xml", "rest-xml"), ("aws_xml", "query"), ("aws_xml", "ec2"), ("aws_json", "json"), ("aws_json", "rest-json")],
+)  # fmt: skip
+def test_refusals_in_aws_formats_parse_in_botocore(answer_as, protocol):
+    """botocore's own parser for each protocol reads credproxy's code and detail from a refusal
+    written in that route's format."""
+    from botocore.parsers import create_parser
+
+    from proxy.errors import PathNotCanonical
+
+    refusal = PathNotCanonical(route="s3")
+    refusal.answer_as = answer_as
+    headers, body = refusal.answer()
+    parsed = create_parser(protocol).parse(
+        {"status_code": refusal.status, "headers": headers, "body": body}, None
+    )
+    assert parsed["Error"]["Code"] == "path_not_canonical"
+    assert parsed["Error"]["Message"] == refusal.public_detail
+
+
+def test_guard_knows_its_own_listener_in_absolute_form():
+    """An absolute-form authority names the listener when it is loopback, localhost or a
+    configured local name with the port of the socket it arrived on; a route host, another
+    port, https or a Unix socket never do."""
+    from proxy.inbound.guard import Guard
+
+    guard = Guard(["svc.local", "payments.local"], ["svc.local"])
+    sockname = ("127.0.0.1", 15001)
+    for host in ("127.0.0.1", "localhost", "::1", "svc.local", "127.0.0.2"):
+        assert guard.is_listener("http", host, 15001, sockname), host
+    assert not guard.is_listener("http", "payments.local", 15001, sockname)
+    assert not guard.is_listener("http", "example.com", 15001, sockname)
+    assert not guard.is_listener("http", "127.0.0.1", 80, sockname)
+    assert not guard.is_listener("https", "127.0.0.1", 15001, sockname)
+    assert not guard.is_listener("http", "localhost", 15001, "/run/credproxy/app.sock")
 
 
 def test_normalize_path_decodes_unreserved_and_removes_dot_segments():

@@ -21,8 +21,14 @@ from pydantic import (
 )
 
 from .base import Duration, Model, Owned, check_http_url
-from .credential import CREDENTIAL_CONFIGS, DEFAULT_INJECT, CredentialConfig, credential_union
-from .issuers import ISSUER_CONFIGS, IssuerConfig, issuer_union
+from .credential import (
+    CREDENTIAL_CONFIGS,
+    DEFAULT_INJECT,
+    CredentialConfig,
+    SigV4Credential,
+    credential_union,
+)
+from .issuers import ISSUER_CONFIGS, IssuerConfig, issuer_union, sigv4_scope
 
 if TYPE_CHECKING:  # the plug-ins' base classes; at run time, the union of the registered ones
     AnyIssuerConfig = IssuerConfig
@@ -115,7 +121,8 @@ def _check_glob(pattern: str) -> str:
 
 class AllowRule(Model):
     """Who may use a route: callers (names under ``callers``), methods, and path globs matched
-    against the path as forwarded (``*`` one segment, ``**`` any number of segments)."""
+    against the path as forwarded, after the route prefix, still percent-encoded (``*`` one
+    segment, ``**`` any number of segments). Write escapes in upper case (``%C3%A9``)."""
 
     callers: tuple[str, ...] = Field(min_length=1)
     methods: tuple[Annotated[str, Field(pattern=r"^[A-Z]+$")], ...] | None = Field(
@@ -147,6 +154,14 @@ class RouteConfig(Owned):
         description="forward X-HTTP-Method-Override, X-Original-URL and the like (stripped by "
         "default); the allow rules are then checked against the overridden method and path too",
     )
+    path: Literal["normalized", "opaque"] | None = Field(
+        None,
+        description="normalized: routing and policy see the RFC 3986 normal form, and a path "
+        "that normalizing would change ('.', '..', '//', '%7E') is refused, never rewritten; "
+        "opaque: nothing is normalized, the policy matches the raw path and its bytes are "
+        "forwarded as sent (for opaque-key APIs: S3, GCS, blob stores; NUL, CR, LF and %00 "
+        "are still refused). Default: opaque for sigv4 routes to s3, normalized otherwise",
+    )
     timeouts: TimeoutsConfig = TimeoutsConfig()
     allow: tuple[AllowRule, ...] = Field(
         (), description="default deny: a request no rule allows is refused with 403"
@@ -166,6 +181,19 @@ class RouteConfig(Owned):
             raise ValueError("client_cert_file and client_key_file go together")
         check_http_url(self.upstream, insecure_ok=self.allow_insecure_http, what="upstream")
         return self
+
+    @property
+    def path_mode(self) -> Literal["normalized", "opaque"]:
+        """``path`` as written, else opaque for S3 (keys are opaque bytes: 'a//b' and '../x'
+        are keys S3 stores as such and never resolves), else normalized."""
+        if self.path is not None:
+            return self.path
+        credential = self.credential
+        if isinstance(credential, SigV4Credential):
+            service, _ = sigv4_scope(credential.service, None, self.upstream, None)
+            if service == "s3":
+                return "opaque"
+        return "normalized"
 
 
 class IdentityConfig(Model):

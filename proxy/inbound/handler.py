@@ -16,12 +16,12 @@ from ..audit.trail import Audit
 from ..audit.usage import Usage
 from ..credentials.injectors import Outbound
 from ..errors import (
+    AnswerFormat,
     CallerNotAllowed,
     CallerNotIdentified,
     DestinationNotAllowed,
     InternalError,
     InvalidPath,
-    PathEscapesRoute,
     PathNotAllowed,
     PayloadTooLarge,
     ProblemError,
@@ -38,7 +38,7 @@ from ..metrics import Metrics
 from ..outbound.hygiene import Scrubber, mask_echoes, request_headers, response_head_lines
 from ..outbound.upstream import Answer, Upstreams, request_head
 from .listener import AppRequest
-from .routing import normalize_path, overridden, request_host
+from .routing import overridden, request_host
 from .runtime import RouteRuntime, Runtime
 
 _MAX_CONTENT_LENGTH = 2**63 - 1  # beyond, signed 64-bit parsers upstream overflow
@@ -46,7 +46,7 @@ _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
 def send_problem(request: AppRequest, exc: ProblemError) -> None:
-    headers, body = exc.problem()
+    headers, body = exc.answer()
     request.send(exc.status, _REASONS.get(exc.status, ""), headers, body)
 
 
@@ -94,13 +94,14 @@ class Handler:
     async def __call__(self, request: AppRequest) -> None:
         started = time.perf_counter()
         route_name = "-"
+        answer_as: AnswerFormat = "problem"
         caller = request.connection.caller
         runtime = self.runtime  # one config for the whole request, even across a reload
         batch = runtime.signing.batch
         batch.requests += 1
         try:
             route, forwarded_path = self._route(runtime, request)
-            route_name = route.name
+            route_name, answer_as = route.name, route.injector.answer_as
             if route.policy.needs_process:  # a process may have obtained the socket since
                 caller.recheck()
             try:
@@ -116,6 +117,7 @@ class Handler:
             upstream_status, outcome = await self._proxy(request, route, forwarded_path, caller)
         except ProblemError as exc:
             exc.route = exc.route or (route_name if route_name != "-" else None)
+            exc.answer_as = exc.answer_as if answer_as == "problem" else answer_as
             upstream_status, outcome = 0, exc.code
             if isinstance(exc, RequestRefused):
                 self._metrics.denied.labels(exc.code).inc()
@@ -172,18 +174,22 @@ class Handler:
         forward_proxy = "://" in target and not target.startswith("/")
         if forward_proxy:  # raw_host: as sent, never IDNA-decoded (route hosts are ASCII)
             host: str | None = (url.raw_host or "").lower()
+            transport = request.connection.transport
+            sockname = transport.get_extra_info("sockname") if transport is not None else None
+            if runtime.guard.is_listener(url.scheme, host or "", url.port, sockname):
+                forward_proxy = False  # an origin-form request written in absolute form
         else:  # No browser omits Host; a local HTTP/1.0 client may.
             host = request_host(request.headers.get("Host", "localhost"))
         runtime.guard.check(request.method, host, request.headers, forward_proxy=forward_proxy)
         raw_path = url.raw_path
         if not raw_path.startswith("/"):
             raise InvalidPath("not an origin-form path")
-        dotted, path = normalize_path(raw_path)
-        match = runtime.table.match(host, path, host_routes_only=forward_proxy)
-        if dotted != path:
-            named = runtime.table.match(host, dotted, host_routes_only=forward_proxy)
-            if named is not None and (match is None or named[0] != match[0]):
-                raise PathEscapesRoute(f"{dotted!r} leaves its route as {path!r}")
+        try:
+            match = runtime.table.route(host, raw_path, host_routes_only=forward_proxy)
+        except ProblemError as exc:  # refused on a route: in that route's error format
+            if exc.route is not None:
+                exc.answer_as = runtime.route_named(exc.route).injector.answer_as
+            raise
         if match is None:
             if forward_proxy:
                 raise DestinationNotAllowed(f"no route names host {host!r}")

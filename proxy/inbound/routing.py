@@ -1,7 +1,25 @@
 """Route matching: Host and path prefix → route and the path to forward. No I/O.
 
-The path is matched as the app sent it (raw, still percent-encoded) and forwarded byte for byte,
-so what matching saw is exactly what the upstream receives.
+Invariant 11, forward what the app sent: the bytes after the route prefix go upstream exactly as
+the app sent them (still percent-encoded), or the request is refused. How a route reads a path
+is its ``path`` mode (``RouteConfig.path_mode``):
+
+- ``normalized``: routing and policy see the RFC 3986 normal form (``normalize_path``), and a
+  path that normalizing would change (dot segments, escaped unreserved characters, ``//``) is
+  refused, never rewritten: forwarding another path than the app's can reach another resource
+  (``dir/../a`` is the S3 key ``a``, overwriting it). Escapes differing only in the case of
+  their hex digits are equivalent to every decoder and pass as sent.
+- ``opaque``: nothing is normalized, for APIs whose path is an opaque key (S3, GCS, blob
+  stores: ``a//b`` and ``../x`` are keys like any other). The prefix is matched on the raw
+  path, the policy's globs match the raw path, and those raw bytes are forwarded. Encoding
+  cannot bypass the policy, because the policy only ever compares the very bytes the upstream
+  receives: a glob's literal text matches only itself, so an encoded variant (``%61dmin``,
+  ``%2F``, ``..%2F``) of an allowed or a denied name fails a match instead of passing one, and
+  rules only allow (default deny). What the upstream then makes of the bytes is the upstream's
+  reading, which for an opaque-key API is the key itself, hence ``opaque`` is for such APIs
+  only: on an upstream that resolves ``..``, ``/**``-style globs would reach past their
+  prefix. Still refused: NUL, CR and LF, raw or as ``%00``, which no key API accepts and which
+  cut or split requests in some servers.
 """
 
 from __future__ import annotations
@@ -17,12 +35,13 @@ from multidict import MultiMapping
 from yarl import URL
 
 from ..config.model import RouteConfig
-from ..errors import InvalidPath
+from ..errors import InvalidPath, PathEscapesRoute, PathNotCanonical, RequestRefused
 from ..outbound.hygiene import METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS
 
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _REFUSED_ENCODINGS = frozenset({"2F", "5C", "00"})  # '/', '\', NUL
 _HEX = frozenset("0123456789ABCDEFabcdef")
+_CONTROL = ("\0", "\r", "\n")
 
 
 def normalize_path(raw_path: str) -> tuple[str, str]:
@@ -134,6 +153,7 @@ class _Entry:
     host: str | None
     prefix: str  # without trailing slash; "" matches everything
     strip: bool
+    opaque: bool = False
 
 
 def request_host(host_header: str | None) -> str | None:
@@ -156,27 +176,79 @@ class RouteTable:
                 host=route.host.lower() if route.host else None,
                 prefix=(route.path_prefix or "/").rstrip("/"),
                 strip=route.strip_prefix and route.path_prefix is not None,
+                opaque=route.path_mode == "opaque",
             )
             for i, route in enumerate(routes)
         ]
+        self._names = [route.name for route in routes]
         self._entries = sorted(entries, key=lambda e: (-len(e.prefix), e.host is None))
 
-    def match(
+    def route(
         self, host: str | None, raw_path: str, *, host_routes_only: bool = False
     ) -> tuple[int, str] | None:
-        """Return (route index, forwarded raw path) or None; ``raw_path`` excludes the query.
+        """(route index, path to forward and to check the policy against) for a raw path as
+        the app sent it, without the query; None when no route matches. The path returned is
+        always the app's bytes after the prefix. Refused: what ``normalize_path`` refuses and,
+        on a ``normalized`` route, a path normalizing would change (``PathNotCanonical``, or
+        ``PathEscapesRoute`` when its normal form belongs to another route or none); on an
+        ``opaque`` route only NUL, CR, LF and ``%00`` (the module docstring says why).
         ``host_routes_only``: forward-proxy requests may only reach routes that name a host."""
+        entry = self._find(host, raw_path, host_routes_only)
+        try:
+            return self._checked(entry, host, raw_path, host_routes_only)
+        except RequestRefused as exc:
+            if entry is not None:  # refused on that route: answered in its format
+                exc.route = self._names[entry.index]
+            raise
+
+    def _checked(
+        self, entry: _Entry | None, host: str | None, raw_path: str, host_routes_only: bool
+    ) -> tuple[int, str] | None:
+        if any(char in raw_path for char in _CONTROL):
+            raise InvalidPath("NUL, CR or LF in path")
+        if entry is not None and entry.opaque:
+            if "%00" in raw_path:
+                raise InvalidPath("encoded NUL in path")
+            return entry.index, _after(entry, raw_path)
+        dotted, path = normalize_path(raw_path)
+        if path != raw_path and path != _ESCAPE.sub(_upper, raw_path):
+            normal = self._find(host, path, host_routes_only)
+            if entry is not None and normal is not entry:
+                raise PathEscapesRoute(f"{raw_path[:200]!r} leaves its route as {path[:200]!r}")
+            changed = "dot segments" if dotted != path else "escaped unreserved characters"
+            raise PathNotCanonical(
+                f"{raw_path[:200]!r} would be forwarded as {path[:200]!r}: {changed}"
+            )
+        if entry is None:
+            return None
+        return entry.index, _after(entry, raw_path)
+
+    def match(
+        self, host: str | None, path: str, *, host_routes_only: bool = False
+    ) -> tuple[int, str] | None:
+        """(route index, ``path`` after the prefix) by prefix alone, whatever the path mode."""
+        entry = self._find(host, path, host_routes_only)
+        return None if entry is None else (entry.index, _after(entry, path))
+
+    def _find(self, host: str | None, path: str, host_routes_only: bool) -> _Entry | None:
         for entry in self._entries:
             if entry.host is not None and entry.host != host:
                 continue
             if host_routes_only and entry.host is None:
                 continue
             prefix = entry.prefix
-            if raw_path == prefix or raw_path.startswith(prefix + "/") or not prefix:
-                if entry.strip:
-                    return entry.index, raw_path[len(prefix) :] or "/"
-                return entry.index, raw_path
+            if path == prefix or path.startswith(prefix + "/") or not prefix:
+                return entry
         return None
+
+
+def _after(entry: _Entry, path: str) -> str:
+    """The path to forward: without the route's prefix where the route strips it."""
+    return (path[len(entry.prefix) :] or "/") if entry.strip else path
+
+
+def _upper(escape: re.Match[str]) -> str:
+    return escape[0].upper()
 
 
 def overridden(headers: MultiMapping[str], method: str, path: str) -> list[tuple[str, str]]:

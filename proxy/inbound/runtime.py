@@ -51,6 +51,9 @@ class Runtime:
     signing: Signing  # the DPoP key and the signature batch, kept across reloads
     config: Config
 
+    def route_named(self, name: str) -> RouteRuntime:
+        return next(route for route in self.routes if route.name == name)
+
     async def revoke(
         self, *, reason: str, issuer: str | None = None, route: str | None = None
     ) -> list[dict[str, str]]:

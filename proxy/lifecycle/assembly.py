@@ -110,7 +110,10 @@ def build(
         )
     for source in sources.values():
         source.routes = tuple(r.name for r in routes if r.source is source)
-    guard = Guard([*config.local_names, *(route.host for route in config.routes if route.host)])
+    guard = Guard(
+        [*config.local_names, *(route.host for route in config.routes if route.host)],
+        config.local_names,
+    )
     return Runtime(
         guard,
         Admission(config.callers),

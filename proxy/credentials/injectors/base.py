@@ -14,6 +14,7 @@ from yarl import URL
 
 from ...config.credential import CredentialConfig
 from ...config.model import RouteConfig
+from ...errors import AnswerFormat
 from ..dpop import DPoPKey
 from ..issuers.base import Issuer
 from ..signing import SignatureBatch
@@ -47,6 +48,7 @@ class Injector:
     # What travels is the credential itself (a bearer value, not a proof bound to the sidecar's
     # key or a signature): an echo of it is usable, so answers must come scrubbable (identity).
     usable_if_echoed = False
+    answer_as: AnswerFormat = "problem"  # how credproxy's own answers on the route are written
 
     async def apply(self, outbound: Outbound, token: Token) -> None:
         raise NotImplementedError

@@ -20,11 +20,11 @@ from collections.abc import AsyncIterator
 
 from aiohttp import StreamReader
 
-from ...aws_sdk import SigV4Signer
+from ...aws_sdk import SigV4Signer, service_protocol
 from ...config.credential import SigV4Credential
 from ...config.issuers import sigv4_scope
 from ...config.model import RouteConfig
-from ...errors import LengthRequired
+from ...errors import AnswerFormat, LengthRequired
 from ..issuers.base import Issuer
 from ..token_cache import Token
 from .base import Body, Injector, Outbound, Signing, injector
@@ -33,6 +33,19 @@ _SIGNED = ("content-type", "content-md5")
 _SKEW_MARKERS = (b"RequestTimeTooSkewed", b"Signature expired", b"InvalidSignatureException")
 _CHUNK = 64 * 1024  # aws-chunked frame size; fixed, so the encoded length is known up front
 _TRAILER = "x-amz-checksum-crc32"
+
+
+def _answer_format(service: str) -> AnswerFormat:
+    """credproxy's own answers on the route in the service's error format, which the app's AWS
+    SDK parses into a code and message (problem+json would reach it as a bare status)."""
+    if service == "s3":
+        return "s3_xml"
+    protocol = service_protocol(service)
+    if protocol in ("json", "rest-json"):
+        return "aws_json"
+    if protocol in ("query", "ec2", "rest-xml"):
+        return "aws_xml"
+    return "problem"
 
 
 class SigV4Injector(Injector):
@@ -62,6 +75,7 @@ class SigV4Injector(Injector):
         self.checksum_trailer = checksum_trailer
         self.body_max_bytes = body_max_bytes
         self._signer = SigV4Signer(service, region, sign_payload=sign_payload)
+        self.answer_as = _answer_format(service)
         self._offset = datetime.timedelta(0)
 
     @classmethod
