@@ -226,10 +226,13 @@ def _run(loaded: model.Config, path: Path, *, workers: int) -> int:
     if workers > 1:  # before anything imports prometheus_client: workers share their metrics
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="credproxy-metrics-")
     from . import log
+    from .audit import fingerprint_key
     from .lifecycle import server
     from .lifecycle import workers as supervisor
 
     log.configure(fmt=loaded.log.format, level=loaded.log.level, access=loaded.log.access)
+    # before any credential is read and before workers fork: one key, every worker, every run
+    fingerprint_key.install(loaded.audit.fingerprint_key_file, loaded.audit.file)
     try:
         if workers > 1:
             return supervisor.supervise(loaded, path, workers)

@@ -1,10 +1,12 @@
 """A credential value that cannot leak by accident: no repr, no str, only a fingerprint.
 
-A fingerprint is HMAC-SHA256 under a key drawn at random when the process starts, never stored
-or shown: whoever holds the audit log cannot confirm a guessed secret by hashing it, as they
-could with a plain SHA-256. The key is drawn before ``--workers`` forks, so every worker of one
-run fingerprints alike and the audit events of a run correlate. Across restarts fingerprints
-differ: every audit event carries the run's ``INSTANCE`` id, the public name of its key.
+A fingerprint is HMAC-SHA256 under a key never shown: whoever holds the audit log cannot confirm
+a guessed secret by hashing it, as they could with a plain SHA-256. ``credproxy run`` installs
+the deployment's key (``audit.fingerprint_key_file``: a 0600 file made once) before any
+credential is read and before ``--workers`` forks, so every worker — and every later run of the
+deployment — names a credential alike. Until then, and where that file cannot be had, the key is drawn at random for
+this run (``key_scope()`` says which). ``INSTANCE`` names the run; ``key_id()`` names the key
+without revealing it, so a reader can tell which fingerprints compare.
 """
 
 from __future__ import annotations
@@ -12,13 +14,35 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+from typing import Literal
 
-_KEY = secrets.token_bytes(32)
+KEY_BYTES = 32
+_KEY = secrets.token_bytes(KEY_BYTES)
+_SCOPE: Literal["run", "deployment"] = "run"
 INSTANCE = secrets.token_hex(8)
 
 
+def use_key(key: bytes) -> None:
+    """Fingerprint under the deployment's ``key`` from now on: call it before any ``Secret`` is
+    made (a Secret keeps the fingerprint it was made with)."""
+    global _KEY, _SCOPE
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"a fingerprint key is {KEY_BYTES} bytes, not {len(key)}")
+    _KEY, _SCOPE = key, "deployment"
+
+
+def key_scope() -> Literal["run", "deployment"]:
+    """``deployment``: fingerprints compare across restarts; ``run``: within this run only."""
+    return _SCOPE
+
+
+def key_id() -> str:
+    """A public name for the key: equal ids, comparable fingerprints; says nothing of the key."""
+    return hmac.new(_KEY, b"credproxy fingerprint key id", hashlib.sha256).hexdigest()[:8]
+
+
 def fingerprint(value: str | bytes) -> str:
-    """First 12 hex digits of the keyed HMAC: correlates events of a run, confirms no guess."""
+    """First 12 hex digits of the keyed HMAC: correlates events, confirms no guess."""
     data = value.encode() if isinstance(value, str) else value
     return hmac.new(_KEY, data, hashlib.sha256).hexdigest()[:12]
 

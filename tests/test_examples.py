@@ -210,3 +210,49 @@ async def test_prometheus_scrapes_credproxy_with_the_example_config(
 
 
 QUERY = '{__name__=~"credproxy_.+", job="credproxy"}'
+
+
+CONFIGS = Path(__file__).resolve().parent.parent / "config"
+_WITHOUT_AWS_EXTRA = (
+    "import sys\n"
+    "sys.modules['botocore'] = sys.modules['boto3'] = None  # as on a plain `pip install .`\n"
+    "from proxy.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def _check_config(name: str, *, aws_extra: bool) -> subprocess.CompletedProcess[str]:
+    command = ["-m", "proxy"] if aws_extra else ["-c", _WITHOUT_AWS_EXTRA]
+    return subprocess.run(
+        [sys.executable, *command, "check-config", str(CONFIGS / name)],
+        capture_output=True, text=True, cwd=CONFIGS.parent, timeout=60,
+    )  # fmt: skip
+
+
+def test_check_config_passes_on_both_shipped_configs():
+    """`check-config` exits 0 on config/example.yaml with the aws extra (what scripts/setup
+    installs) and on config/local.yaml without it; without the extra, the reference config's
+    refusal names the extra to install, as the README says."""
+    assert _check_config("example.yaml", aws_extra=True).returncode == 0
+    local = _check_config("local.yaml", aws_extra=False)
+    assert local.returncode == 0, local.stderr
+    assert "valid (1 route(s), 1 issuer(s))" in local.stdout
+    bare = _check_config("example.yaml", aws_extra=False)
+    assert bare.returncode == 1 and "pip install 'credproxy[aws]'" in bare.stderr
+
+
+async def test_local_config_runs_as_is(credproxy, client):
+    """config/local.yaml runs as written (only its ports moved to free ones, its audit file into
+    the test's directory): a request reaches the upstream — credproxy's own telemetry — with a
+    self-signed JWT, and nothing needs /var, /run or a secret file."""
+    text = (CONFIGS / "local.yaml").read_text()
+    for port in ("15001", "15090", "15091"):
+        text = text.replace(f"127.0.0.1:{port}", f"127.0.0.1:{free_port()}")
+    text = text.replace("credproxy-audit.jsonl", '"{audit}"')
+    assert "/var/" not in text and "/run/" not in text
+    proc = credproxy(text)
+    async with client.get(proc.url + "/local/healthz") as response:
+        assert response.status == 200 and (await response.json())["status"] == "alive"
+    async with client.post(proc.url + "/local/healthz") as response:
+        assert response.status == 403  # GET and HEAD only
+    assert [e["route"] for e in proc.audit("credential.used")] in ([], ["local"])

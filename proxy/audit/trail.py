@@ -8,8 +8,9 @@ The file is opened without following a symlink at its path (one planted there wo
 trail elsewhere, or have credproxy append to a file of the attacker's choosing), must be a
 regular file, and is created with ``file_mode`` (0600); an existing file is narrowed to it.
 
-Each writer's first event is ``audit.started``; every event names the ``instance`` whose key
-made its fingerprints (``secret``): fingerprints compare within an instance, not across restarts.
+Each writer's first event is ``audit.started``, naming the key its fingerprints are made with
+(``fingerprint_key``, an id, and its scope: the deployment, or this run only — ``secret``); every
+event names its run's ``instance``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from typing import IO, Any
 
 from ..errors import StartError
 from ..log import server_log
-from ..secret import INSTANCE
+from ..secret import INSTANCE, key_id, key_scope
 
 _DROP_LOG_INTERVAL_S = 10.0
 
@@ -48,7 +49,13 @@ class Audit:
         self.on_drop: Callable[[], None] | None = None
         self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
         self._writer.start()
-        self.emit("audit.started", pid=os.getpid(), fingerprints="hmac-sha256, key per instance")
+        self.emit(
+            "audit.started",
+            pid=os.getpid(),
+            fingerprints="hmac-sha256",
+            fingerprint_key=key_id(),  # equal ids: fingerprints compare
+            fingerprint_key_scope=key_scope(),  # deployment (across restarts) or run
+        )
 
     def _open(self) -> IO[str]:
         if self.file == "-":
@@ -99,7 +106,7 @@ class Audit:
             "ts": round(time.time(), 3),
             "event": event,
             "id": uuid.uuid4().hex,
-            "instance": INSTANCE,  # whose fingerprint key: they compare within one instance
+            "instance": INSTANCE,  # the run; its audit.started names the fingerprint key
             **fields,
         }
         try:

@@ -228,6 +228,13 @@ class AuditConfig(Model):
         description="mode the audit file is created with (an existing one is narrowed to it); "
         "0640 lets the file's group (a log shipper) read it",
     )
+    fingerprint_key_file: str | None = Field(
+        None,
+        description="the deployment's key for audit fingerprints (32 random bytes, made 0600 "
+        "when absent; refused if group or others may read it), so a credential keeps its "
+        "fingerprint across restarts; default: .credproxy-fingerprint.key beside the audit "
+        "file; unset with audit to stdout, or unusable: a key per run, with a warning",
+    )
 
 
 class BreakGlassConfig(Model):

@@ -130,6 +130,7 @@ class TokenSource:
         self._closed = False
         self.refreshes = 0
         self._last_fingerprint = ""
+        self._audited_expiry = 0.0  # what the last audit event said the credential expires at
         self.routes: tuple[str, ...] = ()  # the routes it serves, for audit events
 
     @property
@@ -388,6 +389,24 @@ class TokenSource:
         ceiling = min(self._backoff_max_s, _BACKOFF_BASE_S * 2 ** (failures - 1))
         return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not crypto
 
+    def _renewed(self, token: Token) -> None:
+        """The same credential again. A legacy secret re-read unchanged: nothing new to audit.
+        A token the issuer handed back with a later expiry (some IdPs return the cached token):
+        ``credential.renewed`` with the new expiry (once per refresh, as a new token would be),
+        so the uses until then are not read as uses after the recorded expiry."""
+        if token.legacy or token.expires_at <= self._audited_expiry:
+            return
+        self._audited_expiry = token.expires_at
+        self._audit.emit(
+            "credential.renewed",
+            issuer=self.key.issuer,
+            routes=self.routes,
+            audience=self.key.audience,
+            fingerprint=token.value.fingerprint,
+            expires_at=round(token.expires_at, 3),
+            lifetime_s=token.lifetime_s,
+        )
+
     def _record(self, token: Token, duration_s: float) -> None:
         labels = (self.key.issuer, self.key.label)
         self._metrics.credential_issued.labels(self.key.issuer, "success").inc()
@@ -395,8 +414,17 @@ class TokenSource:
         self._metrics.credential_expiry.labels(*labels).set(token.expires_at)
         self._metrics.credential_backoff.labels(*labels).set(0)
         if token.value.fingerprint == self._last_fingerprint:
-            return  # a static secret re-read unchanged: nothing new to audit
+            self._renewed(token)
+            return
         self._last_fingerprint = token.value.fingerprint
+        self._audited_expiry = token.expires_at
+        # A legacy secret (a file re-read every lifetime_s) has no expiry of its own: it lives
+        # until its owner rotates it, and is audited so, with how often the file is re-read.
+        ends = (
+            {"legacy": True, "expires_at": None, "lifetime_s": None, "reread_s": token.lifetime_s}
+            if token.legacy
+            else {"expires_at": round(token.expires_at, 3), "lifetime_s": token.lifetime_s}
+        )
         self._audit.emit(
             "credential.issued" if self.refreshes == 1 else "credential.refreshed",
             issuer=self.key.issuer,
@@ -405,9 +433,7 @@ class TokenSource:
             scope=self.key.scope,
             binding="dpop" if self.key.bound else "bearer",
             fingerprint=token.value.fingerprint,
-            expires_at=round(token.expires_at, 3),
-            lifetime_s=token.lifetime_s,
-            **({"legacy": True} if token.legacy else {}),
+            **ends,
         )
         credentials_log.info(
             "credential %s for issuer %s (%s), lifetime %.0fs",

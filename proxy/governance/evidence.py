@@ -1,6 +1,23 @@
 """The evidence report an auditor reads: from the audit log alone, each credential's life
 (issued → used → revoked or expired), denied attempts, legacy secrets still in use, and three
 checks — no use past expiry, every credential ended, no use by a caller outside policy.
+
+What the events mean, per kind of credential:
+
+- a token (oauth2, token_exchange, aws STS): ``credential.issued`` / ``refreshed`` give its
+  ``expires_at``; ``credential.renewed`` moves it (the issuer handed the same token back with a
+  later expiry); it ends revoked or expired, and a use after its expiry fails the check.
+- a legacy secret (static, aws ``static_credentials_file``; ``legacy: true``): no expiry of its
+  own — it lives until its owner rotates it. The file is re-read every ``reread_s``; a value
+  re-read unchanged writes nothing, a new value is a ``refreshed`` event that *replaces* the
+  previous one of the same issuer, audience, scope and binding. Its uses are never late, it is
+  listed as legacy, and an OPEN check names it (older logs gave it ``expires_at`` = the next
+  re-read: ignored).
+- per-request credentials (self_signed_jwt; ``per_request: true``): one JWT per request, each
+  living seconds; the event names the minting, which never expires nor needs ending.
+
+The same fingerprint issued again (another worker, a restart under the deployment's fingerprint
+key) is the same credential: its uses add up.
 """
 
 from __future__ import annotations
@@ -49,10 +66,14 @@ class Credential:
     revoked_at: float | None = None
     revocation: str | None = None  # outcome at the issuer: revoked, unsupported, failed
     late_uses: int = 0  # uses recorded after expires_at
+    per_request: bool = False  # minted per request: expires_at is None
+    replaced_at: float | None = None  # legacy: a newer secret from the same source was read
 
     def state(self, now: float) -> str:
         if self.revoked_at is not None and self.revocation == "revoked":
             return "revoked"
+        if self.replaced_at is not None:
+            return "replaced"
         if self.expires_at is not None and self.expires_at <= now:
             return "expired"
         return "active"
@@ -65,6 +86,7 @@ class Report:
     events: int = 0
     unreadable_lines: int = 0
     credentials: dict[str, Credential] = field(default_factory=dict)
+    current: dict[tuple[Any, ...], str] = field(default_factory=dict)  # source → fingerprint
     denied: Counter[str] = field(default_factory=Counter)
     reloads: Counter[str] = field(default_factory=Counter)
     outside_policy: list[dict[str, Any]] = field(default_factory=list)
@@ -94,6 +116,18 @@ class Report:
                 or f"{len(self.credentials)} credential(s)",
             ),
         ]
+        legacy = [c for c in self.credentials.values() if c.legacy]
+        if legacy:
+            current = [c for c in legacy if c.state(now) == "active"]
+            out.append(
+                (
+                    "OPEN",
+                    "legacy secrets (no expiry: each lives until its owner rotates it)",
+                    f"{len(current)} current, {len(legacy) - len(current)} replaced, "
+                    f"{sum(c.uses for c in legacy)} use(s); issuers "
+                    + ", ".join(sorted({c.issuer for c in current} or {"-"})),
+                )
+            )
         if self.break_glass:
             uses = sum(len(w["uses"]) for w in self.break_glass.values())
             out.append(
@@ -147,6 +181,8 @@ def build(
         report.end = ts if report.end is None else max(report.end, ts)
         if kind in ("credential.issued", "credential.refreshed"):
             _issued(report, event, ts)
+        elif kind == "credential.renewed":
+            _renewed(report, event)
         elif kind == "credential.used":
             _used(report, event, ts, policies)
         elif kind == "credential.revoked":
@@ -204,16 +240,41 @@ def _excuse_break_glass_uses(report: Report) -> None:
 
 def _issued(report: Report, event: dict[str, Any], ts: float) -> None:
     fingerprint = str(event.get("fingerprint") or event.get("key_id") or "?")
-    expires_at = event.get("expires_at")
+    legacy = bool(event.get("legacy"))
+    per_request = bool(event.get("per_request"))
+    expires = event.get("expires_at")
+    # a legacy secret has no expiry (older logs put its next re-read there), nor a minting
+    expires_at = float(expires) if isinstance(expires, int | float) and not legacy else None
+    source = (event.get("issuer"), event.get("audience"), event.get("scope"), event.get("binding"))
+    previous = report.credentials.get(report.current.get(source, fingerprint))
+    if previous is not None and previous.fingerprint != fingerprint and previous.legacy:
+        previous.replaced_at = ts  # rotated at its owner; the file now holds another secret
+    report.current[source] = fingerprint
+    known = report.credentials.get(fingerprint)
+    if known is not None:  # the same credential again: another worker, a restart
+        known.replaced_at = None
+        if known.expires_at is not None and expires_at is not None:
+            known.expires_at = max(known.expires_at, expires_at)
+        return
     report.credentials[fingerprint] = Credential(
         fingerprint=fingerprint,
         issuer=str(event.get("issuer")),
         audience=event.get("audience"),
         issued_at=ts,
-        expires_at=float(expires_at) if isinstance(expires_at, int | float) else None,
-        lifetime_s=event.get("lifetime_s"),
-        legacy=bool(event.get("legacy")),
+        expires_at=expires_at,
+        lifetime_s=None if legacy else event.get("lifetime_s"),
+        legacy=legacy,
+        per_request=per_request,
     )
+
+
+def _renewed(report: Report, event: dict[str, Any]) -> None:
+    """The issuer handed the same token back with a later expiry."""
+    credential = report.credentials.get(str(event.get("fingerprint")))
+    expires = event.get("expires_at")
+    if credential is None or credential.expires_at is None or not isinstance(expires, int | float):
+        return
+    credential.expires_at = max(credential.expires_at, float(expires))
 
 
 def _used(
@@ -273,7 +334,7 @@ def markdown(report: Report, *, source: str, now: float) -> str:
     for c in sorted(report.credentials.values(), key=lambda c: c.issued_at):
         out.append(
             f"| `{c.fingerprint}`{' (legacy)' if c.legacy else ''} | {c.issuer} | "
-            f"{c.audience or '-'} | {_time(c.issued_at)} | {c.lifetime_s or 'per request'} | "
+            f"{c.audience or '-'} | {_time(c.issued_at)} | {_lifetime(c)} | "
             f"{c.uses} | {_time(c.last_use) if c.last_use else '-'} | {_end(c, now)} |"
         )
     lifetimes = [c.lifetime_s for c in report.credentials.values() if c.lifetime_s]
@@ -310,10 +371,22 @@ def markdown(report: Report, *, source: str, now: float) -> str:
     return "\n".join(out) + "\n"
 
 
+def _lifetime(credential: Credential) -> str:
+    if credential.legacy:
+        return "none (legacy)"
+    if credential.per_request or credential.lifetime_s is None:
+        return "per request"
+    return f"{credential.lifetime_s:g}"
+
+
 def _end(credential: Credential, now: float) -> str:
     state = credential.state(now)
     if state == "revoked" and credential.revoked_at is not None:
         return f"revoked {_time(credential.revoked_at)}"
+    if state == "replaced" and credential.replaced_at is not None:
+        return f"replaced {_time(credential.replaced_at)} (rotated at its owner)"
+    if credential.legacy:
+        return "in use, no expiry (legacy)"
     if credential.revocation is not None and credential.revoked_at is not None:
         return f"{state} (revocation {credential.revocation} {_time(credential.revoked_at)})"
     if state == "expired" and credential.expires_at is not None:
