@@ -132,7 +132,7 @@ BAD = [
     (
         "unknown issuer type",
         VALID.replace("type: oauth2", "type: gcp"),
-        "issuers.idp.type: 'gcp' is not a supported type (expected one of 'oauth2', 'token_exchange', 'aws', 'static', 'self_signed_jwt')",
+        "issuers.idp.type: 'gcp' is not a supported type (expected one of 'oauth2', 'token_exchange', 'aws', 'static', 'openbao', 'vault', 'self_signed_jwt')",
     ),
     (
         "assertion too long-lived",

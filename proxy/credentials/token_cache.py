@@ -42,6 +42,7 @@ class Token:
     key_id: str | None = None
     signing_secret: Secret | None = None
     legacy: bool = False  # a long-lived static secret, audited so owners can retire it
+    secret_version: int | None = None  # where a legacy secret is versioned (KV v2): audited
     ath: str = field(init=False)  # DPoP ``ath``, hashed once per token, not per request
     # Stop sending a token shortly before it expires so it is not rejected in flight.
     usable_until_mono: float = field(init=False)
@@ -408,6 +409,7 @@ class TokenSource:
             expires_at=round(token.expires_at, 3),
             lifetime_s=token.lifetime_s,
             **({"legacy": True} if token.legacy else {}),
+            **({"version": token.secret_version} if token.secret_version is not None else {}),
         )
         credentials_log.info(
             "credential %s for issuer %s (%s), lifetime %.0fs",
