@@ -117,8 +117,8 @@ async def test_kv_value_is_injected_rotated_without_restart_and_the_vault_token_
 ):
     """credproxy logs in by JWT role with the workload token, sends the KV field as X-Api-Key
     (the app's answer scrubbed of it), picks up a new KV version within reread_s, audits both
-    as legacy with their KV version and never the value, and revokes its Vault token at
-    SIGTERM (OpenBao's token lookup then fails)."""
+    as legacy with their KV version and never the value, and revokes its Vault token on
+    the control plane's revoke and at SIGTERM (OpenBao's token lookup then fails)."""
     first = "kv-first-" + "a1b2c3d4e5f60718"
     version = bao.put_secret({"api_key": first})
     api.expected = first
@@ -149,11 +149,22 @@ async def test_kv_value_is_injected_rotated_without_restart_and_the_vault_token_
     vault_tokens = [t for t in bao.issued_tokens() if t not in already]
     assert len(vault_tokens) == 1  # one login, reused for every read
     assert bao.token_alive(vault_tokens[0])
+
+    async with proc.control() as control:  # `credproxy revoke --issuer bao`
+        async with control.post("http://localhost/credentials/revoke?issuer=bao") as response:
+            assert response.status == 200
+            (result,) = (await response.json())["revoked"]
+    assert result["outcome"] == "unsupported"  # the KV value itself is its owner's to rotate
+    assert not bao.token_alive(vault_tokens[0]), "the control plane's revoke left it alive"
+    assert (await _get(client, proc.url))[0] == 200
+    wait_until(lambda: len(set(bao.issued_tokens()) - already) == 2, what="a fresh login")
+    vault_tokens = [t for t in bao.issued_tokens() if t not in already]
+
     assert proc.stop() == 0
-    assert not bao.token_alive(vault_tokens[0]), "the Vault token outlived the sidecar"
+    assert not bao.token_alive(vault_tokens[1]), "the Vault token outlived the sidecar"
     assert "vault token" in proc.log() and "revoked (revoke)" in proc.log()
-    for text in (proc.log(), audit_text):
-        assert vault_tokens[0] not in text
+    for text in (proc.log(), audit_text, proc.audit_file.read_text()):
+        assert not any(token in text for token in vault_tokens)
 
 
 def _issuer(bao: OpenBao, token_file: Path, session: aiohttp.ClientSession, role: str = ROLE):

@@ -226,8 +226,10 @@ def warnings(config: Config) -> list[str]:
             )
             token_file = issuer.auth.token_file or config.identity.token_file
             if token_file is not None and not token_file.is_file():
-                where = "auth.token_file" if issuer.auth.token_file else "identity.token_file"
-                notes.append(f"issuers.{name}: {where} {token_file} does not exist here")
+                where = "identity.token_file"
+                if issuer.auth.token_file is not None:
+                    where = f"issuers.{name}.auth.token_file"
+                notes.append(f"{where}: {token_file} does not exist here")
         for field in (
             "client_key_file",
             "client_secret_file",
