@@ -132,7 +132,7 @@ class OpenBaoIssuer:
                     if renewed is not None:
                         self._login = renewed
                         return renewed.token
-            if login is not None and now < login.expires_mono:
+            if login is not None and not force_login and now < login.expires_mono:
                 await self._revoke_login(login, why="replaced")  # best effort: no live spares
             self._login = None
             self._login = await self._log_in()
