@@ -57,6 +57,8 @@ original's text could quote a secret or a request):
   ``_send``) → ``Upstream*``
 - IdPs over HTTP (aiohttp, OSError, TimeoutError, JSON): ``credentials.issuers.oauth2``
   (``OAuth2Issuer._call`` and ``_json``; token exchange inherits them) → ``IssuerError``
+- OpenBao / Vault over HTTP (aiohttp, OSError, TimeoutError, JSON):
+  ``credentials.issuers.openbao`` (``OpenBaoIssuer._call`` and ``_json``) → ``IssuerError``
 - AWS STS (botocore ``ClientError``, ``BotoCoreError``): ``aws_sdk.sts_errors`` → ``IssuerError``
 - the leader worker (aiohttp, TimeoutError, JSON): ``credentials.token_share.LeaderClient.fetch``
   → ``IssuerError``

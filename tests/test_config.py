@@ -132,7 +132,7 @@ BAD = [
     (
         "unknown issuer type",
         VALID.replace("type: oauth2", "type: gcp"),
-        "issuers.idp.type: 'gcp' is not a supported type (expected one of 'oauth2', 'token_exchange', 'aws', 'static', 'self_signed_jwt')",
+        "issuers.idp.type: 'gcp' is not a supported type (expected one of 'oauth2', 'token_exchange', 'aws', 'static', 'openbao', 'vault', 'self_signed_jwt')",
     ),
     (
         "assertion too long-lived",
@@ -206,7 +206,7 @@ def test_check_config_accepts_the_example():
     """config/example.yaml, the reference users copy, passes check-config."""
     result = _cli("check-config", "config/example.yaml")
     assert result.returncode == 0, result.stderr
-    assert "valid (7 route(s), 6 issuer(s))" in result.stdout
+    assert "valid (8 route(s), 7 issuer(s))" in result.stdout
 
 
 def test_check_config_rejects_with_exit_1_and_errors_on_stderr(tmp_path):

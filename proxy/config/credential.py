@@ -21,6 +21,7 @@ from .base import REGION, Model
 from .issuers import (
     AWSIssuerConfig,
     IssuerConfig,
+    OpenBaoIssuerConfig,
     SelfSignedJWTIssuerConfig,
     StaticIssuerConfig,
     sigv4_scope,
@@ -190,7 +191,7 @@ class HTTPSignatureCredential(CredentialConfig):
 
     def cross_checks(self, issuer: IssuerConfig, upstream: str) -> list[Problem]:
         key_id = self.signature.key_id
-        if isinstance(issuer, StaticIssuerConfig) and not key_id:
+        if isinstance(issuer, StaticIssuerConfig | OpenBaoIssuerConfig) and not key_id:
             return [("signature.key_id", "required to sign with a static (HMAC) secret")]
         if isinstance(issuer, SelfSignedJWTIssuerConfig) and key_id:
             return [

@@ -39,6 +39,9 @@ def secret_files(config: Config) -> list[tuple[str, Path]]:
             path = getattr(issuer, field, None)
             if path is not None:
                 files.append((f"issuers.{name}.{field}", path))
+        auth = getattr(issuer, "auth", None)  # openbao: the workload token it logs in with
+        if auth is not None and auth.token_file is not None:
+            files.append((f"issuers.{name}.auth.token_file", auth.token_file))
     for i, route in enumerate(config.routes):
         if route.client_key_file is not None:
             files.append((f"routes[{i}].client_key_file", route.client_key_file))

@@ -19,7 +19,7 @@ from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema
 from yarl import URL
 
-from .base import REGION, Duration, Owned, check_http_url, reject_inline_secrets
+from .base import REGION, Duration, Model, Owned, check_http_url, reject_inline_secrets
 
 ISSUER_CONFIGS: dict[str, type[IssuerConfig]] = {}
 """``type`` → config model, in definition order (the order errors and the schema list them)."""
@@ -178,6 +178,90 @@ class StaticIssuerConfig(IssuerConfig):
     reread_s: Duration = 5.0
 
     _no_inline = model_validator(mode="before")(reject_inline_secrets)
+
+
+_VAULT_PATH = r"^[A-Za-z0-9_-][A-Za-z0-9_.-]*(/[A-Za-z0-9_-][A-Za-z0-9_.-]*)*$"  # no '..'
+
+
+def _no_vault_token(data: Any) -> Any:
+    """A Vault token is never configured: credproxy logs in with the workload's identity."""
+    if isinstance(data, dict):
+        for key in ("token", "token_file", "vault_token", "client_token"):
+            if key in data:
+                raise ValueError(
+                    f"'{key}': credproxy never uses a stored Vault token; it logs in with the "
+                    "workload's token (auth: {method: jwt, role: …, token_file: …})"
+                )
+    return data
+
+
+class OpenBaoAuth(Model):
+    """How credproxy logs in to OpenBao: the workload's own token (a projected service-account
+    token, a JWT-SVID) presented to a JWT auth role (``auth/<mount>/login``)."""
+
+    method: Literal["jwt"] = "jwt"
+    role: str = Field(min_length=1, pattern=r"^[\x21-\x7e]+$")
+    mount: str = Field("jwt", pattern=_VAULT_PATH)
+    token_file: Path | None = Field(None, description="default: identity.token_file")
+
+    _no_inline = model_validator(mode="before")(reject_inline_secrets)
+
+
+class KVSecret(Model):
+    """One field of a KV version 2 secret (``<mount>/data/<path>``), injected as a legacy
+    static secret."""
+
+    mount: str = Field("secret", pattern=_VAULT_PATH)
+    path: str = Field(pattern=_VAULT_PATH)
+    field: str = Field(min_length=1)
+
+
+class OpenBaoIssuerConfig(IssuerConfig):
+    """OpenBao (or HashiCorp Vault): logs in with the workload's token, holds the Vault token in
+    memory only (renewed ahead of its TTL, revoked at shutdown), and serves a KV v2 secret as a
+    legacy static credential, re-read every ``reread_s``."""
+
+    type: Literal["openbao"]
+    supported_injectors = ("header", "query", "bearer", "http_signature")
+    address: str = Field(description="e.g. https://openbao.internal:8200")
+    ca_file: Path | None = None
+    namespace: str | None = Field(
+        None, pattern=_VAULT_PATH, description="sent as X-Vault-Namespace"
+    )
+    allow_insecure_http: bool = False
+    auth: OpenBaoAuth
+    secret: KVSecret
+    reread_s: Duration = Field(30.0, ge=1, description="how often the KV secret is read again")
+    serve_stale_s: Duration = Field(
+        300.0, description="how long the last value read keeps serving while OpenBao is down"
+    )
+    renew_ahead_s: Duration | None = Field(
+        None, description="renew the Vault token this long before its TTL ends; default: a third"
+    )
+    request_timeout_s: Duration = 10.0
+    backoff_max_s: Duration = 30.0
+    revoke_on_shutdown: bool = Field(True, description="revoke the Vault token on exit")
+
+    _no_token = model_validator(mode="before")(_no_vault_token)
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenBaoIssuerConfig:
+        check_http_url(self.address, insecure_ok=self.allow_insecure_http, what="address")
+        if URL(self.address).path not in ("", "/"):
+            raise ValueError("address is the server's origin, without /v1 or another path")
+        return self
+
+    @property
+    def refresh_ahead_s(self) -> float:
+        """The KV value is re-read ``reread_s`` after it was read; it serves ``serve_stale_s``
+        longer while OpenBao cannot be reached."""
+        return self.serve_stale_s
+
+
+class VaultIssuerConfig(OpenBaoIssuerConfig):
+    """``type: vault``: the same issuer, for HashiCorp Vault (the same API paths)."""
+
+    type: Literal["vault"]  # type: ignore[assignment]
 
 
 class SelfSignedJWTIssuerConfig(IssuerConfig):

@@ -19,6 +19,7 @@ from .issuers import (
     AWSIssuerConfig,
     IssuerConfig,
     OAuth2IssuerConfig,
+    OpenBaoIssuerConfig,
     StaticIssuerConfig,
 )
 from .model import AnyCredentialConfig, AnyIssuerConfig, Config, parse_address
@@ -72,6 +73,20 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
         addresses[str(address)] = where
     raw_issuers = data.get("issuers")
     issuers: dict[Any, Any] = raw_issuers if isinstance(raw_issuers, dict) else {}
+    identity = data.get("identity")
+    default_token = isinstance(identity, dict) and identity.get("token_file") is not None
+    for name, issuer in issuers.items():
+        auth = issuer.get("auth") if isinstance(issuer, dict) else None
+        if (
+            isinstance(auth, dict)
+            and issuer.get("type") in ("openbao", "vault")
+            and auth.get("token_file") is None
+            and not default_token
+        ):
+            errors.append(
+                f"issuers.{_shown(name)}.auth.token_file: needed to log in with the workload's "
+                "token (or set identity.token_file)"
+            )
     seen_names: dict[str, int] = {}
     seen_matches: dict[tuple[str | None, str | None], int] = {}
     raw_callers = data.get("callers")
@@ -195,6 +210,7 @@ def warnings(config: Config) -> list[str]:
     for name, issuer in config.issuers.items():
         url = issuer.issuer_url if isinstance(issuer, OAuth2IssuerConfig) else None
         url = issuer.sts_url if isinstance(issuer, AWSIssuerConfig) else url
+        url = issuer.address if isinstance(issuer, OpenBaoIssuerConfig) else url
         if url is not None and URL(url).scheme == "http":
             notes.append(
                 f"issuers.{name}: plain http to {url}; acceptable for a local service only"
@@ -203,6 +219,17 @@ def warnings(config: Config) -> list[str]:
             notes.append(f"issuers.{name}: static AWS keys (legacy); prefer role_arn + token_file")
         if isinstance(issuer, StaticIssuerConfig):
             notes.append(f"issuers.{name}: a static secret (legacy); audited so it can be retired")
+        if isinstance(issuer, OpenBaoIssuerConfig):
+            notes.append(
+                f"issuers.{name}.secret: a KV secret is a static secret (legacy); audited with "
+                "its KV version so it can be retired"
+            )
+            token_file = issuer.auth.token_file or config.identity.token_file
+            if token_file is not None and not token_file.is_file():
+                where = "identity.token_file"
+                if issuer.auth.token_file is not None:
+                    where = f"issuers.{name}.auth.token_file"
+                notes.append(f"{where}: {token_file} does not exist here")
         for field in (
             "client_key_file",
             "client_secret_file",

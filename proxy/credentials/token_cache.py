@@ -42,6 +42,7 @@ class Token:
     key_id: str | None = None
     signing_secret: Secret | None = None
     legacy: bool = False  # a long-lived static secret, audited so owners can retire it
+    secret_version: int | None = None  # where a legacy secret is versioned (KV v2): audited
     ath: str = field(init=False)  # DPoP ``ath``, hashed once per token, not per request
     # Stop sending a token shortly before it expires so it is not rejected in flight.
     usable_until_mono: float = field(init=False)
@@ -434,6 +435,7 @@ class TokenSource:
             binding="dpop" if self.key.bound else "bearer",
             fingerprint=token.value.fingerprint,
             **ends,
+            **({"version": token.secret_version} if token.secret_version is not None else {}),
         )
         credentials_log.info(
             "credential %s for issuer %s (%s), lifetime %.0fs",

@@ -48,7 +48,7 @@ def leader_app(sources: Callable[[], dict[CacheKey, Any]]) -> web.Application:
             "value": current.value.reveal(), "token_type": current.token_type,
             "expires_at": current.expires_at, "key_id": current.key_id,
             "signing_secret": current.signing_secret.reveal() if current.signing_secret else None,
-            "legacy": current.legacy,
+            "legacy": current.legacy, "secret_version": current.secret_version,
         })  # fmt: skip
 
     app = web.Application()
@@ -81,6 +81,7 @@ class LeaderClient:
             key_id=answer.get("key_id"),
             signing_secret=Secret(secret) if secret else None,
             legacy=bool(answer.get("legacy")),
+            secret_version=answer.get("secret_version"),
         )
 
     async def aclose(self) -> None:

@@ -1,0 +1,326 @@
+"""OpenBao (or HashiCorp Vault) as a source of legacy secrets, reached the secretless way: the
+sidecar logs in with the workload's own token (JWT auth), holds the Vault token in memory only,
+renews it ahead of its TTL (logging in again when renewal is refused), revokes it at shutdown
+and on the control plane's revoke, and serves one field of a KV v2 secret as a static secret
+re-read every ``reread_s`` (a new version is picked up without restart).
+
+Vault API paths relied on (the same in OpenBao and HashiCorp Vault):
+``POST /v1/auth/<mount>/login`` {role, jwt}; ``POST /v1/auth/token/renew-self``;
+``POST /v1/auth/token/revoke-self``; ``GET /v1/<kv mount>/data/<path>`` (KV version 2);
+headers ``X-Vault-Token``, ``X-Vault-Namespace``, ``X-Vault-Request``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import aiohttp
+from multidict import CIMultiDict
+
+from ...config.issuers import OpenBaoIssuerConfig, VaultIssuerConfig
+from ...config.model import IdentityConfig
+from ...errors import IdentityError, IssuerError
+from ...log import credentials_log
+from ...outbound.tls import ClientTLS
+from ...secret import Secret
+from ..dpop import DPoPKey
+from ..identity import read_secret_file
+from ..token_cache import CacheKey, Token
+from .base import issuer
+from .oauth2 import _read_limited, _retry_after_s
+
+_RENEW_AHEAD_MAX_S = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Login:
+    """The Vault client token and when to stop trusting it."""
+
+    token: Secret
+    lease_s: float
+    renewable: bool
+    obtained_mono: float = field(default_factory=time.monotonic)
+
+    @property
+    def expires_mono(self) -> float:
+        return self.obtained_mono + self.lease_s
+
+
+@issuer(VaultIssuerConfig)
+@issuer(OpenBaoIssuerConfig)
+class OpenBaoIssuer:
+    shared_by_workers = True  # with --workers, worker 0 logs in and reads for all
+    region: str | None = None
+
+    def __init__(
+        self,
+        name: str,
+        config: OpenBaoIssuerConfig,
+        *,
+        session: aiohttp.ClientSession,
+        dpop_key: DPoPKey,
+        identity: IdentityConfig,
+    ) -> None:
+        del dpop_key  # KV values are static secrets: nothing to bind
+        self.name = name
+        self.config = config
+        self.revoke_on_shutdown = config.revoke_on_shutdown
+        self._session = session
+        self._where = f"issuers.{name}"
+        token_file = config.auth.token_file or identity.token_file
+        if token_file is None:
+            raise IdentityError(
+                f"{self._where}.auth.token_file: needed to log in to OpenBao with the "
+                "workload's token (or set identity.token_file)"
+            )
+        self._token_file = token_file
+        self._tls = ClientTLS(config.ca_file, None, None, where=self._where)
+        self._base = config.address.rstrip("/") + "/v1/"
+        self._login: Login | None = None
+        self._lock = asyncio.Lock()  # one login, renewal or revocation at a time
+
+    async def fetch(self, key: CacheKey) -> Token:
+        """Read the KV secret with the Vault token (logging in or renewing first when due);
+        a 403 means the token is no longer good (revoked, expired, a restarted server): log in
+        again once."""
+        del key
+        secret = self.config.secret
+        path = f"{secret.mount}/data/{secret.path}"
+        for attempt in (1, 2):
+            client = await self._client_token(force_login=attempt == 2)
+            status, body, headers = await self._call("GET", path, token=client)
+            if status == 403 and attempt == 1:
+                continue
+            if status == 200:
+                return self._kv_token(body, path)
+            if status == 404:
+                raise self._error(
+                    f"no KV v2 secret at {path} (deleted, or mount {secret.mount!r} "
+                    "is not KV version 2)",
+                    headers,
+                    at="secret",
+                )
+            raise self._error(
+                f"reading {path} answered {self._vault_error(status, body)}", headers, at="secret"
+            )
+        raise AssertionError("unreachable")
+
+    async def revoke(self, token: Token) -> str:
+        """A KV value cannot be revoked by its reader (its owner rotates it in OpenBao), so
+        the answer for it is "unsupported"; what the sidecar holds, the Vault token, is revoked
+        (``revoke-self``) and the next read logs in again."""
+        del token
+        async with self._lock:
+            login, self._login = self._login, None
+            if login is not None:
+                await self._revoke_login(login, why="revoke")
+        return "unsupported"
+
+    async def _client_token(self, *, force_login: bool) -> Secret:
+        async with self._lock:
+            login = self._login
+            now = time.monotonic()
+            if login is not None and not force_login:
+                if now < login.expires_mono - self._renew_ahead_s(login):
+                    return login.token
+                if login.renewable and now < login.expires_mono:  # refused if it just expired
+                    renewed = await self._renew(login)
+                    if renewed is not None:
+                        self._login = renewed
+                        return renewed.token
+            if login is not None and not force_login and now < login.expires_mono:
+                await self._revoke_login(login, why="replaced")  # best effort: no live spares
+            self._login = None
+            self._login = await self._log_in()
+            return self._login.token
+
+    def _renew_ahead_s(self, login: Login) -> float:
+        if self.config.renew_ahead_s is not None:
+            return min(self.config.renew_ahead_s, 0.5 * login.lease_s)
+        return min(_RENEW_AHEAD_MAX_S, login.lease_s / 3)
+
+    async def _log_in(self) -> Login:
+        auth = self.config.auth
+        try:
+            jwt = read_secret_file(self._token_file, what=f"{self._where}.auth.token_file")
+        except IdentityError as exc:
+            raise IssuerError(str(exc)) from None  # mid-rotation the file may be missing: retry
+        path = f"auth/{auth.mount}/login"
+        status, body, headers = await self._call(
+            "POST", path, payload={"role": auth.role, "jwt": jwt.reveal()}
+        )
+        if status != 200:
+            raise self._error(
+                f"OpenBao refused the login at {path} as role {auth.role!r}: "
+                f"{self._vault_error(status, body)}",
+                headers,
+                at="auth",
+            )
+        login = self._auth(body, path)
+        credentials_log.info(
+            "issuer %s logged in to OpenBao as role %s: vault token %s, ttl %.0fs",
+            self.name,
+            auth.role,
+            login.token.fingerprint,
+            login.lease_s,
+        )
+        return login
+
+    async def _renew(self, login: Login) -> Login | None:
+        """``renew-self``; None when refused or when the TTL can no longer be extended (the
+        token's max TTL is near): the caller logs in again."""
+        path = "auth/token/renew-self"
+        try:
+            status, body, _ = await self._call("POST", path, token=login.token, payload={})
+        except IssuerError as exc:
+            credentials_log.warning("%s: renewing the vault token failed: %s", self._where, exc)
+            return None
+        if status != 200:
+            credentials_log.info(
+                "%s: OpenBao refused to renew vault token %s (%s); logging in again",
+                self._where,
+                login.token.fingerprint,
+                self._vault_error(status, body),
+            )
+            return None
+        renewed = self._auth(body, path)
+        if renewed.lease_s <= self._renew_ahead_s(login):
+            return None  # at its max TTL: a fresh login, not a dwindling token
+        credentials_log.info(
+            "%s: vault token %s renewed, ttl %.0fs",
+            self._where,
+            login.token.fingerprint,
+            renewed.lease_s,
+        )
+        return Login(login.token, renewed.lease_s, renewed.renewable)
+
+    async def _revoke_login(self, login: Login, *, why: str) -> None:
+        """``revoke-self``; failures are logged: the token then ends at its TTL."""
+        try:
+            status, body, _ = await self._call(
+                "POST", "auth/token/revoke-self", token=login.token, payload={}
+            )
+        except IssuerError as exc:
+            credentials_log.warning(
+                "%s: revoking vault token %s failed: %s", self._where, login.token.fingerprint, exc
+            )
+            return
+        if status in (200, 204):
+            credentials_log.info(
+                "%s: vault token %s revoked (%s)", self._where, login.token.fingerprint, why
+            )
+        else:
+            credentials_log.warning(
+                "%s: revoking vault token %s answered %s",
+                self._where,
+                login.token.fingerprint,
+                self._vault_error(status, body),
+            )
+
+    def _auth(self, body: bytes, path: str) -> Login:
+        auth = self._json(body, path).get("auth")
+        token = auth.get("client_token") if isinstance(auth, dict) else None
+        if not isinstance(auth, dict) or not isinstance(token, str) or not token.isascii():
+            raise self._error(f"{path} answered without a usable auth.client_token")
+        lease = auth.get("lease_duration")
+        if not isinstance(lease, int | float) or isinstance(lease, bool) or lease < 0:
+            raise self._error(f"{path} answered an unusable auth.lease_duration: {lease!r}")
+        # lease 0: a token that never expires (root-like); still renew-checked now and then
+        return Login(Secret(token), float(lease) or 3600.0, bool(auth.get("renewable")))
+
+    def _kv_token(self, body: bytes, path: str) -> Token:
+        secret = self.config.secret
+        data = self._json(body, path).get("data")
+        values = data.get("data") if isinstance(data, dict) else None
+        metadata = data.get("metadata") if isinstance(data, dict) else None
+        if not isinstance(values, dict):
+            raise self._error(f"{path} holds no KV v2 data (deleted version?)", at="secret")
+        value = values.get(secret.field)
+        if not isinstance(value, str) or not value:
+            raise self._error(
+                f"{path} has no non-empty string field {secret.field!r}"
+                f" (fields: {', '.join(sorted(map(str, values))) or 'none'})",
+                at="secret.field",
+            )
+        if not value.isascii():
+            raise self._error(
+                f"{path} field {secret.field!r} holds non-ASCII characters; a "
+                "secret sent in an HTTP header or query must be ASCII",
+                at="secret.field",
+            )
+        version = metadata.get("version") if isinstance(metadata, dict) else None
+        return Token(
+            value=Secret(value),
+            token_type="static",
+            lifetime_s=self.config.reread_s + self.config.serve_stale_s,
+            legacy=True,
+            secret_version=version if isinstance(version, int) else None,
+        )
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        token: Secret | None = None,
+        payload: dict[str, Any] | None = None,
+    ) -> tuple[int, bytes, CIMultiDict[str]]:
+        url = self._base + path
+        headers = {"Accept": "application/json", "X-Vault-Request": "true"}
+        if token is not None:
+            headers["X-Vault-Token"] = token.reveal()
+        if self.config.namespace:
+            headers["X-Vault-Namespace"] = self.config.namespace
+        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
+        try:
+            async with self._session.request(
+                method,
+                url,
+                headers=headers,
+                data=None if payload is None else json.dumps(payload),
+                timeout=timeout,
+                ssl=self._tls.current(),
+                allow_redirects=False,
+            ) as response:
+                body = await _read_limited(response)
+                return response.status, body, response.headers.copy()
+        except TimeoutError:
+            raise self._error(
+                f"{url} did not answer within {self.config.request_timeout_s:g}s"
+            ) from None
+        except aiohttp.ClientSSLError as exc:
+            raise self._error(f"TLS to {url} failed: {exc.__class__.__name__}") from None
+        except (aiohttp.ClientError, OSError) as exc:
+            raise self._error(f"{url} unreachable: {exc.__class__.__name__}: {exc}") from None
+
+    def _json(self, raw: bytes, path: str) -> dict[str, Any]:
+        try:
+            document = json.loads(raw)
+        except ValueError:
+            raise self._error(f"{path} answered something that is not JSON") from None
+        if not isinstance(document, dict):
+            raise self._error(f"{path} answered JSON that is not an object")
+        return document
+
+    @staticmethod
+    def _vault_error(status: int, raw: bytes) -> str:
+        """``HTTP <status>: <Vault's errors>``, trimmed to printable text."""
+        try:
+            errors = json.loads(raw).get("errors")
+        except (ValueError, AttributeError):
+            errors = None
+        text = "; ".join(str(e) for e in errors)[:300] if isinstance(errors, list) else ""
+        text = "".join(c if c.isprintable() else "?" for c in text)
+        return f"HTTP {status}: {text}" if text else f"HTTP {status}"
+
+    def _error(
+        self, detail: str, headers: CIMultiDict[str] | None = None, *, at: str = ""
+    ) -> IssuerError:
+        """An error naming the config path it concerns (``issuers.<name>.<at>``)."""
+        asked = _retry_after_s(headers.get("Retry-After")) if headers is not None else None
+        where = f"{self._where}.{at}" if at else self._where
+        return IssuerError(f"{where}: {detail}", asked_delay_s=asked)
