@@ -61,6 +61,14 @@ def app_client(proc, service: str, **kwargs):
     )
 
 
+def _aws_code(body: bytes, content_type: str) -> str:
+    """The error code of a credproxy answer on a sigv4 route, in the service's own format."""
+    if "json" in content_type:
+        return str(json.loads(body)["__type"])
+    assert content_type == "application/xml", content_type
+    return body.split(b"<Code>", 1)[1].split(b"</Code>", 1)[0].decode()
+
+
 def _audit(proc) -> list[dict[str, object]]:
     events = proc.audit()
     return [e for e in events if e["event"].startswith("credential.")]
@@ -241,11 +249,12 @@ async def test_sts_down_serves_until_expiry_then_503_then_recovers(
         async with client.get(url) as response:
             statuses.append(response.status)
             if response.status != 200:
-                problem, retry_after = await response.json(), int(response.headers["Retry-After"])
+                code = _aws_code(await response.read(), response.content_type)
+                retry_after = int(response.headers["Retry-After"])
         await asyncio.sleep(0.1)
         assert len(statuses) < 150
     assert statuses.count(200) >= 20 and statuses[-1] == 503
-    assert problem["code"] == "credential_unavailable" and retry_after >= 1
+    assert code == "credential_unavailable" and retry_after >= 1
     sts_relay.restore()
     for _ in range(60):
         async with client.get(url) as response:
@@ -256,11 +265,13 @@ async def test_sts_down_serves_until_expiry_then_503_then_recovers(
 
 
 async def test_signed_payload_over_bound_is_413(moto, sts_relay, credproxy, client):
-    """A body the route must hash but may not buffer (over payload_max_bytes) gets 413 problem+json."""
+    """A body the route must hash but may not buffer (over payload_max_bytes) gets 413, in
+    DynamoDB's JSON error format (``__type``) that its SDKs parse."""
     proc = credproxy(aws_config(moto, sts_relay.url))
     async with client.post(f"{proc.url}/dynamodb/", data=b"x" * 70000) as response:
-        problem = await response.json()
-        assert response.status == 413 and problem["code"] == "payload_too_large"
+        code = _aws_code(await response.read(), response.content_type)
+        assert response.status == 413 and code == "payload_too_large"
+        assert response.headers["x-amzn-ErrorType"] == "payload_too_large"
 
 
 class SkewedAWS(ThreadedApp):
@@ -402,8 +413,8 @@ async def test_s3_streaming_with_checksum_trailer(moto, sts_relay, credproxy, cl
         yield b"no length"
 
     async with client.put(f"{proc.url}/s3t/{moto.bucket}/unsized", data=unsized()) as response:
-        problem = await response.json()
-        assert response.status == 411 and problem["code"] == "length_required"
+        code = _aws_code(await response.read(), response.content_type)
+        assert response.status == 411 and code == "length_required"
 
 
 # -- paths: forward what the app sent, or refuse in S3's own words (issue 18, defect 3) ---------

@@ -41,7 +41,6 @@ from ..outbound.hygiene import METHOD_OVERRIDE_HEADERS, URL_OVERRIDE_HEADERS
 _UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
 _REFUSED_ENCODINGS = frozenset({"2F", "5C", "00"})  # '/', '\', NUL
 _HEX = frozenset("0123456789ABCDEFabcdef")
-_CONTROL = ("\0", "\r", "\n")
 
 
 def normalize_path(raw_path: str) -> tuple[str, str]:
@@ -195,33 +194,24 @@ class RouteTable:
         ``host_routes_only``: forward-proxy requests may only reach routes that name a host."""
         entry = self._find(host, raw_path, host_routes_only)
         try:
-            return self._checked(entry, host, raw_path, host_routes_only)
+            if "\0" in raw_path or "\r" in raw_path or "\n" in raw_path:
+                raise InvalidPath("NUL, CR or LF in path")
+            if entry is not None and entry.opaque:
+                if "%00" in raw_path:
+                    raise InvalidPath("encoded NUL in path")
+                return entry.index, _after(entry, raw_path)
+            dotted, path = normalize_path(raw_path)
+            if path != raw_path and path != _ESCAPE.sub(_upper, raw_path):
+                normal = self._find(host, path, host_routes_only)
+                if entry is not None and normal is not entry:
+                    raise PathEscapesRoute(f"{raw_path[:200]!r} leaves its route as {path[:200]!r}")
+                changed = "dot segments" if dotted != path else "escaped unreserved characters"
+                raise PathNotCanonical(f"{raw_path[:200]!r} forwarded as {path[:200]!r}: {changed}")
         except RequestRefused as exc:
             if entry is not None:  # refused on that route: answered in its format
                 exc.route = self._names[entry.index]
             raise
-
-    def _checked(
-        self, entry: _Entry | None, host: str | None, raw_path: str, host_routes_only: bool
-    ) -> tuple[int, str] | None:
-        if any(char in raw_path for char in _CONTROL):
-            raise InvalidPath("NUL, CR or LF in path")
-        if entry is not None and entry.opaque:
-            if "%00" in raw_path:
-                raise InvalidPath("encoded NUL in path")
-            return entry.index, _after(entry, raw_path)
-        dotted, path = normalize_path(raw_path)
-        if path != raw_path and path != _ESCAPE.sub(_upper, raw_path):
-            normal = self._find(host, path, host_routes_only)
-            if entry is not None and normal is not entry:
-                raise PathEscapesRoute(f"{raw_path[:200]!r} leaves its route as {path[:200]!r}")
-            changed = "dot segments" if dotted != path else "escaped unreserved characters"
-            raise PathNotCanonical(
-                f"{raw_path[:200]!r} would be forwarded as {path[:200]!r}: {changed}"
-            )
-        if entry is None:
-            return None
-        return entry.index, _after(entry, raw_path)
+        return None if entry is None else (entry.index, _after(entry, raw_path))
 
     def match(
         self, host: str | None, path: str, *, host_routes_only: bool = False
