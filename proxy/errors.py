@@ -14,6 +14,8 @@
         │   ├── PayloadTooLarge               413 payload_too_large
         │   ├── RequestTimeout                408 request_timeout (slow body)
         │   ├── TransferCodingNotImplemented  501 transfer_coding_not_implemented
+        │   ├── UpgradeNotSupported           501 upgrade_not_supported (h2c, any but websocket)
+        │   ├── InvalidWebSocketHandshake     400 invalid_websocket_handshake
         │   ├── UnsignableRequest             400 request_not_signable (http_signature)
         │   ├── LengthRequired                411 length_required (sigv4 streaming)
         │   ├── PathEscapesRoute              400 path_escapes_route
@@ -225,6 +227,25 @@ class TransferCodingNotImplemented(RequestRefused):
     code = "transfer_coding_not_implemented"
     public_detail = (
         "credproxy forwards chunked request bodies only; send other codings as Content-Encoding."
+    )
+
+
+class UpgradeNotSupported(RequestRefused):
+    status = 501
+    code = "upgrade_not_supported"
+    public_detail = (
+        "credproxy upgrades connections to WebSocket only; other Upgrade protocols (h2c and "
+        "any other) are refused, never forwarded. Send the request without Upgrade."
+    )
+
+
+class InvalidWebSocketHandshake(RequestRefused):
+    status = 400
+    code = "invalid_websocket_handshake"
+    public_detail = (
+        "A WebSocket upgrade must be a GET over HTTP/1.1 without a body, with "
+        "Sec-WebSocket-Version: 13 and a Sec-WebSocket-Key of 16 base64-encoded bytes "
+        "(RFC 6455 section 4.1)."
     )
 
 

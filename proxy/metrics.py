@@ -27,6 +27,7 @@ from prometheus_client.multiprocess import MultiProcessCollector
 from .log import server_log
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+_SESSION_BUCKETS = (1, 10, 60, 300, 900, 3600, 4 * 3600, 24 * 3600)
 _BUCKET_NAMES = [repr(float(bound)) for bound in _LATENCY_BUCKETS] + ["+Inf"]  # as `le` values
 
 
@@ -206,6 +207,34 @@ class Metrics:
             "credproxy_config_reloads",
             "Config reloads on SIGHUP, by outcome (applied, rejected).",
             ["outcome"],
+            registry=r,
+        )
+        self.websocket_bytes = Counter(
+            "credproxy_websocket_bytes",
+            "Bytes spliced through WebSocket sessions (up: app to upstream, down: upstream to "
+            "app), counted as they flow.",
+            ["route", "direction"],
+            registry=r,
+        )
+        self.websockets_active = Gauge(
+            "credproxy_websockets_active",
+            "WebSocket sessions spliced now.",
+            ["route"],
+            registry=r,
+            multiprocess_mode="livesum",
+        )
+        self.websocket_sessions = Counter(
+            "credproxy_websocket_sessions",
+            "WebSocket sessions ended, by how (app_closed, upstream_closed, idle_timeout, "
+            "total_timeout, cancelled).",
+            ["route", "ended"],
+            registry=r,
+        )
+        self.websocket_duration = Histogram(
+            "credproxy_websocket_duration_seconds",
+            "How long WebSocket sessions lasted, from the 101 to the close.",
+            ["route"],
+            buckets=_SESSION_BUCKETS,
             registry=r,
         )
         self.credential_backoff = Gauge(

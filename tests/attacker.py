@@ -12,6 +12,7 @@ from another network namespace, or as a forked pair. Usage: attacker.py MODE ARG
   ``EXE attacker.py send-fd FD PATH``, which sends a second one; reports both answers.
 TARGET: ``HOST:PORT`` or a Unix socket path.
 - ``squat HOST``: bind HOST:0 and listen; print the port, then hold it until stdin closes.
+- ``upgrade TARGET PATH``: a WebSocket opening handshake; reports the answer's status.
 """
 
 import json
@@ -61,6 +62,30 @@ def get(target: str, path: str) -> None:
     with _connect(target) as sock:
         sock.sendall(_request(path, close=True))
         print(json.dumps(_status(sock)))
+
+
+def upgrade(target: str, path: str) -> None:
+    handshake = (
+        b"GET %s HTTP/1.1\r\nHost: localhost\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    ) % path.encode()
+    with _connect(target) as sock:
+        sock.sendall(handshake)
+        sock.settimeout(5)
+        data = b""
+        try:
+            while b"\r\n\r\n" not in data and (chunk := sock.recv(65536)):
+                data += chunk
+            while b"101 " not in data[:13] and (chunk := sock.recv(65536)):
+                data += chunk  # a refusal's body, until the server closes
+        except OSError as exc:
+            print(json.dumps({"status": None, "error": type(exc).__name__}))
+            return
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/1.1 ") else None
+    code = (
+        data.split(b'"code": "', 1)[1].split(b'"', 1)[0].decode() if b'"code": "' in data else None
+    )
+    print(json.dumps({"status": status, "code": code}))
 
 
 def late(target: str, path: str) -> None:
@@ -180,6 +205,8 @@ if __name__ == "__main__":
         handoff(args[0], args[1], args[2])
     elif mode == "send-fd":
         send_fd(int(args[0]), args[1])
+    elif mode == "upgrade":
+        upgrade(args[0], args[1])
     elif mode == "squat":
         squat(args[0])
     else:

@@ -512,25 +512,48 @@ def test_http10_is_answered_in_http10_and_closed_unless_kept_alive(
         assert_forwarded_cleanly(request, upstream)
 
 
+WEBSOCKET = b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n"  # fmt: skip
+FRAME = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"  # a masked websocket text frame
+
+
+def test_a_websocket_upgrade_the_upstream_declines_is_never_tunnelled(
+    sidecar: int, upstream: RawUpstream
+) -> None:
+    """A WebSocket handshake goes upstream as one (with the credential), the upstream's 200
+    reaches the app as a plain answer, and bytes sent after the handshake as if a tunnel were
+    open are never relayed (credproxy answers, then closes the connection)."""
+    reply = exchange(
+        sidecar, b"GET /api/ws HTTP/1.1\r\n" + H + WEBSOCKET + b"\r\n" + FRAME, wait_s=1
+    )
+    assert [r.status for r in reply.responses] == [200] and reply.closed
+    [request] = upstream.requests
+    assert request.target == "/ws" and request.body == b""
+    assert request.values("Upgrade") == ["websocket"] and request.values("Connection") == [
+        "Upgrade"
+    ]
+    assert request.values("Sec-WebSocket-Key") == ["dGhlIHNhbXBsZSBub25jZQ=="]
+    assert request.values("X-Api-Key") == [SECRET]
+    assert upstream.problems == []
+
+
 @pytest.mark.parametrize(
     "upgrade",
     [
-        pytest.param(b"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n", id="websocket"),
         pytest.param(b"Upgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n", id="h2c"),
+        pytest.param(b"Upgrade: TLS/1.2\r\nConnection: Upgrade\r\n", id="tls"),
+        pytest.param(WEBSOCKET.replace(b"13", b"8"), id="websocket-version-8"),
     ],
 )  # fmt: skip
-def test_upgrade_is_never_tunnelled(upgrade: bytes, sidecar: int, upstream: RawUpstream) -> None:
-    """No route allows upgrades, so none happens: the request is forwarded as a plain request
-    without Upgrade/Connection, the app gets no 101, and bytes sent after it as if a tunnel were
-    open are never relayed raw (credproxy answers the request, then closes the connection)."""
-    frame = b"\x81\x85\x37\xfa\x21\x3d\x7f\x9f\x4d\x51\x58"  # a masked websocket text frame
-    reply = exchange(sidecar, b"GET /api/ws HTTP/1.1\r\n" + H + upgrade + b"\r\n" + frame, wait_s=1)
+def test_other_upgrades_are_refused_and_never_forwarded(
+    upgrade: bytes, sidecar: int, upstream: RawUpstream
+) -> None:
+    """Upgrades to anything but WebSocket (and broken WebSocket handshakes) get a problem
+    answer; the upstream sees nothing, and bytes sent after them are never relayed raw."""
+    reply = exchange(sidecar, b"GET /api/ws HTTP/1.1\r\n" + H + upgrade + b"\r\n" + FRAME, wait_s=1)
     statuses = [r.status for r in reply.responses]
-    assert statuses[0] == 200 and set(statuses[1:]) <= {400}
-    [request] = upstream.requests
-    assert request.target == "/ws" and not request.values("HTTP2-Settings")  # Connection-listed
-    assert_forwarded_cleanly(request, upstream)
-    assert upstream.problems == []
+    assert statuses[0] in (400, 501) and set(statuses[1:]) <= {400}
+    assert reply.responses[0].header("Content-Type") == "application/problem+json"
+    assert upstream.requests == [] and upstream.problems == []
 
 
 def test_expect_100_continue_to_a_refused_target_gets_the_final_answer_at_once(

@@ -40,6 +40,7 @@ from ..outbound.upstream import Answer, Upstreams, request_head
 from .listener import AppRequest
 from .routing import overridden, request_host
 from .runtime import RouteRuntime, Runtime
+from .websocket import WebSocketUpgrade
 
 _MAX_CONTENT_LENGTH = 2**63 - 1  # beyond, signed 64-bit parsers upstream overflow
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
@@ -95,6 +96,7 @@ class Handler:
         started = time.perf_counter()
         route_name = "-"
         answer_as: AnswerFormat = "problem"
+        upgrade: WebSocketUpgrade | None = None
         caller = request.connection.caller
         runtime = self.runtime  # one config for the whole request, even across a reload
         batch = runtime.signing.batch
@@ -114,7 +116,13 @@ class Handler:
             if route.config.allow_method_override:  # what the upstream may serve instead
                 for method, path in overridden(request.headers, request.method, forwarded_path):
                     route.policy.check(caller, method, path)
-            upstream_status, outcome = await self._proxy(request, route, forwarded_path, caller)
+            if request.message.upgrade:  # WebSocket, or refused: never a plain request
+                upgrade = WebSocketUpgrade.of(request, batch, started)
+            upstream_status, outcome = await self._proxy(
+                request, route, forwarded_path, caller, upgrade
+            )
+            if upgrade is not None:
+                outcome = upgrade.outcome
         except ProblemError as exc:
             exc.route = exc.route or (route_name if route_name != "-" else None)
             exc.answer_as = exc.answer_as if answer_as == "problem" else answer_as
@@ -144,8 +152,27 @@ class Handler:
         finally:
             batch.requests -= 1
         duration_s = time.perf_counter() - started
-        self._metrics.count_request(route_name, request.status, outcome, duration_s)
-        if access_log.isEnabledFor(logging.INFO):  # nothing formatted when access is off
+        self._metrics.count_request(
+            route_name,
+            request.status,
+            outcome,
+            duration_s if upgrade is None else upgrade.request_s(duration_s),
+        )
+        if upgrade is not None and upgrade.ended and access_log.isEnabledFor(logging.INFO):
+            access_log.info(
+                "%s %s route=%s status=%d upstream=%d ms=%.1f websocket=%s up_bytes=%d "
+                "down_bytes=%d",
+                request.method,
+                request.url.raw_path,
+                route_name,
+                request.status,
+                upstream_status,
+                duration_s * 1000,
+                upgrade.ended,
+                upgrade.up_bytes,
+                upgrade.down_bytes,
+            )
+        elif access_log.isEnabledFor(logging.INFO):  # nothing formatted when access is off
             access_log.info(
                 "%s %s route=%s status=%d upstream=%d outcome=%s ms=%.1f",
                 request.method,
@@ -198,9 +225,15 @@ class Handler:
         return runtime.routes[index], forwarded_path
 
     async def _proxy(
-        self, request: AppRequest, route: RouteRuntime, forwarded_path: str, caller: Caller
+        self,
+        request: AppRequest,
+        route: RouteRuntime,
+        forwarded_path: str,
+        caller: Caller,
+        upgrade: WebSocketUpgrade | None = None,
     ) -> tuple[int, str]:
-        """Forward, stream the answer back; return the upstream's status and the outcome."""
+        """Forward, stream the answer back (or splice, after a WebSocket's 101); return the
+        upstream's status and the outcome."""
         query = request.url.raw_query_string
         injector = route.injector
         body, replayable = await _request_body(request, route, self._body_idle_s)
@@ -214,6 +247,8 @@ class Handler:
         )
         if injector.usable_if_echoed:  # an echo must come back where the scrubber can see it
             outbound.headers["Accept-Encoding"] = "identity"
+        if upgrade is not None:
+            upgrade.prepare(outbound.headers)
         token = await route.source.get()
         where = route.where
         prefetched: bytes | None = None
@@ -239,6 +274,7 @@ class Handler:
                     method=request.method,
                     timeouts=route.timeouts,
                     where=where,
+                    upgrade=upgrade is not None,
                 )
             except UpstreamError as exc:
                 _mask(exc, outbound.secret)
@@ -273,6 +309,9 @@ class Handler:
             method=request.method,
             path=forwarded_path,
         )
+        if upgrade is not None and answer.status == 101:
+            await upgrade.splice(request, answer, outbound.secret, route, self._metrics)
+            return answer.status, upgrade.outcome
         if injector.usable_if_echoed and _compressed(answer, request.method):
             answer.release()
             raise UpstreamCompressedAnswer(f"{where}: Content-Encoding despite identity asked")

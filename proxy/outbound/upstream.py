@@ -87,6 +87,17 @@ class Answer:
         """Back to the pool when the body was read to its end; closed otherwise."""
         self._connection.finish(self.body.is_eof() and not self.message.should_close)
 
+    def switched(self, where: str) -> tuple[asyncio.Transport, bytes]:
+        """After a ``101`` to an ``upgrade`` exchange: the connection's transport, reading
+        paused, and the bytes the upstream sent after the 101's head; the pool forgets it."""
+        connection = self._connection
+        transport, tail = connection.transport, connection.tail
+        assert connection.switched, "no protocol switch to take over"
+        if transport is None or transport.is_closing():
+            raise UpstreamProtocolError(f"{where}: connection closed right after its 101")
+        connection.transport, connection.tail = None, b""
+        return transport, tail
+
 
 def _is_event_stream(message: RawResponseMessage) -> bool:
     content_type = message.headers.get("Content-Type", "")
@@ -96,7 +107,7 @@ def _is_event_stream(message: RawResponseMessage) -> bool:
 class _Connection(BaseProtocol):
     __slots__ = (
         "_pool", "_watched", "_answer", "_payload", "_where", "_deadline", "_idle_s",
-        "_streams_outlive", "_last_read", "received", "idle_since",
+        "_streams_outlive", "_last_read", "received", "idle_since", "_upgrade", "switched", "tail",
     )  # fmt: skip
 
     def __init__(
@@ -114,9 +125,19 @@ class _Connection(BaseProtocol):
         self._last_read = 0.0
         self.received = False  # any byte of this exchange's answer
         self.idle_since = 0.0
+        self._upgrade = False  # the request asks for a protocol switch: a 101 may answer it
+        self.switched = False  # it did: the parser is gone, the bytes after it are in ``tail``
+        self.tail = b""
 
     def start(
-        self, method: str, where: str, deadline: float, idle_s: float, streams_outlive: bool
+        self,
+        method: str,
+        where: str,
+        deadline: float,
+        idle_s: float,
+        streams_outlive: bool = False,
+        *,
+        upgrade: bool = False,
     ) -> None:
         """A new exchange: a parser for its answer (HEAD answers have no body)."""
         self._parser = HttpResponseParser(
@@ -136,6 +157,7 @@ class _Connection(BaseProtocol):
         self._idle_s = idle_s
         self._streams_outlive = streams_outlive
         self.received = False
+        self._upgrade = upgrade
 
     def awaiting(self) -> None:
         """The request is sent: from now on the upstream's silence counts (``idle_s``)."""
@@ -151,19 +173,25 @@ class _Connection(BaseProtocol):
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
-        if parser is None:  # bytes nobody asked for: this connection cannot be trusted again
-            self._close()
+        if parser is None:
+            if self.switched:  # the other protocol's bytes, until ``Answer.switched`` takes them
+                self.tail += data
+                return
+            self._close()  # bytes nobody asked for: this connection cannot be trusted again
             return
         if data:
             self.received = True
             self._last_read = self._loop.time()
         try:
-            messages, upgraded, _ = parser.feed_data(data)
+            messages, upgraded, tail = parser.feed_data(data)
         except HttpProcessingError as exc:
             self._fail(UpstreamProtocolError(f"{self._where}: invalid answer: {described(exc)}"))
             return
         for message, payload in messages:
             if message.code == 101 or upgraded:
+                if self._upgrade and message.code == 101 and upgraded:
+                    self._switch(message, payload, tail)
+                    return
                 self._fail(UpstreamProtocolError(f"{self._where}: unrequested protocol switch"))
                 return
             if message.code < 200:
@@ -191,6 +219,17 @@ class _Connection(BaseProtocol):
             return
         self._fail(UpstreamProtocolError(f"{self._where}: connection closed before an answer"))
 
+    def _switch(self, message: RawResponseMessage, payload: StreamReader, tail: bytes) -> None:
+        """The upstream switched protocols: no more HTTP on this connection, no timeouts here
+        (the tunnel keeps its own), reading paused until the tunnel takes the transport."""
+        self._parser = None
+        self.switched, self.tail = True, tail
+        self._watched.discard(self)
+        self._pause_transport_reading()
+        answer = self._answer
+        if answer is not None and not answer.done():
+            answer.set_result((message, payload))
+
     def _fail(self, error: UpstreamError) -> None:
         """Whoever waits on this exchange gets ``error``; the connection is not reused."""
         answer, payload = self._answer, self._payload
@@ -213,7 +252,12 @@ class _Connection(BaseProtocol):
     def finish(self, reusable: bool) -> None:
         self._watched.discard(self)
         self._answer = self._payload = self._parser = None
-        if reusable and self.transport is not None and not self.transport.is_closing():
+        if (
+            reusable
+            and not self._upgrade
+            and self.transport is not None
+            and not self.transport.is_closing()
+        ):
             self.idle_since = self._loop.time()
             self._pool.append(self)
         else:
@@ -248,10 +292,12 @@ class Upstreams:
         method: str,
         timeouts: Timeouts,
         where: str,
+        upgrade: bool = False,
     ) -> Answer:
         """Send one request (``head`` serialised by ``request_head``) and await its answer's
         head. A pooled connection the upstream closed before answering is replaced once, when
-        the body can be sent again."""
+        the body can be sent again. With ``upgrade`` the request asks for a protocol switch:
+        it goes on a new connection, never pooled, and a ``101`` answers it (``switched``)."""
         loop = asyncio.get_running_loop()
         if self._sweep is None:
             self._sweep = spawn(self._sweep_every(_SWEEP_S), name="upstream-timeouts")
@@ -260,12 +306,17 @@ class Upstreams:
         pool = self._idle.setdefault((origin.host, origin.port, id(context)), [])
         replayable = body is None or isinstance(body, bytes)
         while True:
-            connection = self._pooled(pool, loop.time())
+            connection = None if upgrade else self._pooled(pool, loop.time())
             reused = connection is not None
             if connection is None:
                 connection = await self._connect(loop, origin, context, pool, timeouts, where)
             connection.start(
-                method, where, deadline, timeouts.idle_s, timeouts.streams_outlive_total
+                method,
+                where,
+                deadline,
+                timeouts.idle_s,
+                timeouts.streams_outlive_total,
+                upgrade=upgrade,
             )
             try:
                 await _send(connection, head, body, chunked, deadline, where)
