@@ -197,13 +197,13 @@ def mask_echoes(data: bytes, secret: str) -> bytes:
     return Scrubber(secret).masked(data)
 
 
-_EchoTables = tuple[bytes, bool, tuple[re.Pattern[bytes], ...], bytes, bytes, bytes, int]
+_EchoTables = tuple[tuple[re.Pattern[bytes], ...], bytes, bytes, bytes]
 
 
 @functools.lru_cache(maxsize=64)  # one per credential in use, built once rather than per request
 def _echo_tables(secret: bytes) -> _EchoTables:
-    """What a ``Scrubber`` of ``secret`` looks for: (secret, whether it holds a space, the escape
-    patterns, the echo and escape translate tables, the shortest echo run, the hold window)."""
+    """What a ``Scrubber`` of ``secret`` needs for data holding an escape: (the escape patterns,
+    the echo and escape translate tables, the shortest echo run)."""
     plus = b" " in secret
     escapes = (_ESCAPE, _ESCAPE_OR_PLUS) if plus else (_ESCAPE,)
     # An echo is a run of bytes that are the secret's own or make up escapes: elsewhere
@@ -216,9 +216,7 @@ def _echo_tables(secret: bytes) -> _EchoTables:
     for byte in b"%\\&" + b"+" * plus:
         escape_bytes[byte] = 2
     run = b"\x01" * len(secret)  # an echo takes at least a byte per byte
-    # every byte but one of an echo, each at its longest, and an escape cut short
-    window = max(len(secret) - 1, 0) * _MAX_ESCAPE_BYTES + _MAX_ESCAPE_BYTES - 1
-    return secret, plus, escapes, bytes(echo_bytes), bytes(escape_bytes), run, window
+    return escapes, bytes(echo_bytes), bytes(escape_bytes), run
 
 
 class Scrubber:
@@ -230,28 +228,32 @@ class Scrubber:
     holds back only a tail that could begin an echo, so streams are not delayed.
     """
 
-    __slots__ = (
-        "_secret",
-        "_escapes",
-        "_plus",
-        "_echo_bytes",
-        "_escape_bytes",
-        "_run",
-        "_window",
-        "_tail",
-    )
+    __slots__ = ("_secret", "_plus", "_window", "_tail")
 
     def __init__(self, secret: str) -> None:
-        (
-            self._secret,
-            self._plus,
-            self._escapes,
-            self._echo_bytes,
-            self._escape_bytes,
-            self._run,
-            self._window,
-        ) = _echo_tables(secret.encode())
+        self._secret = secret.encode()
+        self._plus = b" " in self._secret
+        # every byte but one of an echo, each at its longest, and an escape cut short
+        self._window = max(len(self._secret) - 1, 0) * _MAX_ESCAPE_BYTES + _MAX_ESCAPE_BYTES - 1
         self._tail = b""
+
+    # What only data holding an escape needs: built once per secret, when first needed (a
+    # credential minted per request, a self-signed JWT, rarely gets that far).
+    @property
+    def _escapes(self) -> tuple[re.Pattern[bytes], ...]:
+        return _echo_tables(self._secret)[0]
+
+    @property
+    def _echo_bytes(self) -> bytes:
+        return _echo_tables(self._secret)[1]
+
+    @property
+    def _escape_bytes(self) -> bytes:
+        return _echo_tables(self._secret)[2]
+
+    @property
+    def _run(self) -> bytes:
+        return _echo_tables(self._secret)[3]
 
     def masked(self, data: bytes) -> bytes:
         """``data`` with every whole echo of the secret in it masked with '*'."""
