@@ -347,8 +347,8 @@ async def test_a_refused_caller_gets_no_upgrade(
 async def test_idle_and_total_limits_cut_a_session(
     credproxy: Callable[..., Credproxy], idp: IdP, upstream: ResourceServer, echo: EchoServer
 ) -> None:
-    """A silent session is cut after the route's ``idle_s``, a chatty one at ``total_s``; the
-    log and the request count say which limit ended it."""
+    """A silent session is cut after the route's ``idle_s``, a chatty one at ``total_s`` unless
+    the route lets streams outlive it; the log says which limit ended each."""
     routes = f"""\
   - name: quiet
     path_prefix: /quiet/
@@ -362,11 +362,16 @@ async def test_idle_and_total_limits_cut_a_session(
     timeouts: {{idle_s: 10, total_s: 1.5}}
     credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.write, inject: dpop}}
     allow: [{{callers: [test-suite]}}]
+  - name: long
+    path_prefix: /long/
+    upstream: {echo.origin}
+    timeouts: {{idle_s: 10, total_s: 1.5, streams_outlive_total: true}}
+    credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.write, inject: dpop}}
+    allow: [{{callers: [test-suite]}}]
 """  # noqa: E501
     proc = _start(credproxy, idp, upstream, echo, extra_route=routes)
 
-    async def session(path: str, chatty: bool) -> float:
-        started = time.monotonic()
+    async def session(path: str, chatty: bool) -> None:
         async with _connect(_ws(proc, path), ping_interval=None) as ws:
             with pytest.raises(ConnectionClosed):
                 for _ in range(100):
@@ -374,13 +379,18 @@ async def test_idle_and_total_limits_cut_a_session(
                         await ws.send("tick")
                         await ws.recv()
                     await asyncio.wait_for(ws.recv() if not chatty else asyncio.sleep(0.2), 20)
-        return time.monotonic() - started
 
-    quiet, short = await asyncio.gather(session("/quiet/x", False), session("/short/x", True))
-    assert 0.9 < quiet < 3 and 1.4 < short < 3.5
-    await _eventually(lambda: len(_access(proc)) == 2, what="two access lines")
-    ended = sorted(re.search(r"websocket=(\w+)", line)[1] for line in _access(proc))  # type: ignore[index]
-    assert ended == ["idle_timeout", "total_timeout"]
+    await asyncio.gather(session("/quiet/x", False), session("/short/x", True))
+    # a route whose streams outlive total_s: chatty past 1.5 s, then closed by the app
+    async with _connect(_ws(proc, "/long/x"), ping_interval=None) as ws:
+        for _ in range(12):
+            await ws.send("tick")
+            assert await ws.recv() == "tick"
+            await asyncio.sleep(0.2)
+    await _eventually(lambda: len(_access(proc)) == 3, what="three access lines")
+    ended = dict(re.findall(r"route=(\w+) .*websocket=(\w+)", "\n".join(_access(proc))))
+    assert ended["quiet"] == "idle_timeout" and ended["short"] == "total_timeout"
+    assert ended["long"] not in ("idle_timeout", "total_timeout")
 
 
 async def _round_trips(ws: ClientConnection, count: int) -> list[float]:
@@ -412,7 +422,6 @@ async def test_added_round_trip_latency_is_measured(
         f"\nwebsocket echo round trip, median of 200: direct {direct * 1e6:.0f} µs, "
         f"through credproxy {proxied * 1e6:.0f} µs, added {(proxied - direct) * 1e6:.0f} µs"
     )
-    assert proxied > 0 and direct > 0
 
 
 async def _accept_all(*_: object) -> dict[str, Any]:

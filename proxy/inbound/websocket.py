@@ -36,9 +36,11 @@ def _tokens(values: list[str]) -> list[str]:
 
 
 def session_limits(route: RouteRuntime) -> tuple[float, float | None]:
-    """(idle, total) seconds for a spliced session: the route's ``timeouts``. The one place
-    these are decided (``total`` None: no total limit)."""
-    return route.timeouts.idle_s, route.timeouts.total_s
+    """(idle, total) seconds for a spliced session: the route's ``timeouts``, where
+    ``streams_outlive_total`` lifts ``total_s`` as for event streams. The one place these are
+    decided (``total`` None: no total limit)."""
+    timeouts = route.timeouts
+    return timeouts.idle_s, None if timeouts.streams_outlive_total else timeouts.total_s
 
 
 class WebSocketUpgrade:
