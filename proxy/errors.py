@@ -57,10 +57,9 @@ original's text could quote a secret or a request):
 - upstreams (OSError, ``ssl.SSLError``, TimeoutError, parser errors): ``outbound.upstream``
   (connecting: ``Upstreams._connect``; the answer: ``_Connection``'s parser callbacks; the body:
   ``_send``) → ``Upstream*``
-- IdPs over HTTP (aiohttp, OSError, TimeoutError, JSON): ``credentials.issuers.oauth2``
-  (``OAuth2Issuer._call`` and ``_json``; token exchange inherits them) → ``IssuerError``
-- OpenBao / Vault over HTTP (aiohttp, OSError, TimeoutError, JSON):
-  ``credentials.issuers.openbao`` (``OpenBaoIssuer._call`` and ``_json``) → ``IssuerError``
+- IdPs and OpenBao / Vault over HTTP (aiohttp, OSError, TimeoutError, JSON):
+  ``credentials.issuers.exchange`` (``call`` and ``json_object``; the OAuth2, token exchange
+  and OpenBao issuers pass how they name themselves) → ``IssuerError``
 - AWS STS (botocore ``ClientError``, ``BotoCoreError``): ``aws_sdk.sts_errors`` → ``IssuerError``
 - the leader worker (aiohttp, TimeoutError, JSON): ``credentials.token_share.LeaderClient.fetch``
   → ``IssuerError``

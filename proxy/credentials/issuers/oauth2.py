@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import email.utils
 import json
 import secrets
 import time
@@ -20,7 +19,6 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
-from multidict import CIMultiDict
 from yarl import URL
 
 from ...config.base import is_loopback
@@ -33,9 +31,9 @@ from ..dpop import DPoPKey
 from ..identity import load_signing_key, read_secret_file
 from ..jose import Signer
 from ..token_cache import CacheKey, Token
+from . import exchange
 from .base import issuer
 
-_MAX_RESPONSE_BYTES = 64 * 1024
 _DEFAULT_LIFETIME_S = 300.0
 
 
@@ -132,7 +130,7 @@ class OAuth2Issuer:
         for candidate in candidates:
             status, body, _ = await self._call("GET", candidate)
             if status == 200:
-                document = self._json(body, candidate)
+                document = exchange.json_object(body, candidate, self._error)
                 break
             if status != 404:
                 raise self._error(f"discovery at {candidate} answered HTTP {status}")
@@ -169,7 +167,7 @@ class OAuth2Issuer:
         if nonce := response_headers.get("DPoP-Nonce"):
             self._dpop_nonce = nonce
         if status == 200:
-            return self._json(raw, endpoint)
+            return exchange.json_object(raw, endpoint, self._error)
         error = self._oauth_error(raw)
         if bound and error.startswith("use_dpop_nonce") and nonce:
             return None
@@ -177,7 +175,7 @@ class OAuth2Issuer:
         raise IssuerError(
             f"{self._where}: token endpoint {endpoint} answered HTTP {status}: "
             f"{error or 'no error code'}",
-            asked_delay_s=_retry_after_s(response_headers.get("Retry-After")),
+            asked_delay_s=exchange.retry_after_s(response_headers.get("Retry-After")),
         )
 
     async def revoke(self, token: Token) -> str:
@@ -260,38 +258,16 @@ class OAuth2Issuer:
         lifetime_s = min(float(expires_in), self.config.max_lifetime_s)
         return Token(value=Secret(value), token_type=expected, lifetime_s=lifetime_s)
 
-    async def _call(
-        self, method: str, url: str, **kwargs: Any
-    ) -> tuple[int, bytes, CIMultiDict[str]]:
-        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
-        try:
-            async with self._session.request(
-                method,
-                url,
-                timeout=timeout,
-                ssl=self._tls.current(),
-                allow_redirects=False,
-                **kwargs,
-            ) as response:
-                body = await _read_limited(response)
-                return response.status, body, response.headers.copy()
-        except TimeoutError:
-            raise self._error(
-                f"{url} did not answer within {self.config.request_timeout_s:g}s"
-            ) from None
-        except aiohttp.ClientSSLError as exc:
-            raise self._error(f"TLS to {url} failed: {exc.__class__.__name__}") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise self._error(f"{url} unreachable: {exc.__class__.__name__}: {exc}") from None
-
-    def _json(self, raw: bytes, url: str) -> dict[str, Any]:
-        try:
-            document = json.loads(raw)
-        except ValueError:
-            raise self._error(f"{url} answered something that is not JSON") from None
-        if not isinstance(document, dict):
-            raise self._error(f"{url} answered JSON that is not an object")
-        return document
+    async def _call(self, method: str, url: str, **kwargs: Any) -> exchange.Answer:
+        return await exchange.call(
+            self._session,
+            method,
+            url,
+            timeout_s=self.config.request_timeout_s,
+            tls=self._tls.current(),
+            error=self._error,
+            **kwargs,
+        )
 
     @staticmethod
     def _oauth_error(raw: bytes) -> str:
@@ -318,31 +294,5 @@ class OAuth2Issuer:
         return IssuerError(f"{self._where}: {detail}")
 
 
-def _retry_after_s(value: str | None) -> float | None:
-    """RFC 9110 §10.2.3: delay seconds or an HTTP date; None when absent or unreadable."""
-    if value is None:
-        return None
-    if value.strip().isdigit():
-        return float(value.strip())
-    try:
-        moment = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if moment.tzinfo is None:
-        return None
-    return max(0.0, moment.timestamp() - time.time())
-
-
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode()).decode("ascii")
-
-
-async def _read_limited(response: aiohttp.ClientResponse) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in response.content.iter_any():
-        size += len(chunk)
-        if size > _MAX_RESPONSE_BYTES:
-            raise aiohttp.ClientPayloadError(f"response larger than {_MAX_RESPONSE_BYTES} bytes")
-        chunks.append(chunk)
-    return b"".join(chunks)

@@ -30,8 +30,8 @@ from ...secret import Secret
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
+from . import exchange
 from .base import issuer
-from .oauth2 import _read_limited, _retry_after_s
 
 _RENEW_AHEAD_MAX_S = 300.0
 
@@ -222,7 +222,7 @@ class OpenBaoIssuer:
             )
 
     def _auth(self, body: bytes, path: str) -> Login:
-        auth = self._json(body, path).get("auth")
+        auth = exchange.json_object(body, path, self._error).get("auth")
         token = auth.get("client_token") if isinstance(auth, dict) else None
         if not isinstance(auth, dict) or not isinstance(token, str) or not token.isascii():
             raise self._error(f"{path} answered without a usable auth.client_token")
@@ -234,7 +234,7 @@ class OpenBaoIssuer:
 
     def _kv_token(self, body: bytes, path: str) -> Token:
         secret = self.config.secret
-        data = self._json(body, path).get("data")
+        data = exchange.json_object(body, path, self._error).get("data")
         values = data.get("data") if isinstance(data, dict) else None
         metadata = data.get("metadata") if isinstance(data, dict) else None
         if not isinstance(values, dict):
@@ -275,36 +275,16 @@ class OpenBaoIssuer:
             headers["X-Vault-Token"] = token.reveal()
         if self.config.namespace:
             headers["X-Vault-Namespace"] = self.config.namespace
-        timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
-        try:
-            async with self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=None if payload is None else json.dumps(payload),
-                timeout=timeout,
-                ssl=self._tls.current(),
-                allow_redirects=False,
-            ) as response:
-                body = await _read_limited(response)
-                return response.status, body, response.headers.copy()
-        except TimeoutError:
-            raise self._error(
-                f"{url} did not answer within {self.config.request_timeout_s:g}s"
-            ) from None
-        except aiohttp.ClientSSLError as exc:
-            raise self._error(f"TLS to {url} failed: {exc.__class__.__name__}") from None
-        except (aiohttp.ClientError, OSError) as exc:
-            raise self._error(f"{url} unreachable: {exc.__class__.__name__}: {exc}") from None
-
-    def _json(self, raw: bytes, path: str) -> dict[str, Any]:
-        try:
-            document = json.loads(raw)
-        except ValueError:
-            raise self._error(f"{path} answered something that is not JSON") from None
-        if not isinstance(document, dict):
-            raise self._error(f"{path} answered JSON that is not an object")
-        return document
+        return await exchange.call(
+            self._session,
+            method,
+            url,
+            timeout_s=self.config.request_timeout_s,
+            tls=self._tls.current(),
+            error=self._error,
+            headers=headers,
+            data=None if payload is None else json.dumps(payload),
+        )
 
     @staticmethod
     def _vault_error(status: int, raw: bytes) -> str:
@@ -321,6 +301,6 @@ class OpenBaoIssuer:
         self, detail: str, headers: CIMultiDict[str] | None = None, *, at: str = ""
     ) -> IssuerError:
         """An error naming the config path it concerns (``issuers.<name>.<at>``)."""
-        asked = _retry_after_s(headers.get("Retry-After")) if headers is not None else None
+        asked = exchange.retry_after_s(headers.get("Retry-After")) if headers is not None else None
         where = f"{self._where}.{at}" if at else self._where
         return IssuerError(f"{where}: {detail}", asked_delay_s=asked)
