@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import json
 import random
@@ -435,21 +436,33 @@ class RawWebSocketUpstream:
     def __init__(self, answer: Callable[[bytes], bytes]) -> None:
         self.answer = answer
         self.handshakes = 0
+        self._writers: set[asyncio.StreamWriter] = set()
 
     async def __aenter__(self) -> str:
         async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            head = await reader.readuntil(b"\r\n\r\n")
-            self.handshakes += 1
-            key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)[1]  # type: ignore[index]
-            writer.write(self.answer(key))
-            await reader.read()  # until credproxy closes
-            writer.close()
+            self._writers.add(writer)
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                self.handshakes += 1
+                key = re.search(rb"(?i)sec-websocket-key: *(\S+)", head)[1]  # type: ignore[index]
+                writer.write(self.answer(key))
+                await reader.read()  # until credproxy closes, or the test ends
+            finally:
+                self._writers.discard(writer)
+                writer.close()
 
         self._server = await asyncio.start_server(serve, "127.0.0.1", 0)
         return f"http://127.0.0.1:{self._server.sockets[0].getsockname()[1]}"
 
     async def __aexit__(self, *_: object) -> None:
+        """Connections still open (credproxy has not closed them yet) are closed here, inside
+        the test's loop, rather than collected after it has closed."""
         self._server.close()
+        for writer in list(self._writers):
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await self._server.wait_closed()
 
 
 def _accept(key: bytes) -> bytes:
