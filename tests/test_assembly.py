@@ -11,7 +11,8 @@ import pytest
 
 from proxy.audit.trail import Audit
 from proxy.config.loader import parse
-from proxy.credentials.token_cache import MintingSource, TokenSource
+from proxy.credentials.minting import MintingSource
+from proxy.credentials.token_cache import TokenSource
 from proxy.inbound.runtime import Runtime
 from proxy.lifecycle.assembly import build
 from proxy.metrics import Metrics

@@ -5,7 +5,6 @@ token renewed, replaced when refused and revoked at SIGTERM, and OpenBao outages
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -133,11 +132,12 @@ async def test_kv_value_is_injected_rotated_without_restart_and_the_vault_token_
     second = "kv-second-" + "0f1e2d3c4b5a6978"
     bao.put_secret({"api_key": second})
     api.expected = second
-    deadline = time.monotonic() + 10
-    while api.seen[-1] != second:
-        assert time.monotonic() < deadline, "the new KV version was not picked up"
+    for _ in range(50):  # the re-read (reread_s) is the event waited for, a few polls apart
+        if api.seen[-1] == second:
+            break
         await asyncio.sleep(0.2)
         status, body, _ = await _get(client, proc.url)
+    assert api.seen[-1] == second, "the new KV version was not picked up"
     assert status == 200 and second not in body
 
     events = [e for e in proc.audit() if e["event"].startswith("credential.")]
@@ -248,25 +248,24 @@ async def test_openbao_down_serves_while_valid_then_503_and_recovers_when_back(
         proc = credproxy(text)
         assert (await _get(client, proc.url))[0] == 200
         own.stop()
-        stopped = time.monotonic()
-        assert (await _get(client, proc.url))[0] == 200  # still valid
-        while True:
+        assert (await _get(client, proc.url))[0] == 200  # still valid: served from the cache
+        for _ in range(50):  # until serve_stale_s (4 s) runs out: polls, not a timed bound
             status, body, retry_after = await _get(client, proc.url)
             if status != 200:
                 break
-            assert time.monotonic() - stopped < 10, "served long after serve_stale_s"
             await asyncio.sleep(0.2)
-        assert time.monotonic() - stopped >= 2.5, "stopped serving before serve_stale_s"
         assert status == 503 and "credential_unavailable" in body and retry_after
         assert value not in body
 
         own.start()
         own.configure()
         own.put_secret({"api_key": value})
-        deadline = time.monotonic() + 15
-        while (await _get(client, proc.url))[0] != 200:
-            assert time.monotonic() < deadline, f"not recovered:\n{proc.log()[-2000:]}"
+        for _ in range(50):  # recovery is the event waited for
+            if (await _get(client, proc.url))[0] == 200:
+                break
             await asyncio.sleep(0.3)
+        else:
+            raise AssertionError(f"not recovered:\n{proc.log()[-2000:]}")
         wait_until(lambda: len(own.issued_tokens()) >= 1, what="a login at the new server")
     finally:
         own.stop()

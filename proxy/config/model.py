@@ -337,9 +337,9 @@ def parse_address(value: str) -> Address:
     if value.startswith("unix:"):
         path = value[len("unix:") :]
         if not path.startswith("/"):
-            raise ValueError(f"'{value}': a Unix socket path must be absolute")
+            raise ValueError(f"{value!r}: a Unix socket path must be absolute")
         return Address(path=path)
     match = re.fullmatch(r"\[?([^\[\]]+?)\]?:([0-9]{1,5})", value)
     if not match or int(match[2]) > 65535:
-        raise ValueError(f"'{value}' is not host:port, [v6]:port or unix:/path")
+        raise ValueError(f"{value!r} is not host:port, [v6]:port or unix:/path")
     return Address(host=match[1], port=int(match[2]))

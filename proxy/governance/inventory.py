@@ -11,7 +11,7 @@ from typing import Any
 from ..audit.usage import Usage
 from ..config.issuers import AWSIssuerConfig, IssuerConfig, StaticIssuerConfig
 from ..config.model import Config
-from ..credentials.token_cache import MintingSource
+from ..credentials.minting import MintingSource
 from ..inbound.runtime import Runtime
 
 COLUMNS = ("issuer", "audience", "scope", "routes", "owner", "expires_at", "last_refresh",

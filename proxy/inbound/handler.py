@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import time
 from http import HTTPStatus
-
-from aiohttp import StreamReader
-from multidict import CIMultiDict
 
 from ..access.break_glass import BreakGlass
 from ..access.callers import Caller
@@ -23,12 +19,9 @@ from ..errors import (
     InternalError,
     InvalidPath,
     PathNotAllowed,
-    PayloadTooLarge,
     ProblemError,
     RequestRefused,
-    RequestTimeout,
     RouteNotFound,
-    TransferCodingNotImplemented,
     UpstreamCompressedAnswer,
     UpstreamError,
     UpstreamTimeout,
@@ -37,12 +30,12 @@ from ..log import access_log, server_log
 from ..metrics import Metrics
 from ..outbound.hygiene import Scrubber, mask_echoes, request_headers, response_head_lines
 from ..outbound.upstream import Answer, Upstreams, request_head
+from .body import framed, request_body
 from .listener import AppRequest
 from .routing import overridden, request_host
 from .runtime import RouteRuntime, Runtime
 from .websocket import WebSocketUpgrade
 
-_MAX_CONTENT_LENGTH = 2**63 - 1  # beyond, signed 64-bit parsers upstream overflow
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
@@ -236,12 +229,12 @@ class Handler:
         upstream's status and the outcome."""
         query = request.url.raw_query_string
         injector = route.injector
-        body, replayable = await _request_body(request, route, self._body_idle_s)
+        body, replayable = await request_body(request, route, self._body_idle_s)
         outbound = Outbound(
             method=request.method,
             url=route.target.url_for(forwarded_path + ("?" + query if query else "")),
             htu=route.target.htu_for(forwarded_path),
-            headers=_framed(request_headers(request.headers, route.strip), request),
+            headers=framed(request_headers(request.headers, route.strip), request),
             body=body if isinstance(body, bytes) else None,
             has_body=body is not None,
         )
@@ -376,58 +369,6 @@ def _compressed(answer: Answer, method: str) -> bool:
         return False
     codings = ",".join(headers.getall("Content-Encoding", ()))
     return any(c.strip().lower() not in ("", "identity") for c in codings.split(","))
-
-
-def _framed(headers: CIMultiDict[str], request: AppRequest) -> CIMultiDict[str]:
-    """The app's Content-Length re-serialised from the parsed value: the proxy's own framing."""
-    if "Content-Length" in headers and request.content_length is not None:
-        headers["Content-Length"] = str(request.content_length)
-    return headers
-
-
-async def _request_body(
-    request: AppRequest, route: RouteRuntime, idle_s: float
-) -> tuple[bytes | StreamReader | None, bool]:
-    """The body to send and whether it can be sent twice. Streams unless the injector must hash
-    it (bounded: 413 beyond) or it is small enough to keep for one replay."""
-    codings = ",".join(request.headers.getall("Transfer-Encoding", ())).lower()
-    if codings and [c.strip() for c in codings.split(",") if c.strip() != "identity"] != [
-        "chunked"
-    ]:
-        raise TransferCodingNotImplemented(f"Transfer-Encoding {codings[:60]!r}")
-    if not request.body_exists:
-        return None, True
-    length = request.content_length
-    if length is not None and length > _MAX_CONTENT_LENGTH:
-        raise PayloadTooLarge(f"Content-Length {length}")
-    bound = route.injector.body_max_bytes
-    if route.injector.needs_body and length is not None and length > bound:
-        raise PayloadTooLarge(f"body of {length} bytes, route limit {bound}")
-    if request.version >= (1, 1) and request.headers.get("Expect", "").lower() == "100-continue":
-        request.send_continue()
-    if route.injector.needs_body:
-        return await _read_body(request.body, bound, idle_s), True
-    if length is not None and length <= route.config.retry_body_max_bytes:
-        return await _read_body(request.body, length, idle_s), True
-    return request.body, False
-
-
-async def _read_body(body: StreamReader, bound: int, idle_s: float) -> bytes:
-    """The whole body, at most ``bound`` bytes (413 beyond), each read within ``idle_s`` (408)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        try:
-            async with asyncio.timeout(idle_s):
-                chunk = await body.readany()
-        except TimeoutError:
-            raise RequestTimeout(f"no request body byte for {idle_s:g}s") from None
-        if not chunk:
-            return b"".join(chunks)
-        size += len(chunk)
-        if size > bound:
-            raise PayloadTooLarge(f"body over the route limit of {bound} bytes")
-        chunks.append(chunk)
 
 
 async def _small_body(answer: Answer) -> bytes | None:

@@ -13,7 +13,8 @@ from ..access.policy import Admission, RoutePolicy
 from ..config.model import Config, RouteConfig
 from ..credentials.injectors import Injector, Signing
 from ..credentials.issuers import Issuer
-from ..credentials.token_cache import CacheKey, MintingSource, TokenSource
+from ..credentials.minting import MintingSource
+from ..credentials.token_cache import CacheKey, TokenSource
 from ..outbound.tls import ClientTLS
 from ..outbound.upstream import Origin, Timeouts
 from .guard import Guard

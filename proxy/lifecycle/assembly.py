@@ -16,8 +16,9 @@ from ..config.model import Config, RouteConfig
 from ..credentials.dpop import DPoPKey
 from ..credentials.injectors import Signing, make_injector
 from ..credentials.issuers import Issuer, SelfSignedJWTIssuer, make_issuer
+from ..credentials.minting import MintingSource
 from ..credentials.signing import SignatureBatch
-from ..credentials.token_cache import CacheKey, MintingSource, Token, TokenSource
+from ..credentials.token_cache import CacheKey, Token, TokenSource
 from ..credentials.token_share import LeaderClient
 from ..inbound.guard import Guard
 from ..inbound.routing import RouteTable, Target
