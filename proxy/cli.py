@@ -241,6 +241,7 @@ def _run(loaded: model.Config, path: Path, *, workers: int) -> int:
         log.server_log.error("cannot start: %s", exc)
         return 1
     finally:
+        log.ACCESS.close()
         if workers > 1:
             shutil.rmtree(os.environ["PROMETHEUS_MULTIPROC_DIR"], ignore_errors=True)
     return 0

@@ -392,7 +392,14 @@ async def test_metrics_and_readiness(idp, upstream, credproxy, client):
     assert len(expiry) == 1 and float(expiry[0].split()[-1]) > time.time() + 30
     assert "credproxy_request_duration_seconds_bucket" in metrics
     assert "credproxy_upstream_duration_seconds_count" in metrics
-    access = [json.loads(line) for line in proc.log().splitlines() if '"credproxy.access"' in line]
+
+    def access_lines() -> list[dict[str, str]]:
+        return [
+            json.loads(line) for line in proc.log().splitlines() if '"credproxy.access"' in line
+        ]
+
+    wait_until(lambda: len(access_lines()) >= 2, what="two access lines")
+    access = access_lines()
     assert [entry["msg"].split(" route=")[0] for entry in access] == [
         "GET /payments/v1/charges",
         "GET /missing",

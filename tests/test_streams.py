@@ -15,7 +15,7 @@ import httpx
 import pytest
 from aiohttp import web
 
-from tests.counterparts import IdP, config
+from tests.counterparts import IdP, config, wait_until
 
 EVENTS = 5
 
@@ -201,9 +201,11 @@ async def test_a_stream_cut_by_total_s_is_counted_as_cut_unless_the_route_lets_i
     )  # fmt: skip
     out, _ = await whole.communicate()
     assert whole.returncode == 0 and out.count(b"data: tick") == 6
-    log = proc.log()
-    assert "route=static status=200 upstream=200 outcome=upstream_timeout" in log
-    assert "route=sigv4 status=200 upstream=200 outcome=proxied" in log
+    expected = (  # written by the access log's thread, just after the answers
+        "route=static status=200 upstream=200 outcome=upstream_timeout",
+        "route=sigv4 status=200 upstream=200 outcome=proxied",
+    )
+    wait_until(lambda: all(line in proc.log() for line in expected), what="the access lines")
     async with client.get(proc.admin_url + "/metrics") as response:
         metrics = await response.text()
     assert 'route="static"' in metrics and 'outcome="upstream_timeout"' in metrics

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from http import HTTPStatus
 
@@ -26,7 +25,7 @@ from ..errors import (
     UpstreamError,
     UpstreamTimeout,
 )
-from ..log import access_log, server_log
+from ..log import ACCESS, server_log
 from ..metrics import Metrics
 from ..outbound.hygiene import Scrubber, mask_echoes, request_headers, response_head_lines
 from ..outbound.upstream import Answer, Upstreams, request_head
@@ -151,30 +150,20 @@ class Handler:
             outcome,
             duration_s if upgrade is None else upgrade.request_s(duration_s),
         )
-        if upgrade is not None and upgrade.ended and access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s %s route=%s status=%d upstream=%d ms=%.1f websocket=%s up_bytes=%d "
-                "down_bytes=%d",
-                request.method,
-                request.url.raw_path,
-                route_name,
-                request.status,
-                upstream_status,
-                duration_s * 1000,
-                upgrade.ended,
-                upgrade.up_bytes,
-                upgrade.down_bytes,
+        if not ACCESS.enabled:
+            return
+        path = request.url.raw_path
+        ms = duration_s * 1000
+        if upgrade is not None and upgrade.ended:
+            ACCESS.write(
+                f"{request.method} {path} route={route_name} status={request.status} "
+                f"upstream={upstream_status} ms={ms:.1f} websocket={upgrade.ended} "
+                f"up_bytes={upgrade.up_bytes} down_bytes={upgrade.down_bytes}"
             )
-        elif access_log.isEnabledFor(logging.INFO):  # nothing formatted when access is off
-            access_log.info(
-                "%s %s route=%s status=%d upstream=%d outcome=%s ms=%.1f",
-                request.method,
-                request.url.raw_path,
-                route_name,
-                request.status,
-                upstream_status,
-                outcome,
-                duration_s * 1000,
+        else:
+            ACCESS.write(
+                f"{request.method} {path} route={route_name} status={request.status} "
+                f"upstream={upstream_status} outcome={outcome} ms={ms:.1f}"
             )
 
     @staticmethod

@@ -33,7 +33,7 @@ from types import FrameType
 from ..config.model import Address, Config, loopback_twin, parse_address
 from ..credentials.dpop import DPoPKey
 from ..errors import StartError
-from ..log import server_log
+from ..log import ACCESS, server_log
 from ..secret import INSTANCE  # drawn here, before forking: every worker fingerprints alike
 from .unix_socket import bind_unix, cannot_listen
 
@@ -162,6 +162,7 @@ def supervise(config: Config, path: Path, count: int) -> int:
             server_log.exception("worker %d failed", index)
             code = 1
         finally:
+            ACCESS.close()
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(code)
