@@ -8,6 +8,7 @@ models this module takes its unions from) and the shared pieces in ``base``.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,6 +184,11 @@ class RouteConfig(Owned):
         return self
 
     @property
+    def uses_svid(self) -> bool:
+        """Whether the route presents the X.509-SVID or checks the upstream's SPIFFE ID."""
+        return False
+
+    @property
     def path_mode(self) -> Literal["normalized", "opaque"]:
         """``path`` as written, else opaque for S3 (keys are opaque bytes: 'a//b' and '../x'
         are keys S3 stores as such and never resolves), else normalized."""
@@ -196,8 +202,37 @@ class RouteConfig(Owned):
         return "normalized"
 
 
+class SPIFFEConfig(Model):
+    """The SPIFFE Workload API (a SPIRE agent's socket): SVIDs as the workload's identity."""
+
+    socket: str | None = Field(
+        None,
+        pattern=r"^(unix:(//)?/\S+|tcp://\S+:[0-9]+)$",
+        description="e.g. unix:///run/spire/agent/public/api.sock; default: the "
+        "SPIFFE_ENDPOINT_SOCKET environment variable",
+    )
+    timeout_s: Duration = Field(10.0, description="bound on one Workload API call")
+    backoff_max_s: Duration = Field(
+        30.0, description="ceiling of the jittered backoff between reconnections to the agent"
+    )
+
+
+SPIFFE_SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"
+
+
 class IdentityConfig(Model):
     token_file: Path | None = Field(None, description="projected token / JWT-SVID (later issuers)")
+    spiffe: SPIFFEConfig | None = Field(
+        None,
+        description="the SPIFFE Workload API; needed (or SPIFFE_ENDPOINT_SOCKET) when an issuer "
+        "or route uses an SVID",
+    )
+
+    def spiffe_socket(self) -> str | None:
+        """``spiffe.socket``, else ``SPIFFE_ENDPOINT_SOCKET`` (the SPIFFE standard's default)."""
+        configured = self.spiffe.socket if self.spiffe is not None else None
+        return configured or os.environ.get(SPIFFE_SOCKET_ENV) or None
+
     dpop_alg: Literal["ES256", "EdDSA"] = "ES256"
 
 

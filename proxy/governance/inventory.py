@@ -13,6 +13,7 @@ from ..config.issuers import AWSIssuerConfig, IssuerConfig, StaticIssuerConfig
 from ..config.model import Config
 from ..credentials.minting import MintingSource
 from ..inbound.runtime import Runtime
+from ..spiffe.workload_api import WorkloadAPI
 
 COLUMNS = ("issuer", "audience", "scope", "routes", "owner", "expires_at", "last_refresh",
            "last_use", "use_count", "legacy")  # fmt: skip
@@ -31,11 +32,13 @@ def _entries(config: Config) -> dict[tuple[str, str | None, str | None], dict[st
     for route in config.routes:
         credential = route.credential
         issuer = config.issuers[credential.issuer]
-        key = (credential.issuer, credential.audience, credential.scope)
+        audience = credential.cache_audience(route.upstream)
+        key = (credential.issuer, audience, credential.scope)
         entry = entries.setdefault(key, {
-            "issuer": credential.issuer, "type": issuer.type, "audience": credential.audience,
+            "issuer": credential.issuer, "type": issuer.type, "audience": audience,
             "scope": credential.scope, "inject": credential.inject, "routes": [],
             "owner": issuer.owner, "purpose": issuer.purpose, "legacy": _legacy(issuer),
+            "svid_rooted": issuer.uses_svid,
         })  # fmt: skip
         entry["routes"].append({"name": route.name, "owner": route.owner, "purpose": route.purpose})
     return entries
@@ -45,9 +48,28 @@ def from_config(config: Config) -> list[dict[str, Any]]:
     return list(_entries(config).values())
 
 
-def inventory(runtime: Runtime, usage: Usage) -> list[dict[str, Any]]:
+def svid_entry(workload_api: WorkloadAPI) -> dict[str, Any]:
+    """The X.509-SVID the sidecar holds (from the SPIFFE Workload API): its ID, serial,
+    certificate fingerprint and expiry; never its key."""
+    svid = workload_api.x509
+    return {
+        "issuer": "spiffe-workload-api", "type": "x509_svid", "audience": None, "scope": None,
+        "inject": None, "routes": [], "owner": None, "purpose": "workload identity",
+        "legacy": False, "svid_rooted": True, "binding": "x509",
+        "spiffe_id": svid.spiffe_id if svid else None,
+        "serial": svid.serial if svid else None,
+        "fingerprint": svid.fingerprint if svid else None,
+        "expires_at": round(svid.expires_at, 3) if svid else None,
+        "last_refresh": None, "rotations": workload_api.rotations,
+        "socket": workload_api.socket,
+    }  # fmt: skip
+
+
+def inventory(
+    runtime: Runtime, usage: Usage, workload_api: WorkloadAPI | None = None
+) -> list[dict[str, Any]]:
     entries = _entries(runtime.config)
-    out = []
+    out = [svid_entry(workload_api)] if workload_api is not None else []
     for key, source in runtime.sources.items():
         entry = dict(entries[(key.issuer, key.audience, key.scope)])
         token = source.token

@@ -36,6 +36,7 @@ from ..inbound.routing import request_host
 from ..inbound.runtime import Runtime
 from ..log import server_log
 from ..metrics import Metrics
+from ..spiffe.workload_api import WorkloadAPI
 from ..tasks import spawn
 from ..wire import RequestHandler
 from .unix_socket import bind_unix
@@ -72,6 +73,8 @@ class Sidecar(Protocol):
     def break_glass(self) -> BreakGlass: ...
     @property
     def workers(self) -> int: ...
+    @property
+    def workload_api(self) -> WorkloadAPI | None: ...
     def sample_gauges(self) -> None: ...
 
 

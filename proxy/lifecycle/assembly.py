@@ -27,6 +27,7 @@ from ..metrics import Metrics
 from ..outbound.hygiene import CREDENTIAL_HEADERS, HOP_BY_HOP, OVERRIDE_HEADERS
 from ..outbound.tls import ClientTLS
 from ..outbound.upstream import Origin, Timeouts
+from ..spiffe.workload_api import WorkloadAPI
 
 
 def build(
@@ -38,6 +39,7 @@ def build(
     previous: Runtime | None = None,
     dpop_key: DPoPKey | None = None,
     leader: LeaderClient | None = None,
+    workload_api: WorkloadAPI | None = None,
 ) -> Runtime:
     """Raise ``IdentityError`` (naming the config path) when a key or secret file is unusable.
 
@@ -57,6 +59,7 @@ def build(
             session=session,
             dpop_key=dpop_key,
             identity=config.identity,
+            workload_api=workload_api,
         )
         for name, issuer in config.issuers.items()
     }
@@ -67,7 +70,10 @@ def build(
         issuer = issuers[credential.issuer]
         injector = make_injector(route, issuer, signing)
         key = CacheKey(
-            credential.issuer, credential.audience, credential.scope, injector.binds_token
+            credential.issuer,
+            credential.cache_audience(route.upstream),
+            credential.scope,
+            injector.binds_token,
         )
         kept = previous.sources.get(key) if previous is not None else None
         if kept is not None and issuers[key.issuer] is same.get(key.issuer):

@@ -33,6 +33,7 @@ from ..inbound.runtime import Runtime
 from ..log import server_log
 from ..metrics import Metrics
 from ..outbound.upstream import Upstreams
+from ..spiffe.workload_api import WorkloadAPI
 from ..tasks import spawn
 from . import control, telemetry
 from .admin_http import ADMIN_DESCRIPTORS, AdminServer, remove_socket, unix_socket
@@ -124,6 +125,7 @@ class Server:
         self._retiring: dict[asyncio.Task[None], Runtime] = {}  # replaced by reloads
         self._reload_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        self.workload_api: WorkloadAPI | None = None
         self._gauges: asyncio.Task[None] | None = None
         self.app_addresses: list[Address] = []
         self.admin_address: Address | None = None
@@ -173,6 +175,7 @@ class Server:
             audit=self.audit,
             dpop_key=self._dpop_key,
             leader=self._leader,
+            workload_api=self._workload_api_for(self.config),
         )
         if self._leader_socket is not None and self._is_leader:
             shared = web.AppRunner(leader_app(lambda: self.runtime.sources), access_log=None)
@@ -211,6 +214,26 @@ class Server:
             self.control_address,
             len(self._runtime.routes),
         )
+
+    def _workload_api_for(self, config: Config) -> WorkloadAPI | None:
+        """The SPIFFE Workload API client, started on first need and kept for the process (a
+        changed socket takes effect on restart); None when nothing uses an SVID."""
+        if self.workload_api is not None:
+            return self.workload_api
+        socket = config.identity.spiffe_socket()
+        if socket is None or (config.identity.spiffe is None and not loader.svid_users(config)):
+            return None
+        spiffe = config.identity.spiffe
+        self.workload_api = WorkloadAPI(
+            socket,
+            metrics=self.metrics,
+            audit=self.audit,
+            timeout_s=spiffe.timeout_s if spiffe else 10.0,
+            backoff_max_s=spiffe.backoff_max_s if spiffe else 30.0,
+        )
+        self.workload_api.start()
+        server_log.info("SPIFFE Workload API: %s", socket)
+        return self.workload_api
 
     async def _warm_up(self) -> None:
         for source in self.runtime.sources.values():
@@ -356,6 +379,7 @@ class Server:
                     audit=self.audit,
                     previous=self.runtime,
                     leader=self._leader,
+                    workload_api=self._workload_api_for(config),
                 )
             except Exception as exc:  # whatever failed, the running config keeps serving
                 errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
@@ -447,6 +471,8 @@ class Server:
             await self._runtime.aclose()
         if self._leader is not None:
             await self._leader.aclose()
+        if self.workload_api is not None:
+            await self.workload_api.aclose()
         self._upstreams.close()
         if self._session is not None:
             await self._session.close()

@@ -11,6 +11,7 @@ import aiohttp
 
 from ...config.issuers import IssuerConfig
 from ...config.model import IdentityConfig
+from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..signing import SignatureBatch
 from ..token_cache import CacheKey, Token
@@ -63,6 +64,7 @@ class IssuerFactory(Protocol[C_contra]):
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
         identity: IdentityConfig,
+        workload_api: WorkloadAPI | None = None,
     ) -> Issuer: ...
 
 
@@ -92,7 +94,16 @@ def make_issuer(
     session: aiohttp.ClientSession,
     dpop_key: DPoPKey,
     identity: IdentityConfig,
+    workload_api: WorkloadAPI | None = None,
 ) -> Issuer:
-    """The issuer ``config`` describes, built by the implementation registered for its model."""
+    """The issuer ``config`` describes, built by the implementation registered for its model.
+    ``workload_api``: the SPIFFE Workload API client, for issuers rooted in an SVID."""
     factory = cast(IssuerFactory[C], ISSUERS[type(config)])  # registered for exactly this model
-    return factory(name, config, session=session, dpop_key=dpop_key, identity=identity)
+    return factory(
+        name,
+        config,
+        session=session,
+        dpop_key=dpop_key,
+        identity=identity,
+        workload_api=workload_api,
+    )

@@ -27,6 +27,7 @@ from ...errors import IdentityError, IssuerError
 from ...log import credentials_log
 from ...outbound.tls import ClientTLS
 from ...secret import Secret
+from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
@@ -64,6 +65,7 @@ class OpenBaoIssuer:
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
         identity: IdentityConfig,
+        workload_api: WorkloadAPI | None = None,
     ) -> None:
         del dpop_key  # KV values are static secrets: nothing to bind
         self.name = name

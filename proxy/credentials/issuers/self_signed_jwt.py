@@ -17,6 +17,7 @@ import aiohttp
 
 from ...config.issuers import SelfSignedJWTIssuerConfig
 from ...config.model import IdentityConfig
+from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..identity import generate_key, load_signing_key
 from ..jose import Signer, SigningKey, b64url, public_jwk, thumbprint
@@ -47,6 +48,7 @@ class SelfSignedJWTIssuer:
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
         identity: IdentityConfig,
+        workload_api: WorkloadAPI | None = None,
     ) -> None:
         del session, dpop_key, identity  # the signing key is this issuer's identity
         self.name = name

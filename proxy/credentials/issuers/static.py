@@ -9,6 +9,7 @@ import aiohttp
 from ...config.issuers import StaticIssuerConfig
 from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
+from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
@@ -29,6 +30,7 @@ class StaticIssuer:
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
         identity: IdentityConfig,
+        workload_api: WorkloadAPI | None = None,
     ) -> None:
         del session, dpop_key, identity  # the secret file is the whole identity
         self.name = name
