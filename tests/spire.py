@@ -9,10 +9,13 @@ trust SPIRE take the bundle it publishes (``bundle show``), never a key the test
 
 from __future__ import annotations
 
+import base64
 import json
 import os
+import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +30,9 @@ TRUST_DOMAIN = "credproxy.test"
 NODE_ID = f"spiffe://{TRUST_DOMAIN}/node/test"
 JWT_ISSUER = "https://spire.credproxy.test"
 CREDPROXY_ID = f"spiffe://{TRUST_DOMAIN}/ns/shop/sa/credproxy"
+SPIFFE_CLIENT = "spiffe-orders"  # the test IdP's client that authenticates with a JWT-SVID
+X509_TTL_S = 20  # credproxy's entry: the agent rotates at about half-life, every ~10 s
+JWT_TTL_S = 20
 
 
 def binaries() -> Path:
@@ -53,7 +59,9 @@ class Spire:
         workdir.chmod(0o755)  # the agent socket must be reachable by uid 65534 (attacker tests)
         self.bin = binaries()
         self.server_socket = workdir / "server" / "api.sock"
-        self.agent_dir = workdir / "agent"
+        # outside pytest's private basetemp, so that other uids (the attacker tests) reach the
+        # socket as a workload in another container of the pod would; short for sun_path
+        self.agent_dir = Path(tempfile.mkdtemp(prefix="credproxy-spire-"))
         self.agent_socket = self.agent_dir / "public" / "api.sock"
         self.port = free_port()
         self.server: subprocess.Popen[bytes] | None = None
@@ -97,6 +105,23 @@ class Spire:
         self._stop(self.agent)
         self._stop(self.server)
         self.agent = self.server = None
+        shutil.rmtree(self.agent_dir, ignore_errors=True)
+
+    def agent_cli_for_others(self) -> Path:
+        """spire-agent where any uid may run it (the build cache may sit in a private home)."""
+        target = self.agent_dir / "spire-agent"
+        if not target.exists():
+            shutil.copy2(self.bin / "spire-agent", target)
+            target.chmod(0o755)
+        return target
+
+    def fetch_x509_as(self, user: int | None = None) -> subprocess.CompletedProcess[str]:
+        """``spire-agent api fetch x509`` as ``user``: what the agent gives that uid."""
+        return subprocess.run(
+            [str(self.agent_cli_for_others()), "api", "fetch", "x509", "-output", "json",
+             "-socketPath", str(self.agent_socket)],
+            capture_output=True, text=True, timeout=30, check=False, user=user,
+        )  # fmt: skip
 
     def register(
         self, spiffe_id: str, *, uid: int, x509_ttl_s: int = 3600, jwt_ttl_s: int = 300
@@ -294,3 +319,28 @@ class SVIDUpstream(ThreadedApp):
         app = web.Application()
         app.router.add_route("*", "/{tail:.*}", handle)
         return app
+
+
+def record_svid_keys(spire: Spire) -> list[bytes]:
+    """The X.509-SVID keys the agent hands uid 0 (credproxy's entry) right now, entered in the
+    leak ledger (base64 DER as the Workload API carries them, and each PEM line); their DER."""
+    from cryptography.hazmat.primitives import serialization
+
+    answer = spire.fetch_x509_as(0)
+    assert answer.returncode == 0, answer.stderr
+    keys = []
+    for svid in json.loads(answer.stdout)["svids"]:
+        encoded = svid["x509_svid_key"]
+        der = base64.b64decode(encoded)
+        key = serialization.load_der_private_key(der, password=None)
+        pem = key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        ).decode()
+        LEDGER.secret(encoded)
+        for line in pem.splitlines():
+            if not line.startswith("-----"):
+                LEDGER.secret(line)
+        keys.append(der)
+    return keys

@@ -4,39 +4,23 @@ rotation, an agent that goes away and comes back, and what the trail says of SVI
 
 from __future__ import annotations
 
+import asyncio
+import os
+import stat
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.parse
+import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from tests.counterparts import PREAMBLE, ROOT
-from tests.spire import CREDPROXY_ID, Spire, SVIDUpstream
-
-X509_TTL_S = 20  # the agent rotates at half-life: a rotation every ~10 s
-JWT_TTL_S = 20
-
-
-@pytest.fixture(scope="session")
-def spire(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spire]:
-    """One SPIRE server and agent for the session; credproxy's entry: uid 0 (the test suite)."""
-    server = Spire(tmp_path_factory.mktemp("spire")).start()
-    try:
-        server.register(CREDPROXY_ID, uid=0, x509_ttl_s=X509_TTL_S, jwt_ttl_s=JWT_TTL_S)
-        server.wait_for_svid(CREDPROXY_ID)
-        print(f"SPIRE server and agent ready in {time.monotonic() - server.began:.1f}s")
-        yield server
-    finally:
-        server.stop()
-
-
-@pytest.fixture(scope="session")
-def svid_upstream(spire: Spire) -> Iterator[SVIDUpstream]:
-    upstream = SVIDUpstream(spire)
-    upstream.start()
-    yield upstream
-    upstream.stop()
+from tests.aws_counterparts import REGION, Moto, Relay
+from tests.counterparts import NOBODY, PREAMBLE, ROOT, IdP, ResourceServer, attack
+from tests.spire import CREDPROXY_ID, SPIFFE_CLIENT, Spire, SVIDVerifier, record_svid_keys
 
 
 def spiffe_config(spire: Spire, upstream: str, *, extra: str = "") -> str:
@@ -149,3 +133,275 @@ routes:
         in result.stderr
     )
     assert "issuers.idp" in result.stderr and "remove client_key_file" in result.stderr
+
+
+def _oauth_config(spire: Spire, idp: IdP, server: ResourceServer) -> str:
+    return f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  exchange:
+    type: token_exchange
+    issuer_url: {idp.issuer}
+    client_id: {SPIFFE_CLIENT}
+    client_auth: jwt_svid
+    client_assertion_type: jwt-spiffe
+    subject_token: jwt_svid
+  client:
+    type: oauth2
+    issuer_url: {idp.issuer}
+    client_id: {SPIFFE_CLIENT}
+    client_auth: jwt_svid
+    client_assertion_type: jwt-bearer
+routes:
+  - name: exchanged
+    path_prefix: /exchanged/
+    upstream: {server.origin}
+    credential: {{issuer: exchange, audience: "{server.audience}", scope: payments.write}}
+    allow: [{{callers: [test-suite]}}]
+  - name: client
+    path_prefix: /client/
+    upstream: {server.origin}
+    credential: {{issuer: client, audience: "{server.audience}", scope: payments.read}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+"""
+
+
+async def test_token_exchange_and_client_auth_rooted_in_jwt_svids(
+    spire, spiffe_idp, credproxy, client
+):
+    """(a) token exchange with a JWT-SVID subject, the client authenticated by a JWT-SVID as the
+    OAuth SPIFFE draft's jwt-spiffe assertion; and client_credentials with a JWT-SVID as an RFC
+    7523 jwt-bearer assertion: the IdP verifies each against SPIRE's bundle, and the resource
+    server accepts the DPoP-bound tokens it issued (200)."""
+    idp, server = spiffe_idp
+    before = idp.stats()
+    proc = credproxy(_oauth_config(spire, idp, server))
+    for route in ("exchanged", "client"):
+        async with client.get(f"{proc.url}/{route}/api/hello") as response:
+            assert response.status == 200, (route, await response.text())
+    after = idp.stats()
+    assert after["token_exchanges"] == before["token_exchanges"] + 1
+    auth = after["spiffe_client_auth"]
+    assert auth["jwt-spiffe"] == before["spiffe_client_auth"]["jwt-spiffe"] + 1
+    assert auth["jwt-bearer"] == before["spiffe_client_auth"]["jwt-bearer"] + 1
+    assert auth["rejected"] == before["spiffe_client_auth"]["rejected"]
+    records = idp.records()
+    exchange = [r for r in records if r.get("subject_token")][-1]
+    subject = SVIDVerifier(spire, idp.issuer).verify("Bearer " + exchange["subject_token"])
+    assert subject == CREDPROXY_ID  # the subject token was a JWT-SVID for the IdP
+    issued = {e["issuer"] for e in proc.audit("credential.issued")}
+    assert issued == {"exchange", "client"}
+    rows = await _inventory(proc)
+    rooted = {r["issuer"]: r["svid_rooted"] for r in rows}
+    assert rooted == {"spiffe-workload-api": True, "exchange": True, "client": True}
+
+
+async def _inventory(proc) -> list[dict[str, object]]:
+    async with proc.control() as control, control.get("http://localhost/credentials") as answer:
+        assert answer.status == 200
+        return list((await answer.json())["credentials"])
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    server = Moto(tmp_path_factory.mktemp("moto-spiffe"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_aws_web_identity_is_a_jwt_svid_for_sts(spire, moto, credproxy):
+    """aws web_identity: jwt_svid — AssumeRoleWithWebIdentity carries a JWT-SVID for
+    sts.amazonaws.com (verified here against SPIRE's bundle: moto does not verify it), and the
+    credentials it returns sign requests moto verifies."""
+    relay = Relay(moto.port)
+    try:
+        proc = credproxy(f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  aws:
+    type: aws
+    role_arn: {moto.role_arn}
+    web_identity: jwt_svid
+    region: {REGION}
+    sts_endpoint: {relay.url}
+routes:
+  - name: s3
+    path_prefix: /s3/
+    upstream: {moto.url}
+    credential: {{issuer: aws, inject: sigv4, service: s3, region: {REGION}}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+""")
+        request = urllib.request.Request(f"{proc.url}/s3/{moto.bucket}?list-type=2")
+        with urllib.request.urlopen(request, timeout=20) as response:
+            assert response.status == 200
+        sent = b"".join(relay.requests).decode(errors="replace")
+        token = urllib.parse.parse_qs(sent.split("\r\n\r\n", 1)[1])["WebIdentityToken"][0]
+        verifier = SVIDVerifier(spire, "sts.amazonaws.com")
+        assert verifier.verify("Bearer " + token) == CREDPROXY_ID
+    finally:
+        relay.close()
+
+
+def _count(proc, event: str) -> int:
+    """Events of one kind in the audit file so far (a plain count: no wait for the writer)."""
+    text = proc.audit_file.read_text() if proc.audit_file.exists() else ""
+    return text.count(f'"{event}"')
+
+
+async def test_svids_rotate_twice_under_steady_traffic_with_no_failed_request(
+    spire, svid_upstream, credproxy, client
+):
+    """(e) With 20 s SVIDs the agent rotates the X.509-SVID twice (audited with the old and new
+    serials) and credproxy refreshes the JWT-SVID ahead of expiry (the upstream verifies the new
+    one), while requests keep flowing: not one fails."""
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin))
+    statuses: dict[int, int] = {}
+    first = len(svid_upstream.verifier.seen)
+    deadline = time.monotonic() + 60
+    while _count(proc, "svid.rotated") < 2 or len(set(svid_upstream.verifier.seen[first:])) < 2:
+        assert time.monotonic() < deadline, "fewer than two rotations in 60 s"
+        async with client.get(proc.url + "/svc/steady") as response:
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+        await asyncio.sleep(0.05)
+        if sum(statuses.values()) % 100 == 0:
+            record_svid_keys(spire)
+    assert list(statuses) == [200], statuses
+    rotated = proc.audit("svid.rotated")
+    assert len({e["serial"] for e in rotated}) == len(rotated) >= 2
+    assert all(e["serial"] != e["previous_serial"] for e in rotated)
+    assert all(e["spiffe_id"] == CREDPROXY_ID and "key" not in e for e in rotated)
+    assert proc.audit("credential.refreshed")  # the JWT-SVID, refreshed ahead of its expiry
+    print(f"rotations: {len(rotated)} X.509-SVID, {_count(proc, 'credential.refreshed')} "
+          f"JWT-SVID; requests: {sum(statuses.values())}, failed: 0")  # fmt: skip
+
+
+async def test_agent_gone_serves_while_valid_then_503_and_recovers_without_restart(
+    spire, svid_upstream, credproxy, client
+):
+    """(f) With the agent stopped, requests keep succeeding on the cached JWT-SVID, then get
+    503 + Retry-After once it expired and /readyz says the SVID is missing; the agent back,
+    credproxy reconnects by itself and serves again. Workload API errors are counted."""
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin))
+    async with client.get(proc.url + "/svc/before") as response:
+        assert response.status == 200
+    spire.stop_agent()
+    try:
+        served = 0
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, "still served 60 s after the agent stopped"
+            async with client.get(proc.url + "/svc/during") as response:
+                if response.status != 200:
+                    problem = await response.json(content_type=None)
+                    break
+                served += 1
+            await asyncio.sleep(0.1)
+        assert served > 0  # the cached JWT-SVID kept serving
+        assert response.status == 503 and int(response.headers["Retry-After"]) >= 1
+        assert problem["code"] == "credential_unavailable"
+        while True:
+            async with client.get(proc.admin_url + "/readyz") as ready:
+                if ready.status == 503:
+                    assert (await ready.json())["svid"] == "missing"
+                    break
+            assert time.monotonic() < deadline, "/readyz still ready with no valid SVID"
+            await asyncio.sleep(0.2)
+        assert "the agent is not reachable on that socket" in proc.log()
+    finally:
+        spire.start_agent()
+    deadline = time.monotonic() + 60
+    while True:
+        async with client.get(proc.url + "/svc/after") as response:
+            if response.status == 200:
+                break
+        assert time.monotonic() < deadline, "no recovery within 60 s of the agent's return"
+        await asyncio.sleep(0.2)
+    while True:  # the X.509-SVID stream is open again too: ready
+        async with client.get(proc.admin_url + "/readyz") as ready:
+            if ready.status == 200:
+                break
+        assert time.monotonic() < deadline, "/readyz not ready within 60 s of the agent's return"
+        await asyncio.sleep(0.2)
+    async with client.get(proc.admin_url + "/metrics") as response:
+        metrics = await response.text()
+    assert 'credproxy_workload_api_errors_total{call="FetchJWTSVID",code="UNAVAILABLE"}' in metrics
+    assert "credproxy_svid_expiry_seconds" in metrics
+
+
+def test_a_uid_without_an_entry_gets_nothing_and_no_svid_reaches_the_disk(
+    spire, svid_upstream, credproxy
+):
+    """(g) uid 65534 has no registration entry: the agent gives it no identity, and credproxy's
+    caller policy refuses it (no JWT-SVID leaves for it). And credproxy never writes SVID
+    material: no file it could have written since its start holds a key or a JWT-SVID it held,
+    and the files it has open are its log and audit only (the rest in memory)."""
+    started = time.time()
+    refused = spire.fetch_x509_as(NOBODY)
+    assert refused.returncode != 0 and "no identity issued" in refused.stderr
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin))
+    host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+    seen_before = len(svid_upstream.verifier.seen)
+    answer = attack("get", f"{host}:{port}", "/svc/steal", user=NOBODY)
+    assert answer["status"] in (403, None), answer  # refused, or closed at accept
+    assert len(svid_upstream.verifier.seen) == seen_before
+    keys = record_svid_keys(spire)
+    with urllib.request.urlopen(f"{proc.url}/svc/mine", timeout=10) as response:
+        assert response.status == 200
+    keys += record_svid_keys(spire)
+    tokens = [t.encode() for t in svid_upstream.verifier.seen]
+    pems = [line.encode() for k in keys for line in _pem_lines(k)]
+    needles = [*keys, *pems, *tokens]
+    assert needles
+    pid = proc.process.pid
+    open_files = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    regular = {f for f in open_files if f.startswith("/") and Path(f).is_file()}
+    assert regular <= {str(proc.log_file), str(proc.audit_file)}, regular
+    proc.stop()
+    hits = [
+        str(path)
+        for path in _written_since(started, [Path(tempfile.gettempdir()), Path("/var/tmp"),
+                                             Path("/dev/shm"), ROOT, Path.home()])
+        if spire.agent_dir not in path.parents and _holds(path, needles)
+    ]  # fmt: skip
+    assert hits == []
+
+
+def _pem_lines(der: bytes) -> list[str]:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_der_private_key(der, password=None)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return [line for line in pem.splitlines() if not line.startswith("-----")]
+
+
+def _written_since(moment: float, roots: list[Path]) -> Iterator[Path]:
+    """Regular files under ``roots`` modified since ``moment`` (not following symlinks)."""
+    for root in roots:
+        for directory, subdirs, files in os.walk(root, onerror=lambda _: None):
+            subdirs[:] = [d for d in subdirs if d not in (".git", ".venv", "node_modules", "go")]
+            for name in files:
+                path = Path(directory, name)
+                try:
+                    info = path.lstat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(info.st_mode) and info.st_mtime >= moment:
+                    yield path
+
+
+def _holds(path: Path, needles: list[bytes]) -> bool:
+    try:
+        with path.open("rb") as file:
+            data = file.read(64 * 1024 * 1024)
+    except OSError:
+        return False
+    return any(needle in data for needle in needles)

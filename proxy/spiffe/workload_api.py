@@ -16,6 +16,7 @@ cancel cleanly at shutdown, and need only the public ``workload.proto`` (``proto
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
@@ -90,6 +91,7 @@ class WorkloadAPI:
         self._tasks: list[asyncio.Task[None]] = []
         self._x509: X509SVID | None = None
         self._x509_arrived = asyncio.Event()
+        self._agent_answered = asyncio.Event()  # a call succeeded: broken streams retry now
         self.jwt_bundles: dict[str, bytes] = {}  # trust domain's SPIFFE ID → JWKS (JSON)
         self.rotations = 0
         self.last_error = ""
@@ -155,6 +157,7 @@ class WorkloadAPI:
             response: Any = await call(request, metadata=METADATA, timeout=self._timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise IssuerError(f"{where}: {self._failed('FetchJWTSVID', exc)}") from None
+        self._agent_answered.set()
         svids = [s for s in response.svids if spiffe_id is None or s.spiffe_id == spiffe_id]
         if not svids:
             raise IssuerError(
@@ -225,7 +228,10 @@ class WorkloadAPI:
                 spiffe_log.error("SPIFFE Workload API %s: unusable answer: %s", method, exc)
             failures += 1
             ceiling = min(self._backoff_max_s, _BACKOFF_BASE_S * 2 ** min(failures - 1, 16))
-            await asyncio.sleep(random.uniform(ceiling / 2, ceiling))  # noqa: S311 - jitter
+            self._agent_answered.clear()
+            with contextlib.suppress(TimeoutError):  # jitter, cut short once the agent answers
+                delay_s = random.uniform(ceiling / 2, ceiling)  # noqa: S311
+                await asyncio.wait_for(self._agent_answered.wait(), delay_s)
 
     @staticmethod
     async def _messages(call: Any) -> AsyncIterator[Any]:
