@@ -243,6 +243,12 @@ class Handler:
         if upgrade is not None:
             upgrade.prepare(outbound.headers)
         token = await route.source.get()
+        tls = route.tls.current()
+        certificate = None
+        if route.certificate is not None:  # mTLS with a certificate issued into memory
+            certificate = await route.certificate.get()
+            assert certificate.certificate is not None
+            tls = route.tls.presenting(certificate.certificate, certificate.value)
         where = route.where
         prefetched: bytes | None = None
         for attempt in (1, 2):
@@ -260,7 +266,7 @@ class Handler:
             try:
                 answer = await self._upstreams.exchange(
                     route.origin,
-                    route.tls.current(),
+                    tls,
                     head,
                     sent,
                     chunked=chunked,
@@ -292,16 +298,19 @@ class Handler:
             if retry == "invalid_token":
                 route.source.invalidate(token)
                 token = await route.source.get()
-        key = route.source.key
-        self._usage.record(
-            route=route.name,
-            issuer=key.issuer,
-            label=key.label,
-            fingerprint=token.fingerprint,
-            caller=caller,
-            method=request.method,
-            path=forwarded_path,
-        )
+        uses = [(route.source.key, token.fingerprint)]
+        if route.certificate is not None and certificate is not None:
+            uses.append((route.certificate.key, certificate.fingerprint))
+        for key, fingerprint in uses:
+            self._usage.record(
+                route=route.name,
+                issuer=key.issuer,
+                label=key.label,
+                fingerprint=fingerprint,
+                caller=caller,
+                method=request.method,
+                path=forwarded_path,
+            )
         if upgrade is not None and answer.status == 101:
             await upgrade.splice(request, answer, outbound.secret, route, self._metrics)
             return answer.status, upgrade.outcome
