@@ -154,19 +154,26 @@ class Spire:
         self, spiffe_id: str, directory: Path, *, dns: str = "localhost"
     ) -> tuple[Path, Path]:
         """An X.509-SVID signed by the server's CA for a counterpart (an upstream's server
-        certificate): (certificate chain file, key file)."""
+        certificate), written as PEM: (certificate chain file, key file)."""
+        from cryptography import x509
+        from cryptography.hazmat.primitives import serialization
+
         directory.mkdir(parents=True, exist_ok=True)
-        out = json.loads(
-            self.server_cli(
-                "x509", "mint", "-spiffeID", spiffe_id, "-dns", dns, "-ttl", "1h", "-output", "json"
-            )
+        out = json.loads(self.server_cli(
+            "x509", "mint", "-spiffeID", spiffe_id, "-dns", dns, "-ttl", "1h", "-output", "json"
+        ))[0]  # fmt: skip
+        pem = serialization.Encoding.PEM
+        chain = "".join(
+            x509.load_der_x509_certificate(base64.b64decode(c)).public_bytes(pem).decode()
+            for c in out["x509_svid"]
         )
-        cert, key = directory / "svid.pem", directory / "svid.key"
-        cert.write_text(
-            "".join(out["x509_svid"]) if isinstance(out["x509_svid"], list) else out["x509_svid"]
-        )
-        key.write_text(out["private_key"])
-        return cert, key
+        key = serialization.load_der_private_key(base64.b64decode(out["private_key"]), None)
+        cert_file, key_file = directory / "svid.pem", directory / "svid.key"
+        cert_file.write_text(chain)
+        key_file.write_bytes(key.private_bytes(
+            pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        ))  # fmt: skip
+        return cert_file, key_file
 
     def server_cli(self, *args: str) -> str:
         result = self._run("spire-server", *args, "-socketPath", str(self.server_socket))
@@ -344,3 +351,40 @@ def record_svid_keys(spire: Spire) -> list[bytes]:
                 LEDGER.secret(line)
         keys.append(der)
     return keys
+
+
+class MTLSUpstream(ThreadedApp):
+    """An HTTPS upstream with an X.509-SVID of its own (``spiffe_id``, minted by SPIRE) that
+    requires a client certificate chained to SPIRE's published bundle and answers 200 only to
+    ``allowed`` (the client's URI SAN), 403 to another SPIFFE ID."""
+
+    def __init__(self, spire: Spire, workdir: Path, spiffe_id: str, allowed: str) -> None:
+        import ssl
+
+        cert, key = spire.mint_x509(spiffe_id, workdir)
+        bundle = workdir / "spire-bundle.pem"
+        bundle.write_text(spire.bundle_pem())
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(bundle))
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_cert_chain(cert, key)
+        super().__init__(context)
+        self.allowed = allowed
+        self.requests: list[str] = []  # the client SPIFFE ID of each request received
+
+    def app(self) -> web.Application:
+        from cryptography import x509
+
+        from proxy.spiffe.svid import uri_sans
+
+        async def handle(request: web.Request) -> web.Response:
+            assert request.transport is not None
+            der = request.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            client = next(iter(uri_sans(x509.load_der_x509_certificate(der))), "")
+            self.requests.append(client)
+            if client != self.allowed:
+                return web.json_response({"error": "wrong SPIFFE ID"}, status=403)
+            return web.json_response({"client_spiffe_id": client, "path": request.path})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app

@@ -20,7 +20,14 @@ import pytest
 
 from tests.aws_counterparts import REGION, Moto, Relay
 from tests.counterparts import NOBODY, PREAMBLE, ROOT, IdP, ResourceServer, attack
-from tests.spire import CREDPROXY_ID, SPIFFE_CLIENT, Spire, SVIDVerifier, record_svid_keys
+from tests.spire import (
+    CREDPROXY_ID,
+    SPIFFE_CLIENT,
+    MTLSUpstream,
+    Spire,
+    SVIDVerifier,
+    record_svid_keys,
+)
 
 
 def spiffe_config(spire: Spire, upstream: str, *, extra: str = "") -> str:
@@ -308,10 +315,10 @@ async def test_agent_gone_serves_while_valid_then_503_and_recovers_without_resta
         assert problem["code"] == "credential_unavailable"
         while True:
             async with client.get(proc.admin_url + "/readyz") as ready:
-                if ready.status == 503:
-                    assert (await ready.json())["svid"] == "missing"
+                if (await ready.json())["svid"] == "missing":  # the X.509-SVID expired too
+                    assert ready.status == 503
                     break
-            assert time.monotonic() < deadline, "/readyz still ready with no valid SVID"
+            assert time.monotonic() < deadline, "/readyz still says the SVID is current"
             await asyncio.sleep(0.2)
         assert "the agent is not reachable on that socket" in proc.log()
     finally:
@@ -405,3 +412,87 @@ def _holds(path: Path, needles: list[bytes]) -> bool:
     except OSError:
         return False
     return any(needle in data for needle in needles)
+
+
+UPSTREAM_ID = "spiffe://credproxy.test/ns/payments/sa/api"
+
+
+@pytest.fixture(scope="module")
+def mtls_upstream(spire, tmp_path_factory) -> Iterator[MTLSUpstream]:
+    upstream = MTLSUpstream(spire, tmp_path_factory.mktemp("mtls"), UPSTREAM_ID, CREDPROXY_ID)
+    upstream.start()
+    yield upstream
+    upstream.stop()
+
+
+def _mtls_config(spire: Spire, upstream: MTLSUpstream) -> str:
+    def route(name: str, options: str) -> str:
+        return f"""\
+  - name: {name}
+    path_prefix: /{name}/
+    upstream: {upstream.origin}
+    {options}
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+"""
+
+    mtls = route("mtls", f"client_cert: svid\n    upstream_spiffe_id: {UPSTREAM_ID}")
+    other = "spiffe://credproxy.test/ns/payments/sa/other"
+    impostor = route("impostor", f"client_cert: svid\n    upstream_spiffe_id: {other}")
+    nocert = route("nocert", f"upstream_spiffe_id: {UPSTREAM_ID}")
+    return f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  workload: {{type: spiffe}}
+routes:
+{mtls}{impostor}{nocert}
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+"""
+
+
+async def test_mtls_with_the_x509_svid_to_an_upstream_authenticated_by_spiffe_id(
+    spire, mtls_upstream, credproxy, client
+):
+    """(c) client_cert: svid — the upstream, which requires a client certificate chained to
+    SPIRE's bundle, sees credproxy's SPIFFE ID; the upstream is verified by its own SPIFFE ID
+    (upstream_spiffe_id, no hostname); the certificate follows rotation, in memory only.
+    Without client_cert the same upstream refuses the handshake: 502."""
+    proc = credproxy(_mtls_config(spire, mtls_upstream))
+    async with client.get(proc.url + "/mtls/charge") as response:
+        body = await response.json()
+        assert response.status == 200, body
+    assert body == {"client_spiffe_id": CREDPROXY_ID, "path": "/charge"}
+    rotations = _count(proc, "svid.rotated")
+    deadline = time.monotonic() + 30
+    while _count(proc, "svid.rotated") == rotations:  # rotation: the next request, the new SVID
+        assert time.monotonic() < deadline, "no rotation within 30 s"
+        async with client.get(proc.url + "/mtls/during") as response:
+            assert response.status == 200
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)
+    async with client.get(proc.url + "/mtls/after") as response:
+        assert response.status == 200
+    before = len(mtls_upstream.requests)
+    async with client.get(proc.url + "/nocert/x") as response:
+        problem = await response.json(content_type=None)
+    # TLS 1.3: the server's refusal of a missing client certificate arrives after the client's
+    # handshake, as an alert in place of the answer: upstream_protocol_error, not _tls_error
+    assert response.status == 502, problem
+    assert problem["code"] in ("upstream_tls_error", "upstream_protocol_error"), problem
+    assert len(mtls_upstream.requests) == before
+
+
+async def test_an_upstream_with_another_spiffe_id_gets_nothing_502(
+    spire, mtls_upstream, credproxy, client
+):
+    """(d) upstream_spiffe_id names another workload than the one answering: 502
+    upstream_tls_error with a detail naming both IDs, and no request reaches it."""
+    proc = credproxy(_mtls_config(spire, mtls_upstream))
+    before = len(mtls_upstream.requests)
+    async with client.get(proc.url + "/impostor/charge", data=b"secret order") as response:
+        problem = await response.json(content_type=None)
+    assert response.status == 502 and problem["code"] == "upstream_tls_error", problem
+    assert len(mtls_upstream.requests) == before
+    assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()

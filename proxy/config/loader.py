@@ -447,9 +447,11 @@ def _unix_path(socket: str) -> str | None:
 def svid_users(config: Config) -> list[str]:
     """Where the config uses an SVID from the SPIFFE Workload API (config paths)."""
     users = [f"issuers.{name}" for name, issuer in config.issuers.items() if issuer.uses_svid]
-    users += [
-        f"routes[{i}].client_cert" for i, route in enumerate(config.routes) if route.uses_svid
-    ]
+    for i, route in enumerate(config.routes):
+        if route.client_cert == "svid":
+            users.append(f"routes[{i}].client_cert")
+        if route.upstream_spiffe_id is not None:
+            users.append(f"routes[{i}].upstream_spiffe_id")
     return users
 
 

@@ -20,6 +20,7 @@ from pydantic import (
     Field,
     model_validator,
 )
+from yarl import URL
 
 from .base import Duration, Model, Owned, check_http_url
 from .credential import (
@@ -150,8 +151,17 @@ class RouteConfig(Owned):
         None, description="mTLS to the upstream; re-read when it changes (rotation)"
     )
     client_key_file: Path | None = None
-    client_cert: ClientCertificateConfig | None = Field(
-        None, description="mTLS with a certificate issued into memory, renewed ahead of expiry"
+    client_cert: ClientCertificateConfig | Literal["svid"] | None = Field(
+        None,
+        description="mTLS with a certificate issued into memory, renewed ahead of expiry: "
+        "{issuer: <openbao issuer with pki>}, or svid: the X.509-SVID from the SPIFFE Workload "
+        "API (identity.spiffe), rotated in memory",
+    )
+    upstream_spiffe_id: str | None = Field(
+        None,
+        pattern=r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
+        description="authenticate the upstream by SPIFFE ID instead of hostname: its certificate "
+        "must chain to the SPIFFE trust bundle and carry this ID as its URI SAN",
     )
     allow_insecure_http: bool = False
     credential: AnyCredentialConfig = Field(
@@ -190,6 +200,12 @@ class RouteConfig(Owned):
             raise ValueError("a route needs path_prefix, host, or both")
         if (self.client_cert_file is None) != (self.client_key_file is None):
             raise ValueError("client_cert_file and client_key_file go together")
+        if self.uses_svid and URL(self.upstream).scheme != "https":
+            raise ValueError("client_cert svid and upstream_spiffe_id need an https upstream")
+        if self.upstream_spiffe_id is not None and self.ca_file is not None:
+            raise ValueError(
+                "upstream_spiffe_id verifies with the SPIFFE trust bundle: remove ca_file"
+            )
         if self.client_cert is not None and self.client_cert_file is not None:
             raise ValueError("client_cert and client_cert_file: one client certificate only")
         check_http_url(self.upstream, insecure_ok=self.allow_insecure_http, what="upstream")
@@ -198,7 +214,7 @@ class RouteConfig(Owned):
     @property
     def uses_svid(self) -> bool:
         """Whether the route presents the X.509-SVID or checks the upstream's SPIFFE ID."""
-        return False
+        return self.client_cert == "svid" or self.upstream_spiffe_id is not None
 
     @property
     def path_mode(self) -> Literal["normalized", "opaque"]:

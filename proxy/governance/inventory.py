@@ -56,9 +56,10 @@ def _entries(config: Config) -> Entries:
         audience = credential.cache_audience(route.upstream)
         key = (credential.issuer, audience, credential.scope, "token")
         add(key, credential.inject, route)
-        if route.client_cert is not None:
-            add((route.client_cert.issuer, None, None, "client_cert"), "mtls", route)
-        for name in {credential.issuer, *([route.client_cert.issuer] if route.client_cert else [])}:
+        issued = route.client_cert if not isinstance(route.client_cert, str) else None
+        if issued is not None:  # (an X.509-SVID is listed as the sidecar's identity)
+            add((issued.issuer, None, None, "client_cert"), "mtls", route)
+        for name in {credential.issuer, *([issued.issuer] if issued else [])}:
             if isinstance(config.issuers[name], OpenBaoIssuerConfig):  # its Vault token
                 add((name, None, None, "session"), "login", route)
     return entries

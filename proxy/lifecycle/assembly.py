@@ -20,11 +20,13 @@ from ..credentials.minting import MintingSource
 from ..credentials.signing import SignatureBatch
 from ..credentials.token_cache import CacheKey, Token, TokenSource
 from ..credentials.token_share import LeaderClient
+from ..errors import IdentityError
 from ..inbound.guard import Guard
 from ..inbound.routing import RouteTable, Target
 from ..inbound.runtime import RouteRuntime, Runtime
 from ..metrics import Metrics
 from ..outbound.hygiene import CREDENTIAL_HEADERS, HOP_BY_HOP, OVERRIDE_HEADERS
+from ..outbound.spiffe_tls import SVIDClientTLS
 from ..outbound.tls import ClientTLS
 from ..outbound.upstream import Origin, Timeouts
 from ..spiffe.workload_api import WorkloadAPI
@@ -99,9 +101,9 @@ def build(
             injector.binds_token,
         )
         source = source_for(key)
-        tls = ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=f"routes[{i}]")
+        tls = _tls(route, issuer, workload_api, where=f"routes[{i}]")
         certificate = None
-        if route.client_cert is not None:
+        if route.client_cert is not None and route.client_cert != "svid":
             cert_source = source_for(
                 CacheKey(route.client_cert.issuer, None, None, False, "client_cert")
             )
@@ -151,6 +153,27 @@ def build(
         issuers,
         signing,
         config,
+    )
+
+
+def _tls(
+    route: RouteConfig, issuer: Issuer, workload_api: WorkloadAPI | None, *, where: str
+) -> ClientTLS:
+    """The route's TLS: from the X.509-SVID when it presents one or checks the upstream's SPIFFE
+    ID, else from files (its own client certificate, or its issuer's)."""
+    if not route.uses_svid:
+        return ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=where)
+    if workload_api is None:
+        raise IdentityError(
+            f"{where}: client_cert svid / upstream_spiffe_id need the SPIFFE Workload API: set "
+            "identity.spiffe.socket (or SPIFFE_ENDPOINT_SOCKET)"
+        )
+    return SVIDClientTLS(
+        workload_api,
+        ca_file=route.ca_file,
+        present_svid=route.client_cert == "svid",
+        upstream_spiffe_id=route.upstream_spiffe_id,
+        where=where,
     )
 
 
