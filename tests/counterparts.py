@@ -142,6 +142,10 @@ class IdP:
         # clients that authenticate with a JWT-SVID: (client_id, SPIFFE ID); with their JWKS
         self.spiffe_clients: list[tuple[str, str]] = []
         self.spiffe_jwks: list[dict[str, Any]] = []
+        # with tls: tls_client_auth clients known by the SPIFFE ID of their X.509-SVID, and the
+        # SPIFFE bundle (PEM) their certificates chain to
+        self.spiffe_mtls_clients: list[tuple[str, str]] = []
+        self.spiffe_bundle_pem = ""
         self.record_file = workdir / "idp-records.jsonl"
         self._process: subprocess.Popen[bytes] | None = None
         self._nonce_secret = secrets.token_hex(32)
@@ -197,7 +201,18 @@ class IdP:
         }
         if self.tls is not None:
             cert, key = self.tls.issue("idp", server=True, stem="idp")
-            config["tls"] = {"cert": str(cert), "key": str(key), "ca": str(self.tls.ca_file)}
+            client_ca = self.tls.ca_file
+            if self.spiffe_bundle_pem:
+                client_ca = self.workdir / "client-ca.pem"
+                client_ca.write_text(self.tls.ca_file.read_text() + self.spiffe_bundle_pem)
+            config["tls"] = {"cert": str(cert), "key": str(key), "ca": str(client_ca)}
+            for client_id, spiffe_id in self.spiffe_mtls_clients:
+                config["clients"].append({
+                    **base, "client_id": client_id,
+                    "token_endpoint_auth_method": "tls_client_auth",
+                    "tls_client_auth_san_uri": spiffe_id,
+                    "tls_client_certificate_bound_access_tokens": True,
+                })  # fmt: skip
             config["clients"].append({
                 **base,
                 "client_id": self.MTLS_CLIENT_ID,

@@ -5,6 +5,7 @@ rotation, an agent that goes away and comes back, and what the trail says of SVI
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import os
 import stat
 import subprocess
@@ -16,10 +17,13 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import jwt
 import pytest
+from aiohttp import web
 
+from proxy.credentials.jose import b64url
 from tests.aws_counterparts import REGION, Moto, Relay
-from tests.counterparts import NOBODY, PREAMBLE, ROOT, IdP, ResourceServer, attack
+from tests.counterparts import LEDGER, NOBODY, PREAMBLE, ROOT, IdP, ResourceServer, attack
 from tests.spire import (
     CREDPROXY_ID,
     SPIFFE_CLIENT,
@@ -28,6 +32,7 @@ from tests.spire import (
     SVIDVerifier,
     record_svid_keys,
 )
+from tests.tls import TestCA
 
 
 def spiffe_config(spire: Spire, upstream: str, *, extra: str = "") -> str:
@@ -73,7 +78,20 @@ async def test_jwt_svid_route_sends_a_jwt_svid_for_the_upstream_verified_against
     trail = proc.audit_file.read_text() + proc.log()
     assert "PRIVATE KEY" not in trail
     assert svid_upstream.verifier.seen[-1] not in trail
-    print(f"first request through a jwt_svid route (SVID fetch included): {first_request_s:.3f}s")
+    async with client.get(proc.admin_url + "/metrics") as response:
+        metrics = await response.text()
+    fetch = {  # the JWT-SVID fetch from the agent, as the token cache timed it
+        line.split("{")[0].rsplit("_", 1)[1]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("credproxy_credential_refresh_duration_seconds_")
+        and 'issuer="workload"' in line
+        and ("_sum{" in line or "_count{" in line)
+    }
+    assert fetch["count"] >= 1
+    print(
+        f"JWT-SVID fetch: {1000 * fetch['sum'] / fetch['count']:.1f} ms; first request through "
+        f"a jwt_svid route (fetch included): {1000 * first_request_s:.1f} ms"
+    )
 
 
 def _check_config(tmp_path, text: str, env: dict[str, str] | None = None):
@@ -496,3 +514,85 @@ async def test_an_upstream_with_another_spiffe_id_gets_nothing_502(
     assert response.status == 502 and problem["code"] == "upstream_tls_error", problem
     assert len(mtls_upstream.requests) == before
     assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()
+
+
+class CertificateBoundSVIDAPI(MTLSUpstream):
+    """An API with an X.509-SVID of its own that requires a client certificate chained to
+    SPIRE's bundle and accepts an access token from the IdP only when it is bound (RFC 8705
+    ``cnf.x5t#S256``) to the client certificate of this very connection."""
+
+    def __init__(self, spire: Spire, workdir: Path, jwks: dict[str, object]) -> None:
+        super().__init__(spire, workdir, UPSTREAM_ID, CREDPROXY_ID)
+        self.keys = jwt.PyJWKSet.from_dict(jwks)
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            LEDGER.secret(token)
+            assert request.transport is not None
+            der = request.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            try:
+                kid = jwt.get_unverified_header(token)["kid"]
+                key = next(k for k in self.keys.keys if k.key_id == kid)
+                claims = jwt.decode(token, key.key, algorithms=["ES256"], audience=self.origin)
+            except (jwt.PyJWTError, KeyError, StopIteration) as exc:
+                return web.json_response({"error": str(exc)}, status=401)
+            if claims.get("cnf", {}).get("x5t#S256") != b64url(hashlib.sha256(der).digest()):
+                challenge = 'Bearer error="invalid_token", error_description="not bound here"'
+                return web.json_response(
+                    {"error": "unbound"}, status=401, headers={"WWW-Authenticate": challenge}
+                )
+            self.requests.append(str(claims.get("client_id")))
+            return web.json_response({"client_id": claims.get("client_id")})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+async def test_tls_client_auth_with_the_x509_svid_and_certificate_bound_tokens(
+    spire, credproxy, client, tmp_path
+):
+    """oauth2 tls_client_auth with client_cert: svid — the IdP (over TLS) authenticates the
+    client by the SPIFFE ID in its X.509-SVID (tls_client_auth_san_uri) and binds the token to
+    that certificate; the route presents the same SVID to the API, which accepts the token only
+    over that connection."""
+    ca = TestCA(tmp_path)
+    idp = IdP(tmp_path, tls=ca)
+    idp.spiffe_mtls_clients = [("spiffe-mtls", CREDPROXY_ID)]
+    idp.spiffe_bundle_pem = spire.bundle_pem()
+    public = {k: v for k, v in idp._signing_jwk.items() if k != "d"}
+    api = CertificateBoundSVIDAPI(spire, tmp_path / "api", {"keys": [public]})
+    idp.add_resource(api.origin, ttl_s=300)
+    idp.start()
+    api.start()
+    try:
+        proc = credproxy(f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  idp:
+    type: oauth2
+    issuer_url: {idp.issuer}
+    ca_file: {ca.ca_file}
+    client_id: spiffe-mtls
+    client_auth: tls_client_auth
+    client_cert: svid
+routes:
+  - name: api
+    path_prefix: /api/
+    upstream: {api.origin}
+    upstream_spiffe_id: {UPSTREAM_ID}
+    credential: {{issuer: idp, audience: "{api.origin}", inject: bearer}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+""")
+        async with client.get(proc.url + "/api/orders") as response:
+            body = await response.json()
+            assert response.status == 200, body
+        assert body == {"client_id": "spiffe-mtls"}
+    finally:
+        api.stop()
+        idp.records()
+        idp.stop()

@@ -84,6 +84,11 @@ class OAuth2IssuerConfig(IssuerConfig):
         description="tls_client_auth (RFC 8705): PEM client certificate, re-read on rotation; "
         "routes without their own client certificate present it too (certificate-bound tokens)",
     )
+    client_cert: Literal["svid"] | None = Field(
+        None,
+        description="tls_client_auth: svid presents the X.509-SVID from the SPIFFE Workload API "
+        "(rotated in memory) instead of client_cert_file and client_key_file",
+    )
     client_key_id: str | None = Field(None, description="'kid' header of client assertions")
     client_secret_file: Path | None = None
     assertion_audience: Literal["issuer", "token_endpoint"] = "issuer"
@@ -112,11 +117,18 @@ class OAuth2IssuerConfig(IssuerConfig):
             raise ValueError("client_auth private_key_jwt needs client_key_file")
         if self.client_auth == "client_secret" and self.client_secret_file is None:
             raise ValueError("client_auth client_secret needs client_secret_file")
-        if self.client_auth == "tls_client_auth" and (
-            self.client_cert_file is None or self.client_key_file is None
+        if self.client_cert == "svid" and self.client_auth != "tls_client_auth":
+            raise ValueError("client_cert svid is for client_auth tls_client_auth")
+        if self.client_cert == "svid" and (self.client_cert_file or self.client_key_file):
+            raise ValueError("client_cert svid replaces client_cert_file and client_key_file")
+        if (
+            self.client_auth == "tls_client_auth"
+            and self.client_cert is None
+            and (self.client_cert_file is None or self.client_key_file is None)
         ):
             raise ValueError(
-                "client_auth tls_client_auth needs client_cert_file and client_key_file"
+                "client_auth tls_client_auth needs client_cert_file and client_key_file "
+                "(or client_cert: svid)"
             )
         if self.client_auth == "tls_client_auth" and URL(self.issuer_url).scheme != "https":
             raise ValueError("client_auth tls_client_auth needs an https issuer_url")
@@ -130,7 +142,7 @@ class OAuth2IssuerConfig(IssuerConfig):
     @property
     def uses_svid(self) -> bool:
         """Whether this issuer needs an SVID from the SPIFFE Workload API."""
-        return self.client_auth == "jwt_svid"
+        return self.client_auth == "jwt_svid" or self.client_cert == "svid"
 
 
 class TokenExchangeIssuerConfig(OAuth2IssuerConfig):
@@ -152,7 +164,7 @@ class TokenExchangeIssuerConfig(OAuth2IssuerConfig):
 
     @property
     def uses_svid(self) -> bool:
-        return self.client_auth == "jwt_svid" or self.subject_token == "jwt_svid"
+        return super().uses_svid or self.subject_token == "jwt_svid"
 
 
 class AWSIssuerConfig(IssuerConfig):

@@ -161,7 +161,15 @@ def _tls(
 ) -> ClientTLS:
     """The route's TLS: from the X.509-SVID when it presents one or checks the upstream's SPIFFE
     ID, else from files (its own client certificate, or its issuer's)."""
-    if not route.uses_svid:
+    config = issuer.config
+    issuers_svid = (  # RFC 8705 §3: present the certificate the issuer's tokens may be bound to
+        isinstance(config, OAuth2IssuerConfig)
+        and config.client_auth == "tls_client_auth"
+        and config.client_cert == "svid"
+        and route.client_cert is None
+        and route.client_cert_file is None
+    )
+    if not route.uses_svid and not issuers_svid:
         return ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=where)
     if workload_api is None:
         raise IdentityError(
@@ -171,7 +179,7 @@ def _tls(
     return SVIDClientTLS(
         workload_api,
         ca_file=route.ca_file,
-        present_svid=route.client_cert == "svid",
+        present_svid=route.client_cert == "svid" or issuers_svid,
         upstream_spiffe_id=route.upstream_spiffe_id,
         where=where,
     )

@@ -34,8 +34,15 @@ const provider = new Provider(cfg.issuer, {
         return peer?.raw ? new X509Certificate(peer.raw) : undefined;
       },
       certificateAuthorized: (ctx) => ctx.socket.authorized === true,
-      certificateSubjectMatches: (ctx, property, expected) => property === 'tls_client_auth_subject_dn'
-        && new X509Certificate(ctx.socket.getPeerCertificate().raw).subject === expected,
+      certificateSubjectMatches: (ctx, property, expected) => {
+        const cert = new X509Certificate(ctx.socket.getPeerCertificate().raw);
+        if (property === 'tls_client_auth_subject_dn') return cert.subject === expected;
+        // an X.509-SVID: the SPIFFE ID is the certificate's URI SAN
+        if (property === 'tls_client_auth_san_uri') {
+          return (cert.subjectAltName ?? '').split(', ').includes(`URI:${expected}`);
+        }
+        return false;
+      },
     },
     clientCredentials: { enabled: true },
     revocation: { enabled: true },

@@ -26,6 +26,7 @@ from ...config.base import is_loopback
 from ...config.issuers import OAuth2IssuerConfig
 from ...config.model import IdentityConfig
 from ...errors import IssuerError
+from ...outbound.spiffe_tls import SVIDClientTLS
 from ...outbound.tls import ClientTLS
 from ...secret import Secret
 from ...spiffe.workload_api import WorkloadAPI
@@ -76,19 +77,29 @@ class OAuth2Issuer:
         self._dpop_key = dpop_key
         self._where = f"issuers.{name}"
         mtls = config.client_auth == "tls_client_auth"
-        self._tls = ClientTLS(
-            config.ca_file,
-            config.client_cert_file if mtls else None,
-            config.client_key_file if mtls else None,
-            where=self._where,
-        )
+        self._tls: ClientTLS
+        if mtls and config.client_cert == "svid":  # RFC 8705 with the X.509-SVID, in memory
+            self._tls = SVIDClientTLS(
+                workload_api_for(workload_api, f"{self._where}.client_cert"),
+                ca_file=config.ca_file,
+                present_svid=True,
+                upstream_spiffe_id=None,
+                where=self._where,
+            )
+        else:
+            self._tls = ClientTLS(
+                config.ca_file,
+                config.client_cert_file if mtls else None,
+                config.client_key_file if mtls else None,
+                where=self._where,
+            )
         self._metadata: Metadata | None = None
         self._discovery_lock = asyncio.Lock()
         self._dpop_nonce: str | None = None
         self._signer: Signer | None = None
         self._client_secret: Secret | None = None
         self._workload_api: WorkloadAPI | None = None
-        if config.uses_svid:
+        if config.client_auth == "jwt_svid":
             self._workload_api = workload_api_for(workload_api, self._where)
         if config.client_auth == "private_key_jwt":
             assert config.client_key_file is not None
