@@ -6,7 +6,7 @@ from the config alone when the sidecar is not running (``credproxy inventory``).
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..audit.usage import Usage
 from ..config.issuers import (
@@ -18,7 +18,9 @@ from ..config.issuers import (
 from ..config.model import Config
 from ..credentials.minting import MintingSource
 from ..inbound.runtime import Runtime
-from ..spiffe.workload_api import WorkloadAPI
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ..spiffe.workload_api import WorkloadAPI
 
 COLUMNS = ("issuer", "audience", "scope", "routes", "owner", "expires_at", "last_refresh",
            "last_use", "use_count", "legacy")  # fmt: skip

@@ -14,7 +14,7 @@ import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aiohttp import web
 
@@ -36,10 +36,12 @@ from ..inbound.routing import request_host
 from ..inbound.runtime import Runtime
 from ..log import server_log
 from ..metrics import Metrics
-from ..spiffe.workload_api import WorkloadAPI
 from ..tasks import spawn
 from ..wire import RequestHandler
 from .unix_socket import bind_unix
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ..spiffe.workload_api import WorkloadAPI
 
 Endpoint = Callable[[web.BaseRequest, Caller], Awaitable[web.StreamResponse]]
 Check = Callable[[web.BaseRequest, Caller], None]

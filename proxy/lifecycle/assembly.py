@@ -6,6 +6,7 @@ tokens) is carried over from the previous runtime.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -29,7 +30,9 @@ from ..outbound.hygiene import CREDENTIAL_HEADERS, HOP_BY_HOP, OVERRIDE_HEADERS
 from ..outbound.spiffe_tls import SVIDClientTLS
 from ..outbound.tls import ClientTLS
 from ..outbound.upstream import Origin, Timeouts
-from ..spiffe.workload_api import WorkloadAPI
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ..spiffe.workload_api import WorkloadAPI
 
 
 def build(

@@ -13,7 +13,7 @@ import signal
 import socket
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import uvloop
@@ -33,12 +33,14 @@ from ..inbound.runtime import Runtime
 from ..log import server_log
 from ..metrics import Metrics
 from ..outbound.upstream import Upstreams
-from ..spiffe.workload_api import WorkloadAPI
 from ..tasks import spawn
 from . import control, telemetry
 from .admin_http import ADMIN_DESCRIPTORS, AdminServer, remove_socket, unix_socket
 from .assembly import build
 from .unix_socket import bind_unix, cannot_listen, os_reason
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ..spiffe.workload_api import WorkloadAPI
 
 _GAUGE_INTERVAL_S = 5.0
 
@@ -125,7 +127,7 @@ class Server:
         self._retiring: dict[asyncio.Task[None], Runtime] = {}  # replaced by reloads
         self._reload_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
-        self.workload_api: WorkloadAPI | None = None
+        self.workload_api: WorkloadAPI | None = None  # the SPIFFE Workload API, when used
         self._gauges: asyncio.Task[None] | None = None
         self.app_addresses: list[Address] = []
         self.admin_address: Address | None = None
@@ -223,6 +225,8 @@ class Server:
         socket = config.identity.spiffe_socket()
         if socket is None or (config.identity.spiffe is None and not loader.svid_users(config)):
             return None
+        from ..spiffe.workload_api import WorkloadAPI  # grpc: loaded only when SPIFFE is used
+
         spiffe = config.identity.spiffe
         self.workload_api = WorkloadAPI(
             socket,
@@ -406,6 +410,9 @@ class Server:
             ]
             if config.control.listen != previous_config.control.listen:
                 needs_restart.append("control.listen")  # control.allow applies at once
+            socket = config.identity.spiffe_socket()
+            if self.workload_api is not None and socket != self.workload_api.socket:
+                needs_restart.append("identity.spiffe.socket")  # the agent connection stays
             for name in needs_restart:
                 server_log.warning("reload: %s changed; it takes effect on restart", name)
             kept = sum(source in old.sources.values() for source in runtime.sources.values())

@@ -9,13 +9,16 @@ from __future__ import annotations
 import asyncio
 import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography import x509
 
 from ..errors import CredentialUnavailable, UpstreamTLSError
 from ..spiffe.svid import X509SVID, uri_sans
-from ..spiffe.workload_api import WorkloadAPI
 from .tls import ClientTLS, load_in_memory, ssl_context
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ..spiffe.workload_api import WorkloadAPI
 
 
 class SPIFFEPeerContext(ssl.SSLContext):

@@ -10,6 +10,7 @@ import asyncio
 import datetime
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -18,12 +19,14 @@ from ...config.issuers import AWSIssuerConfig
 from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ...secret import Secret
-from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
 from .base import issuer
 from .spiffe import jwt_svid, workload_api_for
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 _STATIC_REREAD_S = 300.0  # static keys never expire; re-read the file this often (rotation)
 

@@ -5,16 +5,18 @@ implementation (``ISSUERS``), filled by the ``@issuer(<config model>)`` line of 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Never, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Never, Protocol, TypeVar, cast, runtime_checkable
 
 import aiohttp
 
 from ...config.issuers import IssuerConfig
 from ...config.model import IdentityConfig
-from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..signing import SignatureBatch
 from ..token_cache import CacheKey, Token
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 
 class Issuer(Protocol):

@@ -16,7 +16,7 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -29,7 +29,6 @@ from ...errors import IssuerError
 from ...outbound.spiffe_tls import SVIDClientTLS
 from ...outbound.tls import ClientTLS
 from ...secret import Secret
-from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..identity import load_signing_key, read_secret_file
 from ..jose import Signer
@@ -37,6 +36,9 @@ from ..token_cache import CacheKey, Token
 from . import exchange
 from .base import issuer
 from .spiffe import jwt_svid, workload_api_for
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 _DEFAULT_LIFETIME_S = 300.0
 _ASSERTION_TYPES = {

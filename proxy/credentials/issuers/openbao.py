@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from multidict import CIMultiDict
@@ -30,13 +30,15 @@ from ...errors import IdentityError, IssuerError
 from ...log import credentials_log
 from ...outbound.tls import ClientTLS
 from ...secret import Secret
-from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
 from . import exchange
 from .base import issuer
 from .pki import issued_certificate, new_key, signing_request
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 _RENEW_AHEAD_MAX_S = 300.0
 

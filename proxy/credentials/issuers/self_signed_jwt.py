@@ -11,19 +11,21 @@ import os
 import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _json_str
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
 from ...config.issuers import SelfSignedJWTIssuerConfig
 from ...config.model import IdentityConfig
-from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..identity import generate_key, load_signing_key
 from ..jose import Signer, SigningKey, b64url, public_jwk, thumbprint
 from ..signing import SignatureBatch
 from ..token_cache import CacheKey, Token
 from .base import issuer
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 _STAT_INTERVAL_S = 1.0
 _HTTP_SIGNATURE_ALGS = {

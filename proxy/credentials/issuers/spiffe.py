@@ -4,16 +4,20 @@ attests this process and signs them; nothing is read from or written to a file."
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import aiohttp
 
 from ...config.issuers import SPIFFEIssuerConfig
 from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ...spiffe.svid import JWTSVID
-from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..token_cache import CacheKey, Token
 from .base import issuer
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 
 def workload_api_for(workload_api: WorkloadAPI | None, where: str) -> WorkloadAPI:

@@ -4,16 +4,20 @@ it, and audited as legacy so owners can find and retire it. The file is re-read 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import aiohttp
 
 from ...config.issuers import StaticIssuerConfig
 from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
-from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
 from .base import issuer
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 
 @issuer(StaticIssuerConfig)

@@ -5,18 +5,22 @@ Everything else (discovery, client authentication, DPoP binding, nonces) is the 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import aiohttp
 
 from ...config.issuers import TokenExchangeIssuerConfig
 from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ...secret import Secret
-from ...spiffe.workload_api import WorkloadAPI
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from .base import issuer
 from .oauth2 import OAuth2Issuer
 from .spiffe import jwt_svid, workload_api_for
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
