@@ -596,3 +596,13 @@ log: {{format: json}}
         api.stop()
         idp.records()
         idp.stop()
+
+
+def test_the_spiffe_demo_passes(spire):
+    """``credproxy demo --spiffe`` (the README's SPIFFE tour) runs its own SPIRE and passes."""
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "demo", "--spiffe"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "demo passed" in result.stdout and "svid.received" in result.stdout
