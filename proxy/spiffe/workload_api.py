@@ -21,7 +21,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -209,11 +209,11 @@ class WorkloadAPI:
                 response_deserializer=response_type.FromString,
             )
             try:
-                async for message in self._messages(stream(request, metadata=METADATA)):
+                call: Any = stream(request, metadata=METADATA)
+                async for message in call:
                     update(message)
                     failures = 0
-                raise_code = "STREAM_ENDED"
-                self._metrics.workload_api_errors.labels(method, raise_code).inc()
+                self._metrics.workload_api_errors.labels(method, "STREAM_ENDED").inc()
                 spiffe_log.warning(
                     "SPIFFE Workload API %s: the agent at %s ended the stream; reconnecting",
                     method,
@@ -232,11 +232,6 @@ class WorkloadAPI:
             with contextlib.suppress(TimeoutError):  # jitter, cut short once the agent answers
                 delay_s = random.uniform(ceiling / 2, ceiling)  # noqa: S311
                 await asyncio.wait_for(self._agent_answered.wait(), delay_s)
-
-    @staticmethod
-    async def _messages(call: Any) -> AsyncIterator[Any]:
-        async for message in call:
-            yield message
 
     def _failed(self, method: str, exc: grpc.aio.AioRpcError) -> str:
         code = exc.code().name
