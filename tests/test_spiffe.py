@@ -17,6 +17,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import jwt
 import pytest
 from aiohttp import web
@@ -606,3 +607,16 @@ def test_the_spiffe_demo_passes(spire):
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
     assert "demo passed" in result.stdout and "svid.received" in result.stdout
+
+
+async def test_each_worker_is_attested_and_serves_jwt_svids(
+    spire, svid_upstream, credproxy, client
+):
+    """With --workers 2, every worker talks to the agent itself (grpc is loaded after the fork)
+    and every request through either gets a JWT-SVID the upstream verifies."""
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin), args=("--workers", "2"))
+    for i in range(20):
+        async with aiohttp.ClientSession() as fresh:  # new connections: both workers answer
+            async with fresh.get(f"{proc.url}/svc/w{i}") as response:
+                assert response.status == 200, await response.text()
+    assert proc.log().count("SPIFFE Workload API: unix://") == 2
