@@ -24,7 +24,16 @@ from aiohttp import web
 
 from proxy.credentials.jose import b64url
 from tests.aws_counterparts import REGION, Moto, Relay
-from tests.counterparts import LEDGER, NOBODY, PREAMBLE, ROOT, IdP, ResourceServer, attack
+from tests.counterparts import (
+    LEDGER,
+    NOBODY,
+    PREAMBLE,
+    ROOT,
+    IdP,
+    ResourceServer,
+    attack,
+    wait_until,
+)
 from tests.spire import (
     CREDPROXY_ID,
     SPIFFE_CLIENT,
@@ -620,3 +629,31 @@ async def test_each_worker_is_attested_and_serves_jwt_svids(
             async with fresh.get(f"{proc.url}/svc/w{i}") as response:
                 assert response.status == 200, await response.text()
     assert proc.log().count("SPIFFE Workload API: unix://") == 2
+
+
+async def test_without_an_agent_readyz_is_false_and_requests_get_503_with_the_reason_logged(
+    credproxy, client, tmp_path
+):
+    """No agent behind the socket at start: credproxy starts, /readyz stays 503 with the SVID
+    missing, a route answers 503 + Retry-After, and the log says the agent is not reachable."""
+    socket = tmp_path / "no-agent.sock"
+    config = f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "unix://{socket}"}}
+issuers:
+  workload: {{type: spiffe}}
+routes:
+  - name: svc
+    path_prefix: /svc/
+    upstream: https://svc.example
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+"""
+    proc = credproxy(config, expect_ready=False)
+    async with client.get(proc.admin_url + "/readyz") as ready:
+        assert ready.status == 503 and (await ready.json())["svid"] == "missing"
+    async with client.get(proc.url + "/svc/x") as response:
+        problem = await response.json(content_type=None)
+        assert response.status == 503 and int(response.headers["Retry-After"]) >= 1
+    assert problem["code"] == "credential_unavailable"
+    wait_until(lambda: "the agent is not reachable on that socket" in proc.log(), 10, "log")
