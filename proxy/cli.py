@@ -83,12 +83,21 @@ def main(argv: list[str] | None = None) -> int:
         "-c", "--config", type=Path, metavar="FILE", help="check each use against this policy"
     )
     evidence.add_argument("--format", choices=("markdown", "json"), default="markdown")
-    commands.add_parser("demo", help="a scripted tour that needs no external service")
+    demo = commands.add_parser("demo", help="a scripted tour that needs no external service")
+    demo.add_argument(
+        "--spiffe",
+        action="store_true",
+        help="the SPIFFE mode, with a SPIRE server and agent (built by scripts/build-spire)",
+    )
     args = parser.parse_args(argv)
 
     if args.command == "schema":
         print(json.dumps(loader.json_schema(), indent=2))
         return 0
+    if args.command == "demo" and args.spiffe:
+        from .demo.spiffe_tour import main as spiffe_demo
+
+        return spiffe_demo()
     if args.command == "demo":
         from .demo.tour import main as demo_main
 

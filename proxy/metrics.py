@@ -244,6 +244,24 @@ class Metrics:
             registry=r,
             multiprocess_mode="livemax",
         )
+        self.svid_expiry = Gauge(
+            "credproxy_svid_expiry_seconds",
+            "Unix time at which the current X.509-SVID from the SPIFFE Workload API expires "
+            "(0: none yet).",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.svid_rotations = Counter(
+            "credproxy_svid_rotations",
+            "X.509-SVIDs received from the SPIFFE Workload API after the first.",
+            registry=r,
+        )
+        self.workload_api_errors = Counter(
+            "credproxy_workload_api_errors",
+            "Failed SPIFFE Workload API calls and broken watch streams, by call and gRPC code.",
+            ["call", "code"],
+            registry=r,
+        )
 
     def count_request(self, route: str, status: int, outcome: str, duration_s: float) -> None:
         requests, key = self.counts.requests, (route, status, outcome)

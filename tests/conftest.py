@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
@@ -9,6 +10,15 @@ import pytest
 from hypothesis import settings
 
 from tests.counterparts import Credproxy, IdP, ResourceServer, environment_ok, idp_and_upstream
+from tests.spire import (
+    CREDPROXY_ID,
+    JWT_ISSUER,
+    JWT_TTL_S,
+    SPIFFE_CLIENT,
+    X509_TTL_S,
+    Spire,
+    SVIDUpstream,
+)
 
 # CI replays the same generated examples every run (a red CI is a regression, not a new draw);
 # local runs explore new ones.
@@ -63,3 +73,52 @@ async def client() -> AsyncIterator[aiohttp.ClientSession]:
     """The app: a plain HTTP client with no credential of its own."""
     async with aiohttp.ClientSession(auto_decompress=False) as session:
         yield session
+
+
+# SPIFFE: a real SPIRE server and agent (tests/spire.py), started once for the session.
+@pytest.fixture(scope="session")
+def spire(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spire]:
+    """One SPIRE server and agent for the session; credproxy's entry: uid 0 (the test suite)."""
+    server = Spire(tmp_path_factory.mktemp("spire")).start()
+    try:
+        server.register(CREDPROXY_ID, uid=0, x509_ttl_s=X509_TTL_S, jwt_ttl_s=JWT_TTL_S)
+        server.wait_for_svid(CREDPROXY_ID)
+        print(f"SPIRE server and agent ready in {time.monotonic() - server.began:.1f}s")
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def svid_upstream(spire: Spire) -> Iterator[SVIDUpstream]:
+    upstream = SVIDUpstream(spire)
+    upstream.start()
+    yield upstream
+    upstream.stop()
+
+
+@pytest.fixture(scope="session")
+def spiffe_idp(spire: Spire, tmp_path_factory) -> Iterator[tuple[IdP, ResourceServer]]:
+    """The test IdP trusting SPIRE's published bundle: token exchange accepts a JWT-SVID subject
+    (issuer SPIRE's jwt_issuer, audience the IdP), and client ``spiffe-orders`` authenticates
+    with a JWT-SVID for credproxy's SPIFFE ID; a resource server verifying the IdP's tokens."""
+    environment_ok()
+    idp = IdP(tmp_path_factory.mktemp("spiffe-idp"))
+    # the JWT authorities of SPIRE's bundle, as a JWKS a JOSE library takes ("use": "jwt-svid" is
+    # SPIFFE's; jose skips keys whose "use" is not "sig")
+    jwt_keys = [
+        {**{k: v for k, v in key.items() if k != "use"}, "use": "sig"}
+        for key in spire.jwks()["keys"]
+        if key.get("use") == "jwt-svid"
+    ]
+    idp.subject_issuer, idp.subject_jwks = JWT_ISSUER, jwt_keys
+    idp.spiffe_clients, idp.spiffe_jwks = [(SPIFFE_CLIENT, CREDPROXY_ID)], jwt_keys
+    server = ResourceServer(idp)
+    idp.add_resource(server.audience, ttl_s=60)
+    idp.start()
+    server.start()
+    yield idp, server
+    idp.records()
+    server.seen()
+    server.stop()
+    idp.stop()

@@ -136,6 +136,16 @@ class IdP:
         self._legacy_secret = secret
         self._cluster_key = ec.generate_private_key(ec.SECP256R1())  # signs "projected" tokens
         self._cluster_jwk = {**public_jwk(self._cluster_key), "kid": "cluster-1", "alg": "ES256"}
+        # whose subject tokens token exchange accepts; a SPIFFE test sets SPIRE's JWT authorities
+        self.subject_issuer = self.SUBJECT_ISSUER
+        self.subject_jwks: list[dict[str, Any]] = [self._cluster_jwk]
+        # clients that authenticate with a JWT-SVID: (client_id, SPIFFE ID); with their JWKS
+        self.spiffe_clients: list[tuple[str, str]] = []
+        self.spiffe_jwks: list[dict[str, Any]] = []
+        # with tls: tls_client_auth clients known by the SPIFFE ID of their X.509-SVID, and the
+        # SPIFFE bundle (PEM) their certificates chain to
+        self.spiffe_mtls_clients: list[tuple[str, str]] = []
+        self.spiffe_bundle_pem = ""
         self.record_file = workdir / "idp-records.jsonl"
         self._process: subprocess.Popen[bytes] | None = None
         self._nonce_secret = secrets.token_hex(32)
@@ -170,8 +180,8 @@ class IdP:
             "signing_jwk": self._signing_jwk,
             "nonce_secret_hex": self._nonce_secret,
             "resources": self.resources,
-            "subject_issuer": self.SUBJECT_ISSUER,
-            "subject_jwks": [self._cluster_jwk],
+            "subject_issuer": self.subject_issuer,
+            "subject_jwks": self.subject_jwks,
             "record_file": str(self.record_file),
             "clients": [
                 {
@@ -191,7 +201,18 @@ class IdP:
         }
         if self.tls is not None:
             cert, key = self.tls.issue("idp", server=True, stem="idp")
-            config["tls"] = {"cert": str(cert), "key": str(key), "ca": str(self.tls.ca_file)}
+            client_ca = self.tls.ca_file
+            if self.spiffe_bundle_pem:
+                client_ca = self.workdir / "client-ca.pem"
+                client_ca.write_text(self.tls.ca_file.read_text() + self.spiffe_bundle_pem)
+            config["tls"] = {"cert": str(cert), "key": str(key), "ca": str(client_ca)}
+            for client_id, spiffe_id in self.spiffe_mtls_clients:
+                config["clients"].append({
+                    **base, "client_id": client_id,
+                    "token_endpoint_auth_method": "tls_client_auth",
+                    "tls_client_auth_san_uri": spiffe_id,
+                    "tls_client_certificate_bound_access_tokens": True,
+                })  # fmt: skip
             config["clients"].append({
                 **base,
                 "client_id": self.MTLS_CLIENT_ID,
@@ -199,6 +220,17 @@ class IdP:
                 "tls_client_auth_subject_dn": self.MTLS_SUBJECT,
                 "tls_client_certificate_bound_access_tokens": True,
             })  # fmt: skip
+        if self.spiffe_clients:
+            spiffe = []
+            for client_id, spiffe_id in self.spiffe_clients:
+                secret = secrets.token_urlsafe(24)  # the IdP's own: never given to credproxy
+                LEDGER.secret(secret)
+                spiffe.append({"client_id": client_id, "spiffe_id": spiffe_id, "secret": secret})
+                config["clients"].append({
+                    **base, "client_id": client_id, "client_secret": secret,
+                    "token_endpoint_auth_method": "client_secret_post",
+                })  # fmt: skip
+            config["spiffe"] = {"jwks": self.spiffe_jwks, "clients": spiffe}
         config_file = self.workdir / "idp.json"
         config_file.write_text(json.dumps(config))
         log = open(self.workdir / "idp.log", "ab")  # noqa: SIM115 - closed with the process

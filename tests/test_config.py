@@ -127,12 +127,12 @@ BAD = [
         "unknown injector",
         VALID.replace("scope: payments.write}", "scope: payments.write, inject: magic}"),
         "routes[0].credential.inject: 'magic' is not a supported injector (expected one of "
-        "'bearer', 'dpop', 'sigv4', 'header', 'query', 'http_signature')",
+        "'bearer', 'dpop', 'sigv4', 'header', 'query', 'http_signature', 'jwt_svid')",
     ),
     (
         "unknown issuer type",
         VALID.replace("type: oauth2", "type: gcp"),
-        "issuers.idp.type: 'gcp' is not a supported type (expected one of 'oauth2', 'token_exchange', 'aws', 'static', 'openbao', 'vault', 'self_signed_jwt')",
+        "issuers.idp.type: 'gcp' is not a supported type (expected one of 'oauth2', 'token_exchange', 'aws', 'static', 'openbao', 'vault', 'self_signed_jwt', 'spiffe')",
     ),
     (
         "assertion too long-lived",

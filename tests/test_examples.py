@@ -256,3 +256,28 @@ async def test_local_config_runs_as_is(credproxy, client):
     async with client.post(proc.url + "/local/healthz") as response:
         assert response.status == 403  # GET and HEAD only
     assert [e["route"] for e in proc.audit("credential.used")] in ([], ["local"])
+
+
+def test_kubernetes_spiffe_example_holds_no_identity_file_and_only_the_sidecar_has_the_socket():
+    """The SPIFFE example's config loads and roots every issuer in an SVID; the Workload API
+    socket (CSI driver) is mounted into the sidecar only; no secret or token volume exists."""
+    documents = {
+        doc["kind"]: doc
+        for doc in yaml.safe_load_all((EXAMPLES / "kubernetes-spiffe.yaml").read_text())
+    }
+    loaded = loader.parse(documents["ConfigMap"]["data"]["config.yaml"])
+    assert loaded.identity.spiffe is not None and loaded.identity.token_file is None
+    assert all(issuer.uses_svid for issuer in loaded.issuers.values())
+    payments = next(route for route in loaded.routes if route.name == "payments")
+    assert payments.client_cert == "svid" and payments.upstream_spiffe_id
+    pod = documents["Deployment"]["spec"]["template"]["spec"]
+    [sidecar], [app] = pod["initContainers"], pod["containers"]
+    socket = {"name": "spiffe-workload-api", "mountPath": "/spiffe-workload-api", "readOnly": True}
+    assert socket in sidecar["volumeMounts"]
+    assert "spiffe-workload-api" not in {m["name"] for m in app.get("volumeMounts", [])}
+    [volume] = [v for v in pod["volumes"] if v["name"] == "spiffe-workload-api"]
+    assert volume["csi"]["driver"] == "csi.spiffe.io"
+    assert not [v for v in pod["volumes"] if "secret" in v or "projected" in v]
+    assert documents["ClusterSPIFFEID"]["spec"]["workloadSelectorTemplates"] == [
+        "k8s:container-name:credproxy"
+    ]

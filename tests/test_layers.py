@@ -10,7 +10,7 @@ PROXY = Path(__file__).resolve().parent.parent / "proxy"
 # bottom to top; the leaves (errors … aws_sdk) may be imported from anywhere above them
 ORDER = [
     "errors", "log", "secret", "tasks", "metrics", "wire", "aws_sdk",
-    "audit", "config", "outbound", "credentials", "access", "inbound", "governance",
+    "audit", "config", "spiffe", "outbound", "credentials", "access", "inbound", "governance",
     "lifecycle", "demo", "cli", "__main__",
 ]  # fmt: skip
 

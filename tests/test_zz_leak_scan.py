@@ -62,6 +62,64 @@ async def test_no_credential_value_appears_in_any_output(idp, upstream, credprox
     assert hits == []
 
 
+async def test_no_svid_or_svid_key_appears_in_any_output(
+    spire, svid_upstream, spiffe_idp, credproxy, client
+):
+    """SVIDs too: the X.509-SVID keys the agent handed credproxy's entry (as the Workload API
+    carries them and as PEM), every JWT-SVID the upstream, the IdP (subject tokens, client
+    assertions) and STS-like counterparts received appear in no log line (debug level), audit
+    event, metric or answer of a run that used them."""
+    from tests.spire import SPIFFE_CLIENT, record_svid_keys
+
+    idp, server = spiffe_idp
+    proc = credproxy(f"""\
+listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+callers:
+  test-suite: {{uid: 0}}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  workload: {{type: spiffe}}
+  exchange:
+    type: token_exchange
+    issuer_url: {idp.issuer}
+    client_id: {SPIFFE_CLIENT}
+    client_auth: jwt_svid
+    subject_token: jwt_svid
+routes:
+  - name: svc
+    path_prefix: /svc/
+    upstream: {svid_upstream.origin}
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+  - name: exchanged
+    path_prefix: /exchanged/
+    upstream: {server.origin}
+    credential: {{issuer: exchange, audience: "{server.audience}", scope: payments.read}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: text, level: debug}}
+""")
+    record_svid_keys(spire)
+    for path in ("/svc/a", "/exchanged/api/echo-credential", "/svc/b"):
+        async with client.get(proc.url + path) as response:
+            LEDGER.output(f"response {path}", await response.text())
+            LEDGER.output(f"response headers {path}", str(dict(response.headers)))
+    async with client.get(proc.admin_url + "/metrics") as response:
+        LEDGER.output("metrics", await response.text())
+    async with proc.control() as control, control.get("http://localhost/credentials") as answer:
+        LEDGER.output("inventory", await answer.text())
+    record_svid_keys(spire)
+    assert proc.stop() == 0
+    records = idp.records()
+    assert any(r.get("subject_token") for r in records)
+    assert svid_upstream.verifier.seen and "svid.received" in proc.audit_file.read_text()
+    hits = LEDGER.hits()
+    print(f"leak scan with SVIDs: {len(LEDGER.secrets)} values: {len(hits)} hits")
+    assert hits == []
+
+
 def _status_echo(status: str) -> object:
     """An upstream that echoes the bearer token it received in its status line and a header."""
 

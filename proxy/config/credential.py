@@ -15,6 +15,7 @@ import re
 from typing import Annotated, Any, Literal, Union, get_args
 
 from pydantic import AfterValidator, BeforeValidator, Field, model_validator
+from yarl import URL
 
 from .. import aws_sdk
 from .base import REGION, Model
@@ -55,6 +56,11 @@ class CredentialConfig(Model):
         not the first). That ``inject`` suits the issuer's type is checked before, for all."""
         del issuer, upstream
         return []
+
+    def cache_audience(self, upstream: str) -> str | None:
+        """The audience credentials for this route are requested (and cached) for."""
+        del upstream
+        return self.audience
 
 
 PayloadMaxBytes = Annotated[
@@ -201,6 +207,19 @@ class HTTPSignatureCredential(CredentialConfig):
                 )
             ]
         return []
+
+
+class JWTSVIDCredential(CredentialConfig):
+    """A JWT-SVID from the SPIFFE Workload API as ``Authorization: Bearer`` (SPIFFE
+    service-to-service authentication); its audience is the route's, else the upstream's origin."""
+
+    inject: Literal["jwt_svid"]
+
+    def cache_audience(self, upstream: str) -> str | None:
+        if self.audience:
+            return self.audience
+        url = URL(upstream)
+        return f"{url.scheme}://{url.authority}"
 
 
 def _default_inject(value: Any) -> Any:

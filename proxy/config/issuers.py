@@ -33,6 +33,11 @@ class IssuerConfig(Owned):
     supported_injectors: ClassVar[tuple[str, ...]] = ()
     """The ``credential.inject`` values routes using this issuer may choose."""
 
+    @property
+    def uses_svid(self) -> bool:
+        """Whether this issuer needs an SVID from the SPIFFE Workload API."""
+        return False
+
     @classmethod
     def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
         super().__pydantic_init_subclass__(**kwargs)
@@ -62,7 +67,15 @@ class OAuth2IssuerConfig(IssuerConfig):
     supported_injectors = ("bearer", "dpop")
     issuer_url: str
     client_id: str = Field(min_length=1)
-    client_auth: Literal["private_key_jwt", "tls_client_auth", "client_secret"] = "private_key_jwt"
+    client_auth: Literal["private_key_jwt", "tls_client_auth", "client_secret", "jwt_svid"] = (
+        "private_key_jwt"
+    )
+    client_assertion_type: Literal["jwt-bearer", "jwt-spiffe"] = Field(
+        "jwt-bearer",
+        description="client_auth jwt_svid: the JWT-SVID as an RFC 7523 client assertion "
+        "(urn:ietf:params:oauth:client-assertion-type:jwt-bearer) or as the OAuth SPIFFE client "
+        "authentication draft's (…:client-assertion-type:jwt-spiffe)",
+    )
     client_key_file: Path | None = Field(
         None, description="private_key_jwt: the assertion key; tls_client_auth: the cert's key"
     )
@@ -70,6 +83,11 @@ class OAuth2IssuerConfig(IssuerConfig):
         None,
         description="tls_client_auth (RFC 8705): PEM client certificate, re-read on rotation; "
         "routes without their own client certificate present it too (certificate-bound tokens)",
+    )
+    client_cert: Literal["svid"] | None = Field(
+        None,
+        description="tls_client_auth: svid presents the X.509-SVID from the SPIFFE Workload API "
+        "(rotated in memory) instead of client_cert_file and client_key_file",
     )
     client_key_id: str | None = Field(None, description="'kid' header of client assertions")
     client_secret_file: Path | None = None
@@ -99,15 +117,32 @@ class OAuth2IssuerConfig(IssuerConfig):
             raise ValueError("client_auth private_key_jwt needs client_key_file")
         if self.client_auth == "client_secret" and self.client_secret_file is None:
             raise ValueError("client_auth client_secret needs client_secret_file")
-        if self.client_auth == "tls_client_auth" and (
-            self.client_cert_file is None or self.client_key_file is None
+        if self.client_cert == "svid" and self.client_auth != "tls_client_auth":
+            raise ValueError("client_cert svid is for client_auth tls_client_auth")
+        if self.client_cert == "svid" and (self.client_cert_file or self.client_key_file):
+            raise ValueError("client_cert svid replaces client_cert_file and client_key_file")
+        if (
+            self.client_auth == "tls_client_auth"
+            and self.client_cert is None
+            and (self.client_cert_file is None or self.client_key_file is None)
         ):
             raise ValueError(
-                "client_auth tls_client_auth needs client_cert_file and client_key_file"
+                "client_auth tls_client_auth needs client_cert_file and client_key_file "
+                "(or client_cert: svid)"
             )
         if self.client_auth == "tls_client_auth" and URL(self.issuer_url).scheme != "https":
             raise ValueError("client_auth tls_client_auth needs an https issuer_url")
+        if self.client_auth == "jwt_svid" and (self.client_key_file or self.client_secret_file):
+            raise ValueError(
+                "client_auth jwt_svid authenticates with a JWT-SVID from the SPIFFE Workload "
+                "API: remove client_key_file / client_secret_file"
+            )
         return self
+
+    @property
+    def uses_svid(self) -> bool:
+        """Whether this issuer needs an SVID from the SPIFFE Workload API."""
+        return self.client_auth == "jwt_svid" or self.client_cert == "svid"
 
 
 class TokenExchangeIssuerConfig(OAuth2IssuerConfig):
@@ -116,8 +151,20 @@ class TokenExchangeIssuerConfig(OAuth2IssuerConfig):
 
     type: Literal["token_exchange"]  # type: ignore[assignment]
     supported_injectors = ("bearer", "dpop")
+    subject_token: Literal["file", "jwt_svid"] = Field(
+        "file",
+        description="file: subject_token_file (or identity.token_file), re-read per exchange; "
+        "jwt_svid: a JWT-SVID from the SPIFFE Workload API for subject_audience",
+    )
     subject_token_file: Path | None = Field(None, description="default: identity.token_file")
     subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"
+    subject_audience: str | None = Field(
+        None, min_length=1, description="subject_token jwt_svid: its audience; default issuer_url"
+    )
+
+    @property
+    def uses_svid(self) -> bool:
+        return super().uses_svid or self.subject_token == "jwt_svid"
 
 
 class AWSIssuerConfig(IssuerConfig):
@@ -127,6 +174,14 @@ class AWSIssuerConfig(IssuerConfig):
     type: Literal["aws"]
     supported_injectors = ("sigv4",)
     role_arn: str | None = Field(None, pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$")
+    web_identity: Literal["file", "jwt_svid"] = Field(
+        "file",
+        description="the web identity token: token_file (or identity.token_file), or a JWT-SVID "
+        "from the SPIFFE Workload API for web_identity_audience",
+    )
+    web_identity_audience: str = Field(
+        "sts.amazonaws.com", min_length=1, description="web_identity jwt_svid: its audience"
+    )
     token_file: Path | None = Field(None, description="default: identity.token_file")
     assume_role_arn: str | None = Field(
         None, pattern=r"^arn:aws[a-z-]*:iam::[0-9]{12}:role/.+$", description="chained AssumeRole"
@@ -157,11 +212,17 @@ class AWSIssuerConfig(IssuerConfig):
             raise ValueError(
                 "set exactly one of role_arn (web identity) or static_credentials_file"
             )
+        if self.web_identity == "jwt_svid" and self.role_arn is None:
+            raise ValueError("web_identity jwt_svid needs role_arn")
         if self.sts_endpoint is not None:
             check_http_url(
                 self.sts_endpoint, insecure_ok=self.allow_insecure_http, what="sts_endpoint"
             )
         return self
+
+    @property
+    def uses_svid(self) -> bool:
+        return self.web_identity == "jwt_svid"
 
     @property
     def sts_url(self) -> str:
@@ -316,6 +377,28 @@ class SelfSignedJWTIssuerConfig(IssuerConfig):
     request_claims: bool = Field(False, description="add htm and htu (method, URL sans query)")
 
     _no_inline = model_validator(mode="before")(reject_inline_secrets)
+
+
+class SPIFFEIssuerConfig(IssuerConfig):
+    """JWT-SVIDs from the SPIFFE Workload API (``identity.spiffe``), one per audience, cached and
+    refreshed ahead of expiry like any token; routes send them with ``inject: jwt_svid``
+    (audience: the route's, else the upstream's origin)."""
+
+    type: Literal["spiffe"]
+    supported_injectors = ("jwt_svid", "header")
+    spiffe_id: str | None = Field(
+        None,
+        pattern=r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
+        description="which SVID, when the workload is entitled to several; default: the first",
+    )
+    refresh_ahead_s: Duration | None = Field(
+        None, description="default: min(60 s, 20 % of the JWT-SVID lifetime)"
+    )
+    backoff_max_s: Duration = 30.0
+
+    @property
+    def uses_svid(self) -> bool:
+        return True
 
 
 def aws_service_region(host: str) -> tuple[str | None, str | None]:

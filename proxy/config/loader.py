@@ -243,6 +243,16 @@ def _credential_checks(
 def warnings(config: Config) -> list[str]:
     """Things that are allowed but deserve a second look; ``check-config`` prints them."""
     notes: list[str] = []
+    socket = config.identity.spiffe_socket()
+    path = _unix_path(socket) if socket and svid_users(config) else None
+    if path is not None and not Path(path).exists():
+        where = "identity.spiffe.socket"
+        if config.identity.spiffe is None or config.identity.spiffe.socket is None:
+            where = "SPIFFE_ENDPOINT_SOCKET"
+        notes.append(
+            f"{where}: {path} does not exist here; is the SPIRE agent running and its socket "
+            "mounted into the sidecar? (credproxy waits for it and is not ready until then)"
+        )
     for name, issuer in config.issuers.items():
         url = issuer.issuer_url if isinstance(issuer, OAuth2IssuerConfig) else None
         url = issuer.sts_url if isinstance(issuer, AWSIssuerConfig) else url
@@ -421,9 +431,40 @@ def parse(text: str, *, source: str = "<config>") -> Config:
         config = Config.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(_format_errors(exc) + errors) from None
+    errors += _spiffe_checks(config)
     if errors:
         raise ConfigError(errors)
     return config
+
+
+def _unix_path(socket: str) -> str | None:
+    for prefix in ("unix://", "unix:"):
+        if socket.startswith(prefix):
+            return socket.removeprefix(prefix)
+    return None
+
+
+def svid_users(config: Config) -> list[str]:
+    """Where the config uses an SVID from the SPIFFE Workload API (config paths)."""
+    users = [f"issuers.{name}" for name, issuer in config.issuers.items() if issuer.uses_svid]
+    for i, route in enumerate(config.routes):
+        if route.client_cert == "svid":
+            users.append(f"routes[{i}].client_cert")
+        if route.upstream_spiffe_id is not None:
+            users.append(f"routes[{i}].upstream_spiffe_id")
+    return users
+
+
+def _spiffe_checks(config: Config) -> list[str]:
+    """An SVID is needed and no Workload API socket is configured: say where, and what to set."""
+    if config.identity.spiffe_socket() is not None:
+        return []
+    return [
+        f"{where}: needs an SVID from the SPIFFE Workload API, and no socket is configured: "
+        "set identity.spiffe.socket to the SPIRE agent's socket mounted into the sidecar "
+        "(e.g. unix:///run/spire/agent/public/api.sock), or SPIFFE_ENDPOINT_SOCKET"
+        for where in svid_users(config)
+    ]
 
 
 def load(path: Path) -> Config:

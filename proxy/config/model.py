@@ -8,6 +8,7 @@ models this module takes its unions from) and the shared pieces in ``base``.
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,7 @@ from pydantic import (
     Field,
     model_validator,
 )
+from yarl import URL
 
 from .base import Duration, Model, Owned, check_http_url
 from .credential import (
@@ -149,8 +151,17 @@ class RouteConfig(Owned):
         None, description="mTLS to the upstream; re-read when it changes (rotation)"
     )
     client_key_file: Path | None = None
-    client_cert: ClientCertificateConfig | None = Field(
-        None, description="mTLS with a certificate issued into memory, renewed ahead of expiry"
+    client_cert: ClientCertificateConfig | Literal["svid"] | None = Field(
+        None,
+        description="mTLS with a certificate issued into memory, renewed ahead of expiry: "
+        "{issuer: <openbao issuer with pki>}, or svid: the X.509-SVID from the SPIFFE Workload "
+        "API (identity.spiffe), rotated in memory",
+    )
+    upstream_spiffe_id: str | None = Field(
+        None,
+        pattern=r"^spiffe://[a-z0-9._-]+(/[A-Za-z0-9._-]+)*$",
+        description="authenticate the upstream by SPIFFE ID instead of hostname: its certificate "
+        "must chain to the SPIFFE trust bundle and carry this ID as its URI SAN",
     )
     allow_insecure_http: bool = False
     credential: AnyCredentialConfig = Field(
@@ -189,10 +200,21 @@ class RouteConfig(Owned):
             raise ValueError("a route needs path_prefix, host, or both")
         if (self.client_cert_file is None) != (self.client_key_file is None):
             raise ValueError("client_cert_file and client_key_file go together")
+        if self.uses_svid and URL(self.upstream).scheme != "https":
+            raise ValueError("client_cert svid and upstream_spiffe_id need an https upstream")
+        if self.upstream_spiffe_id is not None and self.ca_file is not None:
+            raise ValueError(
+                "upstream_spiffe_id verifies with the SPIFFE trust bundle: remove ca_file"
+            )
         if self.client_cert is not None and self.client_cert_file is not None:
             raise ValueError("client_cert and client_cert_file: one client certificate only")
         check_http_url(self.upstream, insecure_ok=self.allow_insecure_http, what="upstream")
         return self
+
+    @property
+    def uses_svid(self) -> bool:
+        """Whether the route presents the X.509-SVID or checks the upstream's SPIFFE ID."""
+        return self.client_cert == "svid" or self.upstream_spiffe_id is not None
 
     @property
     def path_mode(self) -> Literal["normalized", "opaque"]:
@@ -208,8 +230,37 @@ class RouteConfig(Owned):
         return "normalized"
 
 
+class SPIFFEConfig(Model):
+    """The SPIFFE Workload API (a SPIRE agent's socket): SVIDs as the workload's identity."""
+
+    socket: str | None = Field(
+        None,
+        pattern=r"^(unix:(//)?/\S+|tcp://\S+:[0-9]+)$",
+        description="e.g. unix:///run/spire/agent/public/api.sock; default: the "
+        "SPIFFE_ENDPOINT_SOCKET environment variable",
+    )
+    timeout_s: Duration = Field(10.0, description="bound on one Workload API call")
+    backoff_max_s: Duration = Field(
+        30.0, description="ceiling of the jittered backoff between reconnections to the agent"
+    )
+
+
+SPIFFE_SOCKET_ENV = "SPIFFE_ENDPOINT_SOCKET"
+
+
 class IdentityConfig(Model):
     token_file: Path | None = Field(None, description="projected token / JWT-SVID (later issuers)")
+    spiffe: SPIFFEConfig | None = Field(
+        None,
+        description="the SPIFFE Workload API; needed (or SPIFFE_ENDPOINT_SOCKET) when an issuer "
+        "or route uses an SVID",
+    )
+
+    def spiffe_socket(self) -> str | None:
+        """``spiffe.socket``, else ``SPIFFE_ENDPOINT_SOCKET`` (the SPIFFE standard's default)."""
+        configured = self.spiffe.socket if self.spiffe is not None else None
+        return configured or os.environ.get(SPIFFE_SOCKET_ENV) or None
+
     dpop_alg: Literal["ES256", "EdDSA"] = "ES256"
 
 

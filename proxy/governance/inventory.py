@@ -6,7 +6,7 @@ from the config alone when the sidecar is not running (``credproxy inventory``).
 from __future__ import annotations
 
 import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..audit.usage import Usage
 from ..config.issuers import (
@@ -18,6 +18,9 @@ from ..config.issuers import (
 from ..config.model import Config
 from ..credentials.minting import MintingSource
 from ..inbound.runtime import Runtime
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ..spiffe.workload_api import WorkloadAPI
 
 COLUMNS = ("issuer", "audience", "scope", "routes", "owner", "expires_at", "last_refresh",
            "last_use", "use_count", "legacy")  # fmt: skip
@@ -46,16 +49,19 @@ def _entries(config: Config) -> Entries:
             "issuer": key[0], "type": issuer.type, "kind": key[3], "audience": key[1],
             "scope": key[2], "inject": inject, "routes": [], "owner": issuer.owner,
             "purpose": issuer.purpose, "legacy": _legacy(issuer) and key[3] == "token",
+            "svid_rooted": issuer.uses_svid,
         })  # fmt: skip
         entry["routes"].append({"name": route.name, "owner": route.owner, "purpose": route.purpose})
 
     for route in config.routes:
         credential = route.credential
-        key = (credential.issuer, credential.audience, credential.scope, "token")
+        audience = credential.cache_audience(route.upstream)
+        key = (credential.issuer, audience, credential.scope, "token")
         add(key, credential.inject, route)
-        if route.client_cert is not None:
-            add((route.client_cert.issuer, None, None, "client_cert"), "mtls", route)
-        for name in {credential.issuer, *([route.client_cert.issuer] if route.client_cert else [])}:
+        issued = route.client_cert if not isinstance(route.client_cert, str) else None
+        if issued is not None:  # (an X.509-SVID is listed as the sidecar's identity)
+            add((issued.issuer, None, None, "client_cert"), "mtls", route)
+        for name in {credential.issuer, *([issued.issuer] if issued else [])}:
             if isinstance(config.issuers[name], OpenBaoIssuerConfig):  # its Vault token
                 add((name, None, None, "session"), "login", route)
     return entries
@@ -65,9 +71,28 @@ def from_config(config: Config) -> list[dict[str, Any]]:
     return list(_entries(config).values())
 
 
-def inventory(runtime: Runtime, usage: Usage) -> list[dict[str, Any]]:
+def svid_entry(workload_api: WorkloadAPI) -> dict[str, Any]:
+    """The X.509-SVID the sidecar holds (from the SPIFFE Workload API): its ID, serial,
+    certificate fingerprint and expiry; never its key."""
+    svid = workload_api.x509
+    return {
+        "issuer": "spiffe-workload-api", "type": "x509_svid", "kind": "identity",
+        "audience": None, "scope": None, "inject": None, "routes": [], "owner": None,
+        "purpose": "workload identity", "legacy": False, "svid_rooted": True, "binding": "x509",
+        "spiffe_id": svid.spiffe_id if svid else None,
+        "serial": svid.serial if svid else None,
+        "fingerprint": svid.fingerprint if svid else None,
+        "expires_at": round(svid.expires_at, 3) if svid else None,
+        "last_refresh": None, "rotations": workload_api.rotations,
+        "socket": workload_api.socket,
+    }  # fmt: skip
+
+
+def inventory(
+    runtime: Runtime, usage: Usage, workload_api: WorkloadAPI | None = None
+) -> list[dict[str, Any]]:
     entries = _entries(runtime.config)
-    out = []
+    out = [svid_entry(workload_api)] if workload_api is not None else []
     for key, source in runtime.sources.items():
         entry = dict(entries[(key.issuer, key.audience, key.scope, key.kind)])
         token = source.token

@@ -14,7 +14,7 @@ import socket
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 from aiohttp import web
 
@@ -39,6 +39,9 @@ from ..metrics import Metrics
 from ..tasks import spawn
 from ..wire import RequestHandler
 from .unix_socket import bind_unix
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ..spiffe.workload_api import WorkloadAPI
 
 Endpoint = Callable[[web.BaseRequest, Caller], Awaitable[web.StreamResponse]]
 Check = Callable[[web.BaseRequest, Caller], None]
@@ -72,6 +75,8 @@ class Sidecar(Protocol):
     def break_glass(self) -> BreakGlass: ...
     @property
     def workers(self) -> int: ...
+    @property
+    def workload_api(self) -> WorkloadAPI | None: ...
     def sample_gauges(self) -> None: ...
 
 

@@ -6,6 +6,7 @@ tokens) is carried over from the previous runtime.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -20,13 +21,18 @@ from ..credentials.minting import MintingSource
 from ..credentials.signing import SignatureBatch
 from ..credentials.token_cache import CacheKey, Token, TokenSource
 from ..credentials.token_share import LeaderClient
+from ..errors import IdentityError
 from ..inbound.guard import Guard
 from ..inbound.routing import RouteTable, Target
 from ..inbound.runtime import RouteRuntime, Runtime
 from ..metrics import Metrics
 from ..outbound.hygiene import CREDENTIAL_HEADERS, HOP_BY_HOP, OVERRIDE_HEADERS
+from ..outbound.spiffe_tls import SVIDClientTLS
 from ..outbound.tls import ClientTLS
 from ..outbound.upstream import Origin, Timeouts
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ..spiffe.workload_api import WorkloadAPI
 
 
 def build(
@@ -38,6 +44,7 @@ def build(
     previous: Runtime | None = None,
     dpop_key: DPoPKey | None = None,
     leader: LeaderClient | None = None,
+    workload_api: WorkloadAPI | None = None,
 ) -> Runtime:
     """Raise ``IdentityError`` (naming the config path) when a key or secret file is unusable.
 
@@ -57,6 +64,7 @@ def build(
             session=session,
             dpop_key=dpop_key,
             identity=config.identity,
+            workload_api=workload_api,
         )
         for name, issuer in config.issuers.items()
     }
@@ -90,12 +98,15 @@ def build(
         issuer = issuers[credential.issuer]
         injector = make_injector(route, issuer, signing)
         key = CacheKey(
-            credential.issuer, credential.audience, credential.scope, injector.binds_token
+            credential.issuer,
+            credential.cache_audience(route.upstream),
+            credential.scope,
+            injector.binds_token,
         )
         source = source_for(key)
-        tls = ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=f"routes[{i}]")
+        tls = _tls(route, issuer, workload_api, where=f"routes[{i}]")
         certificate = None
-        if route.client_cert is not None:
+        if route.client_cert is not None and route.client_cert != "svid":
             cert_source = source_for(
                 CacheKey(route.client_cert.issuer, None, None, False, "client_cert")
             )
@@ -145,6 +156,35 @@ def build(
         issuers,
         signing,
         config,
+    )
+
+
+def _tls(
+    route: RouteConfig, issuer: Issuer, workload_api: WorkloadAPI | None, *, where: str
+) -> ClientTLS:
+    """The route's TLS: from the X.509-SVID when it presents one or checks the upstream's SPIFFE
+    ID, else from files (its own client certificate, or its issuer's)."""
+    config = issuer.config
+    issuers_svid = (  # RFC 8705 §3: present the certificate the issuer's tokens may be bound to
+        isinstance(config, OAuth2IssuerConfig)
+        and config.client_auth == "tls_client_auth"
+        and config.client_cert == "svid"
+        and route.client_cert is None
+        and route.client_cert_file is None
+    )
+    if not route.uses_svid and not issuers_svid:
+        return ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=where)
+    if workload_api is None:
+        raise IdentityError(
+            f"{where}: client_cert svid / upstream_spiffe_id need the SPIFFE Workload API: set "
+            "identity.spiffe.socket (or SPIFFE_ENDPOINT_SOCKET)"
+        )
+    return SVIDClientTLS(
+        workload_api,
+        ca_file=route.ca_file,
+        present_svid=route.client_cert == "svid" or issuers_svid,
+        upstream_spiffe_id=route.upstream_spiffe_id,
+        where=where,
     )
 
 

@@ -67,7 +67,7 @@ def endpoints(sidecar: Sidecar) -> Mapping[str, Mapping[str, Endpoint]]:
         """The inventory: each credential held or to be held, with its governance fields and
         life so far — never a value."""
         return json_response({
-            "credentials": inventory(sidecar.runtime, sidecar.usage),
+            "credentials": inventory(sidecar.runtime, sidecar.usage, sidecar.workload_api),
             "break_glass": sidecar.break_glass.active(),
         })  # fmt: skip
 

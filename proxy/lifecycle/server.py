@@ -13,7 +13,7 @@ import signal
 import socket
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import uvloop
@@ -38,6 +38,9 @@ from . import control, telemetry
 from .admin_http import ADMIN_DESCRIPTORS, AdminServer, remove_socket, unix_socket
 from .assembly import build
 from .unix_socket import bind_unix, cannot_listen, os_reason
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ..spiffe.workload_api import WorkloadAPI
 
 _GAUGE_INTERVAL_S = 5.0
 
@@ -124,6 +127,7 @@ class Server:
         self._retiring: dict[asyncio.Task[None], Runtime] = {}  # replaced by reloads
         self._reload_lock = asyncio.Lock()
         self._session: aiohttp.ClientSession | None = None
+        self.workload_api: WorkloadAPI | None = None  # the SPIFFE Workload API, when used
         self._gauges: asyncio.Task[None] | None = None
         self.app_addresses: list[Address] = []
         self.admin_address: Address | None = None
@@ -173,6 +177,7 @@ class Server:
             audit=self.audit,
             dpop_key=self._dpop_key,
             leader=self._leader,
+            workload_api=self._workload_api_for(self.config),
         )
         if self._leader_socket is not None and self._is_leader:
             shared = web.AppRunner(leader_app(lambda: self.runtime.sources), access_log=None)
@@ -211,6 +216,28 @@ class Server:
             self.control_address,
             len(self._runtime.routes),
         )
+
+    def _workload_api_for(self, config: Config) -> WorkloadAPI | None:
+        """The SPIFFE Workload API client, started on first need and kept for the process (a
+        changed socket takes effect on restart); None when nothing uses an SVID."""
+        if self.workload_api is not None:
+            return self.workload_api
+        socket = config.identity.spiffe_socket()
+        if socket is None or (config.identity.spiffe is None and not loader.svid_users(config)):
+            return None
+        from ..spiffe.workload_api import WorkloadAPI  # grpc: loaded only when SPIFFE is used
+
+        spiffe = config.identity.spiffe
+        self.workload_api = WorkloadAPI(
+            socket,
+            metrics=self.metrics,
+            audit=self.audit,
+            timeout_s=spiffe.timeout_s if spiffe else 10.0,
+            backoff_max_s=spiffe.backoff_max_s if spiffe else 30.0,
+        )
+        self.workload_api.start()
+        server_log.info("SPIFFE Workload API: %s", socket)
+        return self.workload_api
 
     async def _warm_up(self) -> None:
         for source in self.runtime.sources.values():
@@ -356,6 +383,7 @@ class Server:
                     audit=self.audit,
                     previous=self.runtime,
                     leader=self._leader,
+                    workload_api=self._workload_api_for(config),
                 )
             except Exception as exc:  # whatever failed, the running config keeps serving
                 errors = exc.errors if isinstance(exc, ConfigError) else [str(exc)]
@@ -382,6 +410,9 @@ class Server:
             ]
             if config.control.listen != previous_config.control.listen:
                 needs_restart.append("control.listen")  # control.allow applies at once
+            socket = config.identity.spiffe_socket()
+            if self.workload_api is not None and socket != self.workload_api.socket:
+                needs_restart.append("identity.spiffe.socket")  # the agent connection stays
             for name in needs_restart:
                 server_log.warning("reload: %s changed; it takes effect on restart", name)
             kept = sum(source in old.sources.values() for source in runtime.sources.values())
@@ -447,6 +478,8 @@ class Server:
             await self._runtime.aclose()
         if self._leader is not None:
             await self._leader.aclose()
+        if self.workload_api is not None:
+            await self.workload_api.aclose()
         self._upstreams.close()
         if self._session is not None:
             await self._session.close()

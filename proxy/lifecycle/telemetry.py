@@ -31,8 +31,16 @@ def endpoints(sidecar: Sidecar) -> Mapping[str, Mapping[str, Endpoint]]:
             for route in sidecar.runtime.routes
             if sidecar.config.warm_up and not route.source.ready
         )
-        ready = not sidecar.draining and not waiting
-        body = {"ready": ready, "draining": sidecar.draining, "routes_without_credential": waiting}
+        # No X.509-SVID yet (or it expired): the agent has not attested this process
+        svid_missing = sidecar.workload_api is not None and not sidecar.workload_api.ready
+        ready = not sidecar.draining and not waiting and not svid_missing
+        body: dict[str, object] = {
+            "ready": ready,
+            "draining": sidecar.draining,
+            "routes_without_credential": waiting,
+        }
+        if sidecar.workload_api is not None:
+            body["svid"] = "missing" if svid_missing else "current"
         return web.json_response(body, status=200 if ready else 503)
 
     async def jwks(request: web.BaseRequest, caller: Caller) -> web.StreamResponse:

@@ -33,6 +33,7 @@ from ..wire import (
     RawResponseMessage,
     described,
 )
+from .spiffe_tls import check_peer
 
 Body = bytes | StreamReader | AsyncIterable[bytes] | None
 _READ_LIMIT = 2**16  # buffered answer bytes before the upstream is paused
@@ -365,6 +366,8 @@ class Upstreams:
             raise UpstreamTLSError(f"{where}: TLS failed: {exc}") from None
         except OSError as exc:
             raise UpstreamConnectError(f"{where}: cannot connect: {exc}") from None
+        if connection.transport is not None:
+            check_peer(context, connection.transport, where)
         return connection
 
     def close(self) -> None:

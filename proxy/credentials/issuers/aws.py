@@ -1,5 +1,5 @@
 """AWS credentials from STS: ``AssumeRoleWithWebIdentity`` with the workload's projected token
-(EKS IRSA / Pod Identity style), optionally chained into ``AssumeRole``; or static keys from a
+(EKS IRSA / Pod Identity style) or a JWT-SVID from the SPIFFE Workload API, optionally chained into ``AssumeRole``; or static keys from a
 file, as a marked legacy mode. botocore (``credproxy[aws]``, behind ``proxy.aws_sdk``) speaks STS,
 in a worker thread: one call per refresh window, off the request path.
 """
@@ -10,6 +10,7 @@ import asyncio
 import datetime
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import aiohttp
 
@@ -22,6 +23,10 @@ from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
 from .base import issuer
+from .spiffe import jwt_svid, workload_api_for
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 _STATIC_REREAD_S = 300.0  # static keys never expire; re-read the file this often (rotation)
 
@@ -38,6 +43,7 @@ class AWSIssuer:
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
         identity: IdentityConfig,
+        workload_api: WorkloadAPI | None = None,
     ) -> None:
         del session, dpop_key  # botocore brings its own HTTP client and trust store
         self.name = name
@@ -45,7 +51,10 @@ class AWSIssuer:
         self.region: str | None = config.region
         self._where = f"issuers.{name}"
         self._token_file = config.token_file or identity.token_file
-        if config.role_arn is not None and self._token_file is None:
+        self._workload_api: WorkloadAPI | None = None
+        if config.web_identity == "jwt_svid":
+            self._workload_api = workload_api_for(workload_api, f"{self._where}.web_identity")
+        elif config.role_arn is not None and self._token_file is None:
             raise IdentityError(
                 f"{self._where}.token_file: needed for web identity (or set identity.token_file)"
             )
@@ -64,16 +73,18 @@ class AWSIssuer:
 
     async def fetch(self, key: CacheKey) -> Token:
         del key  # one set of AWS credentials per issuer
-        return await asyncio.to_thread(self._fetch)
+        svid = None
+        if self._workload_api is not None:
+            where = f"{self._where}.web_identity"
+            audience = self.config.web_identity_audience
+            svid = (await jwt_svid(self._workload_api, audience, where=where)).token
+        return await asyncio.to_thread(self._fetch, svid)
 
-    def _fetch(self) -> Token:
+    def _fetch(self, svid: Secret | None) -> Token:
         if self.config.static_credentials_file is not None:
             return self._static(self.config.static_credentials_file)
-        assert self._token_file is not None and self.config.role_arn is not None
-        try:
-            web_identity = read_secret_file(self._token_file, what=f"{self._where}.token_file")
-        except IdentityError as exc:
-            raise IssuerError(str(exc)) from None  # a rotating file may be briefly missing: retry
+        assert self.config.role_arn is not None
+        web_identity = svid if svid is not None else self._web_identity_file()
         with sts_errors(f"{self._where}: STS at {self.config.sts_url}", web_identity):
             answer = self._sts.assume_role_with_web_identity(
                 self.config.role_arn, self.config.session_name, web_identity, self.config.duration_s
@@ -95,6 +106,13 @@ class AWSIssuer:
             key_id=answer.access_key_id,
             signing_secret=answer.secret_access_key,
         )
+
+    def _web_identity_file(self) -> Secret:
+        assert self._token_file is not None
+        try:
+            return read_secret_file(self._token_file, what=f"{self._where}.token_file")
+        except IdentityError as exc:
+            raise IssuerError(str(exc)) from None  # a rotating file may be briefly missing: retry
 
     def _static(self, path: Path) -> Token:
         where = f"{self._where}.static_credentials_file"

@@ -5,7 +5,7 @@ implementation (``ISSUERS``), filled by the ``@issuer(<config model>)`` line of 
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Never, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Never, Protocol, TypeVar, cast, runtime_checkable
 
 import aiohttp
 
@@ -14,6 +14,9 @@ from ...config.model import IdentityConfig
 from ..dpop import DPoPKey
 from ..signing import SignatureBatch
 from ..token_cache import CacheKey, Token
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 
 class Issuer(Protocol):
@@ -73,6 +76,7 @@ class IssuerFactory(Protocol[C_contra]):
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
         identity: IdentityConfig,
+        workload_api: WorkloadAPI | None = None,
     ) -> Issuer: ...
 
 
@@ -102,7 +106,16 @@ def make_issuer(
     session: aiohttp.ClientSession,
     dpop_key: DPoPKey,
     identity: IdentityConfig,
+    workload_api: WorkloadAPI | None = None,
 ) -> Issuer:
-    """The issuer ``config`` describes, built by the implementation registered for its model."""
+    """The issuer ``config`` describes, built by the implementation registered for its model.
+    ``workload_api``: the SPIFFE Workload API client, for issuers rooted in an SVID."""
     factory = cast(IssuerFactory[C], ISSUERS[type(config)])  # registered for exactly this model
-    return factory(name, config, session=session, dpop_key=dpop_key, identity=identity)
+    return factory(
+        name,
+        config,
+        session=session,
+        dpop_key=dpop_key,
+        identity=identity,
+        workload_api=workload_api,
+    )

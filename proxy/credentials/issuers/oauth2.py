@@ -2,7 +2,8 @@
 
 Client authentication: ``private_key_jwt`` (RFC 7523 assertion, fresh ``jti``, lifetime ≤ 60 s),
 ``tls_client_auth`` (RFC 8705: a client certificate, re-read on rotation; the IdP may bind the
-tokens to it) or, as the legacy fallback, ``client_secret`` read from a file (HTTP Basic). Tokens can be bound
+tokens to it), ``jwt_svid`` (a JWT-SVID from the SPIFFE Workload API as the client assertion:
+RFC 7523 ``jwt-bearer`` or the OAuth SPIFFE draft's ``jwt-spiffe``) or, as the legacy fallback, ``client_secret`` read from a file (HTTP Basic). Tokens can be bound
 to the sidecar's DPoP key (RFC 9449): the token request then carries a proof, and an IdP's
 ``use_dpop_nonce`` answer is honoured with exactly one retry.
 """
@@ -15,7 +16,7 @@ import json
 import secrets
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, urlencode
 
 import aiohttp
@@ -25,6 +26,7 @@ from ...config.base import is_loopback
 from ...config.issuers import OAuth2IssuerConfig
 from ...config.model import IdentityConfig
 from ...errors import IssuerError
+from ...outbound.spiffe_tls import SVIDClientTLS
 from ...outbound.tls import ClientTLS
 from ...secret import Secret
 from ..dpop import DPoPKey
@@ -33,8 +35,16 @@ from ..jose import Signer
 from ..token_cache import CacheKey, Token
 from . import exchange
 from .base import issuer
+from .spiffe import jwt_svid, workload_api_for
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 _DEFAULT_LIFETIME_S = 300.0
+_ASSERTION_TYPES = {
+    "jwt-bearer": "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",  # RFC 7523
+    "jwt-spiffe": "urn:ietf:params:oauth:client-assertion-type:jwt-spiffe",  # OAuth SPIFFE draft
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +68,9 @@ class OAuth2Issuer:
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
         identity: IdentityConfig,
+        workload_api: WorkloadAPI | None = None,
     ) -> None:
-        del identity  # the client key or secret file is this issuer's identity
+        del identity  # the client key or secret file (or the JWT-SVID) is this issuer's identity
         self.name = name
         self.region: str | None = None
         self.revoke_on_shutdown = config.revoke_on_shutdown
@@ -68,17 +79,30 @@ class OAuth2Issuer:
         self._dpop_key = dpop_key
         self._where = f"issuers.{name}"
         mtls = config.client_auth == "tls_client_auth"
-        self._tls = ClientTLS(
-            config.ca_file,
-            config.client_cert_file if mtls else None,
-            config.client_key_file if mtls else None,
-            where=self._where,
-        )
+        self._tls: ClientTLS
+        if mtls and config.client_cert == "svid":  # RFC 8705 with the X.509-SVID, in memory
+            self._tls = SVIDClientTLS(
+                workload_api_for(workload_api, f"{self._where}.client_cert"),
+                ca_file=config.ca_file,
+                present_svid=True,
+                upstream_spiffe_id=None,
+                where=self._where,
+            )
+        else:
+            self._tls = ClientTLS(
+                config.ca_file,
+                config.client_cert_file if mtls else None,
+                config.client_key_file if mtls else None,
+                where=self._where,
+            )
         self._metadata: Metadata | None = None
         self._discovery_lock = asyncio.Lock()
         self._dpop_nonce: str | None = None
         self._signer: Signer | None = None
         self._client_secret: Secret | None = None
+        self._workload_api: WorkloadAPI | None = None
+        if config.client_auth == "jwt_svid":
+            self._workload_api = workload_api_for(workload_api, self._where)
         if config.client_auth == "private_key_jwt":
             assert config.client_key_file is not None
             key = load_signing_key(config.client_key_file, what=f"{self._where}.client_key_file")
@@ -96,7 +120,7 @@ class OAuth2Issuer:
     async def fetch(self, key: CacheKey) -> Token:
         audience, scope, bound = key.audience, key.scope, key.bound
         metadata = await self.metadata()
-        form = self._grant()
+        form = await self._grant()
         if scope:
             form["scope"] = scope
         if audience:
@@ -108,7 +132,7 @@ class OAuth2Issuer:
                 raise self._error(f"{metadata.token_endpoint} asked for a DPoP nonce twice")
         return self._token(answer, bound=bound, endpoint=metadata.token_endpoint)
 
-    def _grant(self) -> dict[str, str]:
+    async def _grant(self) -> dict[str, str]:
         """The grant-specific part of the token request form."""
         return {"grant_type": "client_credentials"}
 
@@ -158,7 +182,7 @@ class OAuth2Issuer:
     ) -> dict[str, Any] | None:
         """POST to the token endpoint; None means 'retry with the nonce just received'."""
         endpoint = metadata.token_endpoint
-        body, headers = self._authenticated(metadata, form)
+        body, headers = await self._authenticated(metadata, form)
         if bound:
             headers["DPoP"] = self._dpop_key.proof("POST", endpoint, nonce=self._dpop_nonce)
         status, raw, response_headers = await self._call(
@@ -186,7 +210,7 @@ class OAuth2Issuer:
         if endpoint is None:
             return "unsupported"
         form = {"token": token.value.reveal(), "token_type_hint": "access_token"}
-        body, headers = self._authenticated(metadata, form)
+        body, headers = await self._authenticated(metadata, form)
         status, raw, _ = await self._call("POST", endpoint, data=urlencode(body), headers=headers)
         if status == 200:
             return "revoked"
@@ -195,7 +219,7 @@ class OAuth2Issuer:
             return "unsupported"
         raise self._error(f"revocation endpoint {endpoint} answered HTTP {status}: {error or '?'}")
 
-    def _authenticated(
+    async def _authenticated(
         self, metadata: Metadata, form: dict[str, str]
     ) -> tuple[dict[str, str], dict[str, str]]:
         """The form and headers of a request authenticated as this client."""
@@ -206,6 +230,14 @@ class OAuth2Issuer:
         body = dict(form)
         if self.config.client_auth == "tls_client_auth":
             body["client_id"] = self.config.client_id  # RFC 8705 §2: the certificate proves it
+        elif self.config.client_auth == "jwt_svid":
+            assert self._workload_api is not None
+            body["client_id"] = self.config.client_id
+            body["client_assertion_type"] = _ASSERTION_TYPES[self.config.client_assertion_type]
+            svid = await jwt_svid(
+                self._workload_api, self._assertion_audience(metadata), where=self._where
+            )
+            body["client_assertion"] = svid.token.reveal()
         elif self._signer is not None:
             body["client_id"] = self.config.client_id
             body["client_assertion_type"] = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"
@@ -219,11 +251,7 @@ class OAuth2Issuer:
     def _client_assertion(self, metadata: Metadata) -> str:
         assert self._signer is not None
         now = int(time.time())
-        audience = (
-            metadata.issuer
-            if self.config.assertion_audience == "issuer"
-            else metadata.token_endpoint
-        )
+        audience = self._assertion_audience(metadata)
         return self._signer.sign(
             {
                 "iss": self.config.client_id,
@@ -234,6 +262,11 @@ class OAuth2Issuer:
                 "exp": now + int(self.config.assertion_lifetime_s),
             }
         )
+
+    def _assertion_audience(self, metadata: Metadata) -> str:
+        if self.config.assertion_audience == "issuer":
+            return metadata.issuer
+        return metadata.token_endpoint
 
     def _token(self, answer: dict[str, Any], *, bound: bool, endpoint: str) -> Token:
         value = answer.get("access_token")

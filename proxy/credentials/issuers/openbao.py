@@ -19,7 +19,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from multidict import CIMultiDict
@@ -36,6 +36,9 @@ from ..token_cache import CacheKey, Token
 from . import exchange
 from .base import issuer
 from .pki import issued_certificate, new_key, signing_request
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 _RENEW_AHEAD_MAX_S = 300.0
 
@@ -69,6 +72,7 @@ class OpenBaoIssuer:
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
         identity: IdentityConfig,
+        workload_api: WorkloadAPI | None = None,
     ) -> None:
         del dpop_key  # KV values are static secrets: nothing to bind
         self.name = name

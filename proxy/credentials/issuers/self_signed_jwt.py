@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable
 from json.encoder import encode_basestring_ascii as _json_str
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 
@@ -23,6 +23,9 @@ from ..jose import Signer, SigningKey, b64url, public_jwk, thumbprint
 from ..signing import SignatureBatch
 from ..token_cache import CacheKey, Token
 from .base import issuer
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 _STAT_INTERVAL_S = 1.0
 _HTTP_SIGNATURE_ALGS = {
@@ -47,6 +50,7 @@ class SelfSignedJWTIssuer:
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
         identity: IdentityConfig,
+        workload_api: WorkloadAPI | None = None,
     ) -> None:
         del session, dpop_key, identity  # the signing key is this issuer's identity
         self.name = name

@@ -4,6 +4,8 @@ it, and audited as legacy so owners can find and retire it. The file is re-read 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import aiohttp
 
 from ...config.issuers import StaticIssuerConfig
@@ -13,6 +15,9 @@ from ..dpop import DPoPKey
 from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
 from .base import issuer
+
+if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
+    from ...spiffe.workload_api import WorkloadAPI
 
 
 @issuer(StaticIssuerConfig)
@@ -29,6 +34,7 @@ class StaticIssuer:
         session: aiohttp.ClientSession,
         dpop_key: DPoPKey,
         identity: IdentityConfig,
+        workload_api: WorkloadAPI | None = None,
     ) -> None:
         del session, dpop_key, identity  # the secret file is the whole identity
         self.name = name

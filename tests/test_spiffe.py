@@ -1,0 +1,659 @@
+"""SPIFFE workload identity end to end, through ``credproxy run``, against a real SPIRE server
+and agent (tests/spire.py): JWT-SVIDs as credentials and as the root of the other issuers,
+rotation, an agent that goes away and comes back, and what the trail says of SVIDs."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import jwt
+import pytest
+from aiohttp import web
+
+from proxy.credentials.jose import b64url
+from tests.aws_counterparts import REGION, Moto, Relay
+from tests.counterparts import (
+    LEDGER,
+    NOBODY,
+    PREAMBLE,
+    ROOT,
+    IdP,
+    ResourceServer,
+    attack,
+    wait_until,
+)
+from tests.spire import (
+    CREDPROXY_ID,
+    SPIFFE_CLIENT,
+    MTLSUpstream,
+    Spire,
+    SVIDVerifier,
+    record_svid_keys,
+)
+from tests.tls import TestCA
+
+
+def spiffe_config(spire: Spire, upstream: str, *, extra: str = "") -> str:
+    return f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  workload: {{type: spiffe}}
+routes:
+  - name: svc
+    path_prefix: /svc/
+    upstream: {upstream}
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+{extra}
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+"""
+
+
+async def test_jwt_svid_route_sends_a_jwt_svid_for_the_upstream_verified_against_spires_bundle(
+    spire, svid_upstream, credproxy, client
+):
+    """(b) inject: jwt_svid — the upstream verifies the JWT-SVID with SPIRE's published bundle,
+    for its own origin as audience, and sees credproxy's SPIFFE ID; the trail names the SVIDs
+    by ID, serial and fingerprint, never by key or token."""
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin))
+    started = time.monotonic()
+    async with client.get(proc.url + "/svc/hello") as response:
+        body = await response.json()
+        assert response.status == 200, body
+    first_request_s = time.monotonic() - started
+    assert body == {"spiffe_id": CREDPROXY_ID, "path": "/hello"}
+    assert svid_upstream.verifier.subjects[-1] == CREDPROXY_ID
+    async with client.get(proc.url + "/svc/again") as response:
+        assert response.status == 200
+    assert svid_upstream.verifier.seen[-1] == svid_upstream.verifier.seen[-2]  # cached
+    received = proc.audit("svid.received")
+    assert received and received[0]["spiffe_id"] == CREDPROXY_ID
+    assert {"serial", "cert_fingerprint", "expires_at"} <= received[0].keys()
+    issued = proc.audit("credential.issued")
+    assert [(e["issuer"], e["audience"]) for e in issued] == [("workload", svid_upstream.origin)]
+    trail = proc.audit_file.read_text() + proc.log()
+    assert "PRIVATE KEY" not in trail
+    assert svid_upstream.verifier.seen[-1] not in trail
+    async with client.get(proc.admin_url + "/metrics") as response:
+        metrics = await response.text()
+    fetch = {  # the JWT-SVID fetch from the agent, as the token cache timed it
+        line.split("{")[0].rsplit("_", 1)[1]: float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("credproxy_credential_refresh_duration_seconds_")
+        and 'issuer="workload"' in line
+        and ("_sum{" in line or "_count{" in line)
+    }
+    assert fetch["count"] >= 1
+    print(
+        f"JWT-SVID fetch: {1000 * fetch['sum'] / fetch['count']:.1f} ms; first request through "
+        f"a jwt_svid route (fetch included): {1000 * first_request_s:.1f} ms"
+    )
+
+
+def _check_config(tmp_path, text: str, env: dict[str, str] | None = None):
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    return subprocess.run(
+        [sys.executable, "-m", "proxy", "check-config", str(path)],
+        capture_output=True, text=True, cwd=ROOT, check=False,
+        env={"PATH": "/usr/bin:/bin", **(env or {})},
+    )  # fmt: skip
+
+
+SVID_EVERYWHERE = f"""{PREAMBLE}
+issuers:
+  workload: {{type: spiffe}}
+  idp: {{type: token_exchange, issuer_url: "https://idp.example", client_id: c,
+         client_auth: jwt_svid, subject_token: jwt_svid}}
+  cloud: {{type: aws, role_arn: "arn:aws:iam::123456789012:role/r", region: eu-west-1,
+           web_identity: jwt_svid}}
+routes:
+  - name: svc
+    path_prefix: /svc/
+    upstream: https://svc.example
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+"""
+
+
+def test_check_config_explains_that_svids_need_a_workload_api_socket(tmp_path):
+    """Every issuer rooted in an SVID is named when no socket is configured, with what to set;
+    SPIFFE_ENDPOINT_SOCKET is the default, and a socket that is not there is a warning."""
+    result = _check_config(tmp_path, SVID_EVERYWHERE)
+    assert result.returncode == 1
+    for where in ("issuers.workload", "issuers.idp", "issuers.cloud"):
+        assert f"{where}: needs an SVID from the SPIFFE Workload API" in result.stderr
+    assert "identity.spiffe.socket" in result.stderr and "SPIFFE_ENDPOINT_SOCKET" in result.stderr
+    missing = tmp_path / "agent.sock"
+    result = _check_config(
+        tmp_path, SVID_EVERYWHERE, env={"SPIFFE_ENDPOINT_SOCKET": f"unix://{missing}"}
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"SPIFFE_ENDPOINT_SOCKET: {missing} does not exist here" in result.stdout + result.stderr
+
+
+def test_jwt_svid_goes_only_with_a_spiffe_issuer_and_options_are_checked(tmp_path):
+    """inject: jwt_svid with another issuer type, and client_auth jwt_svid with a key file, are
+    refused by path."""
+    text = f"""{PREAMBLE}
+identity: {{spiffe: {{socket: "unix:///run/spire/agent/public/api.sock"}}}}
+issuers:
+  key: {{type: static, secret_file: /s}}
+  idp: {{type: oauth2, issuer_url: "https://idp.example", client_id: c, client_auth: jwt_svid,
+         client_key_file: /k}}
+routes:
+  - name: svc
+    path_prefix: /svc/
+    upstream: https://svc.example
+    credential: {{issuer: key, inject: jwt_svid}}
+"""
+    result = _check_config(tmp_path, text)
+    assert result.returncode == 1
+    assert (
+        "routes[0].credential.inject: 'jwt_svid' does not go with an issuer of type static"
+        in result.stderr
+    )
+    assert "issuers.idp" in result.stderr and "remove client_key_file" in result.stderr
+
+
+def _oauth_config(spire: Spire, idp: IdP, server: ResourceServer) -> str:
+    return f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  exchange:
+    type: token_exchange
+    issuer_url: {idp.issuer}
+    client_id: {SPIFFE_CLIENT}
+    client_auth: jwt_svid
+    client_assertion_type: jwt-spiffe
+    subject_token: jwt_svid
+  client:
+    type: oauth2
+    issuer_url: {idp.issuer}
+    client_id: {SPIFFE_CLIENT}
+    client_auth: jwt_svid
+    client_assertion_type: jwt-bearer
+routes:
+  - name: exchanged
+    path_prefix: /exchanged/
+    upstream: {server.origin}
+    credential: {{issuer: exchange, audience: "{server.audience}", scope: payments.write}}
+    allow: [{{callers: [test-suite]}}]
+  - name: client
+    path_prefix: /client/
+    upstream: {server.origin}
+    credential: {{issuer: client, audience: "{server.audience}", scope: payments.read}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+"""
+
+
+async def test_token_exchange_and_client_auth_rooted_in_jwt_svids(
+    spire, spiffe_idp, credproxy, client
+):
+    """(a) token exchange with a JWT-SVID subject, the client authenticated by a JWT-SVID as the
+    OAuth SPIFFE draft's jwt-spiffe assertion; and client_credentials with a JWT-SVID as an RFC
+    7523 jwt-bearer assertion: the IdP verifies each against SPIRE's bundle, and the resource
+    server accepts the DPoP-bound tokens it issued (200)."""
+    idp, server = spiffe_idp
+    before = idp.stats()
+    proc = credproxy(_oauth_config(spire, idp, server))
+    for route in ("exchanged", "client"):
+        async with client.get(f"{proc.url}/{route}/api/hello") as response:
+            assert response.status == 200, (route, await response.text())
+    after = idp.stats()
+    assert after["token_exchanges"] == before["token_exchanges"] + 1
+    auth = after["spiffe_client_auth"]
+    assert auth["jwt-spiffe"] == before["spiffe_client_auth"]["jwt-spiffe"] + 1
+    assert auth["jwt-bearer"] == before["spiffe_client_auth"]["jwt-bearer"] + 1
+    assert auth["rejected"] == before["spiffe_client_auth"]["rejected"]
+    records = idp.records()
+    exchange = [r for r in records if r.get("subject_token")][-1]
+    subject = SVIDVerifier(spire, idp.issuer).verify("Bearer " + exchange["subject_token"])
+    assert subject == CREDPROXY_ID  # the subject token was a JWT-SVID for the IdP
+    issued = {e["issuer"] for e in proc.audit("credential.issued")}
+    assert issued == {"exchange", "client"}
+    rows = await _inventory(proc)
+    rooted = {r["issuer"]: r["svid_rooted"] for r in rows}
+    assert rooted == {"spiffe-workload-api": True, "exchange": True, "client": True}
+
+
+async def _inventory(proc) -> list[dict[str, object]]:
+    async with proc.control() as control, control.get("http://localhost/credentials") as answer:
+        assert answer.status == 200
+        return list((await answer.json())["credentials"])
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    server = Moto(tmp_path_factory.mktemp("moto-spiffe"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def test_aws_web_identity_is_a_jwt_svid_for_sts(spire, moto, credproxy):
+    """aws web_identity: jwt_svid — AssumeRoleWithWebIdentity carries a JWT-SVID for
+    sts.amazonaws.com (verified here against SPIRE's bundle: moto does not verify it), and the
+    credentials it returns sign requests moto verifies."""
+    relay = Relay(moto.port)
+    try:
+        proc = credproxy(f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  aws:
+    type: aws
+    role_arn: {moto.role_arn}
+    web_identity: jwt_svid
+    region: {REGION}
+    sts_endpoint: {relay.url}
+routes:
+  - name: s3
+    path_prefix: /s3/
+    upstream: {moto.url}
+    credential: {{issuer: aws, inject: sigv4, service: s3, region: {REGION}}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+""")
+        request = urllib.request.Request(f"{proc.url}/s3/{moto.bucket}?list-type=2")
+        with urllib.request.urlopen(request, timeout=20) as response:
+            assert response.status == 200
+        sent = b"".join(relay.requests).decode(errors="replace")
+        token = urllib.parse.parse_qs(sent.split("\r\n\r\n", 1)[1])["WebIdentityToken"][0]
+        verifier = SVIDVerifier(spire, "sts.amazonaws.com")
+        assert verifier.verify("Bearer " + token) == CREDPROXY_ID
+    finally:
+        relay.close()
+
+
+def _count(proc, event: str) -> int:
+    """Events of one kind in the audit file so far (a plain count: no wait for the writer)."""
+    text = proc.audit_file.read_text() if proc.audit_file.exists() else ""
+    return text.count(f'"{event}"')
+
+
+async def test_svids_rotate_twice_under_steady_traffic_with_no_failed_request(
+    spire, svid_upstream, credproxy, client
+):
+    """(e) With 20 s SVIDs the agent rotates the X.509-SVID twice (audited with the old and new
+    serials) and credproxy refreshes the JWT-SVID ahead of expiry (the upstream verifies the new
+    one), while requests keep flowing: not one fails."""
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin))
+    statuses: dict[int, int] = {}
+    first = len(svid_upstream.verifier.seen)
+    deadline = time.monotonic() + 60
+    while _count(proc, "svid.rotated") < 2 or len(set(svid_upstream.verifier.seen[first:])) < 2:
+        assert time.monotonic() < deadline, "fewer than two rotations in 60 s"
+        async with client.get(proc.url + "/svc/steady") as response:
+            statuses[response.status] = statuses.get(response.status, 0) + 1
+        await asyncio.sleep(0.05)
+        if sum(statuses.values()) % 100 == 0:
+            record_svid_keys(spire)
+    assert list(statuses) == [200], statuses
+    rotated = proc.audit("svid.rotated")
+    assert len({e["serial"] for e in rotated}) == len(rotated) >= 2
+    assert all(e["serial"] != e["previous_serial"] for e in rotated)
+    assert all(e["spiffe_id"] == CREDPROXY_ID and "key" not in e for e in rotated)
+    assert proc.audit("credential.refreshed")  # the JWT-SVID, refreshed ahead of its expiry
+    print(f"rotations: {len(rotated)} X.509-SVID, {_count(proc, 'credential.refreshed')} "
+          f"JWT-SVID; requests: {sum(statuses.values())}, failed: 0")  # fmt: skip
+
+
+async def test_agent_gone_serves_while_valid_then_503_and_recovers_without_restart(
+    spire, svid_upstream, credproxy, client
+):
+    """(f) With the agent stopped, requests keep succeeding on the cached JWT-SVID, then get
+    503 + Retry-After once it expired and /readyz says the SVID is missing; the agent back,
+    credproxy reconnects by itself and serves again. Workload API errors are counted."""
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin))
+    async with client.get(proc.url + "/svc/before") as response:
+        assert response.status == 200
+    spire.stop_agent()
+    try:
+        served = 0
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline, "still served 60 s after the agent stopped"
+            async with client.get(proc.url + "/svc/during") as response:
+                if response.status != 200:
+                    problem = await response.json(content_type=None)
+                    break
+                served += 1
+            await asyncio.sleep(0.1)
+        assert served > 0  # the cached JWT-SVID kept serving
+        assert response.status == 503 and int(response.headers["Retry-After"]) >= 1
+        assert problem["code"] == "credential_unavailable"
+        while True:
+            async with client.get(proc.admin_url + "/readyz") as ready:
+                if (await ready.json())["svid"] == "missing":  # the X.509-SVID expired too
+                    assert ready.status == 503
+                    break
+            assert time.monotonic() < deadline, "/readyz still says the SVID is current"
+            await asyncio.sleep(0.2)
+        assert "the agent is not reachable on that socket" in proc.log()
+    finally:
+        spire.start_agent()
+    deadline = time.monotonic() + 60
+    while True:
+        async with client.get(proc.url + "/svc/after") as response:
+            if response.status == 200:
+                break
+        assert time.monotonic() < deadline, "no recovery within 60 s of the agent's return"
+        await asyncio.sleep(0.2)
+    while True:  # the X.509-SVID stream is open again too: ready
+        async with client.get(proc.admin_url + "/readyz") as ready:
+            if ready.status == 200:
+                break
+        assert time.monotonic() < deadline, "/readyz not ready within 60 s of the agent's return"
+        await asyncio.sleep(0.2)
+    async with client.get(proc.admin_url + "/metrics") as response:
+        metrics = await response.text()
+    assert 'credproxy_workload_api_errors_total{call="FetchJWTSVID",code="UNAVAILABLE"}' in metrics
+    assert "credproxy_svid_expiry_seconds" in metrics
+
+
+def test_a_uid_without_an_entry_gets_nothing_and_no_svid_reaches_the_disk(
+    spire, svid_upstream, credproxy
+):
+    """(g) uid 65534 has no registration entry: the agent gives it no identity, and credproxy's
+    caller policy refuses it (no JWT-SVID leaves for it). And credproxy never writes SVID
+    material: no file it could have written since its start holds a key or a JWT-SVID it held,
+    and the files it has open are its log and audit only (the rest in memory)."""
+    started = time.time()
+    refused = spire.fetch_x509_as(NOBODY)
+    assert refused.returncode != 0 and "no identity issued" in refused.stderr
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin))
+    host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+    seen_before = len(svid_upstream.verifier.seen)
+    answer = attack("get", f"{host}:{port}", "/svc/steal", user=NOBODY)
+    assert answer["status"] in (403, None), answer  # refused, or closed at accept
+    assert len(svid_upstream.verifier.seen) == seen_before
+    keys = record_svid_keys(spire)
+    with urllib.request.urlopen(f"{proc.url}/svc/mine", timeout=10) as response:
+        assert response.status == 200
+    keys += record_svid_keys(spire)
+    tokens = [t.encode() for t in svid_upstream.verifier.seen]
+    pems = [line.encode() for k in keys for line in _pem_lines(k)]
+    needles = [*keys, *pems, *tokens]
+    assert needles
+    pid = proc.process.pid
+    open_files = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+    regular = {f for f in open_files if f.startswith("/") and Path(f).is_file()}
+    assert regular <= {str(proc.log_file), str(proc.audit_file)}, regular
+    proc.stop()
+    hits = [
+        str(path)
+        for path in _written_since(started, [Path(tempfile.gettempdir()), Path("/var/tmp"),
+                                             Path("/dev/shm"), ROOT, Path.home()])
+        if spire.agent_dir not in path.parents and _holds(path, needles)
+    ]  # fmt: skip
+    assert hits == []
+
+
+def _pem_lines(der: bytes) -> list[str]:
+    from cryptography.hazmat.primitives import serialization
+
+    key = serialization.load_der_private_key(der, password=None)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode()
+    return [line for line in pem.splitlines() if not line.startswith("-----")]
+
+
+def _written_since(moment: float, roots: list[Path]) -> Iterator[Path]:
+    """Regular files under ``roots`` modified since ``moment`` (not following symlinks)."""
+    for root in roots:
+        for directory, subdirs, files in os.walk(root, onerror=lambda _: None):
+            subdirs[:] = [d for d in subdirs if d not in (".git", ".venv", "node_modules", "go")]
+            for name in files:
+                path = Path(directory, name)
+                try:
+                    info = path.lstat()
+                except OSError:
+                    continue
+                if stat.S_ISREG(info.st_mode) and info.st_mtime >= moment:
+                    yield path
+
+
+def _holds(path: Path, needles: list[bytes]) -> bool:
+    try:
+        with path.open("rb") as file:
+            data = file.read(64 * 1024 * 1024)
+    except OSError:
+        return False
+    return any(needle in data for needle in needles)
+
+
+UPSTREAM_ID = "spiffe://credproxy.test/ns/payments/sa/api"
+
+
+@pytest.fixture(scope="module")
+def mtls_upstream(spire, tmp_path_factory) -> Iterator[MTLSUpstream]:
+    upstream = MTLSUpstream(spire, tmp_path_factory.mktemp("mtls"), UPSTREAM_ID, CREDPROXY_ID)
+    upstream.start()
+    yield upstream
+    upstream.stop()
+
+
+def _mtls_config(spire: Spire, upstream: MTLSUpstream) -> str:
+    def route(name: str, options: str) -> str:
+        return f"""\
+  - name: {name}
+    path_prefix: /{name}/
+    upstream: {upstream.origin}
+    {options}
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+"""
+
+    mtls = route("mtls", f"client_cert: svid\n    upstream_spiffe_id: {UPSTREAM_ID}")
+    other = "spiffe://credproxy.test/ns/payments/sa/other"
+    impostor = route("impostor", f"client_cert: svid\n    upstream_spiffe_id: {other}")
+    nocert = route("nocert", f"upstream_spiffe_id: {UPSTREAM_ID}")
+    return f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  workload: {{type: spiffe}}
+routes:
+{mtls}{impostor}{nocert}
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+"""
+
+
+async def test_mtls_with_the_x509_svid_to_an_upstream_authenticated_by_spiffe_id(
+    spire, mtls_upstream, credproxy, client
+):
+    """(c) client_cert: svid — the upstream, which requires a client certificate chained to
+    SPIRE's bundle, sees credproxy's SPIFFE ID; the upstream is verified by its own SPIFFE ID
+    (upstream_spiffe_id, no hostname); the certificate follows rotation, in memory only.
+    Without client_cert the same upstream refuses the handshake: 502."""
+    proc = credproxy(_mtls_config(spire, mtls_upstream))
+    async with client.get(proc.url + "/mtls/charge") as response:
+        body = await response.json()
+        assert response.status == 200, body
+    assert body == {"client_spiffe_id": CREDPROXY_ID, "path": "/charge"}
+    rotations = _count(proc, "svid.rotated")
+    deadline = time.monotonic() + 30
+    while _count(proc, "svid.rotated") == rotations:  # rotation: the next request, the new SVID
+        assert time.monotonic() < deadline, "no rotation within 30 s"
+        async with client.get(proc.url + "/mtls/during") as response:
+            assert response.status == 200
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.2)
+    async with client.get(proc.url + "/mtls/after") as response:
+        assert response.status == 200
+    before = len(mtls_upstream.requests)
+    async with client.get(proc.url + "/nocert/x") as response:
+        problem = await response.json(content_type=None)
+    # TLS 1.3: the server's refusal of a missing client certificate arrives after the client's
+    # handshake, as an alert in place of the answer: upstream_protocol_error, not _tls_error
+    assert response.status == 502, problem
+    assert problem["code"] in ("upstream_tls_error", "upstream_protocol_error"), problem
+    assert len(mtls_upstream.requests) == before
+
+
+async def test_an_upstream_with_another_spiffe_id_gets_nothing_502(
+    spire, mtls_upstream, credproxy, client
+):
+    """(d) upstream_spiffe_id names another workload than the one answering: 502
+    upstream_tls_error with a detail naming both IDs, and no request reaches it."""
+    proc = credproxy(_mtls_config(spire, mtls_upstream))
+    before = len(mtls_upstream.requests)
+    async with client.get(proc.url + "/impostor/charge", data=b"secret order") as response:
+        problem = await response.json(content_type=None)
+    assert response.status == 502 and problem["code"] == "upstream_tls_error", problem
+    assert len(mtls_upstream.requests) == before
+    assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()
+
+
+class CertificateBoundSVIDAPI(MTLSUpstream):
+    """An API with an X.509-SVID of its own that requires a client certificate chained to
+    SPIRE's bundle and accepts an access token from the IdP only when it is bound (RFC 8705
+    ``cnf.x5t#S256``) to the client certificate of this very connection."""
+
+    def __init__(self, spire: Spire, workdir: Path, jwks: dict[str, object]) -> None:
+        super().__init__(spire, workdir, UPSTREAM_ID, CREDPROXY_ID)
+        self.keys = jwt.PyJWKSet.from_dict(jwks)
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            token = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            LEDGER.secret(token)
+            assert request.transport is not None
+            der = request.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
+            try:
+                kid = jwt.get_unverified_header(token)["kid"]
+                key = next(k for k in self.keys.keys if k.key_id == kid)
+                claims = jwt.decode(token, key.key, algorithms=["ES256"], audience=self.origin)
+            except (jwt.PyJWTError, KeyError, StopIteration) as exc:
+                return web.json_response({"error": str(exc)}, status=401)
+            if claims.get("cnf", {}).get("x5t#S256") != b64url(hashlib.sha256(der).digest()):
+                challenge = 'Bearer error="invalid_token", error_description="not bound here"'
+                return web.json_response(
+                    {"error": "unbound"}, status=401, headers={"WWW-Authenticate": challenge}
+                )
+            self.requests.append(str(claims.get("client_id")))
+            return web.json_response({"client_id": claims.get("client_id")})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+async def test_tls_client_auth_with_the_x509_svid_and_certificate_bound_tokens(
+    spire, credproxy, client, tmp_path
+):
+    """oauth2 tls_client_auth with client_cert: svid — the IdP (over TLS) authenticates the
+    client by the SPIFFE ID in its X.509-SVID (tls_client_auth_san_uri) and binds the token to
+    that certificate; the route presents the same SVID to the API, which accepts the token only
+    over that connection."""
+    ca = TestCA(tmp_path)
+    idp = IdP(tmp_path, tls=ca)
+    idp.spiffe_mtls_clients = [("spiffe-mtls", CREDPROXY_ID)]
+    idp.spiffe_bundle_pem = spire.bundle_pem()
+    public = {k: v for k, v in idp._signing_jwk.items() if k != "d"}
+    api = CertificateBoundSVIDAPI(spire, tmp_path / "api", {"keys": [public]})
+    idp.add_resource(api.origin, ttl_s=300)
+    idp.start()
+    api.start()
+    try:
+        proc = credproxy(f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  idp:
+    type: oauth2
+    issuer_url: {idp.issuer}
+    ca_file: {ca.ca_file}
+    client_id: spiffe-mtls
+    client_auth: tls_client_auth
+    client_cert: svid
+routes:
+  - name: api
+    path_prefix: /api/
+    upstream: {api.origin}
+    upstream_spiffe_id: {UPSTREAM_ID}
+    credential: {{issuer: idp, audience: "{api.origin}", inject: bearer}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+""")
+        async with client.get(proc.url + "/api/orders") as response:
+            body = await response.json()
+            assert response.status == 200, body
+        assert body == {"client_id": "spiffe-mtls"}
+    finally:
+        api.stop()
+        idp.records()
+        idp.stop()
+
+
+def test_the_spiffe_demo_passes(spire):
+    """``credproxy demo --spiffe`` (the README's SPIFFE tour) runs its own SPIRE and passes."""
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "demo", "--spiffe"],
+        capture_output=True, text=True, cwd=ROOT, timeout=120, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "demo passed" in result.stdout and "svid.received" in result.stdout
+
+
+async def test_each_worker_is_attested_and_serves_jwt_svids(
+    spire, svid_upstream, credproxy, client
+):
+    """With --workers 2, every worker talks to the agent itself (grpc is loaded after the fork)
+    and every request through either gets a JWT-SVID the upstream verifies."""
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin), args=("--workers", "2"))
+    for i in range(20):
+        async with aiohttp.ClientSession() as fresh:  # new connections: both workers answer
+            async with fresh.get(f"{proc.url}/svc/w{i}") as response:
+                assert response.status == 200, await response.text()
+    assert proc.log().count("SPIFFE Workload API: unix://") == 2
+
+
+async def test_without_an_agent_readyz_is_false_and_requests_get_503_with_the_reason_logged(
+    credproxy, client, tmp_path
+):
+    """No agent behind the socket at start: credproxy starts, /readyz stays 503 with the SVID
+    missing, a route answers 503 + Retry-After, and the log says the agent is not reachable."""
+    socket = tmp_path / "no-agent.sock"
+    config = f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "unix://{socket}"}}
+issuers:
+  workload: {{type: spiffe}}
+routes:
+  - name: svc
+    path_prefix: /svc/
+    upstream: https://svc.example
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+"""
+    proc = credproxy(config, expect_ready=False)
+    async with client.get(proc.admin_url + "/readyz") as ready:
+        assert ready.status == 503 and (await ready.json())["svid"] == "missing"
+    async with client.get(proc.url + "/svc/x") as response:
+        problem = await response.json(content_type=None)
+        assert response.status == 503 and int(response.headers["Retry-After"]) >= 1
+    assert problem["code"] == "credential_unavailable"
+    wait_until(lambda: "the agent is not reachable on that socket" in proc.log(), 10, "log")
