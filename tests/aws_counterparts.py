@@ -132,6 +132,33 @@ class Moto:
             self.process = None
 
 
+async def _first_request(reader: asyncio.StreamReader) -> bytes:
+    """The first request's bytes, its head and its Content-Length body whole (one read may
+    hold only the head), bounded to 1 MiB; what a closed connection sent, as it is."""
+    data = await reader.read(65536)
+    while data and b"\r\n\r\n" not in data and len(data) < 1 << 20:
+        more = await reader.read(65536)
+        if not more:
+            return data
+        data += more
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (
+            int(line.split(b":", 1)[1])
+            for line in head.split(b"\r\n")[1:]
+            if line.lower().startswith(b"content-length:")
+        ),
+        0,
+    )
+    while len(body) < min(length, 1 << 20):
+        more = await reader.read(65536)
+        if not more:
+            break
+        data += more
+        body += more
+    return data
+
+
 class Relay:
     """Fault injector: a TCP relay to a real server that a test can cut and restore."""
 
@@ -163,7 +190,7 @@ class Relay:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self._target)
         self._writers |= {writer, up_writer}
-        first = await reader.read(65536)
+        first = await _first_request(reader)
         self.requests.append(first)
         up_writer.write(first)
         await asyncio.gather(self._pipe(reader, up_writer), self._pipe(up_reader, writer))
