@@ -53,8 +53,8 @@ class TimeoutsConfig(Model):
     total_s: Duration = Field(300.0, gt=0, description="whole exchange, headers and body")
     streams_outlive_total: bool = Field(
         False,
-        description="an event stream (text/event-stream) may outlive total_s; idle_s still "
-        "bounds the silence between its bytes",
+        description="an event stream (text/event-stream, or application/grpc over an HTTP/2 "
+        "upstream) may outlive total_s; idle_s still bounds the silence between its bytes",
     )
 
 
@@ -84,6 +84,13 @@ class AppLimits(Model):
     )
     max_connections_per_uid: int = Field(
         256, ge=1, description="app connections at once from one uid"
+    )
+    max_concurrent_streams: int = Field(
+        128,
+        ge=1,
+        le=65536,
+        description="streams at once on one HTTP/2 app connection (SETTINGS_MAX_CONCURRENT_STREAMS); "
+        "its header list is bounded by max_head_bytes",
     )
 
 
@@ -166,6 +173,13 @@ class RouteConfig(Owned):
     allow: tuple[AllowRule, ...] = Field(
         (), description="default deny: a request no rule allows is refused with 403"
     )
+    upstream_protocol: Literal["http1.1", "h2", "h2c"] = Field(
+        "http1.1",
+        description="how credproxy speaks to the upstream: http1.1; h2 (HTTP/2 over TLS, "
+        "negotiated by ALPN, an https upstream); h2c (HTTP/2 with prior knowledge over "
+        "cleartext, an http upstream: loopback, or allow_insecure_http). gRPC routes need h2 "
+        "or h2c",
+    )
     retry_body_max_bytes: int = Field(
         65536,
         ge=0,
@@ -180,6 +194,16 @@ class RouteConfig(Owned):
         if (self.client_cert_file is None) != (self.client_key_file is None):
             raise ValueError("client_cert_file and client_key_file go together")
         check_http_url(self.upstream, insecure_ok=self.allow_insecure_http, what="upstream")
+        scheme = self.upstream.partition("://")[0].lower()
+        if self.upstream_protocol == "h2" and scheme != "https":
+            raise ValueError(
+                "upstream_protocol h2 negotiates HTTP/2 by TLS ALPN: an https "
+                "upstream; for cleartext HTTP/2 say h2c"
+            )
+        if self.upstream_protocol == "h2c" and scheme != "http":
+            raise ValueError(
+                "upstream_protocol h2c is cleartext HTTP/2: an http upstream; over https say h2"
+            )
         return self
 
     @property

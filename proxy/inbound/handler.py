@@ -28,9 +28,11 @@ from ..errors import (
 )
 from ..log import access_log, server_log
 from ..metrics import Metrics
+from ..outbound.h2_upstream import H2Upstreams
 from ..outbound.hygiene import Scrubber, mask_echoes, request_headers, response_head_lines
 from ..outbound.upstream import Answer, Upstreams, request_head
 from .body import framed, request_body
+from .h2 import H2Request, grpc_status
 from .listener import AppRequest
 from .routing import overridden, request_host
 from .runtime import RouteRuntime, Runtime
@@ -40,6 +42,9 @@ _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
 def send_problem(request: AppRequest, exc: ProblemError) -> None:
+    if isinstance(request, H2Request) and request.is_grpc:  # gRPC clients read grpc-status
+        request.send_grpc_status(grpc_status(exc.code, exc.status), exc.public_detail)
+        return
     headers, body = exc.answer()
     request.send(exc.status, _REASONS.get(exc.status, ""), headers, body)
 
@@ -58,9 +63,11 @@ class Handler:
         usage: Usage,
         body_idle_s: float = 30.0,
         break_glass: BreakGlass | None = None,
+        h2_upstreams: H2Upstreams | None = None,
     ) -> None:
         self.runtime = runtime  # replaced whole on reload (SIGHUP)
         self._upstreams = upstreams
+        self._h2_upstreams = h2_upstreams if h2_upstreams is not None else H2Upstreams()
         self._metrics = metrics
         self._audit = audit
         self._usage = usage
@@ -165,6 +172,22 @@ class Handler:
                 upgrade.up_bytes,
                 upgrade.down_bytes,
             )
+        elif isinstance(request, H2Request):
+            grpc = request.grpc_status or "-"
+            self._metrics.http2_streams.labels(route_name, grpc).inc()
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "%s %s route=%s status=%d upstream=%d outcome=%s ms=%.1f protocol=h2 "
+                    "grpc_status=%s",
+                    request.method,
+                    request.url.raw_path,
+                    route_name,
+                    request.status,
+                    upstream_status,
+                    outcome,
+                    duration_s * 1000,
+                    grpc,
+                )
         elif access_log.isEnabledFor(logging.INFO):  # nothing formatted when access is off
             access_log.info(
                 "%s %s route=%s status=%d upstream=%d outcome=%s ms=%.1f",
@@ -249,26 +272,39 @@ class Handler:
             outbound.nonce = route.nonce
             await injector.apply(outbound, token)
             sent = injector.encode(outbound, body)
-            head, chunked = request_head(
-                request.method,
-                outbound.url.raw_path_qs,
-                route.origin.host_header,
-                outbound.headers,
-                sent,
-            )
             started = time.perf_counter()
+            answer: Answer
             try:
-                answer = await self._upstreams.exchange(
-                    route.origin,
-                    route.tls.current(),
-                    head,
-                    sent,
-                    chunked=chunked,
-                    method=request.method,
-                    timeouts=route.timeouts,
-                    where=where,
-                    upgrade=upgrade is not None,
-                )
+                if route.config.upstream_protocol != "http1.1":
+                    answer = await self._h2_upstreams.exchange(
+                        route.origin,
+                        route.tls.current(),
+                        request.method,
+                        outbound.url.raw_path_qs,
+                        outbound.headers,
+                        sent,
+                        timeouts=route.timeouts,
+                        where=where,
+                    )
+                else:
+                    head, chunked = request_head(
+                        request.method,
+                        outbound.url.raw_path_qs,
+                        route.origin.host_header,
+                        outbound.headers,
+                        sent,
+                    )
+                    answer = await self._upstreams.exchange(
+                        route.origin,
+                        route.tls.current(),
+                        head,
+                        sent,
+                        chunked=chunked,
+                        method=request.method,
+                        timeouts=route.timeouts,
+                        where=where,
+                        upgrade=upgrade is not None,
+                    )
             except UpstreamError as exc:
                 _mask(exc, outbound.secret)
                 raise
@@ -322,7 +358,6 @@ async def _stream_back(
     if secret and reason and reason != _REASONS.get(answer.status):  # the upstream's own text
         reason = mask_echoes(reason.encode(), secret).decode(errors="replace")
     request.start(answer.status, reason, lines, has_length=has_length)
-    connection = request.connection
     outcome = "proxied"
     try:
         scrubber = Scrubber(secret)
@@ -337,10 +372,11 @@ async def _stream_back(
                     request.write(scrubber.last(chunk))  # (a small answer leaves in one write)
                 else:
                     request.write(scrubber.feed(chunk))
-                if connection.writing_paused:
+                if request.writing_paused:
                     await request.drain()
         request.write(scrubber.flush())
-        request.end()
+        trailers = answer.trailers
+        request.end(response_head_lines(trailers, secret)[0] if trailers else b"")
     except ProblemError as exc:
         # Headers are already sent: the only honest signal left is a cut connection.
         server_log.warning("%s: response cut mid-body: %s", where, exc)

@@ -85,7 +85,12 @@ def build(
                     revoke_min_interval_s=config.control.revoke_min_interval_s,
                 )
             )
-        tls = ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=f"routes[{i}]")
+        tls = ClientTLS(
+            route.ca_file,
+            *_client_certificate(route, issuer),
+            where=f"routes[{i}]",
+            alpn=("h2",) if route.upstream_protocol == "h2" else (),
+        )
         routes.append(
             RouteRuntime(
                 name=route.name,
