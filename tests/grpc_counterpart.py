@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import threading
+import urllib.request
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import grpc
+import jwt
 
 from proxy.demo.resource_server import Verifier
 from proxy.demo.verify import Rejected
@@ -34,10 +37,21 @@ class GrpcServer:
     A sync grpcio server (a thread per call); the verifier runs on a loop of its own."""
 
     def __init__(
-        self, idp: IdP, audience: str, *, port: int = 0, tls: tuple[Path, Path] | None = None
+        self,
+        idp: IdP,
+        audience: str,
+        *,
+        port: int = 0,
+        tls: tuple[Path, Path] | None = None,
+        max_connection_age_ms: int | None = None,
     ) -> None:
-        """``tls``: (certificate, key) files: HTTP/2 over TLS (ALPN h2) instead of h2c."""
+        """``tls``: (certificate, key) files: HTTP/2 over TLS (ALPN h2) instead of h2c.
+        ``max_connection_age_ms``: each connection gets a GOAWAY at that age (grpcio's
+        connection rotation), its calls in flight finishing within a grace of 10 s."""
+        self.max_connection_age_ms = max_connection_age_ms
         self.tls = tls
+        self.jwks_url = ""  # set: calls carry self-signed JWTs checked against these keys
+        self.api_key = ""  # set: calls carry this static key in x-api-key
         self.idp = idp
         self.audience = audience
         self.port = port
@@ -56,6 +70,8 @@ class GrpcServer:
 
     def _check(self, method: str, context: grpc.ServicerContext) -> None:
         metadata = dict(context.invocation_metadata() or ())
+        if self.jwks_url or self.api_key:
+            return self._check_other(method, metadata, context)
         assert self.verifier is not None
         verified = self.verifier.verify(
             "POST",
@@ -68,10 +84,41 @@ class GrpcServer:
         except Rejected as exc:
             self.refused.append(exc.error)
             context.abort(grpc.StatusCode.UNAUTHENTICATED, exc.error)
-        self.calls.append({"method": method, "claims": claims, "metadata": metadata})
+        self.calls.append(
+            {"method": method, "claims": claims, "metadata": metadata, "peer": context.peer()}
+        )
         for name in ("authorization", "dpop"):  # for the leak scan of every log and answer
             LEDGER.secret(str(metadata.get(name, "")).partition(" ")[2] or None)
             LEDGER.secret(str(metadata.get(name, "")) or None)
+
+    def _check_other(
+        self, method: str, metadata: dict[str, Any], context: grpc.ServicerContext
+    ) -> None:
+        """A static API key in ``x-api-key``, or a self-signed JWT verified against credproxy's
+        published JWKS (``jwks_url``): audience this server, made for this call (htm, htu)."""
+        claims: dict[str, Any] = {}
+        if self.api_key:
+            if metadata.get("x-api-key") != self.api_key:
+                self.refused.append("api_key")
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "api_key")
+        else:
+            token = str(metadata.get("authorization", "")).removeprefix("Bearer ")
+            LEDGER.secret(token)
+            try:
+                kid = jwt.get_unverified_header(token)["kid"]
+                with urllib.request.urlopen(self.jwks_url, timeout=5) as response:
+                    keys = jwt.PyJWKSet.from_dict(json.load(response))
+                key = next(k for k in keys.keys if k.key_id == kid)
+                claims = jwt.decode(
+                    token, key.key, algorithms=["ES256", "EdDSA"], audience=self.origin,
+                    options={"require": ["exp", "iat", "jti", "sub"]},
+                )  # fmt: skip
+                if claims.get("htu") != f"{self.origin}/{SERVICE}/{method}":
+                    raise jwt.InvalidTokenError("made for another call")
+            except (jwt.PyJWTError, KeyError, StopIteration) as exc:
+                self.refused.append(type(exc).__name__)
+                context.abort(grpc.StatusCode.UNAUTHENTICATED, "jwt")
+        self.calls.append({"method": method, "claims": claims, "metadata": metadata})
 
     def _handlers(self) -> grpc.GenericRpcHandler:
         def unary(request: bytes, context: grpc.ServicerContext) -> bytes:
@@ -139,10 +186,13 @@ class GrpcServer:
                 async with session.get(self.idp.issuer + "/jwks") as response:
                     return dict(await response.json())
 
-        server = grpc.server(
-            ThreadPoolExecutor(max_workers=160),
-            options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)],
-        )
+        options: list[tuple[str, int]] = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        if self.max_connection_age_ms is not None:
+            options += [
+                ("grpc.max_connection_age_ms", self.max_connection_age_ms),
+                ("grpc.max_connection_age_grace_ms", 10_000),
+            ]
+        server = grpc.server(ThreadPoolExecutor(max_workers=160), options=options)
         server.add_generic_rpc_handlers((self._handlers(),))
         address = f"127.0.0.1:{self.port}"
         if self.tls is not None:

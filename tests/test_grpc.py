@@ -8,13 +8,15 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
+import urllib.request
 from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import pytest
 
-from tests.counterparts import Credproxy, config, free_port, wait_until
+from tests.counterparts import PREAMBLE, Credproxy, config, ec_private_pem, free_port, wait_until
 from tests.grpc_counterpart import SERVICE, GrpcServer, _message
 from tests.tls import TestCA
 
@@ -148,6 +150,57 @@ async def test_echoed_credential_is_masked_in_metadata_body_and_trailers(
     assert initial["x-echo"] == "*" * len(token)
     assert trailing["x-echo-trailer"] == "*" * len(token)
     assert trailing["x-served-by"] == "grpc-counterpart"
+
+
+@pytest.mark.parametrize("inject", ["jwt", "header"])
+async def test_unary_call_with_self_signed_jwt_or_static_key(
+    credproxy, grpc_server, tmp_path, inject
+):
+    """The other credential types on gRPC calls: a self-signed JWT made for the call (verified
+    against credproxy's published JWKS), or a static key in a header."""
+    key_file, jwt_key = tmp_path / "api-key", tmp_path / "jwt.pem"
+    key_file.write_text("static-key-0123456789abcdef\n")
+    jwt_key.write_bytes(ec_private_pem()[0])
+    credential = (
+        "{issuer: self, inject: bearer}"
+        if inject == "jwt"
+        else "{issuer: legacy-key, inject: header, header: X-Api-Key}"
+    )
+    proc = credproxy(f"""\
+{PREAMBLE}issuers:
+  legacy-key: {{type: static, secret_file: {key_file}}}
+  self:
+    type: self_signed_jwt
+    iss: orders-service
+    sub: orders-service
+    key_file: {jwt_key}
+    request_claims: true
+routes:
+  - name: grpc
+    path_prefix: /{SERVICE}/
+    strip_prefix: false
+    upstream: {grpc_server.origin}
+    upstream_protocol: h2c
+    credential: {credential}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+""")
+    if inject == "jwt":
+        grpc_server.jwks_url = proc.admin_url + "/.well-known/jwks.json"
+    else:
+        grpc_server.api_key = "static-key-0123456789abcdef"
+
+    def call() -> list[bytes]:
+        with _channel(proc) as channel:
+            unary = _method(channel, "unary_unary", "Unary")
+            return [bytes(unary(b"call-%d" % i, timeout=20)) for i in range(3)]
+
+    assert await asyncio.to_thread(call) == [b"call-%d" % i for i in range(3)]
+    assert grpc_server.refused == [] and len(grpc_server.calls) == 3
+    if inject == "jwt":  # a JWT per call, never one reused
+        tokens = {c["metadata"]["authorization"] for c in grpc_server.calls}
+        assert len(tokens) == 3
 
 
 async def test_server_streaming_is_byte_exact(idp, upstream, credproxy, grpc_server):
@@ -293,32 +346,39 @@ async def test_hundred_concurrent_streams_share_one_connection_and_token(
     assert len({c["metadata"]["dpop"] for c in grpc_server.calls}) == 100  # a proof per stream
 
 
-async def test_upstream_goaway_loses_no_unsent_call(idp, upstream, credproxy, grpc_server):
-    """The upstream goes away (GOAWAY, a graceful stop) while calls flow and a new server takes
-    its port: every call completes, on a new connection where needed."""
-    proc = _start(credproxy, idp, upstream, grpc_server)
-    successor = GrpcServer(idp, upstream.audience, port=grpc_server.port)
-
-    def calls() -> list[bytes | str]:
-        results: list[bytes | str] = []
-        with _channel(proc) as channel:
-            unary = _method(channel, "unary_unary", "Unary")
-            for i in range(60):
-                if i == 20:
-                    successor.start()  # SO_REUSEPORT: both listen until the first stops
-                    grpc_server.stop(grace_s=5)
-                try:
-                    results.append(unary(b"call-%d" % i, timeout=20))
-                except grpc.RpcError as exc:
-                    results.append(f"{exc.code()}: {exc.details()}")
-        return results
-
+async def test_upstream_goaway_loses_no_unsent_call(idp, upstream, credproxy):
+    """The upstream sends GOAWAY on each connection after 300 ms (grpcio's connection
+    rotation) while calls flow: every call completes, calls the old connection did not take
+    going on a new one."""
+    server = GrpcServer(idp, upstream.audience, max_connection_age_ms=300)
+    server.start()
     try:
+        proc = _start(credproxy, idp, upstream, server)
+        total, deadline = 0, time.monotonic() + 3
+
+        def calls() -> list[tuple[bytes, bytes | str]]:
+            nonlocal total
+            results: list[tuple[bytes, bytes | str]] = []
+            with _channel(proc) as channel:
+                unary = _method(channel, "unary_unary", "Unary")
+                while time.monotonic() < deadline:  # waves of 20 calls at once, for 3 s
+                    sent = [b"call-%d" % (total + i) for i in range(20)]
+                    futures = [unary.future(message, timeout=30) for message in sent]
+                    total += 20
+                    for message, future in zip(sent, futures, strict=True):
+                        try:
+                            results.append((message, future.result()))
+                        except grpc.RpcError as exc:
+                            results.append((message, f"{exc.code()}: {exc.details()}"))
+            return results
+
         results = await asyncio.to_thread(calls)
     finally:
-        successor.stop()
-    assert results == [b"call-%d" % i for i in range(60)]
-    assert successor.calls  # the later calls were served by the new server
+        server.stop()
+    assert [answer for _, answer in results] == [message for message, _ in results]
+    assert len(server.calls) == total  # each once
+    connections = {call["peer"] for call in server.calls}
+    assert len(connections) >= 3  # credproxy moved to new connections after each GOAWAY
 
 
 async def test_grpc_calls_are_logged_and_audited(idp, upstream, credproxy, grpc_server):
@@ -345,3 +405,6 @@ async def test_grpc_calls_are_logged_and_audited(idp, upstream, credproxy, grpc_
     assert all("protocol=h2" in line and "grpc_status=0" in line for line in lines)
     used = [e for e in proc.audit("credential.used") if e.get("route") == "grpc"]
     assert len(used) == 3 and {e["path"] for e in used} == {"/test.Echo/Unary"}
+    with urllib.request.urlopen(proc.admin_url + "/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    assert 'credproxy_http2_streams_total{grpc_status="0",route="grpc"} 3.0' in metrics

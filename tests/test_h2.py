@@ -182,6 +182,41 @@ async def test_refusal_is_problem_json_on_the_stream(idp, upstream, credproxy):
     assert heads[3][":status"] == "200" and json.loads(bodies[3])["path"] == "/v1/ok"
 
 
+async def test_refused_stream_with_a_body_still_coming_is_reset_after_its_answer(
+    idp, upstream, credproxy
+):
+    """A stream refused while its body is still being sent gets its complete problem answer,
+    then RST_STREAM(NO_ERROR) so the app stops sending (RFC 9113 §8.1); the connection goes on."""
+    proc = credproxy(_proxy_config(idp, upstream))
+
+    def exchange() -> list[h2.events.Event]:
+        client = RawH2(proc.url)
+        client.start()
+        stream = client.request("/nowhere", end=False)
+        client.conn.send_data(stream, b"x" * 1000)
+        client.flush()
+        events = client.read_until(
+            lambda events: (
+                any(isinstance(e, h2.events.StreamReset) for e in events) or _terminated(events)
+            )
+        )
+        served = client.request("/payments/v1/after")
+        events = client.read_until(_ended(served))
+        client.close()
+        return events
+
+    events = await asyncio.to_thread(exchange)
+    kinds = [(type(e).__name__, getattr(e, "stream_id", 0)) for e in events]
+    answer = kinds.index(("ResponseReceived", 1))
+    reset = next(e for e in events if isinstance(e, h2.events.StreamReset))
+    assert reset.stream_id == 1 and reset.error_code == ErrorCodes.NO_ERROR
+    assert answer < kinds.index(("StreamReset", 1))
+    assert any(
+        isinstance(e, h2.events.ResponseReceived) and e.stream_id == 3 and _status(e) == "200"
+        for e in events
+    )
+
+
 def _status(event: Any) -> str:
     """``:status`` of a response event (the test clients decode headers as text)."""
     return str(dict(event.headers)[":status"])

@@ -118,7 +118,7 @@ class H2Request(AppRequest):
 
     __slots__ = (
         "stream_id", "_session", "_pending", "_drained", "_headers_out", "_ended", "gone",
-        "remote_closed", "grpc_status", "task",
+        "remote_closed", "grpc_status", "task", "flow",
     )  # fmt: skip
 
     def __init__(
@@ -140,6 +140,7 @@ class H2Request(AppRequest):
         self.remote_closed = False  # the app's side of the stream ended (END_STREAM)
         self.grpc_status: str | None = None  # as sent in the trailers, for the access log
         self.task: asyncio.Task[None] | None = None
+        self.flow: _StreamFlow | None = None  # its body's acknowledgements, if it has one
 
     @property
     def version(self) -> tuple[int, int]:
@@ -392,12 +393,14 @@ class H2Session:
         )  # fmt: skip
         ended = event.stream_ended is not None
         body: StreamReader
+        flow = None
         if ended:
             body = EmptyStreamReader()
         else:
             flow = _StreamFlow(self, stream_id)
             body = StreamReader(flow, _READ_LIMIT, loop=self._loop)  # type: ignore[arg-type]
         request = H2Request(self, stream_id, message, body)
+        request.flow = flow
         request.remote_closed = ended
         self._streams[stream_id] = request
         self.connection.idle_since = None
@@ -412,9 +415,8 @@ class H2Session:
             return
         if event.data:
             request.body.feed_data(bytes(event.data))
-        flow = request.body._protocol
-        if isinstance(flow, _StreamFlow):
-            flow.received(size)
+        if request.flow is not None:
+            request.flow.received(size)
 
     def acknowledge(self, stream_id: int, size: int) -> None:
         try:

@@ -18,11 +18,12 @@ from typing import cast
 
 from aiohttp import StreamReader
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    Event,
     RemoteSettingsChanged,
     ResponseReceived,
     StreamEnded,
@@ -32,6 +33,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import Frame, GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from ..errors import (
@@ -41,6 +43,7 @@ from ..errors import (
     UpstreamTimeout,
     UpstreamTLSError,
 )
+from ..log import server_log
 from ..tasks import spawn
 from ..wire import HttpVersion11, RawResponseMessage
 from .upstream import _DEFAULT_TLS, Answer, Body, Origin, Timeouts, reason_phrase
@@ -54,6 +57,18 @@ _SWEEP_S = 0.1
 _NOT_ON_H2 = frozenset(
     {"connection", "keep-alive", "proxy-connection", "transfer-encoding", "upgrade", "host", "te"}
 )
+
+
+class _GracefulH2Connection(H2Connection):
+    """``h2`` closes its state machine on any GOAWAY, refusing every later frame; RFC 9113
+    §6.8 lets the streams up to its last stream id finish. After a graceful one (NO_ERROR) the
+    connection stays open to them; no new stream is opened on it (``usable``)."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Event]]:
+        frames, events = super()._receive_goaway_frame(frame)
+        if frame.error_code == ErrorCodes.NO_ERROR:
+            self.state_machine.state = ConnectionState.CLIENT_OPEN
+        return frames, events
 
 
 class _Refused(UpstreamProtocolError):
@@ -154,7 +169,7 @@ class _H2Connection(asyncio.Protocol):
         self.loop = loop
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.conn = H2Connection(H2Configuration(client_side=True, header_encoding=None))
+        self.conn = _GracefulH2Connection(H2Configuration(client_side=True, header_encoding=None))
         self.conn.local_settings = Settings(
             client=True,
             initial_values={
@@ -409,7 +424,8 @@ class H2Upstreams:
                 )
             try:
                 message = await stream.answer
-            except _Refused:
+            except _Refused as exc:
+                server_log.info("%s; sending it again", exc)
                 held = stream.held
                 if stream.sender is not None:
                     stream.sender.cancel()
