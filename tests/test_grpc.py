@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import socket
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -201,6 +202,37 @@ log: {{format: json}}
     if inject == "jwt":  # a JWT per call, never one reused
         tokens = {c["metadata"]["authorization"] for c in grpc_server.calls}
         assert len(tokens) == 3
+
+
+async def test_http1_app_gets_the_h2_upstreams_trailers_in_its_last_chunk(
+    idp, upstream, credproxy, grpc_server
+):
+    """An HTTP/1.1 app on an h2c route: the request goes upstream as an HTTP/2 stream and the
+    answer comes back chunked, the upstream's trailers (grpc-status) in the last chunk."""
+    proc = _start(credproxy, idp, upstream, grpc_server)
+    host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+    message = b"over http/1.1"
+    frame = b"\0" + len(message).to_bytes(4, "big") + message  # gRPC's length-prefixed message
+
+    def exchange() -> bytes:
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            sock.sendall(
+                b"POST /%s/Unary HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/grpc\r\n"
+                b"TE: trailers\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+                % (SERVICE.encode(), host.encode(), port.encode(), len(frame), frame)
+            )
+            received = b""
+            while chunk := sock.recv(65536):
+                received += chunk
+            return received
+
+    received = await asyncio.to_thread(exchange)
+    head, _, body = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"Transfer-Encoding: chunked" in head
+    assert frame in body
+    last = body[body.rindex(b"\r\n0\r\n") + 2 :]
+    assert b"grpc-status: 0\r\n" in last and b"x-served-by: grpc-counterpart\r\n" in last
+    assert last.endswith(b"\r\n\r\n")
 
 
 async def test_server_streaming_is_byte_exact(idp, upstream, credproxy, grpc_server):

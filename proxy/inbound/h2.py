@@ -117,7 +117,7 @@ class H2Request(AppRequest):
     the stream's flow-control window) and, for gRPC, trailers."""
 
     __slots__ = (
-        "stream_id", "_session", "_pending", "_drained", "_headers_out", "_ended", "gone",
+        "stream_id", "_session", "_pending", "_drained", "_headers_out", "_ended", "_done", "gone",
         "remote_closed", "grpc_status", "task", "flow",
     )  # fmt: skip
 
@@ -136,6 +136,7 @@ class H2Request(AppRequest):
         self._drained.set()
         self._headers_out: list[tuple[bytes, bytes]] | None = None  # held back: see start
         self._ended: list[tuple[bytes, bytes]] | None = None  # trailers, once end was asked
+        self._done = False  # END_STREAM sent: nothing more goes out on this stream
         self.gone = False  # reset by the app, or the connection closed
         self.remote_closed = False  # the app's side of the stream ended (END_STREAM)
         self.grpc_status: str | None = None  # as sent in the trailers, for the access log
@@ -181,7 +182,7 @@ class H2Request(AppRequest):
             bodyless = self.method == "HEAD" or self.status in (204, 304)
             self._session.send_headers(self.stream_id, headers, end=bodyless)
             if bodyless:
-                self._ended = []
+                self._ended, self._done = [], True
 
     def write(self, data: bytes) -> None:
         if not data:
@@ -208,7 +209,7 @@ class H2Request(AppRequest):
     def end(self, trailers: bytes = b"") -> None:
         if self._headers_out is not None and not trailers and not self.gone:
             headers, self._headers_out = self._headers_out, None  # no body: one HEADERS frame
-            self._ended = []
+            self._ended, self._done = [], True
             self._session.send_headers(self.stream_id, headers, end=True)
             return
         self._send_head()
@@ -230,7 +231,7 @@ class H2Request(AppRequest):
         self.status = 200
         self.grpc_status = str(status)
         self._headers_out = None
-        self._ended = []
+        self._ended, self._done = [], True
         self._session.send_headers(
             self.stream_id,
             [
@@ -248,6 +249,12 @@ class H2Request(AppRequest):
 
     # The session's side of the answer: what is pending goes out within the window.
     def pump(self, conn: H2Connection) -> None:
+        try:
+            self._pump(conn)
+        except (StreamClosedError, ProtocolError):  # the app reset it meanwhile
+            self.finished()
+
+    def _pump(self, conn: H2Connection) -> None:
         pending = self._pending
         stream_id = self.stream_id
         while pending:
@@ -262,9 +269,9 @@ class H2Request(AppRequest):
                 conn.send_data(stream_id, chunk[:window].tobytes())
                 pending[0] = chunk[window:]
         self._drained.set()
-        trailers, self._ended = self._ended, None
-        if trailers is not None:
-            self._ended = []  # nothing more goes out on this stream
+        trailers = self._ended
+        if trailers is not None and not self._done:
+            self._done = True
             if trailers:
                 conn.send_headers(stream_id, trailers, end_stream=True)
             else:
