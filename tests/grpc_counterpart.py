@@ -33,7 +33,8 @@ def _identity(data: bytes) -> bytes:
 class GrpcServer:
     """``test.Echo`` on 127.0.0.1: Unary (echo), ServerStream (the request says how many
     messages of how many bytes), ClientStream (sha256 and size of all received), Bidi (echo
-    each), Slow (waits, records the deadline it was given and whether it was cancelled).
+    each), Slow (waits until cancelled, or for ``release`` when sent "hold"; records the
+    deadline it was given and whether it was cancelled).
     A sync grpcio server (a thread per call); the verifier runs on a loop of its own."""
 
     def __init__(
@@ -59,6 +60,8 @@ class GrpcServer:
         self.refused: list[str] = []
         self.slow_deadlines: list[float | None] = []
         self.slow_cancelled = threading.Event()
+        self.slow_started = threading.Event()
+        self.release = threading.Event()  # answers the Slow calls sent "hold"
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
         self._server: grpc.Server | None = None
@@ -155,6 +158,10 @@ class GrpcServer:
         def slow(request: bytes, context: grpc.ServicerContext) -> bytes:
             self._check("Slow", context)
             self.slow_deadlines.append(context.time_remaining())
+            self.slow_started.set()
+            if request == b"hold":  # answered when the test says so
+                self.release.wait(30)
+                return request
             ended = threading.Event()
             context.add_callback(ended.set)
             ended.wait(30)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import signal
 import socket
 import time
 import urllib.request
@@ -294,6 +295,44 @@ async def test_deadline_is_propagated_and_cancels_upstream(idp, upstream, credpr
     assert await asyncio.to_thread(call) == grpc.StatusCode.DEADLINE_EXCEEDED
     assert grpc_server.slow_deadlines and 0 < grpc_server.slow_deadlines[0] <= 2
     assert await asyncio.to_thread(grpc_server.slow_cancelled.wait, 10)
+
+
+async def test_silent_upstream_stream_is_cut_at_idle_s(idp, upstream, credproxy, grpc_server):
+    """An upstream that answers nothing within the route's idle_s: the app gets
+    DEADLINE_EXCEEDED from credproxy (upstream_timeout), and the upstream's stream is reset."""
+    proc = _start(
+        credproxy, idp, upstream, grpc_server, extra="    timeouts: {idle_s: 1, total_s: 60}\n"
+    )
+
+    def call() -> grpc.RpcError:
+        with _channel(proc) as channel:
+            with pytest.raises(grpc.RpcError) as caught:
+                _method(channel, "unary_unary", "Slow")(b"x", timeout=30)
+            return caught.value
+
+    error = await asyncio.to_thread(call)
+    assert error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "timeout" in (error.details() or "")
+    assert await asyncio.to_thread(grpc_server.slow_cancelled.wait, 10)
+
+
+async def test_sigterm_drains_a_grpc_call_in_flight(idp, upstream, credproxy, grpc_server):
+    """A call in flight when credproxy is told to stop (SIGTERM) completes: the app connection
+    gets a GOAWAY and its stream is answered before credproxy exits."""
+    proc = _start(credproxy, idp, upstream, grpc_server)
+
+    def call() -> bytes:
+        with _channel(proc) as channel:
+            return bytes(_method(channel, "unary_unary", "Slow")(b"hold", timeout=30))
+
+    pending = asyncio.ensure_future(asyncio.to_thread(call))  # noqa: TID251 - test-local
+    assert await asyncio.to_thread(grpc_server.slow_started.wait, 10)
+    assert proc.process is not None
+    proc.process.send_signal(signal.SIGTERM)
+    await asyncio.to_thread(wait_until, lambda: "draining" in proc.log(), 10, "the drain")
+    grpc_server.release.set()
+    assert await pending == b"hold"
+    assert await asyncio.to_thread(proc.process.wait, 15) == 0
 
 
 async def test_refused_caller_gets_permission_denied(idp, upstream, credproxy, grpc_server):

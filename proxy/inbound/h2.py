@@ -24,11 +24,12 @@ from urllib.parse import quote
 
 from aiohttp import StreamReader
 from h2.config import H2Configuration
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
     ConnectionTerminated,
     DataReceived,
+    Event,
     RemoteSettingsChanged,
     RequestReceived,
     StreamEnded,
@@ -38,6 +39,7 @@ from h2.events import (
 )
 from h2.exceptions import ProtocolError, StreamClosedError
 from h2.settings import SettingCodes, Settings
+from hyperframe.frame import Frame, GoAwayFrame
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
@@ -80,6 +82,17 @@ _GRPC_STATUS_BY_HTTP = {400: 13, 401: 16, 403: 7, 404: 12, 429: 14, 502: 14, 503
 def grpc_status(code: str, status: int) -> int:
     """The gRPC status for a problem answer of ``code`` and HTTP ``status``."""
     return GRPC_STATUS_BY_CODE.get(code) or _GRPC_STATUS_BY_HTTP.get(status, 2)  # 2: UNKNOWN
+
+
+class _GracefulH2Connection(H2Connection):
+    """``h2`` closes its state machine on any GOAWAY, refusing every later frame; after an
+    app's graceful one (NO_ERROR) the streams in flight are still answered (RFC 9113 §6.8)."""
+
+    def _receive_goaway_frame(self, frame: GoAwayFrame) -> tuple[list[Frame], list[Event]]:
+        frames, events = super()._receive_goaway_frame(frame)
+        if frame.error_code == ErrorCodes.NO_ERROR:
+            self.state_machine.state = ConnectionState.SERVER_OPEN
+        return frames, events
 
 
 class _StreamFlow:
@@ -304,7 +317,7 @@ class H2Session:
         self._linger_s = linger_s  # for the app to take an answer's last bytes
         self._closed = False
         self._loop = asyncio.get_running_loop()
-        conn = self._conn = H2Connection(
+        conn = self._conn = _GracefulH2Connection(
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
         )
         conn.local_settings = Settings(
@@ -518,8 +531,15 @@ class H2Session:
         """Stop accepting streams (drain): those in flight finish, then the connection closes."""
         if not self.closing:
             self.closing = True
-            self._conn.close_connection(ErrorCodes.NO_ERROR)
+            # Written beside h2: its close_connection would refuse the frames still to come
+            # on the streams in flight (RFC 9113 §6.8 lets them finish).
+            goaway = GoAwayFrame(0)
+            goaway.last_stream_id = self._conn.highest_inbound_stream_id
+            goaway.error_code = ErrorCodes.NO_ERROR
             self.flush()
+            transport = self.connection.transport
+            if transport is not None and not transport.is_closing():
+                transport.write(goaway.serialize())
         self._idle_check()
 
     def _close_now(self) -> None:
