@@ -17,8 +17,17 @@ from typing import Any
 
 import grpc
 import pytest
+from aiohttp import web
 
-from tests.counterparts import PREAMBLE, Credproxy, config, ec_private_pem, free_port, wait_until
+from tests.counterparts import (
+    PREAMBLE,
+    Credproxy,
+    ThreadedApp,
+    config,
+    ec_private_pem,
+    free_port,
+    wait_until,
+)
 from tests.grpc_counterpart import SERVICE, GrpcServer, _message
 from tests.tls import TestCA
 
@@ -234,6 +243,84 @@ async def test_http1_app_gets_the_h2_upstreams_trailers_in_its_last_chunk(
     last = body[body.rindex(b"\r\n0\r\n") + 2 :]
     assert b"grpc-status: 0\r\n" in last and b"x-served-by: grpc-counterpart\r\n" in last
     assert last.endswith(b"\r\n\r\n")
+
+
+class _Http1OnlyTLS(ThreadedApp):
+    """An HTTPS upstream that speaks HTTP/1.1 only (no h2 in its ALPN): says what it saw."""
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            return web.json_response(
+                {"version": list(request.version), "key": request.headers.get("X-Api-Key")}
+            )
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+async def test_auto_speaks_h2_where_alpn_chooses_it_and_http1_elsewhere(
+    idp, upstream, credproxy, client, tmp_path
+):
+    """``upstream_protocol: auto`` offers h2 and http/1.1: a gRPC call reaches a TLS grpcio
+    server over HTTP/2, and plain requests reach an HTTPS upstream that speaks HTTP/1.1 only
+    (every time, without failing first); an ``h2`` route to that upstream is refused with a
+    problem naming the route."""
+    ca = TestCA(tmp_path)
+    server = GrpcServer(idp, upstream.audience, tls=ca.issue("127.0.0.1", server=True, stem="g"))
+    server.start()
+    http1 = _Http1OnlyTLS(tls=ca.server_context())
+    http1.start()
+    key_file = tmp_path / "key"
+    key_file.write_text("auto-key-0123456789abcdef\n")
+    try:
+        grpc_route = _route(server, upstream.audience).replace(
+            "upstream_protocol: h2c", f"upstream_protocol: auto\n    ca_file: {ca.ca_file}"
+        )
+        proc = credproxy(
+            config(
+                idp=idp,
+                upstream=upstream.origin,
+                audience=upstream.audience,
+                extra_issuer=f"  key: {{type: static, secret_file: {key_file}}}\n",
+                extra_route=grpc_route
+                + f"""\
+  - name: rest
+    path_prefix: /rest/
+    upstream: {http1.origin}
+    upstream_protocol: auto
+    ca_file: {ca.ca_file}
+    credential: {{issuer: key, inject: header, header: X-Api-Key}}
+    allow: [{{callers: [test-suite]}}]
+  - name: strict
+    path_prefix: /strict/
+    upstream: {http1.origin}
+    upstream_protocol: h2
+    ca_file: {ca.ca_file}
+    credential: {{issuer: key, inject: header, header: X-Api-Key}}
+    allow: [{{callers: [test-suite]}}]
+""",
+            )
+        )
+
+        def call() -> bytes:
+            with _channel(proc) as channel:
+                return bytes(_method(channel, "unary_unary", "Unary")(b"auto", timeout=20))
+
+        assert await asyncio.to_thread(call) == b"auto"
+        for _ in range(2):
+            async with client.get(proc.url + "/rest/x") as response:
+                assert response.status == 200
+                # the key reached it; its echo comes back masked
+                assert await response.json() == {"version": [1, 1], "key": "*" * 25}
+        async with client.get(proc.url + "/strict/x") as response:
+            problem = await response.json()
+        assert response.status == 502 and problem["code"] == "upstream_protocol_error"
+        assert problem["route"] == "strict"
+        assert "did not choose HTTP/2" in proc.log()
+    finally:
+        http1.stop()
+        server.stop()
 
 
 async def test_server_streaming_is_byte_exact(idp, upstream, credproxy, grpc_server):

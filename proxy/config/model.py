@@ -173,12 +173,13 @@ class RouteConfig(Owned):
     allow: tuple[AllowRule, ...] = Field(
         (), description="default deny: a request no rule allows is refused with 403"
     )
-    upstream_protocol: Literal["http1.1", "h2", "h2c"] = Field(
+    upstream_protocol: Literal["http1.1", "h2", "h2c", "auto"] = Field(
         "http1.1",
         description="how credproxy speaks to the upstream: http1.1; h2 (HTTP/2 over TLS, "
-        "negotiated by ALPN, an https upstream); h2c (HTTP/2 with prior knowledge over "
-        "cleartext, an http upstream: loopback, or allow_insecure_http). gRPC routes need h2 "
-        "or h2c",
+        "ALPN must choose it, an https upstream); h2c (HTTP/2 with prior knowledge over "
+        "cleartext, an http upstream: loopback, or allow_insecure_http); auto (an https "
+        "upstream: ALPN offers h2 and http/1.1, HTTP/1.1 where the upstream does not choose "
+        "h2). gRPC routes need h2, h2c or auto",
     )
     retry_body_max_bytes: int = Field(
         65536,
@@ -195,9 +196,9 @@ class RouteConfig(Owned):
             raise ValueError("client_cert_file and client_key_file go together")
         check_http_url(self.upstream, insecure_ok=self.allow_insecure_http, what="upstream")
         scheme = self.upstream.partition("://")[0].lower()
-        if self.upstream_protocol == "h2" and scheme != "https":
+        if self.upstream_protocol in ("h2", "auto") and scheme != "https":
             raise ValueError(
-                "upstream_protocol h2 negotiates HTTP/2 by TLS ALPN: an https "
+                f"upstream_protocol {self.upstream_protocol} negotiates HTTP/2 by TLS ALPN: an https "
                 "upstream; for cleartext HTTP/2 say h2c"
             )
         if self.upstream_protocol == "h2c" and scheme != "http":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable
 from http import HTTPStatus
 
 from ..access.break_glass import BreakGlass
@@ -28,9 +29,9 @@ from ..errors import (
 )
 from ..log import access_log, server_log
 from ..metrics import Metrics
-from ..outbound.h2_upstream import H2Upstreams
+from ..outbound.h2_upstream import H2Upstreams, NoH2
 from ..outbound.hygiene import Scrubber, mask_echoes, request_headers, response_head_lines
-from ..outbound.upstream import Answer, Upstreams, request_head
+from ..outbound.upstream import Answer, Body, Upstreams, request_head
 from .body import framed, request_body
 from .h2 import H2Request, grpc_status
 from .listener import AppRequest
@@ -273,38 +274,8 @@ class Handler:
             await injector.apply(outbound, token)
             sent = injector.encode(outbound, body)
             started = time.perf_counter()
-            answer: Answer
             try:
-                if route.config.upstream_protocol != "http1.1":
-                    answer = await self._h2_upstreams.exchange(
-                        route.origin,
-                        route.tls.current(),
-                        request.method,
-                        outbound.url.raw_path_qs,
-                        outbound.headers,
-                        sent,
-                        timeouts=route.timeouts,
-                        where=where,
-                    )
-                else:
-                    head, chunked = request_head(
-                        request.method,
-                        outbound.url.raw_path_qs,
-                        route.origin.host_header,
-                        outbound.headers,
-                        sent,
-                    )
-                    answer = await self._upstreams.exchange(
-                        route.origin,
-                        route.tls.current(),
-                        head,
-                        sent,
-                        chunked=chunked,
-                        method=request.method,
-                        timeouts=route.timeouts,
-                        where=where,
-                        upgrade=upgrade is not None,
-                    )
+                answer = await self._exchange(request.method, route, outbound, sent, upgrade)
             except UpstreamError as exc:
                 _mask(exc, outbound.secret)
                 raise
@@ -346,6 +317,62 @@ class Handler:
             raise UpstreamCompressedAnswer(f"{where}: Content-Encoding despite identity asked")
         outcome = await _stream_back(request, answer, outbound.secret, where, prefetched)
         return answer.status, outcome
+
+    def _exchange(
+        self,
+        method: str,
+        route: RouteRuntime,
+        outbound: Outbound,
+        sent: Body,
+        upgrade: WebSocketUpgrade | None,
+    ) -> Awaitable[Answer]:
+        """Send the request on the route's upstream protocol: HTTP/1.1 (the default, and
+        WebSocket handshakes) straight to the pool, no coroutine of its own on the hot path;
+        else HTTP/2 (``h2``, ``h2c``, ``auto`` where ALPN chooses it)."""
+        if route.config.upstream_protocol == "http1.1" or upgrade is not None:
+            return self._http1(method, route, outbound, sent, upgrade is not None)
+        return self._h2(method, route, outbound, sent)
+
+    def _http1(
+        self, method: str, route: RouteRuntime, outbound: Outbound, sent: Body, upgrade: bool
+    ) -> Awaitable[Answer]:
+        head, chunked = request_head(
+            method, outbound.url.raw_path_qs, route.origin.host_header, outbound.headers, sent
+        )
+        return self._upstreams.exchange(
+            route.origin,
+            route.tls.current(),
+            head,
+            sent,
+            chunked=chunked,
+            method=method,
+            timeouts=route.timeouts,
+            where=route.where,
+            upgrade=upgrade,
+        )
+
+    async def _h2(self, method: str, route: RouteRuntime, outbound: Outbound, sent: Body) -> Answer:
+        auto = route.config.upstream_protocol == "auto"
+        tls = route.tls.current()
+        h2 = self._h2_upstreams
+        if not auto or h2.may_speak_h2(route.origin, tls):
+            try:
+                return await h2.exchange(
+                    route.origin,
+                    tls,
+                    method,
+                    outbound.url.raw_path_qs,
+                    outbound.headers,
+                    sent,
+                    timeouts=route.timeouts,
+                    where=route.where,
+                    fallback=auto,
+                )
+            except NoH2:
+                if not auto:
+                    raise
+                # ALPN chose HTTP/1.1: remembered for the origin, the request goes that way
+        return await self._http1(method, route, outbound, sent, False)
 
 
 async def _stream_back(

@@ -89,7 +89,7 @@ def build(
             route.ca_file,
             *_client_certificate(route, issuer),
             where=f"routes[{i}]",
-            alpn=("h2",) if route.upstream_protocol == "h2" else (),
+            alpn={"h2": ("h2",), "auto": ("h2", "http/1.1")}.get(route.upstream_protocol, ()),
         )
         routes.append(
             RouteRuntime(

@@ -71,6 +71,10 @@ class _GracefulH2Connection(H2Connection):
         return frames, events
 
 
+class NoH2(UpstreamProtocolError):
+    """ALPN chose another protocol than h2; on an ``auto`` route, HTTP/1.1 takes the request."""
+
+
 class _Refused(UpstreamProtocolError):
     """The upstream did not process the stream: safe to send again."""
 
@@ -367,6 +371,7 @@ class H2Upstreams:
         self._connecting: dict[tuple[str, int, int], asyncio.Future[_H2Connection]] = {}
         self._sweep: asyncio.Task[None] | None = None
         self._live: set[_H2Connection] = set()  # replaced ones included, until they close
+        self._http1: set[tuple[str, int, int]] = set()  # origins whose ALPN did not choose h2
         self.opened = 0  # connections opened so far: what tests and metrics read
 
     async def _sweep_every(self, interval_s: float) -> None:
@@ -380,6 +385,10 @@ class H2Upstreams:
                 else:
                     connection.check_timeouts(now)
 
+    def may_speak_h2(self, origin: Origin, tls: ssl.SSLContext | bool) -> bool:
+        """False once this origin's ALPN chose HTTP/1.1 (an ``auto`` route asks first)."""
+        return (origin.host, origin.port, id(_context(origin, tls))) not in self._http1
+
     async def exchange(
         self,
         origin: Origin,
@@ -391,6 +400,7 @@ class H2Upstreams:
         *,
         timeouts: Timeouts,
         where: str,
+        fallback: bool = False,
     ) -> H2Answer:
         """Send one request on a stream and await its answer's head; the body (if it streams)
         goes on sending while the answer is read (bidirectional streams)."""
@@ -398,12 +408,12 @@ class H2Upstreams:
         if self._sweep is None:
             self._sweep = spawn(self._sweep_every(_SWEEP_S), name="h2-upstream-timeouts")
         deadline = loop.time() + timeouts.total_s
-        context = (tls if isinstance(tls, ssl.SSLContext) else _DEFAULT_TLS) if origin.tls else None
+        context = _context(origin, tls)
         fields = _request_fields(method, target, origin, headers, body)
         replay: list[bytes] = []
         rest: Body = body
         while True:
-            connection = await self._connection(loop, origin, context, timeouts, where)
+            connection = await self._connection(loop, origin, context, timeouts, where, fallback)
             try:
                 async with asyncio.timeout_at(deadline):
                     while not connection.has_room() and connection.usable:
@@ -451,6 +461,7 @@ class H2Upstreams:
         context: ssl.SSLContext | None,
         timeouts: Timeouts,
         where: str,
+        fallback: bool = False,
     ) -> _H2Connection:
         key = (origin.host, origin.port, id(context))
         connection = self._connections.get(key)
@@ -463,6 +474,8 @@ class H2Upstreams:
             try:
                 connection = await self._connect(loop, key, origin, context, timeouts, where)
             except BaseException as exc:
+                if isinstance(exc, NoH2) and fallback:
+                    self._http1.add(key)
                 pending.set_exception(exc)
                 pending.exception()  # retrieved: waiters re-raise it
                 raise
@@ -503,7 +516,7 @@ class H2Upstreams:
             chosen = transport.get_extra_info("ssl_object").selected_alpn_protocol()
             if chosen != "h2":
                 transport.close()
-                raise UpstreamProtocolError(
+                raise NoH2(
                     f"{where}: the upstream did not choose HTTP/2 by ALPN ({chosen or 'none'}); "
                     "say upstream_protocol: http1.1 for it"
                 )
@@ -516,6 +529,10 @@ class H2Upstreams:
             connection._close()
         self._connections.clear()
         self._live.clear()
+
+
+def _context(origin: Origin, tls: ssl.SSLContext | bool) -> ssl.SSLContext | None:
+    return (tls if isinstance(tls, ssl.SSLContext) else _DEFAULT_TLS) if origin.tls else None
 
 
 def _request_fields(
