@@ -9,6 +9,7 @@ import asyncio
 import json
 import socket
 import subprocess
+import threading
 from typing import Any
 
 import h2.config
@@ -376,3 +377,77 @@ async def test_http1_still_served_beside_h2(idp, upstream, credproxy, client):
         assert response.status == 200 and (await response.json())["method"] == "POST"
     async with client.put(proc.url + "/payments/v1/p", data=b"x") as response:
         assert response.status == 200
+
+
+class _TrailerRecorder:
+    """A raw h2c upstream (the ``h2`` library on a socket, one connection): answers each
+    stream, once it ends, with the JSON of the request trailers it received."""
+
+    def __init__(self) -> None:
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.origin = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        sock, _ = self.listener.accept()
+        conn = h2.connection.H2Connection(
+            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        )
+        conn.initiate_connection()
+        sock.sendall(conn.data_to_send())
+        trailers: dict[int, list[list[str]]] = {}
+        with sock:
+            while data := sock.recv(65536):
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.DataReceived):
+                        conn.acknowledge_received_data(
+                            event.flow_controlled_length, event.stream_id
+                        )
+                    elif isinstance(event, h2.events.TrailersReceived):
+                        trailers[event.stream_id] = [
+                            [str(f[0]), str(f[1])] for f in event.headers or []
+                        ]
+                    elif isinstance(event, h2.events.StreamEnded):
+                        body = json.dumps(trailers.get(event.stream_id, [])).encode()
+                        conn.send_headers(event.stream_id, [(":status", "200")])
+                        conn.send_data(event.stream_id, body, end_stream=True)
+                sock.sendall(conn.data_to_send())
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+async def test_request_trailers_reach_an_h2_upstream_minus_credentials(idp, upstream, credproxy):
+    """Trailers the app sends after its body go upstream after the body on an HTTP/2 route;
+    credential fields among them (authorization) are stripped like headers."""
+    recorder = _TrailerRecorder()
+    route = f"""\
+  - name: trailers
+    path_prefix: /trailers/
+    upstream: {recorder.origin}
+    upstream_protocol: h2c
+    credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.write, inject: dpop}}
+    allow: [{{callers: [test-suite]}}]
+"""
+    proc = credproxy(_proxy_config(idp, upstream, extra_route=route))
+
+    def exchange() -> bytes:
+        client = RawH2(proc.url)
+        client.start()
+        stream = client.request("/trailers/x", end=False)
+        client.conn.send_data(stream, b"body bytes")
+        client.conn.send_headers(
+            stream, [("x-checksum", "abc123"), ("authorization", "Bearer app-secret-999")],
+            end_stream=True,
+        )  # fmt: skip
+        client.flush()
+        events = client.read_until(_ended(stream))
+        client.close()
+        return b"".join(e.data for e in events if isinstance(e, h2.events.DataReceived))
+
+    try:
+        received = json.loads(await asyncio.to_thread(exchange))
+    finally:
+        recorder.close()
+    assert received == [["x-checksum", "abc123"]]

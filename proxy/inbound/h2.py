@@ -131,7 +131,7 @@ class H2Request(AppRequest):
 
     __slots__ = (
         "stream_id", "_session", "_pending", "_drained", "_headers_out", "_ended", "_done", "gone",
-        "remote_closed", "grpc_status", "task", "flow",
+        "remote_closed", "grpc_status", "task", "flow", "trailers",
     )  # fmt: skip
 
     def __init__(
@@ -155,6 +155,7 @@ class H2Request(AppRequest):
         self.grpc_status: str | None = None  # as sent in the trailers, for the access log
         self.task: asyncio.Task[None] | None = None
         self.flow: _StreamFlow | None = None  # its body's acknowledgements, if it has one
+        self.trailers: tuple[tuple[bytes, bytes], ...] = ()  # the app's, after its body
 
     @property
     def version(self) -> tuple[int, int]:
@@ -163,6 +164,9 @@ class H2Request(AppRequest):
     @property
     def is_grpc(self) -> bool:
         return self.headers.get("content-type", "").startswith("application/grpc")
+
+    def trailer_fields(self) -> tuple[tuple[bytes, bytes], ...]:
+        return self.trailers
 
     @property
     def writing_paused(self) -> bool:
@@ -376,8 +380,12 @@ class H2Session:
             elif isinstance(event, WindowUpdated | RemoteSettingsChanged):
                 for request in list(self._streams.values()):
                     request.pump(self._conn)
-            elif isinstance(event, TrailersReceived):  # request trailers are not forwarded
-                continue
+            elif isinstance(event, TrailersReceived):  # before the body's end (StreamEnded)
+                request = self._streams.get(event.stream_id)
+                if request is not None:
+                    request.trailers = tuple(
+                        (bytes(name), bytes(value)) for name, value in event.headers or ()
+                    )
             elif isinstance(event, ConnectionTerminated):
                 self.closing = True
                 if not self._streams:

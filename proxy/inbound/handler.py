@@ -275,7 +275,7 @@ class Handler:
             sent = injector.encode(outbound, body)
             started = time.perf_counter()
             try:
-                answer = await self._exchange(request.method, route, outbound, sent, upgrade)
+                answer = await self._exchange(request, route, outbound, sent, upgrade)
             except UpstreamError as exc:
                 _mask(exc, outbound.secret)
                 raise
@@ -320,7 +320,7 @@ class Handler:
 
     def _exchange(
         self,
-        method: str,
+        request: AppRequest,
         route: RouteRuntime,
         outbound: Outbound,
         sent: Body,
@@ -330,8 +330,8 @@ class Handler:
         WebSocket handshakes) straight to the pool, no coroutine of its own on the hot path;
         else HTTP/2 (``h2``, ``h2c``, ``auto`` where ALPN chooses it)."""
         if route.config.upstream_protocol == "http1.1" or upgrade is not None:
-            return self._http1(method, route, outbound, sent, upgrade is not None)
-        return self._h2(method, route, outbound, sent)
+            return self._http1(request.method, route, outbound, sent, upgrade is not None)
+        return self._h2(request, route, outbound, sent)
 
     def _http1(
         self, method: str, route: RouteRuntime, outbound: Outbound, sent: Body, upgrade: bool
@@ -351,7 +351,15 @@ class Handler:
             upgrade=upgrade,
         )
 
-    async def _h2(self, method: str, route: RouteRuntime, outbound: Outbound, sent: Body) -> Answer:
+    async def _h2(
+        self, request: AppRequest, route: RouteRuntime, outbound: Outbound, sent: Body
+    ) -> Answer:
+        method = request.method
+
+        def trailers() -> list[tuple[bytes, bytes]]:  # the app's, minus what the route strips
+            drop = route.strip
+            return [(n, v) for n, v in request.trailer_fields() if n.decode().lower() not in drop]
+
         auto = route.config.upstream_protocol == "auto"
         tls = route.tls.current()
         h2 = self._h2_upstreams
@@ -367,6 +375,7 @@ class Handler:
                     timeouts=route.timeouts,
                     where=route.where,
                     fallback=auto,
+                    trailers=trailers,
                 )
             except NoH2:
                 if not auto:

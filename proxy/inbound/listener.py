@@ -99,6 +99,11 @@ class AppRequest:
     def is_grpc(self) -> bool:
         return False  # gRPC needs HTTP/2: see ``inbound.h2``
 
+    def trailer_fields(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Fields the app sent after its body, once it has ended: none on HTTP/1.1 (aiohttp's
+        parser drops chunked trailers)."""
+        return ()
+
     @property
     def writing_paused(self) -> bool:
         """Whether the answer must wait (``drain``) before more is written."""

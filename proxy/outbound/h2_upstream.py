@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator, Callable
 from typing import cast
 
 from aiohttp import StreamReader
@@ -401,6 +401,7 @@ class H2Upstreams:
         timeouts: Timeouts,
         where: str,
         fallback: bool = False,
+        trailers: Callable[[], list[tuple[bytes, bytes]]] | None = None,
     ) -> H2Answer:
         """Send one request on a stream and await its answer's head; the body (if it streams)
         goes on sending while the answer is read (bidirectional streams)."""
@@ -430,7 +431,8 @@ class H2Upstreams:
                 raise UpstreamProtocolError(f"{where}: cannot open a stream: {exc}") from None
             if now_body is not None:
                 stream.sender = spawn(
-                    _send_body(connection, stream, now_body), name=f"h2-upstream-body-{stream.id}"
+                    _send_body(connection, stream, now_body, trailers),
+                    name=f"h2-upstream-body-{stream.id}",
                 )
             try:
                 message = await stream.answer
@@ -568,7 +570,12 @@ async def _joined(first: list[bytes], rest: Body) -> AsyncIterator[bytes]:
             yield chunk
 
 
-async def _send_body(connection: _H2Connection, stream: _Stream, body: Body) -> None:
+async def _send_body(
+    connection: _H2Connection,
+    stream: _Stream,
+    body: Body,
+    trailers: Callable[[], list[tuple[bytes, bytes]]] | None = None,
+) -> None:
     """The request body within the stream's and connection's send windows; held for a replay
     while small. Errors reading the app's body reset the stream (the app's answer tells)."""
     conn = connection.conn
@@ -605,7 +612,11 @@ async def _send_body(connection: _H2Connection, stream: _Stream, body: Body) -> 
                 stream.last_active = connection.loop.time()
                 await connection.writable()
         if not stream.ended:
-            conn.end_stream(stream.id)
+            fields = trailers() if trailers is not None else []  # the app's, once its body ended
+            if fields:
+                conn.send_headers(stream.id, fields, end_stream=True)
+            else:
+                conn.end_stream(stream.id)
             connection.flush()
     except (StreamClosedError, ProtocolError):
         return  # the upstream ended or reset the stream: its answer (or error) tells
