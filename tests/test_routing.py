@@ -6,6 +6,8 @@ import json
 from collections.abc import Sequence
 
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from proxy.config.credential import DPoPCredential
 from proxy.config.model import RouteConfig
@@ -384,3 +386,65 @@ async def test_non_ascii_path_text_is_forwarded_byte_for_byte(path, sidecar, rec
     status, _ = await _send(sidecar, "/pay" + path)
     [request] = recorder.requests
     assert status == 200 and request.target == path
+
+
+def _linear_find(routes, host, path, host_routes_only):
+    """The definition the table must agree with: the longest matching prefix, a route naming
+    the Host first among equal prefixes; the first declared among equals."""
+    best = None
+    for i, route in enumerate(routes):
+        prefix = (route.path_prefix or "/").rstrip("/")
+        if route.host is not None and route.host != host:
+            continue
+        if host_routes_only and route.host is None:
+            continue
+        if path == prefix or path.startswith(prefix + "/") or not prefix:
+            rank = (len(prefix), route.host is not None)
+            if best is None or rank > best[0]:
+                best = (rank, i)
+    return None if best is None else best[1]
+
+
+_SEGMENTS = st.sampled_from(["a", "b", "%41", ""])
+
+
+@settings(max_examples=300, deadline=None)
+@example(  # equal prefixes: the one naming the Host wins
+    prefixes=[(["a"], None), (["a"], "h.example")],
+    path=["a", "x"],
+    host="h.example",
+    host_routes_only=False,
+)
+@example(  # a longer prefix without Host beats a shorter one with it
+    prefixes=[(["a"], "h.example"), (["a", "b"], None)],
+    path=["a", "b", "c"],
+    host="h.example",
+    host_routes_only=False,
+)
+@given(
+    prefixes=st.lists(
+        st.tuples(
+            st.lists(_SEGMENTS.filter(bool), max_size=3),
+            st.sampled_from([None, "h.example"]),
+        ),
+        min_size=1,
+        max_size=8,
+        unique_by=lambda t: ("/".join(t[0]), t[1]),
+    ),
+    path=st.lists(_SEGMENTS, max_size=5),
+    host=st.sampled_from([None, "h.example", "g.example"]),
+    host_routes_only=st.booleans(),
+)
+def test_the_table_finds_what_a_linear_scan_finds(prefixes, path, host, host_routes_only):
+    """Whatever the routes and the path, the segment-by-segment dict lookup picks the route
+    the linear longest-prefix scan picks (or none)."""
+    routes = [
+        _route(f"r{i}", "/" + "/".join(segments) + ("/" if segments else ""), host=route_host)
+        if segments or route_host is None
+        else _route(f"r{i}", host=route_host)
+        for i, (segments, route_host) in enumerate(prefixes)
+    ]
+    raw = "/" + "/".join(path)
+    found = RouteTable(routes).match(host, raw, host_routes_only=host_routes_only)
+    expected = _linear_find(routes, host, raw, host_routes_only)
+    assert (found[0] if found else None) == expected, (raw, host)

@@ -29,7 +29,7 @@ Every process started is stopped by PID, in a ``finally``; everything listens on
 Results: bench/results/compare.json, and compare.md rendered from it (also printed).
 
 Paths (``--only`` keys; direct always runs): direct, nginx, envoy, envoy-oauth2, mitmproxy,
-aiohttp, cp-static, cp-bearer, cp-dpop, cp-jwt, and cp-bearer-2w once ``credproxy run --workers``
+aiohttp, cp-static, cp-static-1000, cp-bearer, cp-dpop, cp-jwt, and cp-bearer-2w once ``credproxy run --workers``
 exists.
 
 Modules, in the order a run uses them::

@@ -167,7 +167,7 @@ def _ratios(rows: list[Row], by_key: dict[str, Row]) -> list[str]:
     return lines
 
 
-CREDPROXY_KEYS = ("cp-static", "cp-bearer", "cp-dpop", "cp-jwt", "cp-bearer-2w")
+CREDPROXY_KEYS = ("cp-static", "cp-static-1000", "cp-bearer", "cp-dpop", "cp-jwt", "cp-bearer-2w")
 
 
 def _schemes(by_key: dict[str, Row]) -> list[str]:

@@ -160,6 +160,9 @@ TARGETS: list[Target] = [
     Target("added p50 at c=1 ≤ 120 µs (worst scheme)", _added_latency("p50_us", 120)),
     Target("added p99 at c=1 ≤ 400 µs (worst scheme)", _added_latency("p99_us", 400)),
     Target("2 workers ≥ 1.7× one worker", _two_workers),
+    Target(
+        "1,000 routes ≥ 0.95× one route (static)", _at_least("cp-static-1000", "cp-static", 0.95)
+    ),
     Target("RSS idle ≤ 50 MB per worker", _rss_idle),
     Target("… as PSS per worker of 2 (pages shared by the fork counted once)", _pss_idle),
     Target("one IdP token request per credential per refresh window", _token_requests),

@@ -197,12 +197,18 @@ def _no_vault_token(data: Any) -> Any:
 
 class OpenBaoAuth(Model):
     """How credproxy logs in to OpenBao: the workload's own token (a projected service-account
-    token, a JWT-SVID) presented to a JWT auth role (``auth/<mount>/login``)."""
+    token, a JWT-SVID) presented to a role of the JWT auth method or, ``method: kubernetes``,
+    of the Kubernetes auth method (which has OpenBao check it with the TokenReview API):
+    ``auth/<mount>/login`` {role, jwt} either way."""
 
-    method: Literal["jwt"] = "jwt"
+    method: Literal["jwt", "kubernetes"] = "jwt"
     role: str = Field(min_length=1, pattern=r"^[\x21-\x7e]+$")
-    mount: str = Field("jwt", pattern=_VAULT_PATH)
+    mount: str | None = Field(None, pattern=_VAULT_PATH, description="default: the method")
     token_file: Path | None = Field(None, description="default: identity.token_file")
+
+    @property
+    def path(self) -> str:
+        return f"auth/{self.mount or self.method}/login"
 
     _no_inline = model_validator(mode="before")(reject_inline_secrets)
 
@@ -216,10 +222,34 @@ class KVSecret(Model):
     field: str = Field(min_length=1)
 
 
+class PKICertificate(Model):
+    """Short-lived client certificates from OpenBao's PKI engine, for mTLS to the upstreams of
+    the routes that name this issuer in ``client_cert``; renewed ahead of expiry, revoked at
+    shutdown, never written to disk."""
+
+    mount: str = Field("pki", pattern=_VAULT_PATH)
+    role: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    common_name: str = Field(min_length=1, max_length=255, pattern=r"^[\x20-\x7e]+$")
+    alt_names: tuple[str, ...] = Field((), description="DNS or email subject alternative names")
+    uri_sans: tuple[str, ...] = ()
+    ttl_s: Duration | None = Field(None, ge=2, description="default: the PKI role's TTL")
+    key: Literal["memory", "openbao"] = Field(
+        "memory",
+        description="memory: the key is made in credproxy's memory and only a CSR is sent "
+        "(pki/sign/<role>); openbao: OpenBao makes it and sends it once (pki/issue/<role>)",
+    )
+    key_type: Literal["ec", "rsa"] = Field("ec", description="ec: P-256; rsa: 2048 bits")
+    renew_ahead_s: Duration = Field(
+        300.0,
+        description="renew this long before the certificate expires (at most half of its lifetime)",
+    )
+
+
 class OpenBaoIssuerConfig(IssuerConfig):
     """OpenBao (or HashiCorp Vault): logs in with the workload's token, holds the Vault token in
     memory only (renewed ahead of its TTL, revoked at shutdown), and serves a KV v2 secret as a
-    legacy static credential, re-read every ``reread_s``."""
+    legacy static credential, re-read every ``reread_s``, and/or client certificates from its
+    PKI engine."""
 
     type: Literal["openbao"]
     supported_injectors = ("header", "query", "bearer", "http_signature")
@@ -230,7 +260,8 @@ class OpenBaoIssuerConfig(IssuerConfig):
     )
     allow_insecure_http: bool = False
     auth: OpenBaoAuth
-    secret: KVSecret
+    secret: KVSecret | None = Field(None, description="for routes whose credential names it")
+    pki: PKICertificate | None = Field(None, description="for routes whose client_cert names it")
     reread_s: Duration = Field(30.0, ge=1, description="how often the KV secret is read again")
     serve_stale_s: Duration = Field(
         300.0, description="how long the last value read keeps serving while OpenBao is down"
@@ -246,6 +277,11 @@ class OpenBaoIssuerConfig(IssuerConfig):
 
     @model_validator(mode="after")
     def _check(self) -> OpenBaoIssuerConfig:
+        if self.secret is None and self.pki is None:
+            raise ValueError(
+                "an OpenBao issuer serves a KV secret, PKI certificates or both: "
+                "give it secret: {path, field} and/or pki: {role, common_name}"
+            )
         check_http_url(self.address, insecure_ok=self.allow_insecure_http, what="address")
         if URL(self.address).path not in ("", "/"):
             raise ValueError("address is the server's origin, without /v1 or another path")

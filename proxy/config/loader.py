@@ -121,6 +121,7 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
                         f"routes[{i}].allow[{j}].callers: {name!r} is not defined under callers "
                         f"(defined: {_names(callers)})"
                     )
+        errors.extend(_client_cert_checks(i, route, issuers))
         credential = route.get("credential")
         issuer = credential.get("issuer") if isinstance(credential, dict) else None
         if isinstance(issuer, str) and issuer not in issuers:
@@ -133,6 +134,41 @@ def _cross_checks(data: dict[str, Any]) -> list[str]:
             if isinstance(issuers.get(issuer), dict):
                 where = f"routes[{i}].credential"
                 errors.extend(_credential_checks(where, route, credential, issuers[issuer]))
+    return errors
+
+
+def _is_openbao(issuer: dict[str, Any]) -> bool:
+    kind = issuer.get("type")
+    model = ISSUER_CONFIGS.get(kind) if isinstance(kind, str) else None
+    return model is not None and issubclass(model, OpenBaoIssuerConfig)
+
+
+def _client_cert_checks(i: int, route: dict[str, Any], issuers: dict[Any, Any]) -> list[str]:
+    """``client_cert.issuer`` names an OpenBao issuer with ``pki``; an OpenBao issuer named
+    as a route's credential has a ``secret``."""
+    errors = []
+    wanted = route.get("client_cert")
+    name = wanted.get("issuer") if isinstance(wanted, dict) else None
+    if isinstance(name, str):
+        issuer = issuers.get(name)
+        if not isinstance(issuer, dict):
+            errors.append(
+                f"routes[{i}].client_cert.issuer: {name!r} is not defined under issuers "
+                f"(defined: {_names(issuers)})"
+            )
+        elif not _is_openbao(issuer) or issuer.get("pki") is None:
+            errors.append(
+                f"routes[{i}].client_cert.issuer: issuers.{_shown(name)} issues no client "
+                "certificates (an openbao issuer with pki: {role, common_name} does)"
+            )
+    credential = route.get("credential")
+    name = credential.get("issuer") if isinstance(credential, dict) else None
+    issuer = issuers.get(name) if isinstance(name, str) else None
+    if isinstance(issuer, dict) and _is_openbao(issuer) and issuer.get("secret") is None:
+        errors.append(
+            f"routes[{i}].credential.issuer: issuers.{_shown(name)} has no secret to inject "
+            "(it has only pki: name it under client_cert, or give it secret: {path, field})"
+        )
     return errors
 
 
@@ -220,10 +256,11 @@ def warnings(config: Config) -> list[str]:
         if isinstance(issuer, StaticIssuerConfig):
             notes.append(f"issuers.{name}: a static secret (legacy); audited so it can be retired")
         if isinstance(issuer, OpenBaoIssuerConfig):
-            notes.append(
-                f"issuers.{name}.secret: a KV secret is a static secret (legacy); audited with "
-                "its KV version so it can be retired"
-            )
+            if issuer.secret is not None:
+                notes.append(
+                    f"issuers.{name}.secret: a KV secret is a static secret (legacy); audited "
+                    "with its KV version so it can be retired"
+                )
             token_file = issuer.auth.token_file or config.identity.token_file
             if token_file is not None and not token_file.is_file():
                 where = "identity.token_file"

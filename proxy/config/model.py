@@ -138,6 +138,13 @@ class AllowRule(Model):
     paths: tuple[Annotated[str, AfterValidator(_check_glob)], ...] = ("/**",)
 
 
+class ClientCertificateConfig(Model):
+    """A client certificate issued into memory for mTLS to the upstream: from the PKI engine
+    of the OpenBao issuer named here."""
+
+    issuer: str
+
+
 class RouteConfig(Owned):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
     path_prefix: str | None = Field(None, pattern=r"^/")
@@ -149,6 +156,9 @@ class RouteConfig(Owned):
         None, description="mTLS to the upstream; re-read when it changes (rotation)"
     )
     client_key_file: Path | None = None
+    client_cert: ClientCertificateConfig | None = Field(
+        None, description="mTLS with a certificate issued into memory, renewed ahead of expiry"
+    )
     allow_insecure_http: bool = False
     credential: AnyCredentialConfig = Field(
         description=f"one shape per inject; inject defaults to {DEFAULT_INJECT}"
@@ -194,6 +204,8 @@ class RouteConfig(Owned):
             raise ValueError("a route needs path_prefix, host, or both")
         if (self.client_cert_file is None) != (self.client_key_file is None):
             raise ValueError("client_cert_file and client_key_file go together")
+        if self.client_cert is not None and self.client_cert_file is not None:
+            raise ValueError("client_cert and client_cert_file: one client certificate only")
         check_http_url(self.upstream, insecure_ok=self.allow_insecure_http, what="upstream")
         scheme = self.upstream.partition("://")[0].lower()
         if self.upstream_protocol in ("h2", "auto") and scheme != "https":

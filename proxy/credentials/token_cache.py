@@ -43,6 +43,8 @@ class Token:
     signing_secret: Secret | None = None
     legacy: bool = False  # a long-lived static secret, audited so owners can retire it
     secret_version: int | None = None  # where a legacy secret is versioned (KV v2): audited
+    certificate: str | None = None  # a client certificate chain (PEM, public); value: its key
+    serial: str | None = None  # the certificate's serial number: audited, revoked by it
     ath: str = field(init=False)  # DPoP ``ath``, hashed once per token, not per request
     # Stop sending a token shortly before it expires so it is not rejected in flight.
     usable_until_mono: float = field(init=False)
@@ -79,15 +81,25 @@ class Revocation:
 
 @dataclass(frozen=True, slots=True)
 class CacheKey:
+    """What a source holds: a token (for an audience and scope, bound or not); ``kind``
+    client_cert: an issuer's client certificate for mTLS to upstreams; ``kind`` session: the
+    session an issuer logged in with (a Vault token)."""
+
     issuer: str
     audience: str | None
     scope: str | None
     bound: bool
+    kind: Literal["token", "client_cert", "session"] = "token"
     label: str = field(init=False, compare=False)  # bounded: for metrics and audit events
 
     def __post_init__(self) -> None:
-        binding = "dpop" if self.bound else "bearer"
-        object.__setattr__(self, "label", f"{self.audience or '-'}|{self.scope or '-'}|{binding}")
+        label = f"{self.audience or '-'}|{self.scope or '-'}|{self.binding}"
+        object.__setattr__(self, "label", label if self.kind == "token" else self.kind)
+
+    @property
+    def binding(self) -> str:
+        """What the credential is bound to: a DPoP key, a TLS connection (mtls), or nothing."""
+        return "mtls" if self.kind == "client_cert" else "dpop" if self.bound else "bearer"
 
 
 class TokenSource:
@@ -133,6 +145,7 @@ class TokenSource:
         self._last_fingerprint = ""
         self._audited_expiry = 0.0  # what the last audit event said the credential expires at
         self.routes: tuple[str, ...] = ()  # the routes it serves, for audit events
+        self._kind = {"kind": key.kind} if key.kind != "token" else {}  # in audit events
 
     @property
     def ready(self) -> bool:
@@ -173,6 +186,11 @@ class TokenSource:
         if token is not None and time.monotonic() < token.usable_until_mono:
             return token
         raise self._unavailable(max(self._backoff_until - time.monotonic(), 1.0))
+
+    def refresh(self) -> None:
+        """Fetch a new credential now, in the background (a session revoked on demand)."""
+        if self._task is not None and not self._closed:
+            self._begin_attempt()
 
     def invalidate(self, token: Token) -> None:
         """The upstream rejected ``token`` (401 invalid_token): fetch a new one now."""
@@ -282,12 +300,14 @@ class TokenSource:
         self._audit.emit(
             "credential.revoked",
             issuer=self.key.issuer,
+            **self._kind,
             routes=self.routes,
             audience=self.key.audience,
             scope=self.key.scope,
             fingerprint=token.value.fingerprint,
             outcome=outcome,
             reason=reason,
+            **({"serial": token.serial} if token.serial else {}),
             **({"deferred": True} if deferred else {}),
         )
 
@@ -401,6 +421,7 @@ class TokenSource:
         self._audit.emit(
             "credential.renewed",
             issuer=self.key.issuer,
+            **self._kind,
             routes=self.routes,
             audience=self.key.audience,
             fingerprint=token.value.fingerprint,
@@ -429,13 +450,15 @@ class TokenSource:
         self._audit.emit(
             "credential.issued" if self.refreshes == 1 else "credential.refreshed",
             issuer=self.key.issuer,
+            **self._kind,
             routes=self.routes,
             audience=self.key.audience,
             scope=self.key.scope,
-            binding="dpop" if self.key.bound else "bearer",
+            binding=self.key.binding,
             fingerprint=token.value.fingerprint,
             **ends,
             **({"version": token.secret_version} if token.secret_version is not None else {}),
+            **({"serial": token.serial} if token.serial else {}),
         )
         credentials_log.info(
             "credential %s for issuer %s (%s), lifetime %.0fs",

@@ -21,7 +21,7 @@ from .token_cache import CacheKey, Token, TokenSource
 
 
 def _query(key: CacheKey) -> dict[str, str]:
-    query = {"issuer": key.issuer, "bound": "1" if key.bound else "0"}
+    query = {"issuer": key.issuer, "bound": "1" if key.bound else "0", "kind": key.kind}
     if key.audience is not None:
         query["audience"] = key.audience
     if key.scope is not None:
@@ -35,7 +35,11 @@ def leader_app(sources: Callable[[], dict[CacheKey, Any]]) -> web.Application:
     async def token(request: web.Request) -> web.Response:
         q = request.query
         key = CacheKey(
-            q.get("issuer", ""), q.get("audience"), q.get("scope"), q.get("bound") == "1"
+            q.get("issuer", ""),
+            q.get("audience"),
+            q.get("scope"),
+            q.get("bound") == "1",
+            "client_cert" if q.get("kind") == "client_cert" else "token",  # sessions: unshared
         )
         source = sources().get(key)
         if not isinstance(source, TokenSource):
@@ -49,6 +53,7 @@ def leader_app(sources: Callable[[], dict[CacheKey, Any]]) -> web.Application:
             "expires_at": current.expires_at, "key_id": current.key_id,
             "signing_secret": current.signing_secret.reveal() if current.signing_secret else None,
             "legacy": current.legacy, "secret_version": current.secret_version,
+            "certificate": current.certificate, "serial": current.serial,
         })  # fmt: skip
 
     app = web.Application()
@@ -82,6 +87,8 @@ class LeaderClient:
             signing_secret=Secret(secret) if secret else None,
             legacy=bool(answer.get("legacy")),
             secret_version=answer.get("secret_version"),
+            certificate=answer.get("certificate"),
+            serial=answer.get("serial"),
         )
 
     async def aclose(self) -> None:

@@ -9,7 +9,12 @@ import datetime
 from typing import Any
 
 from ..audit.usage import Usage
-from ..config.issuers import AWSIssuerConfig, IssuerConfig, StaticIssuerConfig
+from ..config.issuers import (
+    AWSIssuerConfig,
+    IssuerConfig,
+    OpenBaoIssuerConfig,
+    StaticIssuerConfig,
+)
 from ..config.model import Config
 from ..credentials.minting import MintingSource
 from ..inbound.runtime import Runtime
@@ -19,25 +24,40 @@ COLUMNS = ("issuer", "audience", "scope", "routes", "owner", "expires_at", "last
 
 
 def _legacy(issuer: IssuerConfig) -> bool:
-    """Long-lived secrets an owner should retire: static API keys, static AWS keys."""
-    return isinstance(issuer, StaticIssuerConfig) or (
+    """Long-lived secrets an owner should retire: static API keys, KV secrets, static AWS
+    keys."""
+    return isinstance(issuer, StaticIssuerConfig | OpenBaoIssuerConfig) or (
         isinstance(issuer, AWSIssuerConfig) and issuer.static_credentials_file is not None
     )
 
 
-def _entries(config: Config) -> dict[tuple[str, str | None, str | None], dict[str, Any]]:
-    """One entry per (issuer, audience, scope) the routes ask for, with the routes sharing it."""
-    entries: dict[tuple[str, str | None, str | None], dict[str, Any]] = {}
-    for route in config.routes:
-        credential = route.credential
-        issuer = config.issuers[credential.issuer]
-        key = (credential.issuer, credential.audience, credential.scope)
+Entries = dict[tuple[str, str | None, str | None, str], dict[str, Any]]
+
+
+def _entries(config: Config) -> Entries:
+    """One entry per (issuer, audience, scope, kind) the routes ask for, with the routes sharing
+    it: their credential (kind token), their client certificate (kind client_cert) and the
+    session their issuer logged in with (kind session: a Vault token)."""
+    entries: Entries = {}
+
+    def add(key: tuple[str, str | None, str | None, str], inject: str, route: Any) -> None:
+        issuer = config.issuers[key[0]]
         entry = entries.setdefault(key, {
-            "issuer": credential.issuer, "type": issuer.type, "audience": credential.audience,
-            "scope": credential.scope, "inject": credential.inject, "routes": [],
-            "owner": issuer.owner, "purpose": issuer.purpose, "legacy": _legacy(issuer),
+            "issuer": key[0], "type": issuer.type, "kind": key[3], "audience": key[1],
+            "scope": key[2], "inject": inject, "routes": [], "owner": issuer.owner,
+            "purpose": issuer.purpose, "legacy": _legacy(issuer) and key[3] == "token",
         })  # fmt: skip
         entry["routes"].append({"name": route.name, "owner": route.owner, "purpose": route.purpose})
+
+    for route in config.routes:
+        credential = route.credential
+        key = (credential.issuer, credential.audience, credential.scope, "token")
+        add(key, credential.inject, route)
+        if route.client_cert is not None:
+            add((route.client_cert.issuer, None, None, "client_cert"), "mtls", route)
+        for name in {credential.issuer, *([route.client_cert.issuer] if route.client_cert else [])}:
+            if isinstance(config.issuers[name], OpenBaoIssuerConfig):  # its Vault token
+                add((name, None, None, "session"), "login", route)
     return entries
 
 
@@ -49,15 +69,17 @@ def inventory(runtime: Runtime, usage: Usage) -> list[dict[str, Any]]:
     entries = _entries(runtime.config)
     out = []
     for key, source in runtime.sources.items():
-        entry = dict(entries[(key.issuer, key.audience, key.scope)])
+        entry = dict(entries[(key.issuer, key.audience, key.scope, key.kind)])
         token = source.token
         entry.update(
-            binding="dpop" if key.bound else "bearer",
+            binding=key.binding,
             routes=[r for r in entry["routes"] if any(
-                rt.name == r["name"] and rt.source is source for rt in runtime.routes
+                rt.name == r["name"] and source in (rt.source, rt.certificate)
+                for rt in runtime.routes
             )],
             per_request=isinstance(source, MintingSource),
             fingerprint=token.fingerprint if token else None,
+            **({"serial": token.serial} if token and token.serial else {}),
             expires_at=round(token.expires_at, 3) if token else None,
             last_refresh=round(token.obtained_at, 3) if token else None,
             **usage.snapshot(key.issuer, key.label),
@@ -77,7 +99,7 @@ def markdown(entries: list[dict[str, Any]], *, live: bool) -> str:
             r["name"] + (f" ({r['owner']})" if r.get("owner") else "") for r in e["routes"]
         )
         lines.append(
-            f"| {e['issuer']} ({e['type']}) | {e.get('audience') or '-'} | {e.get('scope') or '-'} "
+            f"| {e['issuer']} ({e['type']}{_kind(e)}) | {e.get('audience') or '-'} | {e.get('scope') or '-'} "
             f"| {routes} | {e.get('owner') or '-'} | {_when(e, 'expires_at', live)} "
             f"| {_when(e, 'last_refresh', live)} | {_when(e, 'last_use', live)} "
             f"| {e.get('use_count', '-') if live else '-'} | {'yes' if e['legacy'] else 'no'} |"
@@ -94,3 +116,8 @@ def _when(entry: dict[str, Any], field: str, live: bool) -> str:
     if value is None:
         return "-"
     return datetime.datetime.fromtimestamp(value, datetime.UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def _kind(entry: dict[str, Any]) -> str:
+    kind = entry.get("kind")
+    return {"client_cert": ", client certificate", "session": ", session"}.get(kind or "", "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import time
 from collections.abc import Awaitable
 from http import HTTPStatus
@@ -267,6 +268,12 @@ class Handler:
         if upgrade is not None:
             upgrade.prepare(outbound.headers)
         token = await route.source.get()
+        tls = route.tls.current()
+        certificate = None
+        if route.certificate is not None:  # mTLS with a certificate issued into memory
+            certificate = await route.certificate.get()
+            assert certificate.certificate is not None
+            tls = route.tls.presenting(certificate.certificate, certificate.value)
         where = route.where
         prefetched: bytes | None = None
         for attempt in (1, 2):
@@ -275,7 +282,7 @@ class Handler:
             sent = injector.encode(outbound, body)
             started = time.perf_counter()
             try:
-                answer = await self._exchange(request, route, outbound, sent, upgrade)
+                answer = await self._exchange(request, route, tls, outbound, sent, upgrade)
             except UpstreamError as exc:
                 _mask(exc, outbound.secret)
                 raise
@@ -299,16 +306,19 @@ class Handler:
             if retry == "invalid_token":
                 route.source.invalidate(token)
                 token = await route.source.get()
-        key = route.source.key
-        self._usage.record(
-            route=route.name,
-            issuer=key.issuer,
-            label=key.label,
-            fingerprint=token.fingerprint,
-            caller=caller,
-            method=request.method,
-            path=forwarded_path,
-        )
+        uses = [(route.source.key, token.fingerprint)]
+        if route.certificate is not None and certificate is not None:
+            uses.append((route.certificate.key, certificate.fingerprint))
+        for key, fingerprint in uses:
+            self._usage.record(
+                route=route.name,
+                issuer=key.issuer,
+                label=key.label,
+                fingerprint=fingerprint,
+                caller=caller,
+                method=request.method,
+                path=forwarded_path,
+            )
         if upgrade is not None and answer.status == 101:
             await upgrade.splice(request, answer, outbound.secret, route, self._metrics)
             return answer.status, upgrade.outcome
@@ -322,6 +332,7 @@ class Handler:
         self,
         request: AppRequest,
         route: RouteRuntime,
+        tls: ssl.SSLContext | bool,
         outbound: Outbound,
         sent: Body,
         upgrade: WebSocketUpgrade | None,
@@ -330,18 +341,24 @@ class Handler:
         WebSocket handshakes) straight to the pool, no coroutine of its own on the hot path;
         else HTTP/2 (``h2``, ``h2c``, ``auto`` where ALPN chooses it)."""
         if route.config.upstream_protocol == "http1.1" or upgrade is not None:
-            return self._http1(request.method, route, outbound, sent, upgrade is not None)
-        return self._h2(request, route, outbound, sent)
+            return self._http1(request.method, route, tls, outbound, sent, upgrade is not None)
+        return self._h2(request, route, tls, outbound, sent)
 
     def _http1(
-        self, method: str, route: RouteRuntime, outbound: Outbound, sent: Body, upgrade: bool
+        self,
+        method: str,
+        route: RouteRuntime,
+        tls: ssl.SSLContext | bool,
+        outbound: Outbound,
+        sent: Body,
+        upgrade: bool,
     ) -> Awaitable[Answer]:
         head, chunked = request_head(
             method, outbound.url.raw_path_qs, route.origin.host_header, outbound.headers, sent
         )
         return self._upstreams.exchange(
             route.origin,
-            route.tls.current(),
+            tls,
             head,
             sent,
             chunked=chunked,
@@ -352,7 +369,12 @@ class Handler:
         )
 
     async def _h2(
-        self, request: AppRequest, route: RouteRuntime, outbound: Outbound, sent: Body
+        self,
+        request: AppRequest,
+        route: RouteRuntime,
+        tls: ssl.SSLContext | bool,
+        outbound: Outbound,
+        sent: Body,
     ) -> Answer:
         method = request.method
 
@@ -361,7 +383,6 @@ class Handler:
             return [(n, v) for n, v in request.trailer_fields() if n.decode().lower() not in drop]
 
         auto = route.config.upstream_protocol == "auto"
-        tls = route.tls.current()
         h2 = self._h2_upstreams
         if not auto or h2.may_speak_h2(route.origin, tls):
             try:
@@ -381,7 +402,7 @@ class Handler:
                 if not auto:
                     raise
                 # ALPN chose HTTP/1.1: remembered for the origin, the request goes that way
-        return await self._http1(method, route, outbound, sent, False)
+        return await self._http1(method, route, tls, outbound, sent, False)
 
 
 async def _stream_back(

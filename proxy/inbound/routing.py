@@ -166,7 +166,9 @@ def request_host(host_header: str | None) -> str | None:
 
 
 class RouteTable:
-    """Longest path prefix wins; among equal prefixes a route naming the Host wins."""
+    """Longest path prefix wins; among equal prefixes a route naming the Host wins. A lookup
+    costs one dict probe per path segment up to the longest prefix, whatever the number of
+    routes."""
 
     def __init__(self, routes: Sequence[RouteConfig]) -> None:
         entries = [
@@ -180,7 +182,11 @@ class RouteTable:
             for i, route in enumerate(routes)
         ]
         self._names = [route.name for route in routes]
-        self._entries = sorted(entries, key=lambda e: (-len(e.prefix), e.host is None))
+        # (host or None, prefix) → the first route declaring it (check-config refuses repeats)
+        self._by_key: dict[tuple[str | None, str], _Entry] = {}
+        for entry in entries:
+            self._by_key.setdefault((entry.host, entry.prefix), entry)
+        self._longest = max((len(e.prefix) for e in entries), default=0)
 
     def route(
         self, host: str | None, raw_path: str, *, host_routes_only: bool = False
@@ -221,15 +227,24 @@ class RouteTable:
         return None if entry is None else (entry.index, _after(entry, path))
 
     def _find(self, host: str | None, path: str, host_routes_only: bool) -> _Entry | None:
-        for entry in self._entries:
-            if entry.host is not None and entry.host != host:
-                continue
-            if host_routes_only and entry.host is None:
-                continue
-            prefix = entry.prefix
-            if path == prefix or path.startswith(prefix + "/") or not prefix:
+        """Try the path's prefixes that end at a segment boundary, longest first (none longer
+        than the longest route prefix), each with the Host, then without."""
+        by_key = self._by_key
+        end = len(path)
+        if end > self._longest:
+            end = path.rfind("/", 0, self._longest + 1)
+        while end > 0:
+            candidate = path[:end]
+            entry = by_key.get((host, candidate)) if host is not None else None
+            if entry is None and not host_routes_only:
+                entry = by_key.get((None, candidate))
+            if entry is not None:
                 return entry
-        return None
+            end = path.rfind("/", 0, end)
+        entry = by_key.get((host, "")) if host is not None else None  # path_prefix "/"
+        if entry is None and not host_routes_only:
+            entry = by_key.get((None, ""))
+        return entry
 
 
 def _after(entry: _Entry, path: str) -> str:

@@ -14,7 +14,7 @@ from ..config.model import Config, RouteConfig
 from ..credentials.injectors import Injector, Signing
 from ..credentials.issuers import Issuer
 from ..credentials.minting import MintingSource
-from ..credentials.token_cache import CacheKey, TokenSource
+from ..credentials.token_cache import CacheKey, Revocation, TokenSource
 from ..outbound.tls import ClientTLS
 from ..outbound.upstream import Origin, Timeouts
 from .guard import Guard
@@ -33,7 +33,14 @@ class RouteRuntime:
     timeouts: Timeouts
     tls: ClientTLS
     policy: RoutePolicy
+    certificate: TokenSource | None = None  # a client certificate issued into memory (mTLS)
     nonce: str | None = field(default=None)  # the resource server's latest DPoP-Nonce
+
+    @functools.cached_property
+    def issuer_names(self) -> frozenset[str]:
+        """The issuers this route's credentials come from."""
+        sources = (self.source, self.certificate)
+        return frozenset(s.key.issuer for s in sources if s is not None)
 
     @functools.cached_property
     def where(self) -> str:
@@ -60,15 +67,30 @@ class Runtime:
     ) -> list[dict[str, str]]:
         """Revoke cached credentials (all, or an issuer's, or a route's); one result each
         (``TokenSource.revoke``: rotated first, except at shutdown)."""
-        wanted = {r.source.key for r in self.routes if route is None or r.name == route}
+        chosen = [r for r in self.routes if route is None or r.name == route]
+        wanted = {s.key for r in chosen for s in (r.source, r.certificate) if s is not None}
+        wanted |= {k for k in self.sources if k.kind == "session" and any(
+            k.issuer in r.issuer_names for r in chosen
+        )}  # fmt: skip
         sources = [
             source for key, source in self.sources.items()
             if key in wanted and (issuer is None or key.issuer == issuer)
             and (reason != "shutdown" or self.issuers[key.issuer].revoke_on_shutdown)
         ]  # fmt: skip
-        outcomes = await asyncio.gather(
-            *(s.revoke(reason=reason, rotate=reason != "shutdown") for s in sources)
-        )
+        # Certificates first, sessions last: revoking a certificate or a token may need the
+        # session (a Vault token) that revoking the session ends.
+        order = {"client_cert": 0, "token": 1, "session": 2}
+        sources.sort(key=lambda s: order[s.key.kind])
+        outcomes: list[Revocation | None] = []
+        for kind in order:  # a session is revoked, then (on demand) logged in anew
+            rotate = reason != "shutdown" and kind != "session"
+            outcomes += await asyncio.gather(
+                *(s.revoke(reason=reason, rotate=rotate) for s in sources if s.key.kind == kind)
+            )
+        for source in sources:
+            if source.key.kind == "session" and reason != "shutdown":
+                assert isinstance(source, TokenSource)
+                source.refresh()
         return [
             {
                 "issuer": s.key.issuer,
@@ -82,8 +104,11 @@ class Runtime:
         ]
 
     async def aclose(self, *, keep: Runtime | None = None) -> None:
-        """Stop the token sources, except those ``keep`` (the reloaded runtime) took over."""
+        """Stop the token sources, except those ``keep`` (the reloaded runtime) took over. A
+        session whose issuer a reload replaced is revoked: the new issuer logs in anew."""
         kept = {id(source) for source in keep.sources.values()} if keep is not None else set()
         for source in self.sources.values():
             if id(source) not in kept:
+                if keep is not None and source.key.kind == "session":
+                    await source.revoke(reason="reload", rotate=False)
                 await source.aclose()

@@ -11,11 +11,11 @@ import aiohttp
 
 from ..access.policy import Admission, RoutePolicy
 from ..audit.trail import Audit
-from ..config.issuers import OAuth2IssuerConfig
+from ..config.issuers import IssuerConfig, OAuth2IssuerConfig, OpenBaoIssuerConfig
 from ..config.model import Config, RouteConfig
 from ..credentials.dpop import DPoPKey
 from ..credentials.injectors import Signing, make_injector
-from ..credentials.issuers import Issuer, SelfSignedJWTIssuer, make_issuer
+from ..credentials.issuers import Issuer, SelfSignedJWTIssuer, SessionIssuer, make_issuer
 from ..credentials.minting import MintingSource
 from ..credentials.signing import SignatureBatch
 from ..credentials.token_cache import CacheKey, Token, TokenSource
@@ -61,16 +61,13 @@ def build(
         for name, issuer in config.issuers.items()
     }
     sources: dict[CacheKey, TokenSource | MintingSource] = {}
-    routes: list[RouteRuntime] = []
-    for i, route in enumerate(config.routes):
-        credential = route.credential
-        issuer = issuers[credential.issuer]
-        injector = make_injector(route, issuer, signing)
-        key = CacheKey(
-            credential.issuer, credential.audience, credential.scope, injector.binds_token
-        )
+
+    def source_for(key: CacheKey) -> TokenSource | MintingSource:
+        """The source for ``key``: shared by the routes that ask for it; on a reload, the
+        previous runtime's while its issuer is kept."""
+        issuer = issuers[key.issuer]
         kept = previous.sources.get(key) if previous is not None else None
-        if kept is not None and issuers[key.issuer] is same.get(key.issuer):
+        if kept is not None and issuer is same.get(key.issuer):
             sources[key] = kept
         elif key not in sources:
             sources[key] = (
@@ -85,18 +82,36 @@ def build(
                     revoke_min_interval_s=config.control.revoke_min_interval_s,
                 )
             )
+        return sources[key]
+
+    routes: list[RouteRuntime] = []
+    for i, route in enumerate(config.routes):
+        credential = route.credential
+        issuer = issuers[credential.issuer]
+        injector = make_injector(route, issuer, signing)
+        key = CacheKey(
+            credential.issuer, credential.audience, credential.scope, injector.binds_token
+        )
+        source = source_for(key)
         tls = ClientTLS(
             route.ca_file,
             *_client_certificate(route, issuer),
             where=f"routes[{i}]",
             alpn={"h2": ("h2",), "auto": ("h2", "http/1.1")}.get(route.upstream_protocol, ()),
         )
+        certificate = None
+        if route.client_cert is not None:
+            cert_source = source_for(
+                CacheKey(route.client_cert.issuer, None, None, False, "client_cert")
+            )
+            assert isinstance(cert_source, TokenSource)  # an OpenBao issuer's (config checks)
+            certificate = cert_source
         routes.append(
             RouteRuntime(
                 name=route.name,
                 config=route,
                 target=Target.of(route.upstream),
-                source=sources[key],
+                source=source,
                 injector=injector,
                 strip=HOP_BY_HOP
                 | CREDENTIAL_HEADERS
@@ -112,10 +127,16 @@ def build(
                 ),
                 tls=tls,
                 policy=RoutePolicy(route.allow, config.callers),
+                certificate=certificate,
             )
         )
     for source in sources.values():
-        source.routes = tuple(r.name for r in routes if r.source is source)
+        source.routes = tuple(r.name for r in routes if source in (r.source, r.certificate))
+    if leader is None:  # a follower worker holds no session: the leader's issuers log in
+        for name, issuer in issuers.items():
+            users = tuple(r.name for r in routes if name in r.issuer_names)
+            if isinstance(issuer, SessionIssuer) and users:
+                source_for(CacheKey(name, None, None, False, "session")).routes = users
     guard = Guard(
         [*config.local_names, *(route.host for route in config.routes if route.host)],
         config.local_names,
@@ -143,6 +164,17 @@ def _client_certificate(route: RouteConfig, issuer: Issuer) -> tuple[Path | None
     return None, None
 
 
+def _refresh_ahead_s(key: CacheKey, config: IssuerConfig) -> float | None:
+    """How long before expiry a source renews: the issuer's setting for what ``key`` is."""
+    if isinstance(config, OpenBaoIssuerConfig) and key.kind != "token":
+        return (
+            config.pki.renew_ahead_s
+            if config.pki and key.kind == "client_cert"
+            else (config.renew_ahead_s)
+        )
+    return getattr(config, "refresh_ahead_s", None)
+
+
 def _source(
     key: CacheKey,
     issuer: Issuer,
@@ -167,7 +199,7 @@ def _source(
         owns_tokens=not follower,  # the leader revokes what it fetched
         metrics=metrics,
         audit=audit,
-        refresh_ahead_s=getattr(issuer.config, "refresh_ahead_s", None),
+        refresh_ahead_s=_refresh_ahead_s(key, issuer.config),
         backoff_max_s=getattr(issuer.config, "backoff_max_s", 30.0),
         revoke_min_interval_s=revoke_min_interval_s,
         # a token request may take discovery and a token call, each within the issuer's timeout

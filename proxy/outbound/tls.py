@@ -1,5 +1,6 @@
 """Client-side TLS for upstreams: verified by default, a custom CA bundle per route, and a client
-certificate (mTLS, RFC 8705 style) whose files are re-read when they change, without restart."""
+certificate (mTLS, RFC 8705 style): from files re-read when they change, without restart, or
+issued into memory (OpenBao PKI) and loaded without ever touching a disk."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 from ..errors import IdentityError
+from ..secret import Secret
 
 _STAT_INTERVAL_S = 1.0
 
@@ -38,6 +40,7 @@ class ClientTLS:
         self._checked_at = 0.0
         self._stamp: tuple[int, ...] = ()
         self._context: ssl.SSLContext | bool = self._build()
+        self._presented: tuple[str, ssl.SSLContext] | None = None
 
     def current(self) -> ssl.SSLContext | bool:
         if self._cert_file is not None and time.monotonic() - self._checked_at > _STAT_INTERVAL_S:
@@ -48,6 +51,20 @@ class ClientTLS:
                 except IdentityError:
                     pass  # mid-rotation (cert and key not yet both replaced): keep the last good
         return self._context
+
+    def presenting(self, chain: str, key: Secret) -> ssl.SSLContext:
+        """The route's TLS setting with an in-memory client certificate (``chain``: PEM, the
+        leaf first; ``key``: its PEM private key); built once per certificate."""
+        presented = self._presented
+        if presented is not None and presented[0] == chain:
+            return presented[1]
+        context = ssl_context(str(self._ca_file) if self._ca_file else None)
+        context = context or ssl.create_default_context()
+        if self._alpn:
+            context.set_alpn_protocols(list(self._alpn))
+        load_in_memory(context, chain, key)
+        self._presented = (chain, context)
+        return context
 
     def _file_stamp(self) -> tuple[int, ...]:
         try:
@@ -71,3 +88,16 @@ class ClientTLS:
                 f"{self._where}.client_cert_file: cannot load {self._cert_file} with its key: {exc}"
             ) from None
         return context
+
+
+def load_in_memory(context: ssl.SSLContext, chain: str, key: Secret) -> None:
+    """Load a client certificate and its key held in memory. OpenSSL reads only paths, so they
+    go to an anonymous memory file (memfd: no name in any filesystem, gone when closed) read
+    through /proc/self/fd, which only this process's uid can open."""
+    fd = os.memfd_create("credproxy-client-certificate", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(os.dup(fd), "wb") as memory:
+            memory.write(key.reveal().encode() + b"\n" + chain.encode())
+        context.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)

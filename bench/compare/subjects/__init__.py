@@ -43,6 +43,13 @@ SUBJECTS: list[Subject] = [
         instructions=True,
     ),
     Subject(
+        "cp-static-1000",
+        "credproxy static header, 1,000 routes",
+        VARIANTS["cp-static-1000"].start,
+        credproxy=True,
+        note="the measured route declared last, 500 others under its prefix",
+    ),
+    Subject(
         "cp-bearer",
         "credproxy bearer (token cache)",
         VARIANTS["cp-bearer"].start,

@@ -53,21 +53,33 @@ class Variant:
     issuer: Callable[[Bench], Config]
     credential: Callable[[Bench], Config]
     workers: int = 1
+    other_routes: int = 0  # declared before the measured one: the route table's cost
 
     def config(self, bench: Bench, port: int, admin: int, audit_file: str) -> Config:
+        credential: Config = {"issuer": "bench-issuer", **self.credential(bench)}
         return {
             "listen": f"127.0.0.1:{port}",
             "admin": f"127.0.0.1:{admin}",
             "callers": {"bench": {"uid": os.getuid()}},
             "issuers": {"bench-issuer": self.issuer(bench)},
             "routes": [
+                *(
+                    {
+                        "name": f"other-{i}",
+                        "path_prefix": f"/api/v{i}/" if i % 2 else f"/svc-{i}/",
+                        "upstream": bench.upstream,
+                        "credential": credential,
+                        "allow": [{"callers": ["bench"]}],
+                    }
+                    for i in range(self.other_routes)
+                ),
                 {
                     "name": "api",
                     "path_prefix": "/api/",
                     "upstream": bench.upstream,
-                    "credential": {"issuer": "bench-issuer", **self.credential(bench)},
+                    "credential": credential,
                     "allow": [{"callers": ["bench"]}],
-                }
+                },
             ],
             "audit": {"file": audit_file},
             "log": CREDPROXY_LOG,
@@ -98,6 +110,12 @@ VARIANTS: dict[str, Variant] = {
     "cp-bearer": Variant("credproxy-bearer", _oauth2_issuer, _token_for_upstream("bearer")),
     "cp-dpop": Variant("credproxy-dpop", _oauth2_issuer, _token_for_upstream("dpop")),
     "cp-jwt": Variant("credproxy-jwt", _jwt_issuer, lambda _: {"inject": "bearer"}),
+    "cp-static-1000": Variant(  # the same route among 999 others (half under its prefix)
+        "credproxy-static-1000-routes",
+        _static_issuer,
+        lambda _: {"inject": "header", "header": KEY_HEADER},
+        other_routes=999,
+    ),
     "cp-bearer-2w": Variant(
         "credproxy-bearer-2w", _oauth2_issuer, _token_for_upstream("bearer"), workers=2
     ),

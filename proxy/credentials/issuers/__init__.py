@@ -13,7 +13,7 @@ import importlib
 import pkgutil
 
 from ...config.issuers import ISSUER_CONFIGS
-from .base import ISSUERS, Issuer, PerRequestIssuer, issuer, make_issuer
+from .base import ISSUERS, Issuer, PerRequestIssuer, SessionIssuer, issuer, make_issuer
 from .self_signed_jwt import SelfSignedJWTIssuer
 
 
@@ -27,4 +27,12 @@ def _import_plugins() -> None:
 
 _import_plugins()
 
-__all__ = ["ISSUERS", "Issuer", "PerRequestIssuer", "SelfSignedJWTIssuer", "issuer", "make_issuer"]
+__all__ = [
+    "ISSUERS",
+    "Issuer",
+    "PerRequestIssuer",
+    "SelfSignedJWTIssuer",
+    "SessionIssuer",
+    "issuer",
+    "make_issuer",
+]

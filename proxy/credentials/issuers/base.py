@@ -46,6 +46,16 @@ class PerRequestIssuer(Issuer, Protocol):
     def signing_key(self, token: Token) -> tuple[str, str, Callable[[bytes], bytes]]: ...
 
 
+@runtime_checkable
+class SessionIssuer(Issuer, Protocol):
+    """An issuer that logs in to its service and holds a session credential (a Vault token)
+    besides what it issues. The session is a credential like the others: the assembly gives it
+    a source (``CacheKey`` kind session) that renews it ahead of expiry, audits and lists it,
+    and revokes it after the credentials issued with it."""
+
+    holds_session: bool
+
+
 C_contra = TypeVar("C_contra", bound=IssuerConfig, contravariant=True)
 C = TypeVar("C", bound=IssuerConfig)
 

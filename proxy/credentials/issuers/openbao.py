@@ -1,12 +1,15 @@
-"""OpenBao (or HashiCorp Vault) as a source of legacy secrets, reached the secretless way: the
-sidecar logs in with the workload's own token (JWT auth), holds the Vault token in memory only,
-renews it ahead of its TTL (logging in again when renewal is refused), revokes it at shutdown
-and on the control plane's revoke, and serves one field of a KV v2 secret as a static secret
-re-read every ``reread_s`` (a new version is picked up without restart).
+"""OpenBao (or HashiCorp Vault) as a source of legacy secrets and client certificates, reached
+the secretless way: the sidecar logs in with the workload's own token (JWT auth), holds the
+Vault token in memory only, renews it ahead of its TTL (logging in again when renewal is
+refused), revokes it at shutdown and on the control plane's revoke. It serves one field of a KV
+v2 secret as a static secret re-read every ``reread_s`` (a new version is picked up without
+restart), and short-lived client certificates from the PKI engine for mTLS, revoked by serial.
 
 Vault API paths relied on (the same in OpenBao and HashiCorp Vault):
-``POST /v1/auth/<mount>/login`` {role, jwt}; ``POST /v1/auth/token/renew-self``;
+``POST /v1/auth/<mount>/login`` {role, jwt} (JWT or Kubernetes auth method); ``POST /v1/auth/token/renew-self``;
 ``POST /v1/auth/token/revoke-self``; ``GET /v1/<kv mount>/data/<path>`` (KV version 2);
+``POST /v1/<pki mount>/sign/<role>`` {csr, common_name, alt_names, uri_sans, ttl},
+``POST /v1/<pki mount>/issue/<role>``, ``POST /v1/<pki mount>/revoke`` {serial_number};
 headers ``X-Vault-Token``, ``X-Vault-Namespace``, ``X-Vault-Request``.
 """
 
@@ -32,6 +35,7 @@ from ..identity import read_secret_file
 from ..token_cache import CacheKey, Token
 from . import exchange
 from .base import issuer
+from .pki import issued_certificate, new_key, signing_request
 
 _RENEW_AHEAD_MAX_S = 300.0
 
@@ -54,6 +58,7 @@ class Login:
 @issuer(OpenBaoIssuerConfig)
 class OpenBaoIssuer:
     shared_by_workers = True  # with --workers, worker 0 logs in and reads for all
+    holds_session = True  # the Vault token: a session source renews, audits and revokes it
     region: str | None = None
 
     def __init__(
@@ -84,59 +89,130 @@ class OpenBaoIssuer:
         self._lock = asyncio.Lock()  # one login, renewal or revocation at a time
 
     async def fetch(self, key: CacheKey) -> Token:
-        """Read the KV secret with the Vault token (logging in or renewing first when due);
-        a 403 means the token is no longer good (revoked, expired, a restarted server): log in
-        again once."""
-        del key
-        secret = self.config.secret
-        path = f"{secret.mount}/data/{secret.path}"
-        for attempt in (1, 2):
-            client = await self._client_token(force_login=attempt == 2)
-            status, body, headers = await self._call("GET", path, token=client)
-            if status == 403 and attempt == 1:
-                continue
-            if status == 200:
-                return self._kv_token(body, path)
-            if status == 404:
-                raise self._error(
-                    f"no KV v2 secret at {path} (deleted, or mount {secret.mount!r} "
-                    "is not KV version 2)",
-                    headers,
-                    at="secret",
-                )
-            raise self._error(
-                f"reading {path} answered {self._vault_error(status, body)}", headers, at="secret"
+        """The KV secret; (``key.kind`` client_cert) a new client certificate; (session) the
+        Vault token, logged in or renewed when due."""
+        if key.kind == "client_cert":
+            return await self._certificate()
+        if key.kind == "session":
+            login = await self._current_login()
+            return Token(
+                value=login.token,
+                token_type="vault",
+                lifetime_s=max(login.expires_mono - time.monotonic(), 0.0),
             )
-        raise AssertionError("unreachable")
+        secret = self.config.secret
+        assert secret is not None  # config checks: a route's credential names one with secret
+        path = f"{secret.mount}/data/{secret.path}"
+        status, body, headers = await self._authorized("GET", path)
+        if status == 200:
+            return self._kv_token(body, path)
+        if status == 404:
+            raise self._error(
+                f"no KV v2 secret at {path} (deleted, or mount {secret.mount!r} "
+                "is not KV version 2)",
+                headers,
+                at="secret",
+            )
+        raise self._error(
+            f"reading {path} answered {self._vault_error(status, body)}", headers, at="secret"
+        )
 
     async def revoke(self, token: Token) -> str:
-        """A KV value cannot be revoked by its reader (its owner rotates it in OpenBao), so
-        the answer for it is "unsupported"; what the sidecar holds, the Vault token, is revoked
-        (``revoke-self``) and the next read logs in again."""
-        del token
-        async with self._lock:
+        """A client certificate is revoked by its serial (``<pki mount>/revoke``: it goes on
+        the CRL); the Vault token by ``revoke-self`` (the next call logs in again). A KV value
+        cannot be revoked by its reader (its owner rotates it in OpenBao): "unsupported".
+        Revoking the Vault token ends the session: whichever token it holds by then too."""
+        if token.serial is not None:
+            return await self._revoke_certificate(token.serial)
+        if token.token_type != "vault":
+            return "unsupported"
+        async with self._lock:  # and the login in use, if it has replaced that one since
             login, self._login = self._login, None
-            if login is not None:
-                await self._revoke_login(login, why="revoke")
-        return "unsupported"
+            if login is not None and login.token.reveal() != token.value.reveal():
+                await self._revoke_login(login.token, why="revoke")
+            return await self._revoke_login(token.value, why="revoke")
 
-    async def _client_token(self, *, force_login: bool) -> Secret:
+    async def _certificate(self) -> Token:
+        """``pki/sign/<role>`` with a CSR for a key made here (``key: memory``), or
+        ``pki/issue/<role>`` (``key: openbao``)."""
+        pki = self.config.pki
+        assert pki is not None  # config checks: client_cert names an issuer with pki
+        payload: dict[str, Any] = {"common_name": pki.common_name, "format": "pem"}
+        if pki.alt_names:
+            payload["alt_names"] = ",".join(pki.alt_names)
+        if pki.uri_sans:
+            payload["uri_sans"] = ",".join(pki.uri_sans)
+        if pki.ttl_s is not None:
+            payload["ttl"] = f"{pki.ttl_s:.0f}s"
+        key = None
+        if pki.key == "memory":
+            key = new_key(pki.key_type)
+            payload["csr"] = signing_request(key, pki.common_name)
+            path = f"{pki.mount}/sign/{pki.role}"
+        else:
+            payload["key_type"] = pki.key_type
+            payload["key_bits"] = 2048 if pki.key_type == "rsa" else 256
+            path = f"{pki.mount}/issue/{pki.role}"
+        status, body, headers = await self._authorized("POST", path, payload)
+        if status != 200:
+            raise self._error(
+                f"{path} answered {self._vault_error(status, body)}", headers, at="pki"
+            )
+        data = exchange.json_object(body, path, self._error).get("data")
+        if not isinstance(data, dict):
+            raise self._error(f"{path} answered without data", at="pki")
+        token = issued_certificate(data, key, path, lambda d: self._error(d, at="pki"))
+        credentials_log.info(
+            "issuer %s: client certificate %s issued by %s, valid %.0fs",
+            self.name,
+            token.serial,
+            path,
+            token.lifetime_s,
+        )
+        return token
+
+    async def _revoke_certificate(self, serial: str) -> str:
+        pki = self.config.pki
+        assert pki is not None
+        path = f"{pki.mount}/revoke"
+        status, body, _ = await self._authorized("POST", path, {"serial_number": serial})
+        if status != 200:
+            raise self._error(
+                f"revoking certificate {serial} at {path} answered "
+                f"{self._vault_error(status, body)}",
+                at="pki",
+            )
+        return "revoked"
+
+    async def _authorized(
+        self, method: str, path: str, payload: dict[str, Any] | None = None
+    ) -> tuple[int, bytes, CIMultiDict[str]]:
+        """A call with the Vault token (logging in or renewing first when due); a 403 means
+        the token is no longer good (revoked, expired, a restarted server): log in again once."""
+        for attempt in (1, 2):
+            login = await self._current_login(force_login=attempt == 2)
+            answer = await self._call(method, path, token=login.token, payload=payload)
+            if answer[0] != 403:
+                break
+        return answer
+
+    async def _current_login(self, *, force_login: bool = False) -> Login:
         async with self._lock:
             login = self._login
             now = time.monotonic()
             if login is not None and not force_login:
                 if now < login.expires_mono - self._renew_ahead_s(login):
-                    return login.token
+                    return login
                 if login.renewable and now < login.expires_mono:  # refused if it just expired
                     renewed = await self._renew(login)
                     if renewed is not None:
                         self._login = renewed
-                        return renewed.token
+                        return renewed
             if login is not None and not force_login and now < login.expires_mono:
-                await self._revoke_login(login, why="replaced")  # best effort: no live spares
+                await self._revoke_login(login.token, why="replaced")  # no live spares
             self._login = None
             self._login = await self._log_in()
-            return self._login.token
+            return self._login
 
     def _renew_ahead_s(self, login: Login) -> float:
         if self.config.renew_ahead_s is not None:
@@ -149,7 +225,7 @@ class OpenBaoIssuer:
             jwt = read_secret_file(self._token_file, what=f"{self._where}.auth.token_file")
         except IdentityError as exc:
             raise IssuerError(str(exc)) from None  # mid-rotation the file may be missing: retry
-        path = f"auth/{auth.mount}/login"
+        path = auth.path
         status, body, headers = await self._call(
             "POST", path, payload={"role": auth.role, "jwt": jwt.reveal()}
         )
@@ -198,28 +274,29 @@ class OpenBaoIssuer:
         )
         return Login(login.token, renewed.lease_s, renewed.renewable)
 
-    async def _revoke_login(self, login: Login, *, why: str) -> None:
-        """``revoke-self``; failures are logged: the token then ends at its TTL."""
+    async def _revoke_login(self, token: Secret, *, why: str) -> str:
+        """``revoke-self``: "revoked", or "failed" (logged: the token then ends at its TTL)."""
         try:
             status, body, _ = await self._call(
-                "POST", "auth/token/revoke-self", token=login.token, payload={}
+                "POST", "auth/token/revoke-self", token=token, payload={}
             )
         except IssuerError as exc:
             credentials_log.warning(
-                "%s: revoking vault token %s failed: %s", self._where, login.token.fingerprint, exc
+                "%s: revoking vault token %s failed: %s", self._where, token.fingerprint, exc
             )
-            return
+            return "failed"
         if status in (200, 204):
             credentials_log.info(
-                "%s: vault token %s revoked (%s)", self._where, login.token.fingerprint, why
+                "%s: vault token %s revoked (%s)", self._where, token.fingerprint, why
             )
-        else:
-            credentials_log.warning(
-                "%s: revoking vault token %s answered %s",
-                self._where,
-                login.token.fingerprint,
-                self._vault_error(status, body),
-            )
+            return "revoked"
+        credentials_log.warning(
+            "%s: revoking vault token %s answered %s",
+            self._where,
+            token.fingerprint,
+            self._vault_error(status, body),
+        )
+        return "failed"
 
     def _auth(self, body: bytes, path: str) -> Login:
         auth = exchange.json_object(body, path, self._error).get("auth")
@@ -234,6 +311,7 @@ class OpenBaoIssuer:
 
     def _kv_token(self, body: bytes, path: str) -> Token:
         secret = self.config.secret
+        assert secret is not None
         data = exchange.json_object(body, path, self._error).get("data")
         values = data.get("data") if isinstance(data, dict) else None
         metadata = data.get("metadata") if isinstance(data, dict) else None
