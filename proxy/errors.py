@@ -56,7 +56,10 @@ original's text could quote a secret or a request):
   (``data_received``) → ``MalformedRequest``, worded by ``wire.described``
 - upstreams (OSError, ``ssl.SSLError``, TimeoutError, parser errors): ``outbound.upstream``
   (connecting: ``Upstreams._connect``; the answer: ``_Connection``'s parser callbacks; the body:
-  ``_send``) → ``Upstream*``
+  ``_send``) → ``Upstream*``; over HTTP/2 (``h2`` protocol errors, stream resets, ``GOAWAY``)
+  ``outbound.h2_upstream`` (``H2Upstreams._connect``, ``_H2Connection.data_received``)
+- the app's HTTP/2 (``h2`` protocol errors): ``inbound.h2`` (``H2Session.data_received``) ends
+  the connection with ``GOAWAY``; a stream's refusal is a problem (or ``grpc-status``) on it
 - IdPs and OpenBao / Vault over HTTP (aiohttp, OSError, TimeoutError, JSON):
   ``credentials.issuers.exchange`` (``call`` and ``json_object``; the OAuth2, token exchange
   and OpenBao issuers pass how they name themselves) → ``IssuerError``

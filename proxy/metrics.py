@@ -180,6 +180,13 @@ class Metrics:
             ["route"],
             registry=r,
         )
+        self.http2_streams = Counter(
+            "credproxy_http2_streams",
+            "HTTP/2 app streams answered (each also counts in credproxy_requests_total), by "
+            "route and the gRPC status sent ('-': not gRPC).",
+            ["route", "grpc_status"],
+            registry=r,
+        )
         self.credential_retries = Counter(
             "credproxy_credential_retries",
             "Requests replayed once after a 401 (invalid_token or use_dpop_nonce).",

@@ -17,6 +17,7 @@ from aiohttp.http import (
     HttpProcessingError,
     HttpRequestParser,
     HttpResponseParser,
+    HttpVersion11,
     RawRequestMessage,
     RawResponseMessage,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "HttpProcessingError",
     "HttpRequestParser",
     "HttpResponseParser",
+    "HttpVersion11",
     "RawRequestMessage",
     "RawResponseMessage",
     "RequestHandler",

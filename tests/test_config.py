@@ -581,3 +581,23 @@ def test_a_new_issuer_needs_only_its_config_model_and_its_module():
     assert "'dpop' does not go with an issuer of type vault (use bearer)" in refused
     assert in_schema == "True"
     assert "issuer types without an implementation" in no_module and "vault" in no_module
+
+
+@pytest.mark.parametrize(
+    ("upstream", "protocol", "expected"),
+    [
+        ("http://127.0.0.1:50051", "h2", "upstream_protocol h2 negotiates HTTP/2 by TLS ALPN"),
+        ("http://127.0.0.1:50051", "auto", "upstream_protocol auto negotiates HTTP/2 by TLS ALPN"),
+        ("https://grpc.example.com", "h2c", "upstream_protocol h2c is cleartext HTTP/2"),
+    ],
+)
+def test_upstream_protocol_must_fit_the_upstream_scheme(upstream, protocol, expected):
+    """h2 and auto negotiate by ALPN (https only); h2c is cleartext prior knowledge (http only):
+    a mismatch is refused at load with the route's path."""
+    text = VALID.replace(
+        "    upstream: https://payments.example.com\n",
+        f"    upstream: {upstream}\n    upstream_protocol: {protocol}\n",
+    )
+    errors = _errors(text)
+    assert len(errors) == 1 and errors[0].startswith("routes[0]") and expected in errors[0]
+    assert loader.parse(VALID).routes[0].upstream_protocol == "http1.1"

@@ -55,8 +55,8 @@ class TimeoutsConfig(Model):
     total_s: Duration = Field(300.0, gt=0, description="whole exchange, headers and body")
     streams_outlive_total: bool = Field(
         False,
-        description="an event stream (text/event-stream) may outlive total_s; idle_s still "
-        "bounds the silence between its bytes",
+        description="an event stream (text/event-stream, or application/grpc over an HTTP/2 "
+        "upstream) may outlive total_s; idle_s still bounds the silence between its bytes",
     )
 
 
@@ -86,6 +86,13 @@ class AppLimits(Model):
     )
     max_connections_per_uid: int = Field(
         256, ge=1, description="app connections at once from one uid"
+    )
+    max_concurrent_streams: int = Field(
+        128,
+        ge=1,
+        le=65536,
+        description="streams at once on one HTTP/2 app connection (SETTINGS_MAX_CONCURRENT_STREAMS); "
+        "its header list is bounded by max_head_bytes",
     )
 
 
@@ -187,6 +194,14 @@ class RouteConfig(Owned):
     allow: tuple[AllowRule, ...] = Field(
         (), description="default deny: a request no rule allows is refused with 403"
     )
+    upstream_protocol: Literal["http1.1", "h2", "h2c", "auto"] = Field(
+        "http1.1",
+        description="how credproxy speaks to the upstream: http1.1; h2 (HTTP/2 over TLS, "
+        "ALPN must choose it, an https upstream); h2c (HTTP/2 with prior knowledge over "
+        "cleartext, an http upstream: loopback, or allow_insecure_http); auto (an https "
+        "upstream: ALPN offers h2 and http/1.1, HTTP/1.1 where the upstream does not choose "
+        "h2). gRPC routes need h2, h2c or auto",
+    )
     retry_body_max_bytes: int = Field(
         65536,
         ge=0,
@@ -209,6 +224,16 @@ class RouteConfig(Owned):
         if self.client_cert is not None and self.client_cert_file is not None:
             raise ValueError("client_cert and client_cert_file: one client certificate only")
         check_http_url(self.upstream, insecure_ok=self.allow_insecure_http, what="upstream")
+        scheme = self.upstream.partition("://")[0].lower()
+        if self.upstream_protocol in ("h2", "auto") and scheme != "https":
+            raise ValueError(
+                f"upstream_protocol {self.upstream_protocol} negotiates HTTP/2 by TLS ALPN: an https "
+                "upstream; for cleartext HTTP/2 say h2c"
+            )
+        if self.upstream_protocol == "h2c" and scheme != "http":
+            raise ValueError(
+                "upstream_protocol h2c is cleartext HTTP/2: an http upstream; over https say h2"
+            )
         return self
 
     @property

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ssl
 import time
+from collections.abc import Awaitable
 from http import HTTPStatus
 
 from ..access.break_glass import BreakGlass
@@ -27,9 +29,11 @@ from ..errors import (
 )
 from ..log import ACCESS, server_log
 from ..metrics import Metrics
+from ..outbound.h2_upstream import H2Upstreams, NoH2
 from ..outbound.hygiene import Scrubber, mask_echoes, request_headers, response_head_lines
-from ..outbound.upstream import Answer, Upstreams, request_head
+from ..outbound.upstream import Answer, Body, Upstreams, request_head
 from .body import framed, request_body
+from .h2 import H2Request, grpc_status
 from .listener import AppRequest
 from .routing import overridden, request_host
 from .runtime import RouteRuntime, Runtime
@@ -39,6 +43,9 @@ _REASONS = {status.value: status.phrase for status in HTTPStatus}
 
 
 def send_problem(request: AppRequest, exc: ProblemError) -> None:
+    if isinstance(request, H2Request) and request.is_grpc:  # gRPC clients read grpc-status
+        request.send_grpc_status(grpc_status(exc.code, exc.status), exc.public_detail)
+        return
     headers, body = exc.answer()
     request.send(exc.status, _REASONS.get(exc.status, ""), headers, body)
 
@@ -57,9 +64,11 @@ class Handler:
         usage: Usage,
         body_idle_s: float = 30.0,
         break_glass: BreakGlass | None = None,
+        h2_upstreams: H2Upstreams | None = None,
     ) -> None:
         self.runtime = runtime  # replaced whole on reload (SIGHUP)
         self._upstreams = upstreams
+        self._h2_upstreams = h2_upstreams if h2_upstreams is not None else H2Upstreams()
         self._metrics = metrics
         self._audit = audit
         self._usage = usage
@@ -150,6 +159,10 @@ class Handler:
             outcome,
             duration_s if upgrade is None else upgrade.request_s(duration_s),
         )
+        grpc = "-"
+        if isinstance(request, H2Request):
+            grpc = request.grpc_status or "-"
+            self._metrics.http2_streams.labels(route_name, grpc).inc()
         if not ACCESS.enabled:
             return
         path = request.url.raw_path
@@ -159,6 +172,12 @@ class Handler:
                 f"{request.method} {path} route={route_name} status={request.status} "
                 f"upstream={upstream_status} ms={ms:.1f} websocket={upgrade.ended} "
                 f"up_bytes={upgrade.up_bytes} down_bytes={upgrade.down_bytes}"
+            )
+        elif isinstance(request, H2Request):
+            ACCESS.write(
+                f"{request.method} {path} route={route_name} status={request.status} "
+                f"upstream={upstream_status} outcome={outcome} ms={ms:.1f} protocol=h2 "
+                f"grpc_status={grpc}"
             )
         else:
             ACCESS.write(
@@ -244,26 +263,9 @@ class Handler:
             outbound.nonce = route.nonce
             await injector.apply(outbound, token)
             sent = injector.encode(outbound, body)
-            head, chunked = request_head(
-                request.method,
-                outbound.url.raw_path_qs,
-                route.origin.host_header,
-                outbound.headers,
-                sent,
-            )
             started = time.perf_counter()
             try:
-                answer = await self._upstreams.exchange(
-                    route.origin,
-                    tls,
-                    head,
-                    sent,
-                    chunked=chunked,
-                    method=request.method,
-                    timeouts=route.timeouts,
-                    where=where,
-                    upgrade=upgrade is not None,
-                )
+                answer = await self._exchange(request, route, tls, outbound, sent, upgrade)
             except UpstreamError as exc:
                 _mask(exc, outbound.secret)
                 raise
@@ -309,6 +311,82 @@ class Handler:
         outcome = await _stream_back(request, answer, outbound.secret, where, prefetched)
         return answer.status, outcome
 
+    def _exchange(
+        self,
+        request: AppRequest,
+        route: RouteRuntime,
+        tls: ssl.SSLContext | bool,
+        outbound: Outbound,
+        sent: Body,
+        upgrade: WebSocketUpgrade | None,
+    ) -> Awaitable[Answer]:
+        """Send the request on the route's upstream protocol: HTTP/1.1 (the default, and
+        WebSocket handshakes) straight to the pool, no coroutine of its own on the hot path;
+        else HTTP/2 (``h2``, ``h2c``, ``auto`` where ALPN chooses it)."""
+        if route.config.upstream_protocol == "http1.1" or upgrade is not None:
+            return self._http1(request.method, route, tls, outbound, sent, upgrade is not None)
+        return self._h2(request, route, tls, outbound, sent)
+
+    def _http1(
+        self,
+        method: str,
+        route: RouteRuntime,
+        tls: ssl.SSLContext | bool,
+        outbound: Outbound,
+        sent: Body,
+        upgrade: bool,
+    ) -> Awaitable[Answer]:
+        head, chunked = request_head(
+            method, outbound.url.raw_path_qs, route.origin.host_header, outbound.headers, sent
+        )
+        return self._upstreams.exchange(
+            route.origin,
+            tls,
+            head,
+            sent,
+            chunked=chunked,
+            method=method,
+            timeouts=route.timeouts,
+            where=route.where,
+            upgrade=upgrade,
+        )
+
+    async def _h2(
+        self,
+        request: AppRequest,
+        route: RouteRuntime,
+        tls: ssl.SSLContext | bool,
+        outbound: Outbound,
+        sent: Body,
+    ) -> Answer:
+        method = request.method
+
+        def trailers() -> list[tuple[bytes, bytes]]:  # the app's, minus what the route strips
+            drop = route.strip
+            return [(n, v) for n, v in request.trailer_fields() if n.decode().lower() not in drop]
+
+        auto = route.config.upstream_protocol == "auto"
+        h2 = self._h2_upstreams
+        if not auto or h2.may_speak_h2(route.origin, tls):
+            try:
+                return await h2.exchange(
+                    route.origin,
+                    tls,
+                    method,
+                    outbound.url.raw_path_qs,
+                    outbound.headers,
+                    sent,
+                    timeouts=route.timeouts,
+                    where=route.where,
+                    fallback=auto,
+                    trailers=trailers,
+                )
+            except NoH2:
+                if not auto:
+                    raise
+                # ALPN chose HTTP/1.1: remembered for the origin, the request goes that way
+        return await self._http1(method, route, tls, outbound, sent, False)
+
 
 async def _stream_back(
     request: AppRequest, answer: Answer, secret: str, where: str, prefetched: bytes | None
@@ -320,7 +398,6 @@ async def _stream_back(
     if secret and reason and reason != _REASONS.get(answer.status):  # the upstream's own text
         reason = mask_echoes(reason.encode(), secret).decode(errors="replace")
     request.start(answer.status, reason, lines, has_length=has_length)
-    connection = request.connection
     outcome = "proxied"
     try:
         scrubber = Scrubber(secret)
@@ -335,10 +412,11 @@ async def _stream_back(
                     request.write(scrubber.last(chunk))  # (a small answer leaves in one write)
                 else:
                     request.write(scrubber.feed(chunk))
-                if connection.writing_paused:
+                if request.writing_paused:
                     await request.drain()
         request.write(scrubber.flush())
-        request.end()
+        trailers = answer.trailers
+        request.end(response_head_lines(trailers, secret)[0] if trailers else b"")
     except ProblemError as exc:
         # Headers are already sent: the only honest signal left is a cut connection.
         server_log.warning("%s: response cut mid-body: %s", where, exc)

@@ -5,6 +5,9 @@ strict parser and limits, requests answered one at a time in order (pipelining),
 with an idle timeout, and a request the parser refuses answered 400 before the connection
 closes. The handler answers through ``AppRequest``; nothing here knows about credentials.
 
+A connection that opens with the HTTP/2 preface is served by ``inbound.h2`` instead (h2c with
+prior knowledge): its streams reach the handler as ``AppRequest``s too.
+
 Every connection is bound to its caller when it is accepted, before a byte of it is read
 (``callers.from_socket``); the admission check and the connection limits (in total and per uid,
 ``app_limits``) may refuse it there, with one problem answer and a close.
@@ -16,6 +19,7 @@ import asyncio
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 from aiohttp import StreamReader
 from multidict import CIMultiDictProxy
@@ -34,12 +38,16 @@ from ..wire import (
     described,
 )
 
+if TYPE_CHECKING:
+    from .h2 import H2Session
+
 _READ_LIMIT = 2**16  # buffered body bytes before the app is paused
 _MAX_QUEUED = 8  # pipelined requests parsed ahead before the app is paused
 _NO_BODY = frozenset({204, 304})
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
 _LINGER_S = 2.0  # after a refusal, for the app to read it
 _MAX_LINGERING = 64
+_H2_REQUEST_LINE = b"PRI * HTTP/2.0\r\n"  # the preface's start: h2 checks the rest
 
 
 class AppGone(ConnectionResetError):
@@ -86,6 +94,20 @@ class AppRequest:
     @property
     def connection(self) -> AppConnection:
         return self._connection
+
+    @property
+    def is_grpc(self) -> bool:
+        return False  # gRPC needs HTTP/2: see ``inbound.h2``
+
+    def trailer_fields(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Fields the app sent after its body, once it has ended: none on HTTP/1.1 (aiohttp's
+        parser drops chunked trailers)."""
+        return ()
+
+    @property
+    def writing_paused(self) -> bool:
+        """Whether the answer must wait (``drain``) before more is written."""
+        return self._connection.writing_paused
 
     def send_continue(self) -> None:
         self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -134,8 +156,10 @@ class AppRequest:
             data, self._head = self._head, b""
             self._connection.write(data)
 
-    def end(self) -> None:
-        tail = b"0\r\n\r\n" if self._chunked else b""
+    def end(self, trailers: bytes = b"") -> None:
+        """The answer is complete; ``trailers`` (header lines) go in the last chunk when the
+        body is chunked, and are dropped otherwise (HTTP/1.1 has nowhere else for them)."""
+        tail = b"0\r\n%b\r\n" % trailers if self._chunked else b""
         if self._head or tail:
             data, self._head = self._head + tail, b""
             self._connection.write(data)
@@ -173,14 +197,21 @@ Admit = Callable[[Caller, ProblemError | None], ProblemError | None]
 class Limits:
     """``app_limits`` as enforced: ``max_connections`` already lowered under RLIMIT_NOFILE."""
 
-    __slots__ = ("max_head_bytes", "max_connections", "max_connections_per_uid")
+    __slots__ = (
+        "max_head_bytes", "max_connections", "max_connections_per_uid", "max_concurrent_streams",
+    )  # fmt: skip
 
     def __init__(
-        self, max_head_bytes: int, max_connections: int, max_connections_per_uid: int
+        self,
+        max_head_bytes: int,
+        max_connections: int,
+        max_connections_per_uid: int,
+        max_concurrent_streams: int = 128,
     ) -> None:
         self.max_head_bytes = max_head_bytes
         self.max_connections = max_connections
         self.max_connections_per_uid = min(max_connections_per_uid, max_connections)
+        self.max_concurrent_streams = max_concurrent_streams  # per HTTP/2 connection
 
 
 class AppConnection(BaseProtocol):
@@ -188,7 +219,7 @@ class AppConnection(BaseProtocol):
 
     __slots__ = (
         "_listener", "_queue", "_task", "_reading", "_refusal", "_head_bytes", "_head_tail", "caller",
-        "closing", "idle_since",
+        "closing", "idle_since", "_fresh", "_h2",
     )  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listener: AppListener) -> None:
@@ -209,6 +240,8 @@ class AppConnection(BaseProtocol):
         self._head_tail = b""  # its last bytes: "\r\n\r\n" may straddle two reads
         self.caller = UNKNOWN  # bound at accept, before any byte is read
         self.closing = False  # answer what is in flight, then close
+        self._fresh = True  # no byte read yet: an HTTP/2 preface may come
+        self._h2: H2Session | None = None  # serving HTTP/2 instead of the parser
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -244,13 +277,23 @@ class AppConnection(BaseProtocol):
             if listener.per_uid[uid] <= 0:
                 del listener.per_uid[uid]
         self._parser = None
+        if self._h2 is not None:
+            self._h2.connection_lost()
         if self._reading is not None and not self._reading.is_eof():
             self._reading.set_exception(AppGone("the app closed the connection mid-body"))
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
         if parser is None or self._refusal is not None:
+            if self._h2 is not None:
+                self._h2.data_received(data)
             return  # after a refusal or an upgrade request nothing more is read
+        if self._fresh:  # once per connection: HTTP/2 with prior knowledge?
+            if data[:1] == b"P" and _H2_REQUEST_LINE.startswith(data[:16]):
+                self._parser = None
+                self._start_h2(data)
+                return
+            self._fresh = False
         limit = self._listener.limits.max_head_bytes
         reading = self._reading
         # Heads within one read no longer than the limit (what follows the first one in this
@@ -291,6 +334,22 @@ class AppConnection(BaseProtocol):
         if upgraded:  # never tunnelled: the request is answered as a plain one, then close
             self._parser = None
             self.closing = True
+
+    def _start_h2(self, data: bytes) -> None:
+        """The app speaks HTTP/2 (its first bytes are, or begin, the preface): ``h2`` takes the
+        connection. A preface that goes wrong after its first bytes is h2's to refuse."""
+        from .h2 import H2Session  # here: inbound.h2 imports this module
+
+        listener = self._listener
+        self._fresh = False
+        self._h2 = H2Session(
+            self,
+            listener.handler,
+            max_streams=listener.limits.max_concurrent_streams,
+            max_header_list_bytes=listener.limits.max_head_bytes,
+            linger_s=listener.keepalive_s,
+        )
+        self._h2.data_received(data)
 
     def _over_head_limit(self, data: bytes) -> bool:
         """Count ``data`` (received between requests) up to the end of the head it continues:
@@ -364,7 +423,15 @@ class AppConnection(BaseProtocol):
 
     @property
     def busy(self) -> bool:
-        return self._task is not None
+        return self._task is not None or (self._h2 is not None and self._h2.busy)
+
+    def stop_accepting(self) -> None:
+        """Drain: answer what is in flight, then close (HTTP/2: a GOAWAY first)."""
+        self.closing = True
+        if self._h2 is not None:
+            self._h2.goaway()
+        elif not self.busy:
+            self.close()
 
     def write(self, data: bytes) -> None:
         if self.transport is None:
@@ -423,9 +490,7 @@ class AppListener:
     async def drain(self, timeout_s: float) -> None:
         """Idle connections close now; busy ones after their answer, or at ``timeout_s``."""
         for connection in list(self.connections):
-            connection.closing = True
-            if not connection.busy:
-                connection.close()
+            connection.stop_accepting()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         while any(c.busy for c in self.connections) and loop.time() < deadline:

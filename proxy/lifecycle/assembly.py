@@ -104,7 +104,13 @@ def build(
             injector.binds_token,
         )
         source = source_for(key)
-        tls = _tls(route, issuer, workload_api, where=f"routes[{i}]")
+        tls = _tls(
+            route,
+            issuer,
+            workload_api,
+            where=f"routes[{i}]",
+            alpn={"h2": ("h2",), "auto": ("h2", "http/1.1")}.get(route.upstream_protocol, ()),
+        )
         certificate = None
         if route.client_cert is not None and route.client_cert != "svid":
             cert_source = source_for(
@@ -160,7 +166,12 @@ def build(
 
 
 def _tls(
-    route: RouteConfig, issuer: Issuer, workload_api: WorkloadAPI | None, *, where: str
+    route: RouteConfig,
+    issuer: Issuer,
+    workload_api: WorkloadAPI | None,
+    *,
+    where: str,
+    alpn: tuple[str, ...],
 ) -> ClientTLS:
     """The route's TLS: from the X.509-SVID when it presents one or checks the upstream's SPIFFE
     ID, else from files (its own client certificate, or its issuer's)."""
@@ -173,7 +184,7 @@ def _tls(
         and route.client_cert_file is None
     )
     if not route.uses_svid and not issuers_svid:
-        return ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=where)
+        return ClientTLS(route.ca_file, *_client_certificate(route, issuer), where=where, alpn=alpn)
     if workload_api is None:
         raise IdentityError(
             f"{where}: client_cert svid / upstream_spiffe_id need the SPIFFE Workload API: set "
@@ -185,6 +196,7 @@ def _tls(
         present_svid=route.client_cert == "svid" or issuers_svid,
         upstream_spiffe_id=route.upstream_spiffe_id,
         where=where,
+        alpn=alpn,
     )
 
 

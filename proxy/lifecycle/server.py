@@ -32,6 +32,7 @@ from ..inbound.listener import AppListener, Limits
 from ..inbound.runtime import Runtime
 from ..log import server_log
 from ..metrics import Metrics
+from ..outbound.h2_upstream import H2Upstreams
 from ..outbound.upstream import Upstreams
 from ..tasks import spawn
 from . import control, telemetry
@@ -66,6 +67,7 @@ def _connection_limits(limits: AppLimits) -> Limits:
         limits.max_head_bytes,
         min(limits.max_connections, usable),
         limits.max_connections_per_uid,
+        limits.max_concurrent_streams,
     )
 
 
@@ -122,6 +124,7 @@ class Server:
         self._app_servers: list[asyncio.Server] = []
         self._listener: AppListener | None = None
         self._upstreams = Upstreams()
+        self._h2_upstreams = H2Upstreams()
         self._runtime: Runtime | None = None
         self._handler: Handler | None = None
         self._retiring: dict[asyncio.Task[None], Runtime] = {}  # replaced by reloads
@@ -195,6 +198,7 @@ class Server:
             usage=self.usage,
             body_idle_s=self.config.app_timeouts.body_idle_s,
             break_glass=self.break_glass,
+            h2_upstreams=self._h2_upstreams,
         )
         self._listener = AppListener(
             handler,
@@ -481,6 +485,7 @@ class Server:
         if self.workload_api is not None:
             await self.workload_api.aclose()
         self._upstreams.close()
+        self._h2_upstreams.close()
         if self._session is not None:
             await self._session.close()
         for address in self.app_addresses:

@@ -57,8 +57,9 @@ class SVIDClientTLS(ClientTLS):
         present_svid: bool,
         upstream_spiffe_id: str | None,
         where: str,
+        alpn: tuple[str, ...] = (),
     ) -> None:
-        super().__init__(ca_file, None, None, where=where)
+        super().__init__(ca_file, None, None, where=where, alpn=alpn)
         self._workload_api = workload_api
         self._present = present_svid
         self._peer_id = upstream_spiffe_id
@@ -91,6 +92,8 @@ class SVIDClientTLS(ClientTLS):
             context = ssl_context(str(self._ca_file) if self._ca_file else None) or (
                 ssl.create_default_context()
             )
+        if self._alpn:
+            context.set_alpn_protocols(list(self._alpn))
         if self._present:
             load_in_memory(context, svid.chain_pem, svid.key)
         return context

@@ -24,9 +24,16 @@ class ClientTLS:
     """The SSL setting for one route; ``current()`` reloads the client certificate on change."""
 
     def __init__(
-        self, ca_file: Path | None, cert_file: Path | None, key_file: Path | None, *, where: str
+        self,
+        ca_file: Path | None,
+        cert_file: Path | None,
+        key_file: Path | None,
+        *,
+        where: str,
+        alpn: tuple[str, ...] = (),
     ) -> None:
         self._ca_file = ca_file
+        self._alpn = alpn  # offered in the handshake: ("h2",) for HTTP/2 upstreams
         self._cert_file = cert_file
         self._key_file = key_file
         self._where = where
@@ -53,6 +60,8 @@ class ClientTLS:
             return presented[1]
         context = ssl_context(str(self._ca_file) if self._ca_file else None)
         context = context or ssl.create_default_context()
+        if self._alpn:
+            context.set_alpn_protocols(list(self._alpn))
         load_in_memory(context, chain, key)
         self._presented = (chain, context)
         return context
@@ -65,6 +74,9 @@ class ClientTLS:
 
     def _build(self) -> ssl.SSLContext | bool:
         context = ssl_context(str(self._ca_file) if self._ca_file else None)
+        if self._alpn:
+            context = context or ssl.create_default_context()
+            context.set_alpn_protocols(list(self._alpn))
         if self._cert_file is None:
             return context or True
         context = context or ssl.create_default_context()

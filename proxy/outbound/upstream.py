@@ -13,6 +13,7 @@ import math
 import ssl
 from collections.abc import AsyncIterable
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from aiohttp import StreamReader
 from multidict import CIMultiDict
@@ -84,6 +85,11 @@ class Answer:
     def status(self) -> int:
         return self.message.code
 
+    @property
+    def trailers(self) -> tuple[tuple[bytes, bytes], ...]:
+        """Fields after the body: HTTP/2 only (aiohttp's parser drops chunked trailers)."""
+        return ()
+
     def release(self) -> None:
         """Back to the pool when the body was read to its end; closed otherwise."""
         self._connection.finish(self.body.is_eof() and not self.message.should_close)
@@ -98,6 +104,14 @@ class Answer:
             raise UpstreamProtocolError(f"{where}: connection closed right after its 101")
         connection.transport, connection.tail = None, b""
         return transport, tail
+
+
+_REASONS = {status.value: status.phrase for status in HTTPStatus}
+
+
+def reason_phrase(status: int) -> str:
+    """The standard phrase of ``status``: HTTP/2 has no reason phrase of its own."""
+    return _REASONS.get(status, "")
 
 
 def _is_event_stream(message: RawResponseMessage) -> bool:
