@@ -247,6 +247,7 @@ async def test_a_small_answer_leaves_in_one_write_with_its_credential_echo_maske
     class Upstream:
         status = 200
         message = answer_head
+        trailers: list[tuple[bytes, bytes]] = []  # an HTTP/1.1 answer's: none
 
         def __init__(self) -> None:
             self.body = answer_body
