@@ -124,9 +124,11 @@ def test_compose_example_is_a_sidecar_holding_the_secret_alone():
     loaded = loader.load(EXAMPLES / "compose" / "credproxy.yaml")
     assert loaded.callers["app"].uid == int(app["user"].split(":")[0])
     realm = json.loads((EXAMPLES / "compose" / "realm.json").read_text())
-    [client] = realm["clients"]
-    assert client["clientId"] == loaded.issuers["keycloak"].client_id  # type: ignore[attr-defined]
-    assert client["secret"] == "${CREDPROXY_CLIENT_SECRET}"  # never a literal secret
+    clients = {client["clientId"]: client for client in realm["clients"]}
+    client = clients[loaded.issuers["keycloak"].client_id]  # type: ignore[attr-defined]
+    assert client["clientAuthenticatorType"] == "client-secret"
+    secrets = [c["secret"] for c in realm["clients"] if "secret" in c]
+    assert set(secrets) == {"${CREDPROXY_CLIENT_SECRET}"}  # never a literal secret
 
 
 def test_alerts_and_dashboard_use_only_exported_metrics():

@@ -152,8 +152,9 @@ def resource_app(
                 "method": request.method,
                 "path": request.rel_url.raw_path,
                 "query": request.rel_url.raw_query_string,
-                "client_id": claims.get("client_id", claims.get("sub")),
+                "client_id": claims.get("client_id", claims.get("azp", claims.get("sub"))),
                 "scope": claims.get("scope"),
+                "aud": claims.get("aud"),
                 "jkt": claims.get("cnf", {}).get("jkt"),
                 "authorization_schemes": [
                     v.partition(" ")[0] for v in request.headers.getall("Authorization", ())
