@@ -88,7 +88,7 @@ def keycloak_upstream(keycloak: Keycloak) -> Iterator[ResourceServer]:
     server = ResourceServer(
         keycloak,
         audiences=(keycloak.PAYMENTS, keycloak.REPORTS),
-        exchange_audience=keycloak.EXCHANGE_AUDIENCE,
+        client_id=keycloak.API_CLIENT_ID,
     )
     server.start()
     yield server

@@ -102,7 +102,6 @@ class IdP:
     (the ``oauth_idp`` fixture)."""
 
     name = "oidc-provider"
-    revokes_jwt_access_tokens = False  # structured JWTs: unsupported_token_type
     CLIENT_ID = "orders-service"
     SUBJECT_ISSUER = "https://kubernetes.default.svc"
     LEGACY_CLIENT_ID = "legacy-service"
@@ -182,7 +181,7 @@ class IdP:
         config: dict[str, Any] = {
             "port": self.port,
             "issuer": self.issuer,
-            "scopes": self.scopes,
+            "scopes": [*self.scopes, "payments.admin"],  # a scope no client may have
             "signing_jwk": self._signing_jwk,
             "nonce_secret_hex": self._nonce_secret,
             "resources": self.resources,
@@ -343,15 +342,20 @@ class ResourceServer(ThreadedApp):
         accept_bearer: bool = True,
         tls: ssl.SSLContext | None = None,
         audiences: tuple[str, str] | None = None,
-        exchange_audience: str | None = None,
+        client_id: str | None = None,
     ) -> None:
         """``audiences``: this API's audience and another API's (a payments.read route's),
-        where the IdP names them (Keycloak's realm), else URLs under this origin;
-        ``exchange_audience``: what the IdP's token exchange names it (a client id)."""
+        where the IdP names them (Keycloak's realm), else URLs under this origin; ``client_id``:
+        the API as the IdP's client, where it has one (Keycloak: introspection answers only a
+        client named in the token's audience, and token exchange names the audience so)."""
         super().__init__(tls)
         self.idp = idp
         self.audience, self.other_audience = audiences or (self.origin, self.origin + "/reports")
-        self.exchange_audience = exchange_audience or self.audience
+        self.exchange_audience = client_id or self.audience  # what a token exchange asks for
+        # the route audience whose tokens the IdP revokes and will introspect
+        self.introspectable_audience = (
+            f"urn:client:{client_id}" if client_id else self.origin + "/opaque"
+        )
         self.short_audience = self.origin + "/short-lived"
         self.opaque_audience = self.origin + "/opaque"  # opaque tokens: revocable at the IdP
         self.uploads: list[dict[str, Any]] = []
@@ -361,8 +365,14 @@ class ResourceServer(ThreadedApp):
                 async with session.get(idp.jwks_uri) as response:
                     return dict(await response.json())
 
+        async def introspect(token: str) -> dict[str, Any]:
+            return await asyncio.to_thread(idp.introspect, token)
+
         accepted = {self.audience, self.other_audience, self.short_audience}
+        if client_id is None:  # oidc-provider: its opaque tokens, for revocation
+            accepted.add(self.opaque_audience)
         self.verifier = Verifier(
+            introspect=introspect,
             issuer=idp.issuer,
             audience=sorted(accepted | {self.exchange_audience}),
             jwks=jwks,

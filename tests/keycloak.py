@@ -137,11 +137,10 @@ class Keycloak:
     MTLS_SUBJECT = "CN=orders-workload"
     DISABLED_CLIENT_ID = "orders-disabled"
     SUBJECT_CLIENT_ID = "workload-identity"  # issues the identity tokens orders-service exchanges
-    EXCHANGE_AUDIENCE = "payments-api"  # a client id: standard token exchange's audience
+    API_CLIENT_ID = "payments-api"  # the API as a client: introspects, token exchange audience
     # the audiences the realm's scopes map (audience mapper), one per route in the tests
     PAYMENTS = "https://payments.example"
     REPORTS = "https://reports.example"
-    revokes_jwt_access_tokens = True
 
     def __init__(self, workdir: Path, *, tls: Any) -> None:
         from tests.counterparts import LEDGER, free_port
@@ -273,7 +272,7 @@ class Keycloak:
         answers only a client in the token's audience, by client id (so not for a token whose
         audience a ``resource`` narrowed to a URL)."""
         url = self._token_endpoint("token/introspect")
-        return self._form(url, {"token": token}, self.EXCHANGE_AUDIENCE)
+        return self._form(url, {"token": token}, self.API_CLIENT_ID)
 
     def subject_token(self, *, forged: bool = False) -> str:
         """The workload's identity token for standard token exchange: a Keycloak access token
