@@ -244,6 +244,16 @@ class IdP:
         )
         urllib.request.urlopen(request, timeout=5, context=self.ssl).close()
 
+    # how credproxy's token_exchange issuer is configured for this IdP
+    EXCHANGE_ISSUER_FIELDS = ""
+
+    def refused_subject_tokens(self) -> dict[str, str]:
+        """Identity tokens this IdP must refuse to exchange, by what is wrong with them."""
+        return {
+            "untrusted": self.subject_token(key=ec.generate_private_key(ec.SECP256R1())),
+            "expired": self.subject_token(lifetime_s=-60),
+        }
+
     def subject_token(
         self, *, lifetime_s: int = 600, key: ec.EllipticCurvePrivateKey | None = None
     ) -> str:

@@ -254,7 +254,9 @@ class Keycloak:
     def _token_endpoint(self, path: str = "token") -> str:
         return f"{self.issuer}/protocol/openid-connect/{path}"
 
-    def _form(self, url: str, form: dict[str, str], client_id: str) -> dict[str, Any]:
+    def _form(
+        self, url: str, form: dict[str, str], client_id: str, *, expect_json: bool = True
+    ) -> dict[str, Any]:
         basic = base64.b64encode(f"{client_id}:{self._secret}".encode()).decode()
         request = urllib.request.Request(
             url,
@@ -263,7 +265,7 @@ class Keycloak:
         )
         try:
             with urllib.request.urlopen(request, timeout=10) as response:
-                return dict(json.load(response))
+                return dict(json.load(response)) if expect_json else {}
         except urllib.error.HTTPError as exc:
             return {"http_status": exc.code, **json.load(exc)}
 
@@ -273,6 +275,19 @@ class Keycloak:
         audience a ``resource`` narrowed to a URL)."""
         url = self._token_endpoint("token/introspect")
         return self._form(url, {"token": token}, self.API_CLIENT_ID)
+
+    # standard token exchange takes Keycloak access tokens, and names the audience by client id
+    EXCHANGE_ISSUER_FIELDS = (
+        "    subject_token_type: urn:ietf:params:oauth:token-type:access_token\n"
+        "    audience_param: audience\n"
+    )
+
+    def refused_subject_tokens(self) -> dict[str, str]:
+        """Identity tokens Keycloak must refuse to exchange: forged, revoked."""
+        revoked = self.subject_token()
+        url = self._token_endpoint("revoke")
+        self._form(url, {"token": revoked}, self.SUBJECT_CLIENT_ID, expect_json=False)
+        return {"forged": self.subject_token(forged=True), "revoked": revoked}
 
     def subject_token(self, *, forged: bool = False) -> str:
         """The workload's identity token for standard token exchange: a Keycloak access token

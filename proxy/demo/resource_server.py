@@ -173,6 +173,7 @@ def resource_app(
                 "client_id": claims.get("client_id", claims.get("azp", claims.get("sub"))),
                 "scope": claims.get("scope"),
                 "aud": claims.get("aud"),
+                "sub": claims.get("sub"),
                 "jkt": claims.get("cnf", {}).get("jkt"),
                 "authorization_schemes": [
                     v.partition(" ")[0] for v in request.headers.getall("Authorization", ())
