@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.counterparts import config, idp_and_upstream
 
 REVOKE = "http://localhost/credentials/revoke"
@@ -180,15 +182,16 @@ async def _token_in_use(proc, client, upstream) -> str:
     return str(upstream.seen()[-1][0])
 
 
+@pytest.mark.parametrize("inject", ["bearer", "dpop"])
 async def test_revocation_on_demand_and_at_shutdown_as_the_idp_does_it(
-    oauth_idp, oauth_upstream, credproxy, client
+    oauth_idp, oauth_upstream, credproxy, client, inject
 ):
     """The token in use is revoked on demand (control) and its replacement at shutdown; the
     IdP's introspection then says inactive (Keycloak: JWT access tokens; oidc-provider: opaque
     ones, which the resource server introspects too)."""
     idp, upstream = oauth_idp, oauth_upstream
     audience = upstream.introspectable_audience
-    proc = credproxy(config(idp=idp, upstream=upstream.origin, audience=audience, inject="bearer"))
+    proc = credproxy(config(idp=idp, upstream=upstream.origin, audience=audience, inject=inject))
     first = await _token_in_use(proc, client, upstream)
     assert idp.introspect(first)["active"] is True
     async with proc.control() as control, control.post(REVOKE) as response:
