@@ -37,8 +37,9 @@ ARTIFACT = f"org.keycloak:keycloak-quarkus-dist:{VERSION}:zip"
 # Build options: a session must start with exactly these, or Keycloak rebuilds itself (~25 s).
 # dpop and token-exchange-standard are on by default in 26.x; named so a change of default
 # cannot silently turn them off. resource-indicators (experimental): RFC 8707 ``resource``
-# narrows the token's audience.
-FEATURES = "dpop,token-exchange-standard,resource-indicators"
+# narrows the token's audience. jwt-authorization-grant (preview): RFC 7523 assertions from an
+# identity provider the realm trusts (the cluster's service-account tokens).
+FEATURES = "dpop,token-exchange-standard,resource-indicators,jwt-authorization-grant"
 BUILD_OPTIONS = (f"--features={FEATURES}", "--https-client-auth=request")
 REALM = "credproxy"
 ROOT = Path(__file__).resolve().parent.parent
@@ -175,6 +176,7 @@ class Keycloak:
         LEDGER.secret(self._secret)
         self.client_secret_file = workdir / "client_secret.txt"
         self.client_secret_file.write_text(self._secret + "\n")
+        self._cluster_key = ec.generate_private_key(ec.SECP256R1())  # signs "projected" tokens
         self._process: subprocess.Popen[bytes] | None = None
         self.started_s = 0.0  # how long the last start took, for the session's report
 
@@ -203,6 +205,11 @@ class Keycloak:
             "CREDPROXY_CLIENT_SECRET": self._secret,
             # substituted inside a JSON string of the realm file: escaped as one
             "CREDPROXY_CLIENT_JWKS": json.dumps(json.dumps(self._client_jwks))[1:-1],
+            "CREDPROXY_CLUSTER_PUBLIC_KEY": base64.b64encode(
+                self._cluster_key.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            ).decode(),
         }
         self._started_at = time.monotonic()
         log = open(self.log_file, "ab")  # noqa: SIM115 - closed with the process
@@ -303,6 +310,22 @@ class Keycloak:
             header, claims = (json.loads(_unb64(part)) for part in token.split(".")[:2])
             key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
             token = Signer(key, {k: v for k, v in header.items() if k != "alg"}).sign(claims)
+        LEDGER.secret(token)
+        return token
+
+    SUBJECT_ISSUER = "https://kubernetes.default.svc"
+
+    def projected_token(self, *, forged: bool = False) -> str:
+        """A Kubernetes-style projected service-account token for Keycloak's JWT authorization
+        grant (identity provider ``kubernetes``); ``forged``: signed by another key."""
+        from tests.counterparts import LEDGER
+
+        key = ec.generate_private_key(ec.SECP256R1()) if forged else self._cluster_key
+        now = int(time.time())
+        token = Signer(key, {"typ": "JWT", "kid": "cluster-1"}).sign({
+            "iss": self.SUBJECT_ISSUER, "sub": "system:serviceaccount:shop:orders",
+            "aud": self.issuer, "iat": now, "exp": now + 600, "jti": secrets.token_hex(8),
+        })  # fmt: skip
         LEDGER.secret(token)
         return token
 

@@ -1,6 +1,7 @@
 """RFC 8693 token exchange: the workload's identity token — a Kubernetes projected service-account
 token or a JWT-SVID, re-read from its file for every exchange so rotation is picked up and an
 expired one is never reused — is exchanged for an access token for the route's audience and scope.
+With ``grant: jwt_bearer`` the identity token is sent as an RFC 7523 authorization grant instead.
 Everything else (discovery, client authentication, DPoP binding, nonces) is the OAuth2 issuer's."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from .base import issuer
 from .oauth2 import OAuth2Issuer
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_BEARER_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 
 
@@ -44,6 +46,7 @@ class TokenExchangeIssuer(OAuth2Issuer):
             )
         self._subject_file = subject_file
         self._subject_type = config.subject_token_type
+        self._jwt_bearer = config.grant == "jwt_bearer"
 
     def _grant(self) -> dict[str, str]:
         try:
@@ -52,6 +55,8 @@ class TokenExchangeIssuer(OAuth2Issuer):
             )
         except IdentityError as exc:
             raise IssuerError(str(exc)) from None  # mid-rotation the file may be missing: retry
+        if self._jwt_bearer:
+            return {"grant_type": JWT_BEARER_GRANT_TYPE, "assertion": subject.reveal()}
         return {
             "grant_type": GRANT_TYPE,
             "subject_token": subject.reveal(),
