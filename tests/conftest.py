@@ -10,6 +10,7 @@ import pytest
 from hypothesis import settings
 
 from tests.counterparts import Credproxy, IdP, ResourceServer, environment_ok, idp_and_upstream
+from tests.keycloak import Keycloak
 from tests.spire import (
     CREDPROXY_ID,
     JWT_ISSUER,
@@ -19,6 +20,7 @@ from tests.spire import (
     Spire,
     SVIDUpstream,
 )
+from tests.tls import TestCA
 
 # CI replays the same generated examples every run (a red CI is a regression, not a new draw);
 # local runs explore new ones.
@@ -43,6 +45,77 @@ def idp(counterparts: tuple[IdP, ResourceServer]) -> IdP:
 @pytest.fixture(scope="session")
 def upstream(counterparts: tuple[IdP, ResourceServer]) -> ResourceServer:
     return counterparts[1]
+
+
+# -- Keycloak: started in the background as soon as the session knows it needs it ---------------
+
+_keycloak: list[Keycloak] = []
+
+
+def _needs_keycloak(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None and callspec.params.get("oauth_idp") == "keycloak":
+        return True
+    return "keycloak" in getattr(item, "fixturenames", ())
+
+
+def _start_keycloak(tmp_path_factory: pytest.TempPathFactory, *, wait: bool) -> Keycloak:
+    if not _keycloak:
+        workdir = tmp_path_factory.mktemp("keycloak")
+        server = Keycloak(workdir, tls=TestCA(workdir))
+        server.start(wait=wait)
+        _keycloak.append(server)
+    return _keycloak[0]
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Keycloak takes ~15 s to start (more on a busy machine): start it while the tests before
+    the first that needs it run."""
+    if any(_needs_keycloak(item) for item in session.items):
+        _start_keycloak(session.config._tmp_path_factory, wait=False)  # type: ignore[attr-defined]
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    for server in _keycloak:
+        server.stop()
+        if server.started_s:  # it was waited for
+            print(f"\nkeycloak: ready {server.started_s:.1f} s after it was started")
+
+
+@pytest.fixture(scope="session")
+def keycloak(tmp_path_factory: pytest.TempPathFactory) -> Keycloak:
+    """The session's Keycloak (realm: examples/compose/realm.json), https beside http."""
+    server = _start_keycloak(tmp_path_factory, wait=True)
+    server.wait_ready()
+    return server
+
+
+@pytest.fixture(scope="session")
+def keycloak_upstream(keycloak: Keycloak) -> Iterator[ResourceServer]:
+    """The verifying resource server, trusting Keycloak: the realm's payments and reports
+    audiences, and payments-api (the client id token exchange names it by)."""
+    server = ResourceServer(
+        keycloak,
+        audiences=(keycloak.PAYMENTS, keycloak.REPORTS),
+        client_id=keycloak.API_CLIENT_ID,
+    )
+    server.start()
+    yield server
+    server.stop()
+    server.seen()
+
+
+@pytest.fixture(params=["oidc-provider", "keycloak"])
+def oauth_idp(request: pytest.FixtureRequest) -> IdP | Keycloak:
+    """Each real IdP in turn: an OAuth test taking this runs against oidc-provider and Keycloak."""
+    return request.getfixturevalue("idp" if request.param == "oidc-provider" else "keycloak")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def oauth_upstream(oauth_idp: IdP | Keycloak, request: pytest.FixtureRequest) -> ResourceServer:
+    """The verifying resource server trusting ``oauth_idp``."""
+    name = "upstream" if oauth_idp.name == "oidc-provider" else "keycloak_upstream"
+    return request.getfixturevalue(name)  # type: ignore[no-any-return]
 
 
 @pytest.fixture

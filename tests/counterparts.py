@@ -30,7 +30,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 
 from proxy.credentials.jose import b64url, public_jwk
 from proxy.demo.resource_server import Verifier, resource_app
@@ -97,8 +97,11 @@ def ec_private_pem() -> tuple[bytes, ec.EllipticCurvePrivateKey]:
 
 
 class IdP:
-    """node-oidc-provider on a fixed loopback port; survives stop()/start() with the same keys."""
+    """node-oidc-provider on a fixed loopback port; survives stop()/start() with the same keys.
+    ``tests.keycloak.Keycloak`` offers the same interface for the tests parametrised over both
+    (the ``oauth_idp`` fixture)."""
 
+    name = "oidc-provider"
     CLIENT_ID = "orders-service"
     SUBJECT_ISSUER = "https://kubernetes.default.svc"
     LEGACY_CLIENT_ID = "legacy-service"
@@ -125,6 +128,15 @@ class IdP:
         pem, client_key = ec_private_pem()
         self.client_key_file = workdir / "client.pem"
         self.client_key_file.write_bytes(pem)
+        rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.client_rsa_key_file = workdir / "client-rs256.pem"
+        self.client_rsa_key_file.write_bytes(
+            rsa_key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
         self.client_secret_file = workdir / "client_secret.txt"
         secret = secrets.token_urlsafe(24)
         self.client_secret_file.write_text(secret + "\n")
@@ -132,7 +144,10 @@ class IdP:
         signing = ec.generate_private_key(ec.SECP256R1())
         d = signing.private_numbers().private_value.to_bytes(32, "big")
         self._signing_jwk = {**public_jwk(signing), "d": b64url(d), "kid": "idp-1", "alg": "ES256"}
-        self._client_jwk = {**public_jwk(client_key), "alg": "ES256"}
+        self._client_jwks = [
+            {**public_jwk(client_key), "alg": "ES256"},
+            {**public_jwk(rsa_key), "alg": "RS256"},
+        ]
         self._legacy_secret = secret
         self._cluster_key = ec.generate_private_key(ec.SECP256R1())  # signs "projected" tokens
         self._cluster_jwk = {**public_jwk(self._cluster_key), "kid": "cluster-1", "alg": "ES256"}
@@ -176,7 +191,7 @@ class IdP:
         config: dict[str, Any] = {
             "port": self.port,
             "issuer": self.issuer,
-            "scopes": self.scopes,
+            "scopes": [*self.scopes, "payments.admin"],  # a scope no client may have
             "signing_jwk": self._signing_jwk,
             "nonce_secret_hex": self._nonce_secret,
             "resources": self.resources,
@@ -188,8 +203,7 @@ class IdP:
                     **base,
                     "client_id": self.CLIENT_ID,
                     "token_endpoint_auth_method": "private_key_jwt",
-                    "token_endpoint_auth_signing_alg": "ES256",
-                    "jwks": {"keys": [self._client_jwk]},
+                    "jwks": {"keys": self._client_jwks},
                 },
                 {
                     **base,
@@ -240,6 +254,10 @@ class IdP:
         log.close()
         _wait_http(self.issuer + "/.well-known/openid-configuration", context=self.ssl)
 
+    @property
+    def jwks_uri(self) -> str:
+        return self.issuer + "/jwks"
+
     def stop(self) -> None:
         if self._process is not None:
             self._process.terminate()
@@ -257,6 +275,16 @@ class IdP:
             f"{self.issuer}/__test/require-nonce?on={int(on)}", method="POST"
         )
         urllib.request.urlopen(request, timeout=5, context=self.ssl).close()
+
+    # how credproxy's token_exchange issuer is configured for this IdP
+    EXCHANGE_ISSUER_FIELDS = ""
+
+    def refused_subject_tokens(self) -> dict[str, str]:
+        """Identity tokens this IdP must refuse to exchange, by what is wrong with them."""
+        return {
+            "untrusted": self.subject_token(key=ec.generate_private_key(ec.SECP256R1())),
+            "expired": self.subject_token(lifetime_s=-60),
+        }
 
     def subject_token(
         self, *, lifetime_s: int = 600, key: ec.EllipticCurvePrivateKey | None = None
@@ -350,23 +378,45 @@ class ResourceServer(ThreadedApp):
     """The verifying upstream, plus endpoints for streaming, scrubbing and redirect tests."""
 
     def __init__(
-        self, idp: IdP, *, accept_bearer: bool = True, tls: ssl.SSLContext | None = None
+        self,
+        idp: Any,
+        *,
+        accept_bearer: bool = True,
+        tls: ssl.SSLContext | None = None,
+        audiences: tuple[str, str] | None = None,
+        client_id: str | None = None,
     ) -> None:
+        """``audiences``: this API's audience and another API's (a payments.read route's),
+        where the IdP names them (Keycloak's realm), else URLs under this origin; ``client_id``:
+        the API as the IdP's client, where it has one (Keycloak: introspection answers only a
+        client named in the token's audience, and token exchange names the audience so)."""
         super().__init__(tls)
         self.idp = idp
-        self.audience = self.origin
+        self.audience, self.other_audience = audiences or (self.origin, self.origin + "/reports")
+        self.exchange_audience = client_id or self.audience  # what a token exchange asks for
+        # the route audience whose tokens the IdP revokes and will introspect
+        self.introspectable_audience = (
+            f"urn:client:{client_id}" if client_id else self.origin + "/opaque"
+        )
         self.short_audience = self.origin + "/short-lived"
         self.opaque_audience = self.origin + "/opaque"  # opaque tokens: revocable at the IdP
         self.uploads: list[dict[str, Any]] = []
 
         async def jwks() -> dict[str, Any]:
             async with aiohttp.ClientSession() as session:
-                async with session.get(idp.issuer + "/jwks") as response:
+                async with session.get(idp.jwks_uri) as response:
                     return dict(await response.json())
 
+        async def introspect(token: str) -> dict[str, Any]:
+            return await asyncio.to_thread(idp.introspect, token)
+
+        accepted = {self.audience, self.other_audience, self.short_audience}
+        if client_id is None:  # oidc-provider: its opaque tokens, for revocation
+            accepted.add(self.opaque_audience)
         self.verifier = Verifier(
+            introspect=introspect,
             issuer=idp.issuer,
-            audience=[self.audience, self.short_audience],
+            audience=sorted(accepted | {self.exchange_audience}),
             jwks=jwks,
             origin=self.origin,
             accept_bearer=accept_bearer,
@@ -447,6 +497,7 @@ def idp_and_upstream(
     server = ResourceServer(idp, tls=tls)
     idp.add_resource(server.audience, ttl_s=ttls_s[0])
     idp.add_resource(server.short_audience, ttl_s=ttls_s[1])
+    idp.add_resource(server.other_audience, ttl_s=ttls_s[0], scope="payments.read")
     idp.add_resource(server.opaque_audience, ttl_s=ttls_s[0], opaque=True)
     idp.start()
     try:
@@ -573,22 +624,24 @@ class Credproxy:
 
 def config(
     *,
-    idp: IdP,
+    idp: Any,
     upstream: str,
     audience: str,
     inject: str = "dpop",
     client_auth: str = "private_key_jwt",
+    client_key_file: Path | None = None,
     extra_route: str = "",
     extra_issuer: str = "",
     top: str = "",
 ) -> str:
-    """A credproxy config for the test counterparts; ``{audit}`` is filled in by ``Credproxy``."""
+    """A credproxy config for the test counterparts (``idp``: an ``IdP`` or a
+    ``tests.keycloak.Keycloak``); ``{audit}`` is filled in by ``Credproxy``."""
     credential_file = (
-        f"client_key_file: {idp.client_key_file}"
+        f"client_key_file: {client_key_file or idp.client_key_file}"
         if client_auth == "private_key_jwt"
         else f"client_secret_file: {idp.client_secret_file}"
     )
-    client_id = IdP.CLIENT_ID if client_auth == "private_key_jwt" else IdP.LEGACY_CLIENT_ID
+    client_id = idp.CLIENT_ID if client_auth == "private_key_jwt" else idp.LEGACY_CLIENT_ID
     return f"""\
 listen: 127.0.0.1:0
 admin: 127.0.0.1:0

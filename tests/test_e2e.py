@@ -19,17 +19,26 @@ def _proxy_config(idp, upstream, **kwargs):
 
 
 @pytest.mark.parametrize(
-    ("dpop_alg", "assertion_audience"), [("ES256", "issuer"), ("EdDSA", "token_endpoint")]
+    ("dpop_alg", "assertion_audience", "client_key"),
+    [("ES256", "issuer", "ES256"), ("EdDSA", "token_endpoint", "RS256")],
 )
 async def test_app_request_is_accepted_by_verifying_resource_server(
-    idp, upstream, credproxy, client, dpop_alg, assertion_audience
+    oauth_idp, oauth_upstream, credproxy, client, dpop_alg, assertion_audience, client_key
 ):
-    """The app's plain request arrives with a DPoP-bound token and a valid proof, path and query intact."""
+    """Discovery from issuer_url, private_key_jwt (an ES256 or RS256 client key, assertion
+    audience the issuer or the token endpoint), and a DPoP-bound token: the app's plain request
+    arrives with the token and a valid proof, path and query intact."""
     from yarl import URL
 
-    text = _proxy_config(idp, upstream, top=f"identity: {{dpop_alg: {dpop_alg}}}").replace(
-        "    client_auth:", f"    assertion_audience: {assertion_audience}\n    client_auth:"
-    )
+    idp, upstream = oauth_idp, oauth_upstream
+    key_file = idp.client_key_file if client_key == "ES256" else idp.client_rsa_key_file
+    text = config(
+        idp=idp,
+        upstream=upstream.origin,
+        audience=upstream.audience,
+        client_key_file=key_file,
+        top=f"identity: {{dpop_alg: {dpop_alg}}}",
+    ).replace("    client_auth:", f"    assertion_audience: {assertion_audience}\n    client_auth:")
     proc = credproxy(text)
 
     target = URL(proc.url + "/payments/v1/charges?limit=2&x=%2Fy", encoded=True)
@@ -41,14 +50,47 @@ async def test_app_request_is_accepted_by_verifying_resource_server(
     assert body["client_id"] == "orders-service" and body["scope"] == "payments.write"
     assert body["jkt"]
     assert jwt.get_unverified_header(upstream.seen()[-1][1])["alg"] == dpop_alg
-    assertion = [r for r in idp.records() if r.get("client_assertion")][-1]["client_assertion"]
+    records = idp.records()
+    if records is None:  # Keycloak keeps no record of the assertion: that it issued is the proof
+        return
+    assertion = [r for r in records if r.get("client_assertion")][-1]["client_assertion"]
     claims = jwt.decode(assertion, options={"verify_signature": False})
+    assert jwt.get_unverified_header(assertion)["alg"] == client_key
     assert claims["aud"] == (
         idp.issuer if assertion_audience == "issuer" else idp.issuer + "/token"
     )
     assert (
         claims["exp"] - claims["iat"] <= 60 and claims["iss"] == claims["sub"] == "orders-service"
     )
+
+
+async def test_scope_and_audience_per_route_are_in_the_tokens(
+    oauth_idp, oauth_upstream, credproxy, client
+):
+    """Two routes to two APIs, each with its own audience (RFC 8707 resource) and scope: each
+    API receives a token for exactly its audience and scope."""
+    idp, upstream = oauth_idp, oauth_upstream
+    extra = f"""\
+  - name: reports
+    path_prefix: /reports/
+    upstream: {upstream.origin}
+    credential: {{issuer: test-idp, audience: "{upstream.other_audience}", scope: payments.read}}
+    allow: [{{callers: [test-suite]}}]
+"""
+    proc = credproxy(
+        config(idp=idp, upstream=upstream.origin, audience=upstream.audience, extra_route=extra)
+    )
+    seen = {}
+    for route in ("payments", "reports"):
+        async with client.get(f"{proc.url}/{route}/v1/x") as response:
+            body = await response.json()
+            assert response.status == 200, body
+        audience = body["aud"] if isinstance(body["aud"], list) else [body["aud"]]
+        seen[route] = (audience, body["scope"])
+    assert seen == {
+        "payments": ([upstream.audience], "payments.write"),
+        "reports": ([upstream.other_audience], "payments.read"),
+    }
 
 
 async def test_app_credentials_and_hop_by_hop_headers_are_not_forwarded(
@@ -88,12 +130,13 @@ async def test_response_hop_by_hop_headers_are_removed(idp, upstream, credproxy,
 
 
 async def test_captured_token_and_proof_are_useless_without_sidecar_key(
-    idp, upstream, credproxy, client
+    oauth_idp, oauth_upstream, credproxy, client
 ):
     """A token and proof copied at the resource server cannot be replayed: as bearer, without proof, with the used proof, or with a proof from another key."""
     from proxy.credentials.dpop import DPoPKey, access_token_hash
 
-    proc = credproxy(_proxy_config(idp, upstream))
+    upstream = oauth_upstream
+    proc = credproxy(_proxy_config(oauth_idp, upstream))
     async with client.get(proc.url + "/payments/v1/charges") as response:
         assert response.status == 200
     token, proof = upstream.seen()[-1]
@@ -114,9 +157,10 @@ async def test_captured_token_and_proof_are_useless_without_sidecar_key(
             assert "invalid" in response.headers["WWW-Authenticate"], what
 
 
-async def test_each_request_gets_a_fresh_proof(idp, upstream, credproxy, client):
+async def test_each_request_gets_a_fresh_proof(oauth_idp, oauth_upstream, credproxy, client):
     """Ten requests carry ten distinct proofs (distinct jti) with one token."""
-    proc = credproxy(_proxy_config(idp, upstream))
+    upstream = oauth_upstream
+    proc = credproxy(_proxy_config(oauth_idp, upstream))
     before = len(upstream.seen())
     for _ in range(10):
         async with client.post(proc.url + "/payments/v1/charges", data=b"{}") as response:
@@ -264,14 +308,18 @@ async def test_redirects_are_returned_not_followed(idp, upstream, credproxy, cli
         assert response.headers["Location"] == "http://127.0.0.2:9/stolen"
 
 
-async def test_bearer_injection_and_legacy_client_secret(idp, upstream, credproxy, client):
+async def test_bearer_injection_and_legacy_client_secret(
+    oauth_idp, oauth_upstream, credproxy, client
+):
     """A bearer route with client_secret authentication gets an unbound token the upstream accepts."""
-    proc = credproxy(_proxy_config(idp, upstream, inject="bearer", client_auth="client_secret"))
+    proc = credproxy(
+        _proxy_config(oauth_idp, oauth_upstream, inject="bearer", client_auth="client_secret")
+    )
     async with client.get(proc.url + "/payments/v1/charges") as response:
         body = await response.json()
     assert response.status == 200, body
     assert body["authorization_schemes"] == ["Bearer"]
-    assert body["client_id"] == "legacy-service" and body["jkt"] is None
+    assert body["client_id"] == oauth_idp.LEGACY_CLIENT_ID and body["jkt"] is None
 
 
 async def test_host_routing_and_kept_prefix(idp, upstream, credproxy, client):
@@ -407,10 +455,10 @@ async def test_metrics_and_readiness(idp, upstream, credproxy, client):
     assert "status=200" in access[0]["msg"] and "status=404" in access[1]["msg"]
 
 
-async def test_readiness_false_while_no_credential(idp, upstream, credproxy, client):
+async def test_readiness_false_while_no_credential(oauth_idp, oauth_upstream, credproxy, client):
     """With the IdP refusing the client, /readyz is 503 naming the route and requests get 503 problem."""
-    text = _proxy_config(idp, upstream).replace(
-        f"client_id: {idp.CLIENT_ID}", "client_id: unknown-client"
+    text = _proxy_config(oauth_idp, oauth_upstream).replace(
+        f"client_id: {oauth_idp.CLIENT_ID}", "client_id: unknown-client"
     )
     proc = credproxy(text, expect_ready=False)
     wait_until(lambda: "invalid_client" in proc.log(), what="the IdP's refusal in the log")

@@ -15,9 +15,13 @@ from tests.counterparts import config, idp_and_upstream, rss_peak_during, wait_u
 MIB = 1024 * 1024
 
 
-@pytest.fixture
-def private_idp(tmp_path):
-    """An IdP + resource server pair of this test's own, so stopping the IdP disturbs nobody."""
+@pytest.fixture(params=["oidc-provider", "keycloak"])
+def private_idp(request, tmp_path):
+    """An IdP + resource server pair to stop and start: oidc-provider of this test's own, so
+    stopping it disturbs nobody; the session's Keycloak (its database keeps realm and keys)."""
+    if request.param == "keycloak":
+        yield request.getfixturevalue("keycloak"), request.getfixturevalue("keycloak_upstream")
+        return
     with idp_and_upstream(tmp_path, ttls_s=(60, 6)) as pair:
         yield pair
 
@@ -25,10 +29,11 @@ def private_idp(tmp_path):
 async def test_idp_outage_serves_until_expiry_then_503_then_recovers(
     private_idp, credproxy, client
 ):
-    """IdP down: the cached token serves until it expires, then 503 + Retry-After; IdP back: recovery without restart."""
+    """IdP down: the cached token serves until it expires (6 s: max_lifetime_s), then 503 +
+    Retry-After; IdP back: recovery without restart."""
     idp, server = private_idp
-    text = config(idp=idp, upstream=server.origin, audience=server.short_audience).replace(
-        "    client_auth:", "    backoff_max_s: 1\n    client_auth:"
+    text = config(idp=idp, upstream=server.origin, audience=server.audience).replace(
+        "    client_auth:", "    backoff_max_s: 1\n    max_lifetime_s: 6\n    client_auth:"
     )
     proc = credproxy(text)
     idp.stop()

@@ -8,15 +8,18 @@ import json
 import re
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import jwt
 import yaml
+from aiohttp import web
 
 from proxy.config import loader
 from proxy.metrics import Metrics
-from tests.counterparts import config, free_port
+from tests.counterparts import LEDGER, ThreadedApp, config, free_port
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -124,9 +127,67 @@ def test_compose_example_is_a_sidecar_holding_the_secret_alone():
     loaded = loader.load(EXAMPLES / "compose" / "credproxy.yaml")
     assert loaded.callers["app"].uid == int(app["user"].split(":")[0])
     realm = json.loads((EXAMPLES / "compose" / "realm.json").read_text())
-    [client] = realm["clients"]
-    assert client["clientId"] == loaded.issuers["keycloak"].client_id  # type: ignore[attr-defined]
-    assert client["secret"] == "${CREDPROXY_CLIENT_SECRET}"  # never a literal secret
+    clients = {client["clientId"]: client for client in realm["clients"]}
+    client = clients[loaded.issuers["keycloak"].client_id]  # type: ignore[attr-defined]
+    assert client["clientAuthenticatorType"] == "client-secret"
+    secrets = [c["secret"] for c in realm["clients"] if "secret" in c]
+    assert set(secrets) == {"${CREDPROXY_CLIENT_SECRET}"}  # never a literal secret
+
+
+class RecordingAPI(ThreadedApp):
+    """The compose example's echo container, as far as the test needs it: keeps what it got."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.authorizations: list[str] = []
+
+    def app(self) -> web.Application:
+        async def echo(request: web.Request) -> web.Response:
+            self.authorizations.append(request.headers.get("Authorization", ""))
+            return web.json_response({"path": request.path})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", echo)
+        return app
+
+
+async def test_compose_example_runs_against_keycloak_with_its_realm(keycloak, credproxy, client):
+    """The compose example's credproxy.yaml, against the session's Keycloak (which imported the
+    example's realm.json) — only addresses, files and the app's uid moved: the app's GET gets a
+    Keycloak token of the example's client with the example's scope; a POST is refused."""
+    api = RecordingAPI()
+    api.start()
+    try:
+        text = (EXAMPLES / "compose" / "credproxy.yaml").read_text()
+        for old, new in [
+            ("127.0.0.1:15001", "127.0.0.1:0"),
+            ("admin: 0.0.0.0:15090", "admin: 127.0.0.1:0"),
+            ("allow_non_loopback: ['0.0.0.0:15090']", ""),
+            ("{uid: 1000}", "{uid: 0}"),
+            ("http://idp:8080/realms/credproxy", keycloak.issuer),
+            ("/run/secrets/credproxy/client_secret", str(keycloak.client_secret_file)),
+            ("http://api:8080", api.origin),
+            ("/var/run/credproxy/audit.jsonl", '"{audit}"'),
+        ]:
+            assert old in text, old
+            text = text.replace(old, new)
+        proc = credproxy(text)
+        async with client.get(proc.url + "/api/orders") as response:
+            assert response.status == 200 and (await response.json())["path"] == "/orders"
+        async with client.post(proc.url + "/api/orders") as response:
+            assert response.status == 403
+    finally:
+        api.stop()
+    [authorization] = api.authorizations
+    scheme, _, token = authorization.partition(" ")
+    LEDGER.secret(token)
+    with urllib.request.urlopen(keycloak.jwks_uri, timeout=10) as answer:
+        keys = jwt.PyJWKSet.from_dict(json.load(answer))
+    kid = jwt.get_unverified_header(token)["kid"]
+    key = next(k.key for k in keys.keys if k.key_id == kid)
+    claims = jwt.decode(token, key, algorithms=["RS256"], options={"verify_aud": False})
+    assert scheme == "Bearer" and claims["iss"] == keycloak.issuer
+    assert claims["azp"] == keycloak.LEGACY_CLIENT_ID and claims["scope"] == "profile"
 
 
 def test_alerts_and_dashboard_use_only_exported_metrics():

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from tests.counterparts import config, idp_and_upstream
 
 REVOKE = "http://localhost/credentials/revoke"
@@ -172,3 +174,36 @@ async def test_revoke_during_idp_outage_keeps_the_app_served_and_revokes_later(
         assert late["outcome"] == "unsupported"  # JWT access tokens: oidc-provider cannot revoke
         async with client.get(proc.url + "/payments/api/x") as response:
             assert response.status == 200
+
+
+async def _token_in_use(proc, client, upstream) -> str:
+    async with client.get(proc.url + "/payments/v1/x") as response:
+        assert response.status == 200
+    return str(upstream.seen()[-1][0])
+
+
+@pytest.mark.parametrize("inject", ["bearer", "dpop"])
+async def test_revocation_on_demand_and_at_shutdown_as_the_idp_does_it(
+    oauth_idp, oauth_upstream, credproxy, client, inject
+):
+    """The token in use is revoked on demand (control) and its replacement at shutdown; the
+    IdP's introspection then says inactive (Keycloak: JWT access tokens; oidc-provider: opaque
+    ones, which the resource server introspects too)."""
+    idp, upstream = oauth_idp, oauth_upstream
+    audience = upstream.introspectable_audience
+    proc = credproxy(config(idp=idp, upstream=upstream.origin, audience=audience, inject=inject))
+    first = await _token_in_use(proc, client, upstream)
+    assert idp.introspect(first)["active"] is True
+    async with proc.control() as control, control.post(REVOKE) as response:
+        assert response.status == 200
+        [result] = (await response.json())["revoked"]
+    assert result["outcome"] == "revoked"
+    assert idp.introspect(first)["active"] is False
+    second = await _token_in_use(proc, client, upstream)
+    assert second != first and idp.introspect(second)["active"] is True
+    assert proc.stop() == 0
+    assert idp.introspect(second)["active"] is False
+    assert [(e["outcome"], e["reason"]) for e in proc.audit("credential.revoked")] == [
+        ("revoked", "control"),
+        ("revoked", "shutdown"),
+    ]

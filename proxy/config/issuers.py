@@ -158,6 +158,11 @@ class TokenExchangeIssuerConfig(OAuth2IssuerConfig):
     )
     subject_token_file: Path | None = Field(None, description="default: identity.token_file")
     subject_token_type: str = "urn:ietf:params:oauth:token-type:jwt"
+    grant: Literal["token_exchange", "jwt_bearer"] = Field(
+        "token_exchange",
+        description="token_exchange: RFC 8693 (subject_token); jwt_bearer: the identity token "
+        "as an RFC 7523 authorization grant (assertion), e.g. Keycloak's JWT authorization grant",
+    )
     subject_audience: str | None = Field(
         None, min_length=1, description="subject_token jwt_svid: its audience; default issuer_url"
     )

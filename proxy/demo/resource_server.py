@@ -1,8 +1,9 @@
 """A resource server that really verifies DPoP-bound JWT access tokens (RFC 9449 §7, RFC 9068).
 
-Checks: the token's signature against the IdP's JWKS, ``typ`` at+jwt, ``iss``, ``aud``, ``exp``;
-the ``DPoP`` scheme; the proof (signature, ``htm``, ``htu``, ``iat``, ``ath``, unique ``jti``,
-nonce when demanded); and ``cnf.jkt`` = the proof key's thumbprint.
+Checks: the token's signature against the IdP's JWKS, ``typ`` at+jwt, ``iss``, ``aud``, ``exp``
+(an opaque token: the IdP's introspection, RFC 7662, where one is given); the ``DPoP`` scheme; the
+proof (signature, ``htm``, ``htu``, ``iat``, ``ath``, unique ``jti``, nonce when demanded); and
+``cnf.jkt`` = the proof key's thumbprint.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from aiohttp import web
 from .verify import JtiCache, Rejected, verify_proof
 
 JwksLoader = Callable[[], Awaitable[dict[str, Any]]]
+Introspection = Callable[[str], Awaitable[dict[str, Any]]]
 TOKEN_ALGORITHMS = ("ES256", "RS256", "PS256", "EdDSA")
 CLAIMS_KEY = web.RequestKey("credential_claims", dict)
 
@@ -32,8 +34,10 @@ class Verifier:
         origin: str,
         iat_window_s: float = 60,
         accept_bearer: bool = False,
+        introspect: Introspection | None = None,
     ) -> None:
         self.issuer = issuer
+        self._introspect = introspect
         self.accept_bearer = accept_bearer
         self.audience = audience
         self.origin = origin  # scheme://host:port this server is reached at, for htu
@@ -84,7 +88,9 @@ class Verifier:
         try:
             header = jwt.get_unverified_header(token)
         except jwt.PyJWTError:
-            raise Rejected("invalid_token", "access token is not a JWT") from None
+            if self._introspect is None:
+                raise Rejected("invalid_token", "access token is not a JWT") from None
+            return await self._introspected(token)
         if header.get("typ", "").lower() not in ("at+jwt", "application/at+jwt"):
             raise Rejected("invalid_token", "access token typ is not at+jwt")
         key = await self._key(str(header.get("kid", "")))
@@ -99,6 +105,18 @@ class Verifier:
             )
         except jwt.PyJWTError as exc:
             raise Rejected("invalid_token", f"access token rejected: {exc}") from None
+        return claims
+
+    async def _introspected(self, token: str) -> dict[str, Any]:
+        assert self._introspect is not None
+        claims = await self._introspect(token)
+        audiences = claims.get("aud", [])
+        audiences = [audiences] if isinstance(audiences, str) else audiences
+        accepted = [self.audience] if isinstance(self.audience, str) else self.audience
+        if claims.get("active") is not True:
+            raise Rejected("invalid_token", "access token inactive at the issuer")
+        if claims.get("iss") != self.issuer or not set(audiences) & set(accepted):
+            raise Rejected("invalid_token", "access token is for another issuer or audience")
         return claims
 
     async def load_keys(self) -> None:
@@ -152,8 +170,10 @@ def resource_app(
                 "method": request.method,
                 "path": request.rel_url.raw_path,
                 "query": request.rel_url.raw_query_string,
-                "client_id": claims.get("client_id", claims.get("sub")),
+                "client_id": claims.get("client_id", claims.get("azp", claims.get("sub"))),
                 "scope": claims.get("scope"),
+                "aud": claims.get("aud"),
+                "sub": claims.get("sub"),
                 "jkt": claims.get("cnf", {}).get("jkt"),
                 "authorization_schemes": [
                     v.partition(" ")[0] for v in request.headers.getall("Authorization", ())

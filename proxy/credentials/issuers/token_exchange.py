@@ -1,6 +1,8 @@
 """RFC 8693 token exchange: the workload's identity token — a Kubernetes projected service-account
 token re-read from its file for every exchange so rotation is picked up and an expired one is
-never reused, or a JWT-SVID fetched from the SPIFFE Workload API (``subject_token: jwt_svid``) — is exchanged for an access token for the route's audience and scope.
+never reused, or a JWT-SVID fetched from the SPIFFE Workload API (``subject_token: jwt_svid``) —
+is exchanged for an access token for the route's audience and scope. With ``grant: jwt_bearer``
+the identity token is sent as an RFC 7523 authorization grant instead.
 Everything else (discovery, client authentication, DPoP binding, nonces) is the OAuth2 issuer's."""
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
     from ...spiffe.workload_api import WorkloadAPI
 
 GRANT_TYPE = "urn:ietf:params:oauth:grant-type:token-exchange"
+JWT_BEARER_GRANT_TYPE = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 ACCESS_TOKEN_TYPE = "urn:ietf:params:oauth:token-type:access_token"
 
 
@@ -48,6 +51,7 @@ class TokenExchangeIssuer(OAuth2Issuer):
         )
         self.config: TokenExchangeIssuerConfig = config
         self._subject_type = config.subject_token_type
+        self._jwt_bearer = config.grant == "jwt_bearer"
         self._subject_file = config.subject_token_file or identity.token_file
         if config.subject_token == "jwt_svid":
             self._subject_svid = workload_api_for(workload_api, f"issuers.{name}.subject_token")
@@ -66,6 +70,8 @@ class TokenExchangeIssuer(OAuth2Issuer):
             subject = svid.token
         else:
             subject = self._subject_from_file()
+        if self._jwt_bearer:
+            return {"grant_type": JWT_BEARER_GRANT_TYPE, "assertion": subject.reveal()}
         return {
             "grant_type": GRANT_TYPE,
             "subject_token": subject.reveal(),
