@@ -1,15 +1,26 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
 from hypothesis import settings
 
-from tests.counterparts import Credproxy, IdP, ResourceServer, environment_ok, idp_and_upstream
+from tests.counterparts import (
+    LEDGER,
+    Credproxy,
+    IdP,
+    LeakLedger,
+    ResourceServer,
+    environment_ok,
+    idp_and_upstream,
+)
 from tests.keycloak import Keycloak
 from tests.spire import (
     CREDPROXY_ID,
@@ -68,11 +79,32 @@ def _start_keycloak(tmp_path_factory: pytest.TempPathFactory, *, wait: bool) -> 
     return _keycloak[0]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With ``-n`` (pytest-xdist, ``--dist loadgroup``): a file's tests run in one worker (its
+    counterparts start once), and every Keycloak test in the same one (one Keycloak)."""
+    for item in items:
+        group = "keycloak" if _needs_keycloak(item) else item.nodeid.split("::")[0]
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 def pytest_collection_finish(session: pytest.Session) -> None:
     """Keycloak takes ~15 s to start (more on a busy machine): start it while the tests before
-    the first that needs it run."""
+    the first that needs it run. A worker of ``-n`` cannot know yet whether it will get the
+    Keycloak tests: there it starts when first needed."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        return
     if any(_needs_keycloak(item) for item in session.items):
         _start_keycloak(session.config._tmp_path_factory, wait=False)  # type: ignore[attr-defined]
+
+
+def pytest_configure_node(node: Any) -> None:
+    """xdist's controller: every worker saves its leak ledger in one directory."""
+    node.workerinput["ledger_dir"] = node.config.ledger_dir
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if not hasattr(config, "workerinput"):  # the controller, or a run without -n
+        config.ledger_dir = tempfile.mkdtemp(prefix="credproxy-ledgers-")  # type: ignore[attr-defined]
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:
@@ -80,6 +112,23 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
         server.stop()
         if server.started_s:  # it was waited for
             print(f"\nkeycloak: ready {server.started_s:.1f} s after it was started")
+    config = session.config
+    workerinput = getattr(config, "workerinput", None)
+    if workerinput is not None:  # a worker: its ledger, for the controller's scan
+        LEDGER.save(Path(workerinput["ledger_dir"]) / f"{workerinput['workerid']}.json")
+        return
+    ledgers = sorted(Path(config.ledger_dir).glob("*.json"))  # type: ignore[attr-defined]
+    if ledgers:  # -n: the workers' outputs scanned for every worker's secrets, as one session
+        merged = LeakLedger.merged(ledgers)
+        hits = merged.hits()
+        print(
+            f"\nleak scan across {len(ledgers)} workers: {len(merged.secrets)} credential values "
+            f"× {len(merged.files)} files + {len(merged.texts)} outputs: {len(hits)} hits"
+        )
+        if hits:
+            print("\n".join(hits))
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+    shutil.rmtree(config.ledger_dir, ignore_errors=True)  # type: ignore[attr-defined]
 
 
 @pytest.fixture(scope="session")

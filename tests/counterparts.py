@@ -55,6 +55,24 @@ class LeakLedger:
     def output(self, where: str, text: str) -> None:
         self.texts.append((where, text))
 
+    def save(self, path: Path) -> None:
+        """For a run split over workers (``-n``): the controller merges them (``merged``)."""
+        texts = [list(entry) for entry in self.texts]
+        files = [str(p) for p in self.files]
+        path.write_text(
+            json.dumps({"secrets": sorted(self.secrets), "files": files, "texts": texts})
+        )
+
+    @classmethod
+    def merged(cls, paths: list[Path]) -> LeakLedger:
+        ledger = cls()
+        for path in paths:
+            saved = json.loads(path.read_text())
+            ledger.secrets.update(saved["secrets"])
+            ledger.files += [Path(p) for p in saved["files"]]
+            ledger.texts += [(where, text) for where, text in saved["texts"]]
+        return ledger
+
     def hits(self) -> list[str]:
         sources = [(str(p), p.read_text(errors="replace")) for p in self.files if p.exists()]
         found = []

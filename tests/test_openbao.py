@@ -496,6 +496,10 @@ audit: {{file: "{{audit}}"}}
         assert len(serials) >= 3, f"renewals seen by the upstream: {len(serials) - 1}"
         assert set(statuses) == {200}, f"{len(statuses) - statuses.count(200)} requests failed"
         assert {issuer for _, issuer in upstream.seen} == {PKI_CA_NAME}
+        print(
+            f"PKI: {len(statuses)} requests, {len(serials)} certificates presented "
+            f"({len(serials) - 1} renewals), {len(statuses) - statuses.count(200)} failed"
+        )
         assert bao.count("pki/sign/orders") >= 3 and bao.count("pki/issue/orders") == 0
 
         async with proc.control() as control:
