@@ -72,6 +72,19 @@ async def test_refreshes_ahead_of_expiry_in_background(audit):
     await source.aclose()
 
 
+async def test_latest_waits_for_the_refresh_in_flight_get_does_not(audit):
+    """While a refresh is in flight, get() answers the old (still valid) token at once and
+    latest() the new one: a follower worker asking the leader near expiry gets the fresh one."""
+    fetch = ScriptedFetch(delay_s=0.3)
+    source = _source(fetch, audit)
+    first = await source.get()
+    source.refresh()
+    assert await source.get() is first
+    newer = await source.latest()
+    assert newer is not first and fetch.calls == 2
+    await source.aclose()
+
+
 async def test_valid_token_keeps_serving_while_issuer_fails(audit):
     """Refresh failures do not disturb callers while the cached token is valid."""
     fetch = ScriptedFetch(lifetime_s=2.0)

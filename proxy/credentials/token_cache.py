@@ -187,6 +187,17 @@ class TokenSource:
             return token
         raise self._unavailable(max(self._backoff_until - time.monotonic(), 1.0))
 
+    async def latest(self) -> Token:
+        """``get()``, after the refresh in flight if one is: what the leader worker gives a
+        follower, which asks when its copy nears expiry, the very moment the leader refreshes;
+        the old token would expire in the follower's hands before its next ask."""
+        attempt = self._attempt
+        if attempt is not None and self._token is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self._wait_max_s):
+                    await asyncio.shield(attempt)
+        return await self.get()
+
     def refresh(self) -> None:
         """Fetch a new credential now, in the background (a session revoked on demand)."""
         if self._task is not None and not self._closed:

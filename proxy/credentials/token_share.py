@@ -45,7 +45,7 @@ def leader_app(sources: Callable[[], dict[CacheKey, Any]]) -> web.Application:
         if not isinstance(source, TokenSource):
             return web.json_response({"error": "no such credential"}, status=404)
         try:
-            current = await source.get()
+            current = await source.latest()
         except CredentialUnavailable as exc:
             return web.json_response({"error": str(exc)}, status=503)
         return web.json_response({
