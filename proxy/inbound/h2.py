@@ -44,6 +44,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from ..log import server_log
+from ..outbound.h2_upstream import StreamFlow
 from ..tasks import spawn
 from ..wire import EmptyStreamReader, HttpVersion11, RawRequestMessage
 from .listener import AppGone, AppRequest, Handler
@@ -95,36 +96,6 @@ class _GracefulH2Connection(H2Connection):
         return frames, events
 
 
-class _StreamFlow:
-    """What a body ``StreamReader`` pauses and resumes: whether the stream's received bytes are
-    acknowledged (WINDOW_UPDATE) as they arrive, or held until the handler reads them."""
-
-    __slots__ = ("_session", "_stream_id", "_reading_paused", "_unacknowledged", "connected")
-
-    def __init__(self, session: H2Session, stream_id: int) -> None:
-        self._session = session
-        self._stream_id = stream_id
-        self._reading_paused = False
-        self._unacknowledged = 0
-        self.connected = True
-
-    def received(self, size: int) -> None:
-        if self._reading_paused:
-            self._unacknowledged += size
-        elif size:
-            self._session.acknowledge(self._stream_id, size)
-
-    def pause_reading(self) -> None:
-        self._reading_paused = True
-
-    def resume_reading(self, resume_parser: bool = True) -> None:
-        if self._reading_paused:
-            self._reading_paused = False
-            size, self._unacknowledged = self._unacknowledged, 0
-            if size:
-                self._session.acknowledge(self._stream_id, size)
-
-
 class H2Request(AppRequest):
     """One stream as the handler sees a request; its answer goes out as HEADERS, DATA (within
     the stream's flow-control window) and, for gRPC, trailers."""
@@ -154,7 +125,7 @@ class H2Request(AppRequest):
         self.remote_closed = False  # the app's side of the stream ended (END_STREAM)
         self.grpc_status: str | None = None  # as sent in the trailers, for the access log
         self.task: asyncio.Task[None] | None = None
-        self.flow: _StreamFlow | None = None  # its body's acknowledgements, if it has one
+        self.flow: StreamFlow | None = None  # its body's acknowledgements, if it has one
         self.trailers: tuple[tuple[bytes, bytes], ...] = ()  # the app's, after its body
 
     @property
@@ -425,7 +396,7 @@ class H2Session:
         if ended:
             body = EmptyStreamReader()
         else:
-            flow = _StreamFlow(self, stream_id)
+            flow = StreamFlow(self, stream_id)
             body = StreamReader(flow, _READ_LIMIT, loop=self._loop)  # type: ignore[arg-type]
         request = H2Request(self, stream_id, message, body)
         request.flow = flow

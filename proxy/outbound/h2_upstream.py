@@ -14,7 +14,7 @@ import asyncio
 import math
 import ssl
 from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import cast
+from typing import Protocol, cast
 
 from aiohttp import StreamReader
 from h2.config import H2Configuration
@@ -79,12 +79,18 @@ class _Refused(UpstreamProtocolError):
     """The upstream did not process the stream: safe to send again."""
 
 
-class _Flow:
-    """What an answer body's ``StreamReader`` pauses: acknowledging the stream's bytes."""
+class Acknowledging(Protocol):
+    def acknowledge(self, stream_id: int, size: int) -> None: ...
+
+
+class StreamFlow:
+    """What a body ``StreamReader`` pauses and resumes (an answer's here, a request's on the
+    app side): whether the stream's received bytes are acknowledged (WINDOW_UPDATE) as they
+    arrive, or held until the reader takes them."""
 
     __slots__ = ("_connection", "_stream_id", "_reading_paused", "_unacknowledged", "connected")
 
-    def __init__(self, connection: _H2Connection, stream_id: int) -> None:
+    def __init__(self, connection: Acknowledging, stream_id: int) -> None:
         self._connection = connection
         self._stream_id = stream_id
         self._reading_paused = False
@@ -125,7 +131,7 @@ class _Stream:
         loop = connection.loop
         self.id = stream_id
         self.answer: asyncio.Future[RawResponseMessage] = loop.create_future()
-        self.flow = _Flow(connection, stream_id)
+        self.flow = StreamFlow(connection, stream_id)
         self.body = StreamReader(self.flow, _READ_LIMIT, loop=loop)  # type: ignore[arg-type]
         self.trailers: tuple[tuple[bytes, bytes], ...] = ()
         self.where = where
