@@ -49,29 +49,8 @@ problem+json, or, where a route's ``answer_as`` says so, in an AWS service's own
 SDKs show the code and detail instead of a bare status; the ``Code`` is credproxy's code, never
 one of AWS's, so no SDK mistakes a refusal for a retryable AWS condition.
 
-Where third-party errors become these (one place per boundary, raised ``from None`` where the
-original's text could quote a secret or a request):
-
-- the app's HTTP (aiohttp's parser, behind ``wire``): ``inbound.listener``
-  (``data_received``) → ``MalformedRequest``, worded by ``wire.described``
-- upstreams (OSError, ``ssl.SSLError``, TimeoutError, parser errors): ``outbound.upstream``
-  (connecting: ``Upstreams._connect``; the answer: ``_Connection``'s parser callbacks; the body:
-  ``_send``) → ``Upstream*``; over HTTP/2 (``h2`` protocol errors, stream resets, ``GOAWAY``)
-  ``outbound.h2_upstream`` (``H2Upstreams._connect``, ``_H2Connection.data_received``)
-- the app's HTTP/2 (``h2`` protocol errors): ``inbound.h2`` (``H2Session.data_received``) ends
-  the connection with ``GOAWAY``; a stream's refusal is a problem (or ``grpc-status``) on it
-- IdPs and OpenBao / Vault over HTTP (aiohttp, OSError, TimeoutError, JSON):
-  ``credentials.issuers.exchange`` (``call`` and ``json_object``; the OAuth2, token exchange
-  and OpenBao issuers pass how they name themselves) → ``IssuerError``
-- AWS STS (botocore ``ClientError``, ``BotoCoreError``): ``aws_sdk.sts_errors`` → ``IssuerError``
-- the leader worker (aiohttp, TimeoutError, JSON): ``credentials.token_share.LeaderClient.fetch``
-  → ``IssuerError``
-- key and secret files (OSError, PEM ``ValueError``, UnicodeDecodeError): ``credentials.identity``
-  (``_read``, ``load_signing_key``, ``read_secret_file``) → ``IdentityError``
-- the config file (OSError, UnicodeDecodeError, YAML, pydantic): ``config.loader`` → ``ConfigError``
-- listening sockets (OSError): ``lifecycle.unix_socket.cannot_listen`` → ``StartError``
-- the audit file (OSError): ``audit.trail.Audit._open`` → ``StartError`` (a failed write is logged)
-- control requests (JSON): ``lifecycle.control`` → ``InvalidControlRequest``
+Where third-party errors become these, one place per boundary: docs/design.md, "Error
+boundaries".
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.config import loader
+from proxy.config import cross_checks, loader
 from proxy.config.issuers import OAuth2IssuerConfig
 from proxy.errors import ConfigError
 
@@ -532,7 +532,7 @@ def test_registries_and_checks_are_derived_from_the_plugins_declarations():
     for kind, model in ISSUER_CONFIGS.items():
         assert model.supported_injectors
         for inject in CREDENTIAL_CONFIGS:
-            errors = loader._credential_checks(
+            errors = cross_checks._credential_checks(
                 "r", {"upstream": "https://u.example"}, {"issuer": "i", "inject": inject},
                 {"type": kind},
             )  # fmt: skip

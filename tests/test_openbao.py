@@ -27,7 +27,7 @@ from proxy.config.issuers import OpenBaoIssuerConfig
 from proxy.config.model import IdentityConfig
 from proxy.credentials.dpop import DPoPKey
 from proxy.credentials.issuers import make_issuer
-from proxy.credentials.token_cache import CacheKey
+from proxy.credentials.token import CacheKey
 from proxy.errors import ConfigError, IssuerError
 from tests.counterparts import PREAMBLE, ThreadedApp, wait_until
 from tests.openbao import KV_PATH, PKI_CA_NAME, PKI_NAME, ROLE, OpenBao

@@ -11,7 +11,8 @@ import asyncio
 import pytest
 
 from proxy.audit.trail import Audit
-from proxy.credentials.token_cache import CacheKey, Token, TokenSource
+from proxy.credentials.token import CacheKey, Token
+from proxy.credentials.token_cache import TokenSource
 from proxy.errors import CredentialUnavailable, IssuerError
 from proxy.metrics import Metrics
 from proxy.secret import Secret

@@ -15,7 +15,8 @@ from aiohttp import web
 
 from proxy.audit.trail import Audit
 from proxy.credentials.minting import MintingSource
-from proxy.credentials.token_cache import CacheKey, Token, TokenSource
+from proxy.credentials.token import CacheKey, Token
+from proxy.credentials.token_cache import TokenSource
 from proxy.credentials.token_share import LeaderClient, leader_app
 from proxy.errors import IssuerError
 from proxy.metrics import Metrics

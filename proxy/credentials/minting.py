@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from ..audit.trail import Audit
 from ..secret import Secret
-from .token_cache import CacheKey, Revocation, Token
+from .token import CacheKey, Revocation, Token
 
 
 class MintingSource:

@@ -17,7 +17,8 @@ from aiohttp import web
 
 from ..errors import CredentialUnavailable, IssuerError
 from ..secret import Secret
-from .token_cache import CacheKey, Token, TokenSource
+from .token import CacheKey, Token
+from .token_cache import TokenSource
 
 
 def _query(key: CacheKey) -> dict[str, str]:

@@ -14,7 +14,8 @@ from ..config.model import Config, RouteConfig
 from ..credentials.injectors import Injector, Signing
 from ..credentials.issuers import Issuer
 from ..credentials.minting import MintingSource
-from ..credentials.token_cache import CacheKey, Revocation, TokenSource
+from ..credentials.token import CacheKey, Revocation
+from ..credentials.token_cache import TokenSource
 from ..outbound.tls import ClientTLS
 from ..outbound.upstream import Origin, Timeouts
 from .guard import Guard

@@ -19,7 +19,8 @@ from ..credentials.injectors import Signing, make_injector
 from ..credentials.issuers import Issuer, SelfSignedJWTIssuer, SessionIssuer, make_issuer
 from ..credentials.minting import MintingSource
 from ..credentials.signing import SignatureBatch
-from ..credentials.token_cache import CacheKey, Token, TokenSource
+from ..credentials.token import CacheKey, Token
+from ..credentials.token_cache import TokenSource
 from ..credentials.token_share import LeaderClient
 from ..errors import IdentityError
 from ..inbound.guard import Guard

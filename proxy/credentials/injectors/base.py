@@ -18,7 +18,7 @@ from ...errors import AnswerFormat
 from ..dpop import DPoPKey
 from ..issuers.base import Issuer
 from ..signing import SignatureBatch
-from ..token_cache import Token
+from ..token import Token
 
 Body = bytes | StreamReader | AsyncIterable[bytes] | None
 

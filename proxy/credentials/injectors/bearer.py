@@ -5,7 +5,7 @@ from __future__ import annotations
 from ...config.credential import BearerCredential
 from ...config.model import RouteConfig
 from ..issuers.base import Issuer, PerRequestIssuer
-from ..token_cache import Token
+from ..token import Token
 from .base import Injector, Outbound, Signing, injector
 from .jwt import JWTInjector
 

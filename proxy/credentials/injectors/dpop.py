@@ -11,7 +11,7 @@ from ...config.model import RouteConfig
 from ..dpop import DPoPKey
 from ..issuers.base import Issuer
 from ..signing import SignatureBatch
-from ..token_cache import Token
+from ..token import Token
 from .base import Injector, Outbound, Signing, injector
 
 

@@ -10,7 +10,7 @@ from yarl import URL
 from ...config.credential import HeaderCredential, QueryCredential
 from ...config.model import RouteConfig
 from ..issuers.base import Issuer, PerRequestIssuer
-from ..token_cache import Token
+from ..token import Token
 from .base import Injector, Outbound, Signing, injector
 from .jwt import JWTInjector
 

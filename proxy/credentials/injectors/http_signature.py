@@ -21,7 +21,7 @@ from ...config.model import RouteConfig
 from ...errors import UnsignableRequest
 from ..issuers.base import Issuer, PerRequestIssuer
 from ..signing import SignatureBatch
-from ..token_cache import Token
+from ..token import Token
 from .base import Injector, Outbound, Signing, injector
 
 # the current key for a request: (keyid, algorithm, sign(bytes) → signature)

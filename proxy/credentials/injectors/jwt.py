@@ -10,7 +10,7 @@ from yarl import URL
 from ...config.model import RouteConfig
 from ..issuers.base import PerRequestIssuer
 from ..signing import SignatureBatch
-from ..token_cache import Token
+from ..token import Token
 from .base import Injector, Outbound, Signing
 
 

@@ -26,7 +26,7 @@ from ...config.issuers import sigv4_scope
 from ...config.model import RouteConfig
 from ...errors import AnswerFormat, LengthRequired
 from ..issuers.base import Issuer
-from ..token_cache import Token
+from ..token import Token
 from .base import Body, Injector, Outbound, Signing, injector
 
 _SIGNED = ("content-type", "content-md5")

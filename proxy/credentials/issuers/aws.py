@@ -21,7 +21,7 @@ from ...errors import IdentityError, IssuerError
 from ...secret import Secret
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
-from ..token_cache import CacheKey, Token
+from ..token import CacheKey, Token
 from .base import issuer
 from .spiffe import jwt_svid, workload_api_for
 

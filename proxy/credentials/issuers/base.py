@@ -13,7 +13,7 @@ from ...config.issuers import IssuerConfig
 from ...config.model import IdentityConfig
 from ..dpop import DPoPKey
 from ..signing import SignatureBatch
-from ..token_cache import CacheKey, Token
+from ..token import CacheKey, Token
 
 if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
     from ...spiffe.workload_api import WorkloadAPI

@@ -32,7 +32,7 @@ from ...secret import Secret
 from ..dpop import DPoPKey
 from ..identity import load_signing_key, read_secret_file
 from ..jose import Signer
-from ..token_cache import CacheKey, Token
+from ..token import CacheKey, Token
 from . import exchange
 from .base import issuer
 from .spiffe import jwt_svid, workload_api_for

@@ -32,7 +32,7 @@ from ...outbound.tls import ClientTLS
 from ...secret import Secret
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
-from ..token_cache import CacheKey, Token
+from ..token import CacheKey, Token
 from . import exchange
 from .base import issuer
 from .pki import issued_certificate, new_key, signing_request

@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 
 from ...errors import IssuerError
 from ...secret import Secret
-from ..token_cache import Token
+from ..token import Token
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 

@@ -21,7 +21,7 @@ from ..dpop import DPoPKey
 from ..identity import generate_key, load_signing_key
 from ..jose import Signer, SigningKey, b64url, public_jwk, thumbprint
 from ..signing import SignatureBatch
-from ..token_cache import CacheKey, Token
+from ..token import CacheKey, Token
 from .base import issuer
 
 if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used

@@ -13,7 +13,7 @@ from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ...spiffe.svid import JWTSVID
 from ..dpop import DPoPKey
-from ..token_cache import CacheKey, Token
+from ..token import CacheKey, Token
 from .base import issuer
 
 if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
