@@ -7,6 +7,7 @@ so what reaches "the IdP" is counted; the socket lives in the test's tmp directo
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 
@@ -19,8 +20,10 @@ from proxy.credentials.token import CacheKey, Token
 from proxy.credentials.token_cache import TokenSource
 from proxy.credentials.token_share import LeaderClient, leader_app
 from proxy.errors import IssuerError
+from proxy.log import credentials_log
 from proxy.metrics import Metrics
 from proxy.secret import Secret
+from proxy.tasks import spawn
 
 KEY = CacheKey("idp", "https://api", "read", bound=True)
 AWS = CacheKey("sts", None, None, bound=False)
@@ -126,10 +129,46 @@ async def test_a_leader_without_a_token_is_an_issuer_error_with_its_reason(leade
 
 
 async def test_a_leader_that_is_not_there_is_an_issuer_error(tmp_path):
-    """No leader on the socket: IssuerError saying it did not answer, not a crash."""
-    client = LeaderClient(str(tmp_path / "nobody.sock"))
+    """No leader on the socket within ``connect_wait_s``: IssuerError saying it did not
+    answer, not a crash."""
+    client = LeaderClient(str(tmp_path / "nobody.sock"), connect_wait_s=0.2)
     try:
         with pytest.raises(IssuerError, match="did not answer"):
             await client.fetch(KEY)
     finally:
         await client.aclose()
+
+
+async def test_a_follower_asking_before_the_leader_listens_gets_the_token(tmp_path, audit):
+    """Workers start together: a follower's first ask may find no leader socket yet. It waits
+    for the leader instead of failing (a failure would back off, and requests meanwhile get
+    503), and gets the token once the leader listens."""
+    path = str(tmp_path / "late-leader.sock")
+    refused = asyncio.Event()
+
+    class Waiting(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if "not listening" in record.getMessage():
+                refused.set()
+
+    handler, level = Waiting(), credentials_log.level
+    credentials_log.addHandler(handler)
+    credentials_log.setLevel(logging.INFO)
+    fetch = CountingFetch(lambda n: Token(Secret(f"tok-{n}"), "Bearer", 60.0))
+    source = _source(KEY, fetch, audit)
+    client = LeaderClient(path)
+    runner = web.AppRunner(leader_app(lambda: {KEY: source}), access_log=None)
+    try:
+        asking = spawn(client.fetch(KEY), name="follower-fetch")
+        await asyncio.wait_for(refused.wait(), 10)  # the first connect found no leader
+        assert not asking.done()
+        await runner.setup()
+        await web.UnixSite(runner, path).start()
+        token = await asyncio.wait_for(asking, 10)
+        assert token.value.reveal() == "tok-1" and fetch.calls == 1
+    finally:
+        credentials_log.removeHandler(handler)
+        credentials_log.setLevel(level)
+        await client.aclose()
+        await runner.cleanup()
+        await source.aclose()

@@ -152,13 +152,16 @@ async def test_workers_refresh_short_tokens_through_the_leader(idp, upstream, cr
     )
     deadline = time.monotonic() + 12
     statuses: list[int] = []
+    refusals: list[str] = []  # the problem details: why a request failed
     async with aiohttp.ClientSession() as client:
         while time.monotonic() < deadline:
             async with client.get(
                 proc.url + "/payments/api/x", headers={"Connection": "close"}
             ) as response:
                 statuses.append(response.status)
+                if response.status != 200:
+                    refusals.append(await response.text())
             await asyncio.sleep(0.05)
-    assert set(statuses) == {200} and len(statuses) > 50
+    assert set(statuses) == {200} and len(statuses) > 50, refusals
     tokens = len([r for r in idp.records() if r.get("access_token")]) - before
     assert 3 <= tokens <= 5  # a refresh every ~4 s (1 s ahead of expiry): one source, not two

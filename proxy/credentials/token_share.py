@@ -8,6 +8,7 @@ not logged. Static secrets are read by each worker from their file; nothing else
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from typing import Any
@@ -16,6 +17,7 @@ import aiohttp
 from aiohttp import web
 
 from ..errors import CredentialUnavailable, IssuerError
+from ..log import credentials_log
 from ..secret import Secret
 from .token import CacheKey, Token
 from .token_cache import TokenSource
@@ -62,35 +64,69 @@ def leader_app(sources: Callable[[], dict[CacheKey, Any]]) -> web.Application:
     return app
 
 
-class LeaderClient:
-    """A follower's way to its tokens: from the leader, never from the IdP."""
+_CONNECT_RETRY_S = 0.05
 
-    def __init__(self, socket_path: str) -> None:
+
+class LeaderClient:
+    """A follower's way to its tokens: from the leader, never from the IdP.
+
+    The leader is a sibling process: at start it may bind its socket a moment after a follower
+    first asks, and after a crash the supervisor starts it again. A follower that cannot
+    connect keeps trying for ``connect_wait_s`` before it calls the leader unavailable, so a
+    start-up race never becomes a backoff during which requests get 503."""
+
+    def __init__(self, socket_path: str, *, connect_wait_s: float = 10.0) -> None:
+        self._socket_path = socket_path
+        self._connect_wait_s = connect_wait_s
         self._session = aiohttp.ClientSession(connector=aiohttp.UnixConnector(path=socket_path))
 
     async def fetch(self, key: CacheKey) -> Token:
         where = f"issuers.{key.issuer}: the leader worker"
         try:
-            async with self._session.get(
-                "http://leader/token", params=_query(key), timeout=aiohttp.ClientTimeout(total=30)
-            ) as response:
-                answer = await response.json()
+            answer, status = await self._ask(key)
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
             raise IssuerError(f"{where} did not answer: {exc.__class__.__name__}") from None
-        if response.status != 200:
-            raise IssuerError(f"{where} has no token: {answer.get('error', response.status)}")
-        secret = answer.get("signing_secret")
-        return Token(
-            value=Secret(answer["value"]),
-            token_type=answer["token_type"],
-            lifetime_s=max(0.0, float(answer["expires_at"]) - time.time()),
-            key_id=answer.get("key_id"),
-            signing_secret=Secret(secret) if secret else None,
-            legacy=bool(answer.get("legacy")),
-            secret_version=answer.get("secret_version"),
-            certificate=answer.get("certificate"),
-            serial=answer.get("serial"),
-        )
+        if status != 200:
+            raise IssuerError(f"{where} has no token: {answer.get('error', status)}")
+        return _token(answer)
+
+    async def _ask(self, key: CacheKey) -> tuple[dict[str, Any], int]:
+        give_up = time.monotonic() + self._connect_wait_s
+        waiting = False
+        while True:
+            try:
+                async with self._session.get(
+                    "http://leader/token",
+                    params=_query(key),
+                    timeout=aiohttp.ClientTimeout(total=30),
+                ) as response:
+                    return await response.json(), response.status
+            except aiohttp.ClientConnectorError:
+                if time.monotonic() >= give_up:
+                    raise
+                if not waiting:
+                    waiting = True
+                    credentials_log.info(
+                        "the leader worker is not listening at %s yet; waiting up to %gs",
+                        self._socket_path,
+                        self._connect_wait_s,
+                    )
+                await asyncio.sleep(_CONNECT_RETRY_S)
 
     async def aclose(self) -> None:
         await self._session.close()
+
+
+def _token(answer: dict[str, Any]) -> Token:
+    secret = answer.get("signing_secret")
+    return Token(
+        value=Secret(answer["value"]),
+        token_type=answer["token_type"],
+        lifetime_s=max(0.0, float(answer["expires_at"]) - time.time()),
+        key_id=answer.get("key_id"),
+        signing_secret=Secret(secret) if secret else None,
+        legacy=bool(answer.get("legacy")),
+        secret_version=answer.get("secret_version"),
+        certificate=answer.get("certificate"),
+        serial=answer.get("serial"),
+    )
