@@ -20,7 +20,6 @@ def start_upstream(bench: Bench) -> subprocess.Popen[bytes]:
     prefix = bench.subdir("upstream")
     docroot = prefix / "www"
     docroot.mkdir(mode=0o755)
-    (docroot / "small").write_bytes(SMALL_BODY)
     (docroot / "big").write_bytes((b"0123456789abcdef" * 65536)[:BIG_BYTES])
     for path in docroot.iterdir():
         path.chmod(0o644)
@@ -31,6 +30,7 @@ def start_upstream(bench: Bench) -> subprocess.Popen[bytes]:
         key=bench.key,
         docroot=docroot,
         upload_dir=bench.upload_dir,
+        small=SMALL_BODY.rstrip(b"\n").decode(),  # JSON: no quote or backslash to escape
     )
     (prefix / "nginx.conf").write_text(conf)
     process = bench.processes.start(

@@ -59,6 +59,14 @@ SUBJECTS: list[Subject] = [
         instructions=True,
     ),
     Subject(
+        "cp-bearer-defaults",
+        "credproxy bearer, shipped defaults",
+        VARIANTS["cp-bearer-defaults"].start,
+        credproxy=True,
+        idp=True,
+        note="no log or audit settings: access log on, audit on stdout",
+    ),
+    Subject(
         "cp-dpop",
         "credproxy DPoP per request",
         VARIANTS["cp-dpop"].start,

@@ -54,6 +54,7 @@ class Variant:
     credential: Callable[[Bench], Config]
     workers: int = 1
     other_routes: int = 0  # declared before the measured one: the route table's cost
+    shipped_defaults: bool = False  # no log or audit settings: access log on, audit on stdout
 
     def config(self, bench: Bench, port: int, admin: int, audit_file: str) -> Config:
         credential: Config = {"issuer": "bench-issuer", **self.credential(bench)}
@@ -81,8 +82,11 @@ class Variant:
                     "allow": [{"callers": ["bench"]}],
                 },
             ],
-            "audit": {"file": audit_file},
-            "log": CREDPROXY_LOG,
+            **(
+                {}
+                if self.shipped_defaults
+                else {"audit": {"file": audit_file}, "log": CREDPROXY_LOG}
+            ),
         }
 
     def start(self, bench: Bench) -> Started:
@@ -115,6 +119,12 @@ VARIANTS: dict[str, Variant] = {
         _static_issuer,
         lambda _: {"inject": "header", "header": KEY_HEADER},
         other_routes=999,
+    ),
+    "cp-bearer-defaults": Variant(
+        "credproxy-bearer-defaults",
+        _oauth2_issuer,
+        _token_for_upstream("bearer"),
+        shipped_defaults=True,
     ),
     "cp-bearer-2w": Variant(
         "credproxy-bearer-2w", _oauth2_issuer, _token_for_upstream("bearer"), workers=2
