@@ -48,7 +48,7 @@ Check = Callable[[web.BaseRequest, Caller], None]
 Admit = Callable[[Caller], ProblemError | None]
 _SWEEP_INTERVAL_S = 0.25
 # Per listener: telemetry is scraped by one or two clients, control used by an operator; both
-# are counted in the descriptors the app listener leaves free (``server._connection_limits``).
+# are counted in the descriptors the app listener leaves free (``app_listen.connection_limits``).
 MAX_CONNECTIONS = 32
 MAX_CONNECTIONS_PER_UID = 8
 _LINGER_S = 2.0

@@ -1,14 +1,13 @@
 """Process lifecycle: the app, telemetry and control listeners, warm-up, signals and graceful
-shutdown. The telemetry endpoints are in ``telemetry``, the control plane's in ``control``."""
+shutdown. The app listeners are bound by ``app_listen``, the telemetry endpoints are in
+``telemetry``, the control plane's in ``control``."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import gc
 import os
-import resource
 import signal
 import socket
 from pathlib import Path
@@ -23,12 +22,12 @@ from ..access.break_glass import BreakGlass
 from ..audit.trail import Audit
 from ..audit.usage import Usage
 from ..config import loader
-from ..config.model import Address, AppLimits, Config, loopback_twin, parse_address
+from ..config.model import Address, Config, parse_address
 from ..credentials.dpop import DPoPKey
 from ..credentials.token_share import LeaderClient, leader_app
 from ..errors import ConfigError, CredentialUnavailable, IdentityError, StartError
 from ..inbound.handler import Handler
-from ..inbound.listener import AppListener, Limits
+from ..inbound.listener import AppListener
 from ..inbound.runtime import Runtime
 from ..log import server_log
 from ..metrics import Metrics
@@ -36,7 +35,8 @@ from ..outbound.h2_upstream import H2Upstreams
 from ..outbound.upstream import Upstreams
 from ..tasks import spawn
 from . import control, telemetry
-from .admin_http import ADMIN_DESCRIPTORS, AdminServer, remove_socket, unix_socket
+from .admin_http import AdminServer, remove_socket, unix_socket
+from .app_listen import connection_limits, listen_app
 from .assembly import build
 from .unix_socket import bind_unix, cannot_listen, os_reason
 
@@ -44,31 +44,6 @@ if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
     from ..spiffe.workload_api import WorkloadAPI
 
 _GAUGE_INTERVAL_S = 5.0
-
-
-def _connection_limits(limits: AppLimits) -> Limits:
-    """``app_limits`` under this process's RLIMIT_NOFILE (raised to its hard limit first), with
-    a quarter (at least 64) kept for upstream and issuer sockets and files, and what the
-    telemetry and control listeners may hold at most."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
-    usable = max(1, soft - max(64, soft // 4) - 2 * ADMIN_DESCRIPTORS)
-    if usable < limits.max_connections:
-        server_log.warning(
-            "app_limits.max_connections lowered from %d to %d: RLIMIT_NOFILE is %d",
-            limits.max_connections,
-            usable,
-            soft,
-        )
-    return Limits(
-        limits.max_head_bytes,
-        min(limits.max_connections, usable),
-        limits.max_connections_per_uid,
-        limits.max_concurrent_streams,
-    )
 
 
 def new_session() -> aiohttp.ClientSession:
@@ -204,7 +179,7 @@ class Server:
             handler,
             handler.admit,
             self.config.app_timeouts.keepalive_s,
-            _connection_limits(self.config.app_limits),
+            connection_limits(self.config.app_limits),
         )
         for value in self.config.listen:
             address = parse_address(value)
@@ -259,58 +234,17 @@ class Server:
         self._runners.append(runner)
 
     async def _listen(self, address: Address, inherited: socket.socket | None) -> list[Address]:
-        """An app listener on ``address``, or on the socket a supervisor made for it; on a
-        loopback address, also on the other family's loopback (``bind_both_loopbacks``)."""
         assert self._listener is not None
-        loop = asyncio.get_running_loop()
-        server: asyncio.Server
-        if address.path:
-            mode = int(self.config.unix_socket_mode, 8)
-            sock = inherited or bind_unix(address.path, mode, where="listen")
-            server = await loop.create_unix_server(self._listener, sock=sock)
-            self._app_servers.append(server)
-            return [address]
-        if inherited is not None:
-            self._app_servers.append(await loop.create_server(self._listener, sock=inherited))
-            return [address]
-        twin = loopback_twin(address.host) if self.config.bind_both_loopbacks else None
-        for _ in range(8 if twin and address.port == 0 else 1):  # port 0: find one free in both
-            server = await self._bind(address.host, address.port)
-            bound = Address(host=address.host, port=server.sockets[0].getsockname()[1])
-            if twin is None:
-                self._app_servers.append(server)
-                return [bound]
-            try:
-                twin_server = await self._bind(twin, bound.port, raw=True)
-            except OSError as exc:
-                if exc.errno in (errno.EADDRNOTAVAIL, errno.EAFNOSUPPORT):
-                    server_log.info("%s: no %s on this host; nothing can take it", bound, twin)
-                    self._app_servers.append(server)
-                    return [bound]
-                server.close()
-                if exc.errno == errno.EADDRINUSE and address.port == 0:
-                    continue
-                raise StartError(
-                    f"cannot listen on {Address(host=twin, port=bound.port)} beside {bound}: "
-                    f"{os_reason(exc)}. Another process holds the other loopback family of this "
-                    "port and would receive the requests of apps that resolve 'localhost' to it; "
-                    "stop it, or set bind_both_loopbacks: false if no app uses 'localhost'"
-                ) from None
-            self._app_servers += [server, twin_server]
-            return [bound, Address(host=twin, port=bound.port)]
-        raise StartError(f"cannot find a port free on both {address.host} and {twin}")
-
-    async def _bind(self, host: str, port: int, *, raw: bool = False) -> asyncio.Server:
-        """A TCP app listener; ``raw``: OSError is the caller's to interpret."""
-        assert self._listener is not None
-        try:
-            return await asyncio.get_running_loop().create_server(
-                self._listener, host, port, reuse_address=True, reuse_port=self._reuse_port
-            )
-        except OSError as exc:
-            if raw:
-                raise
-            raise cannot_listen(Address(host=host, port=port), exc) from None
+        servers, bound = await listen_app(
+            self._listener,
+            address,
+            inherited,
+            unix_mode=int(self.config.unix_socket_mode, 8),
+            both_loopbacks=self.config.bind_both_loopbacks,
+            reuse_port=self._reuse_port,
+        )
+        self._app_servers += servers
+        return bound
 
     async def _listen_admin(self, address: Address) -> AdminServer:
         """The telemetry listener (``admin:``): read-only, may face the pod network."""
