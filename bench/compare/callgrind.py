@@ -24,6 +24,49 @@ def parse_totals(dump: str) -> int | None:
     return int(match[1]) if match else None
 
 
+# Shared objects by what they do, for "where the instructions go" (the rest under their name).
+_KINDS = {
+    "libpython": "Python interpreter",
+    "libc.so": "libc",
+    "_http_parser": "llhttp (aiohttp's parser)",
+    "loop.cpython": "uvloop",
+    "_multidict": "multidict",
+    "libcrypto": "OpenSSL libcrypto",
+    "_rust.abi3": "cryptography (Rust)",
+    "libssl": "OpenSSL libssl",
+}
+
+
+def by_object(dump: str) -> dict[str, int]:
+    """Instructions spent in each shared object's own code (self cost, not inclusive), from a
+    callgrind dump: the cost lines under each ``ob=``, minus the inclusive lines after
+    ``calls=`` (those are the callee's, counted where it runs)."""
+    names: dict[str, str] = {}
+    spent: dict[str, int] = {}
+    current = "?"
+    skip = False
+    for line in dump.splitlines():
+        if line.startswith(("ob=", "cob=")):
+            match = re.match(r"c?ob=\((\d+)\)(?: (.*))?", line)
+            if match:
+                if match[2]:
+                    names[match[1]] = match[2]
+                if line.startswith("ob="):
+                    current = names.get(match[1], "?")
+        elif line.startswith("calls="):
+            skip = True
+        elif line[:1].isdigit() or line[:1] in "+-*":
+            if skip:
+                skip = False
+                continue
+            parts = line.split()
+            if len(parts) >= 2:
+                kind = next((k for key, k in _KINDS.items() if key in current), None)
+                label = kind or current.rsplit("/", 1)[-1].split(".cpython")[0]
+                spent[label] = spent.get(label, 0) + int(parts[1])
+    return spent
+
+
 def latest_dump(out: Path) -> Path | None:
     """The newest of ``<out>.<n>`` (``callgrind_control --dump`` numbers its dumps)."""
     dumps = sorted(out.parent.glob(out.name + ".*"), key=lambda path: path.stat().st_mtime)
@@ -35,11 +78,12 @@ def valgrind_argv(out: Path) -> list[str]:
     return ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}"]
 
 
-def count_instructions(bench: Bench, subject: Subject) -> float | None:
+def count_instructions(bench: Bench, subject: Subject) -> tuple[float, dict[str, float]] | None:
     """Instructions credproxy executes per request, one request at a time on one keep-alive
     connection, counted by callgrind after 100 warm-up requests. Unlike req/s it is the same
     from run to run (within about 1 %), so a change to the hot path shows even on a noisy VM.
-    Token refreshes that fall in the window are counted too, as they would be in service."""
+    Token refreshes that fall in the window are counted too, as they would be in service.
+    Also per request: the instructions spent in each shared object (``by_object``)."""
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         return None
     out = bench.subdir(f"{subject.key}-callgrind") / "callgrind.out"
@@ -71,8 +115,12 @@ def count_instructions(bench: Bench, subject: Subject) -> float | None:
         control("--dump")
         connection.close()
         dump = latest_dump(out)
-        totals = parse_totals(dump.read_text()) if dump else None
-        return totals / INSTRUCTION_REQUESTS if totals else None
+        text = dump.read_text() if dump else ""
+        totals = parse_totals(text)
+        if not totals:
+            return None
+        where = {name: count / INSTRUCTION_REQUESTS for name, count in by_object(text).items()}
+        return totals / INSTRUCTION_REQUESTS, where
     except (OSError, RuntimeError, ValueError, subprocess.CalledProcessError) as exc:
         print(f"   instructions not counted: {exc}", file=sys.stderr, flush=True)
         return None

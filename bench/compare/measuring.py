@@ -116,7 +116,7 @@ def measure_all(bench: Bench, wanted: list[Subject]) -> list[Row]:
                     + (f"c=1 p50/p99 {c1.p50_us:.0f}/{c1.p99_us:.0f} µs, " if c1 else "")
                     + f"{row.errors} errors"
                 )
-    instructions: dict[str, float | None] = {}
+    instructions: dict[str, tuple[float, dict[str, float]] | None] = {}
     for subject in (s for s in wanted if s.instructions):
         _say(f"── {subject.label}: instructions (callgrind)")
         instructions[subject.key] = count_instructions(bench, subject)
@@ -127,5 +127,7 @@ def measure_all(bench: Bench, wanted: list[Subject]) -> list[Row]:
     rows = [best_of(rounds) for rounds in measured.values() if rounds]
     for row in rows:
         row.upload = uploads.get(row.key)
-        row.instructions_per_request = instructions.get(row.key)
+        counted = instructions.get(row.key)
+        if counted is not None:
+            row.instructions_per_request, row.instructions_by_object = counted
     return rows

@@ -205,13 +205,23 @@ def _instructions(rows: list[Row]) -> list[str]:
         "after 100 warm-up ones; credproxy's own process only (Python, its libraries, the C "
         "parsers; not the kernel). Steady from run to run, unlike req/s on this VM.",
         "",
-        "| path | instructions/request | × static |",
-        "|---|---:|---:|",
+        "| path | instructions/request | × static | where they go (self cost per shared object) |",
+        "|---|---:|---:|---|",
     ]
     for row in counted:
         count = row.instructions_per_request
-        lines.append(f"| {row.label} | {num(count)} | {ratio(count, static)} |")
+        lines.append(
+            f"| {row.label} | {num(count)} | {ratio(count, static)} | {_where(row, count)} |"
+        )
     return lines
+
+
+def _where(row: Row, count: float | None) -> str:
+    """The largest shares of a row's instructions, by shared object: ``name 123k (45 %)``."""
+    if not row.instructions_by_object or not count:
+        return "—"
+    largest = sorted(row.instructions_by_object.items(), key=lambda item: -item[1])[:5]
+    return " · ".join(f"{name} {spent / 1e3:.0f}k ({spent / count:.0%})" for name, spent in largest)
 
 
 def _notes(rows: list[Row]) -> list[str]:
