@@ -1,10 +1,13 @@
 """JWS signing and JWK thumbprints, checked against RFC 7638's vector and pyjwt's verifier."""
 
+import base64
+import os
+
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
-from proxy.credentials.jose import Signer, public_jwk, thumbprint
+from proxy.credentials.jose import Signer, b64url, public_jwk, thumbprint
 
 
 def test_thumbprint_matches_rfc7638_example():
@@ -43,3 +46,12 @@ def test_small_rsa_and_other_curves_are_refused():
         Signer(rsa.generate_private_key(public_exponent=65537, key_size=1024), {})
     with pytest.raises(ValueError, match="not supported"):
         Signer(ec.generate_private_key(ec.SECP384R1()), {})
+
+
+def test_b64url_is_unpadded_base64url_for_every_length_and_byte():
+    """The hand-rolled encoder against the standard library's, for lengths 0..64 and every
+    byte value (the '+' and '/' of plain base64 must come out as '-' and '_', no '=')."""
+    samples = [os.urandom(n) for n in range(65)] + [bytes(range(256)), b"\xfb\xff\xbf" * 7]
+    for data in samples:
+        expected = base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+        assert b64url(data) == expected

@@ -6,9 +6,10 @@ header segment is encoded once per key, only the claims change.
 
 from __future__ import annotations
 
-import base64
+import binascii
 import hashlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives import hashes
@@ -24,8 +25,12 @@ _ECDSA_SHA256 = ec.ECDSA(hashes.SHA256())
 _EC_ALGS = {"secp256r1": ("ES256", "P-256", hashes.SHA256(), 32)}
 
 
+_URLSAFE = bytes.maketrans(b"+/", b"-_")
+
+
 def b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).rstrip(b"=").decode("ascii")
+    """Unpadded base64url (RFC 7515 §2), in one call frame: it runs several times per proof."""
+    return binascii.b2a_base64(data, newline=False).translate(_URLSAFE).rstrip(b"=").decode()
 
 
 def _json_b64(obj: dict[str, Any]) -> str:
@@ -80,14 +85,16 @@ def thumbprint(jwk: dict[str, str]) -> str:
 
 
 class Signer:
-    """Signs compact JWS for one key and one fixed header; the header segment is encoded once."""
+    """Signs compact JWS for one key and one fixed header; the header segment is encoded once,
+    and the signing function is chosen once for the key's type, not per signature."""
 
-    __slots__ = ("_key", "_header_b64", "alg")
+    __slots__ = ("_header_b64", "alg", "sign_bytes")
 
     def __init__(self, key: SigningKey, header: dict[str, Any]) -> None:
-        self._key = key
         self.alg = algorithm(key)
         self._header_b64 = _json_b64({**header, "alg": self.alg})
+        # The raw JWS signature (ECDSA as r‖s), which RFC 9421 uses as well.
+        self.sign_bytes: Callable[[bytes], bytes] = _raw_signer(key)
 
     def sign(self, claims: dict[str, Any]) -> str:
         return self.sign_json(json.dumps(claims, separators=(",", ":")))
@@ -103,12 +110,18 @@ class Signer:
         signature = await batch.sign(self.sign_bytes, signing_input.encode("ascii"))
         return f"{signing_input}.{b64url(signature)}"
 
-    def sign_bytes(self, data: bytes) -> bytes:
-        """The raw JWS signature (ECDSA as r‖s), which RFC 9421 uses as well."""
-        key = self._key
-        if isinstance(key, ec.EllipticCurvePrivateKey):
-            r, s = decode_dss_signature(key.sign(data, _ECDSA_SHA256))
+
+def _raw_signer(key: SigningKey) -> Callable[[bytes], bytes]:
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        ec_key = key
+
+        def ecdsa(data: bytes) -> bytes:
+            r, s = decode_dss_signature(ec_key.sign(data, _ECDSA_SHA256))
             return r.to_bytes(32, "big") + s.to_bytes(32, "big")
-        if isinstance(key, ed25519.Ed25519PrivateKey):
-            return key.sign(data)
-        return key.sign(data, padding.PKCS1v15(), hashes.SHA256())
+
+        return ecdsa
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return key.sign
+    rsa_key = key
+    pkcs1, sha256 = padding.PKCS1v15(), hashes.SHA256()
+    return lambda data: rsa_key.sign(data, pkcs1, sha256)
