@@ -93,6 +93,36 @@ async def test_scope_and_audience_per_route_are_in_the_tokens(
     }
 
 
+async def test_a_scope_the_idp_did_not_grant_is_named_in_the_operators_log(
+    idp, upstream, credproxy, client
+):
+    """oidc-provider grants a resource only the scopes it declares and drops the rest without
+    an error (its answer's ``scope`` says what was granted): the token is used for what it
+    holds, and one warning names the issuer, the audience and the missing scope."""
+    extra = f"""\
+  - name: reports
+    path_prefix: /reports/
+    upstream: {upstream.origin}
+    credential:
+      issuer: test-idp
+      audience: "{upstream.other_audience}"
+      scope: payments.read payments.write
+    allow: [{{callers: [test-suite]}}]
+"""
+    proc = credproxy(
+        config(idp=idp, upstream=upstream.origin, audience=upstream.audience, extra_route=extra)
+    )
+    for _ in range(2):
+        async with client.get(f"{proc.url}/reports/v1/x") as response:
+            body = await response.json()
+            assert response.status == 200, body
+    assert body["scope"] == "payments.read"  # the IdP narrowed it
+    warnings = [line for line in proc.log().splitlines() if "the IdP granted scope" in line]
+    assert len(warnings) == 1, warnings
+    assert "issuers.test-idp" in warnings[0] and upstream.other_audience in warnings[0]
+    assert "missing payments.write" in warnings[0]
+
+
 async def test_app_credentials_and_hop_by_hop_headers_are_not_forwarded(
     idp, upstream, credproxy, client
 ):

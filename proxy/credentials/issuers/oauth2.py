@@ -26,6 +26,7 @@ from ...config.base import is_loopback
 from ...config.issuers import OAuth2IssuerConfig
 from ...config.model import IdentityConfig
 from ...errors import IssuerError
+from ...log import credentials_log
 from ...outbound.spiffe_tls import SVIDClientTLS
 from ...outbound.tls import ClientTLS
 from ...secret import Secret
@@ -101,6 +102,7 @@ class OAuth2Issuer:
         self._signer: Signer | None = None
         self._client_secret: Secret | None = None
         self._workload_api: WorkloadAPI | None = None
+        self._narrowed: set[tuple[CacheKey, tuple[str, ...]]] = set()  # scopes not granted, told
         if config.client_auth == "jwt_svid":
             self._workload_api = workload_api_for(workload_api, self._where)
         if config.client_auth == "private_key_jwt":
@@ -130,7 +132,33 @@ class OAuth2Issuer:
             answer = await self._token_request(metadata, form, bound=bound)
             if answer is None:
                 raise self._error(f"{metadata.token_endpoint} asked for a DPoP nonce twice")
-        return self._token(answer, bound=bound, endpoint=metadata.token_endpoint)
+        token = self._token(answer, bound=bound, endpoint=metadata.token_endpoint)
+        if scope:
+            self._check_granted_scope(key, answer.get("scope"))
+        return token
+
+    def _check_granted_scope(self, key: CacheKey, granted: object) -> None:
+        """An IdP may grant fewer scopes than asked and say so only in the answer's ``scope``
+        (RFC 6749 §5.1; absent means as asked): the token still works for what was granted,
+        so it is used, and the operator is told once per narrowing which scopes are missing,
+        before the upstream refuses the requests that need them."""
+        if not isinstance(granted, str) or key.scope is None:
+            return
+        missing = tuple(sorted(set(key.scope.split()) - set(granted.split())))
+        if not missing or (key, missing) in self._narrowed:
+            return
+        self._narrowed.add((key, missing))
+        credentials_log.warning(
+            "%s: the IdP granted scope %r for audience %s where %r was asked; missing %s: "
+            "requests that need them will be refused upstream. Allow them to client %s at the "
+            "IdP, or ask only for what the route needs",
+            self._where,
+            granted[:200],
+            key.audience or "-",
+            key.scope,
+            " ".join(missing)[:200],
+            self.config.client_id,
+        )
 
     async def _grant(self) -> dict[str, str]:
         """The grant-specific part of the token request form."""
