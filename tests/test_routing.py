@@ -67,11 +67,14 @@ def test_request_host_parsing():
 
 
 def test_target_urls_and_htu():
-    """The upstream path is prefixed; htu omits the query and the default port."""
+    """The upstream path is prefixed, the forwarded bytes kept as sent; htu omits the query
+    and the default port."""
     target = Target.of("https://u.example:443/base/")
-    assert str(target.url_for("/x%2Fy?q=%20")) == "https://u.example/base/x%2Fy?q=%20"
+    assert target.origin == "https://u.example"
+    assert target.path_qs_for("/x%2Fy?q=%20") == "/base/x%2Fy?q=%20"
     assert target.htu_for("/x") == "https://u.example/base/x"
-    assert Target.of("http://127.0.0.1:8080").htu_for("/") == "http://127.0.0.1:8080/"
+    root = Target.of("http://127.0.0.1:8080")
+    assert root.htu_for("/") == "http://127.0.0.1:8080/" and root.path_qs_for("/a?b") == "/a?b"
 
 
 # -- path modes: forward what the app sent, or refuse (invariant 11) ----------------------------

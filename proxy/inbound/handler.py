@@ -240,7 +240,8 @@ class Handler:
         body, replayable = await request_body(request, route, self._body_idle_s)
         outbound = Outbound(
             method=request.method,
-            url=route.target.url_for(forwarded_path + ("?" + query if query else "")),
+            origin=route.target.origin,
+            path_qs=route.target.path_qs_for(forwarded_path + ("?" + query if query else "")),
             htu=route.target.htu_for(forwarded_path),
             headers=framed(request_headers(request.headers, route.strip), request),
             body=body if isinstance(body, bytes) else None,
@@ -337,7 +338,7 @@ class Handler:
         upgrade: bool,
     ) -> Awaitable[Answer]:
         head, chunked = request_head(
-            method, outbound.url.raw_path_qs, route.origin.host_header, outbound.headers, sent
+            method, outbound.path_qs, route.origin.host_header, outbound.headers, sent
         )
         return self._upstreams.exchange(
             route.origin,
@@ -373,7 +374,7 @@ class Handler:
                     route.origin,
                     tls,
                     method,
-                    outbound.url.raw_path_qs,
+                    outbound.path_qs,
                     outbound.headers,
                     sent,
                     timeouts=route.timeouts,

@@ -130,20 +130,27 @@ def _origin(url: URL) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where one route sends requests: ``url_for`` and ``htu_for`` take the forwarded raw path."""
+    """Where one route sends requests: ``path_qs_for`` and ``htu_for`` take the forwarded raw
+    path (and query)."""
 
-    base: str  # origin + upstream path without its trailing slash
+    origin: str  # scheme://host[:port], the default port left out
+    path: str  # the upstream's path without its trailing slash
 
     @classmethod
     def of(cls, upstream: str) -> Target:
         url = URL(upstream)
-        return cls(_origin(url) + url.raw_path.rstrip("/"))
+        return cls(_origin(url), url.raw_path.rstrip("/"))
 
-    def url_for(self, raw_path_qs: str) -> URL:
-        return URL(self.base + raw_path_qs, encoded=True)
+    @property
+    def base(self) -> str:
+        return self.origin + self.path
+
+    def path_qs_for(self, raw_path_qs: str) -> str:
+        """The request-target sent upstream: the upstream's path, then the forwarded one."""
+        return self.path + raw_path_qs
 
     def htu_for(self, raw_path: str) -> str:
-        return self.base + raw_path
+        return self.origin + self.path + raw_path
 
 
 @dataclass(frozen=True, slots=True)

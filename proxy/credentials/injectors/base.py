@@ -28,13 +28,20 @@ class Outbound:
     """The request about to be sent upstream; injectors add headers to it."""
 
     method: str
-    url: URL  # full target, query included
+    origin: str  # scheme://host[:port] of the upstream
+    path_qs: str  # the request-target sent upstream: raw path and query, as encoded
     htu: str  # target without query, as DPoP wants it
     headers: CIMultiDict[str]
     body: bytes | None  # the buffered body, or None when there is none or it streams
     has_body: bool = False  # buffered or streaming
     nonce: str | None = None  # the resource server's latest DPoP-Nonce
     secret: str = ""  # what the injector put on the wire, to scrub from the response
+
+    @property
+    def url(self) -> URL:
+        """The full target, for the signatures that cover it (built when asked, not per
+        request)."""
+        return URL(self.origin + self.path_qs, encoded=True)
 
 
 class Injector:

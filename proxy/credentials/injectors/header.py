@@ -5,8 +5,6 @@ from __future__ import annotations
 
 from urllib.parse import quote
 
-from yarl import URL
-
 from ...config.credential import HeaderCredential, QueryCredential
 from ...config.model import RouteConfig
 from ..issuers.base import Issuer, PerRequestIssuer
@@ -37,10 +35,10 @@ class QueryInjector(Injector):
 
     async def apply(self, outbound: Outbound, token: Token) -> None:
         outbound.secret = token.value.reveal()
-        url = outbound.url
-        kept = [p for p in url.raw_query_string.split("&") if p and not p.startswith(self._prefix)]
+        path, _, query = outbound.path_qs.partition("?")
+        kept = [p for p in query.split("&") if p and not p.startswith(self._prefix)]
         kept.append(self._prefix + quote(outbound.secret, safe=""))
-        outbound.url = URL(str(url.with_query(None)) + "?" + "&".join(kept), encoded=True)
+        outbound.path_qs = path + "?" + "&".join(kept)
 
 
 @injector(HeaderCredential)
