@@ -196,6 +196,7 @@ class GrpcServer:
         self._thread.start()
 
         async def jwks() -> dict[str, Any]:
+            assert self.idp is not None
             async with aiohttp.ClientSession() as session:
                 async with session.get(self.idp.issuer + "/jwks") as response:
                     return dict(await response.json())
@@ -207,7 +208,9 @@ class GrpcServer:
                 ("grpc.max_connection_age_grace_ms", 10_000),
             ]
         server = grpc.server(
-            ThreadPoolExecutor(max_workers=160), options=options, interceptors=self.interceptors
+            ThreadPoolExecutor(max_workers=160),
+            options=options,
+            interceptors=list(self.interceptors),
         )
         server.add_generic_rpc_handlers((self._handlers(),))
         address = f"127.0.0.1:{self.port}"

@@ -22,7 +22,7 @@ import hmac
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 from urllib.parse import quote
 
 import grpc
@@ -30,6 +30,8 @@ from http_message_signatures import HTTPMessageVerifier, InvalidSignature, Mappi
 
 CONTENT_TYPE = "application/grpc"
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
+if TYPE_CHECKING:  # generic in the stubs only
+    Handler: TypeAlias = grpc.RpcMethodHandler[Any, Any]
 
 
 class Refused(Exception):
@@ -93,9 +95,9 @@ class SignatureCheck(grpc.ServerInterceptor):
 
     def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails], Handler | None],
         handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
+    ) -> Handler | None:
         handler = continuation(handler_call_details)
         if handler is None:
             return None
@@ -104,24 +106,20 @@ class SignatureCheck(grpc.ServerInterceptor):
         )
         wants_body = self.covers_body(Call(self.scheme, "", "", metadata))
         check = self._check
-        if handler.unary_unary is not None:
-            unary_unary = handler.unary_unary
+        codec = (handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary is not None or handler.unary_stream is not None:
+            single = handler.unary_unary or handler.unary_stream
+            assert single is not None
 
-            def checked_unary_unary(request: bytes, context: grpc.ServicerContext) -> Any:
+            def checked_single(request: bytes, context: grpc.ServicerContext) -> Any:
                 check(context, [request])
-                return unary_unary(request, context)
+                return single(request, context)
 
-            return handler._replace(unary_unary=checked_unary_unary)  # type: ignore[attr-defined]
-        if handler.unary_stream is not None:
-            unary_stream = handler.unary_stream
-
-            def checked_unary_stream(request: bytes, context: grpc.ServicerContext) -> Any:
-                check(context, [request])
-                return unary_stream(request, context)
-
-            return handler._replace(unary_stream=checked_unary_stream)  # type: ignore[attr-defined]
+            if handler.unary_unary is not None:
+                return grpc.unary_unary_rpc_method_handler(checked_single, *codec)
+            return grpc.unary_stream_rpc_method_handler(checked_single, *codec)
         streaming = handler.stream_unary or handler.stream_stream
-        field = "stream_unary" if handler.stream_unary is not None else "stream_stream"
+        assert streaming is not None
 
         def checked_stream(requests: Iterator[bytes], context: grpc.ServicerContext) -> Any:
             if wants_body:
@@ -132,7 +130,9 @@ class SignatureCheck(grpc.ServerInterceptor):
                 check(context, None)
             return streaming(requests, context)
 
-        return handler._replace(**{field: checked_stream})  # type: ignore[attr-defined]
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(checked_stream, *codec)
+        return grpc.stream_stream_rpc_method_handler(checked_stream, *codec)
 
 
 class SigV4Check(SignatureCheck):
@@ -257,7 +257,7 @@ class MessageSignatureCheck(SignatureCheck):
     def verify(self, call: Call, body: bytes | None) -> dict[str, Any]:
         headers = {name: call.header(name) or "" for name, _ in call.metadata}
         request = _Request("POST", f"{call.scheme}://{call.authority}{call.path}", headers)
-        required = ("@method", "@target-uri", "date")
+        required: tuple[str, ...] = ("@method", "@target-uri", "date")
         if self.digest_required:
             required += ("content-digest",)
         [result] = self.verifier.verify(

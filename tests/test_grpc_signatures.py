@@ -65,7 +65,7 @@ def _sts_keys(moto: Moto):
 
 
 def _serve(check: grpc.ServerInterceptor) -> GrpcServer:
-    server = GrpcServer(None, "", interceptors=[check])  # type: ignore[arg-type]
+    server = GrpcServer(None, "", interceptors=[check])
     server.start()
     return server
 
