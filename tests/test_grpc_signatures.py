@@ -16,6 +16,7 @@ import asyncio
 import json
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -26,7 +27,8 @@ from http_message_signatures import algorithms
 from tests.aws_counterparts import REGION, Moto, Relay, aws_config
 from tests.counterparts import LEDGER, PREAMBLE, Credproxy
 from tests.grpc_counterpart import SERVICE, GrpcServer, _message
-from tests.grpc_signatures import MessageSignatureCheck, SigV4Check
+from tests.grpc_signatures import MessageSignatureCheck, SignatureCheck, SigV4Check
+from tests.tls import TestCA
 
 LATTICE = "vpc-lattice-svcs"  # the signing name of VPC Lattice services
 
@@ -64,20 +66,28 @@ def _sts_keys(moto: Moto):
     return keys
 
 
-def _serve(check: grpc.ServerInterceptor) -> GrpcServer:
-    server = GrpcServer(None, "", interceptors=[check])
+def _serve(check: SignatureCheck, protocol: str, tmp_path: Path) -> GrpcServer:
+    """The verifying server, h2c or (``h2``) HTTP/2 over TLS with a test CA's certificate."""
+    tls = None
+    if protocol == "h2":
+        tls = TestCA(tmp_path).issue("127.0.0.1", server=True, stem="grpc")
+        check.scheme = "https"
+    server = GrpcServer(None, "", interceptors=[check], tls=tls)
     server.start()
     return server
 
 
 def _grpc_route(name: str, prefix: str, server: GrpcServer, credential: str) -> str:
     strip = "false" if prefix == f"/{SERVICE}/" else "true"
+    protocol = "h2c"
+    if server.tls is not None:  # the CA beside the certificate (TestCA's layout)
+        protocol = f"h2\n    ca_file: {server.tls[0].parent / 'ca.pem'}"
     return f"""\
   - name: {name}
     path_prefix: {prefix}
     strip_prefix: {strip}
     upstream: {server.origin}
-    upstream_protocol: h2c
+    upstream_protocol: {protocol}
     credential: {credential}
     allow: [{{callers: [test-suite]}}]
 """
@@ -109,9 +119,9 @@ def _captured(server: GrpcServer, names: tuple[str, ...]) -> list[tuple[str, str
 
 
 @pytest.fixture
-def sigv4_server(moto) -> Iterator[tuple[GrpcServer, SigV4Check]]:
+def sigv4_server(request, moto, tmp_path) -> Iterator[tuple[GrpcServer, SigV4Check]]:
     check = SigV4Check(LATTICE, REGION, _sts_keys(moto))
-    server = _serve(check)
+    server = _serve(check, getattr(request, "param", "h2c"), tmp_path)
     yield server, check
     server.stop()
 
@@ -125,13 +135,14 @@ def _sigv4_proxy(credproxy, moto: Moto, sts_relay: Relay, server: GrpcServer) ->
     return proc
 
 
+@pytest.mark.parametrize("sigv4_server", ["h2c", "h2"], indirect=True)
 async def test_sigv4_signs_unary_and_streaming_calls_with_unsigned_payload(
     moto, sts_relay, credproxy, sigv4_server
 ):
-    """On a ``payload: unsigned`` route, unary and bidirectional calls reach the server signed
-    with STS credentials (host, path, content-type, date, token and ``UNSIGNED-PAYLOAD``
-    verified there), the bidirectional one streamed; the app's authorization never gets
-    there."""
+    """On a ``payload: unsigned`` route, unary and bidirectional calls reach the server (h2c,
+    or HTTP/2 over TLS) signed with STS credentials (host, path, content-type, date, token and
+    ``UNSIGNED-PAYLOAD`` verified there), the bidirectional one streamed; the app's
+    authorization never gets there."""
     server, check = sigv4_server
     proc = _sigv4_proxy(credproxy, moto, sts_relay, server)
     sent = [_message(i, 4096) for i in range(50)]
@@ -224,7 +235,8 @@ async def test_sigv4_tampered_replays_are_refused(moto, sts_relay, credproxy, si
 
 def _signature_proxy(credproxy, server: GrpcServer, tmp_path) -> Credproxy:
     issuer = "  self: {type: self_signed_jwt, iss: orders, sub: orders, alg: EdDSA}\n"
-    streaming = '{issuer: self, inject: http_signature, signature: {components: ["@method", "@target-uri", "date"]}}'
+    no_digest = '{components: ["@method", "@target-uri", "date"]}'
+    streaming = f"{{issuer: self, inject: http_signature, signature: {no_digest}}}"
     routes = _grpc_route(
         "signed", f"/{SERVICE}/", server, "{issuer: self, inject: http_signature}"
     ) + _grpc_route("signed-stream", "/stream/", server, streaming)
@@ -244,17 +256,19 @@ def _trust_jwks(proc: Credproxy, check: MessageSignatureCheck) -> None:
 
 
 @pytest.fixture
-def signature_server() -> Iterator[tuple[GrpcServer, MessageSignatureCheck]]:
+def signature_server(request, tmp_path) -> Iterator[tuple[GrpcServer, MessageSignatureCheck]]:
     check = MessageSignatureCheck(algorithms.ED25519, digest_required=False)
-    server = _serve(check)
+    server = _serve(check, getattr(request, "param", "h2c"), tmp_path)
     yield server, check
     server.stop()
 
 
+@pytest.mark.parametrize("signature_server", ["h2c", "h2"], indirect=True)
 async def test_message_signature_covers_unary_body_and_streams_without_digest(
     credproxy, signature_server, tmp_path
 ):
-    """RFC 9421 on gRPC calls: a unary call signed with its body's Content-Digest (checked
+    """RFC 9421 on gRPC calls, h2c or over TLS (``@target-uri`` with the https scheme): a
+    unary call signed with its body's Content-Digest (checked
     against the frame the server received), and on a route without content-digest a
     bidirectional call that streams, both verified with the key credproxy publishes; the app's
     own signature and authorization metadata never reach the server."""
