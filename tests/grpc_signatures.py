@@ -28,6 +28,8 @@ from urllib.parse import quote
 import grpc
 from http_message_signatures import HTTPMessageVerifier, InvalidSignature, MappingKeyResolver
 
+from tests.counterparts import LEDGER
+
 CONTENT_TYPE = "application/grpc"
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 if TYPE_CHECKING:  # generic in the stubs only
@@ -224,6 +226,7 @@ class SigV4Check(SignatureCheck):
         expected = hmac.new(key, string_to_sign.encode(), "sha256").hexdigest()
         if not hmac.compare_digest(expected, fields.get("Signature", "")):
             raise Refused("signature does not match the request received")
+        LEDGER.secret(session_token)  # for the leak scan of every log and answer
         return {"key_id": key_id, "payload_hash": payload_hash, "signed": signed_headers}
 
 
@@ -271,6 +274,7 @@ class MessageSignatureCheck(SignatureCheck):
             if nonce is None or nonce in self.nonces:
                 raise Refused("replayed")
             self.nonces.add(nonce)
+        LEDGER.secret((call.header("signature") or "").partition("=:")[2].rstrip(":") or None)
         return {
             "keyid": result.parameters["keyid"],
             "covered": list(result.covered_components),
