@@ -17,7 +17,9 @@ What is relied on, and why:
   one, instead of ``add_auth``, so that the time signed is the sidecar's clock corrected for the
   skew an upstream reported; the request ``context`` keys ``timestamp``, ``client_config`` (S3
   payload signing) and ``checksum`` (a CRC32 trailer: ``STREAMING-UNSIGNED-PAYLOAD-TRAILER``)
-  steer it. These are internal to botocore (``>=1.34`` in pyproject.toml): when botocore moves
+  steer it. An unsigned payload is said in an ``X-Amz-Content-SHA256: UNSIGNED-PAYLOAD``
+  header set before signing, which both signers then sign as the payload hash (``SigV4Auth``
+  alone would hash the absent body). These are internal to botocore (``>=1.34`` in pyproject.toml): when botocore moves
   them, this module is the one to adapt.
 
 botocore is imported when first needed, so that the sidecar runs without the extra for routes
@@ -37,7 +39,9 @@ from .errors import IssuerError
 from .secret import Secret
 
 # signing names that are not in botocore's list of services (it lists API names)
-_SIGNING_NAMES_NOT_IN_BOTOCORE_LIST = frozenset({"execute-api", "es", "aoss", "s3-object-lambda"})
+_SIGNING_NAMES_NOT_IN_BOTOCORE_LIST = frozenset(
+    {"execute-api", "es", "aoss", "s3-object-lambda", "vpc-lattice-svcs"}
+)
 _MESSAGE_MAX = 200  # of an AWS error message kept for the log
 _SIGNATURE_HEADERS = ("Authorization", "X-Amz-Date", "X-Amz-Security-Token", "X-Amz-Content-SHA256")
 
@@ -196,6 +200,7 @@ class SigV4Signer:
         self._request_class = AWSRequest
         self._credentials_class = Credentials
         self._client_config = Config(s3={"payload_signing_enabled": sign_payload})
+        self._sign_payload = sign_payload
 
     def sign(
         self,
@@ -216,6 +221,8 @@ class SigV4Signer:
         credentials = self._credentials_class(key_id, secret_key.reveal(), session_token)
         auth = self._auth_class(credentials, self.service, self.region)
         request = self._request_class(method=method, url=url, headers=dict(headers), data=body)
+        if not self._sign_payload and crc32_trailer is None:
+            request.headers["X-Amz-Content-SHA256"] = "UNSIGNED-PAYLOAD"
         request.context["client_config"] = self._client_config
         if crc32_trailer is not None:
             request.context["checksum"] = {

@@ -76,6 +76,7 @@ def test_known_service_knows_api_names_and_signing_names():
     """botocore's service list, plus signing names it does not list; other names are unknown."""
     assert aws_sdk.known_service("dynamodb") is True
     assert aws_sdk.known_service("execute-api") is True
+    assert aws_sdk.known_service("vpc-lattice-svcs") is True  # VPC Lattice services (gRPC too)
     assert aws_sdk.known_service("nosuchservice") is False
 
 
@@ -104,6 +105,28 @@ def test_the_signer_signs_at_the_time_it_is_given():
         "AWS4-HMAC-SHA256 Credential=AKIDEXAMPLE/20260102/eu-west-1/s3/aws4_request"
     )
     assert "wJalrXUtnFEMI" not in "".join(headers.values())
+
+
+@pytest.mark.parametrize("service", ["s3", "vpc-lattice-svcs"])
+def test_an_unsigned_payload_is_declared_and_signed(service):
+    """An unsigned payload is signed as ``UNSIGNED-PAYLOAD`` and said in X-Amz-Content-SHA256,
+    for S3 and for other services alike (botocore's plain SigV4 would hash an empty body)."""
+    signer = aws_sdk.SigV4Signer(service, "eu-west-1", sign_payload=False)
+    headers = signer.sign(
+        "POST",
+        "http://127.0.0.1:8443/pkg.Service/Method",
+        {"Content-Type": "application/grpc"},
+        None,
+        key_id="AKIDEXAMPLE",
+        secret_key=Secret("wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY"),
+        session_token=None,
+        now=datetime.datetime(2026, 1, 2, 3, 4, 5, tzinfo=datetime.UTC),
+    )
+    assert headers["X-Amz-Content-SHA256"] == "UNSIGNED-PAYLOAD"
+    assert (
+        "SignedHeaders=content-type;host;x-amz-content-sha256;x-amz-date,"
+        in (headers["Authorization"])
+    )
 
 
 def test_only_the_adapter_imports_botocore():

@@ -1,3 +1,4 @@
-"""The app side of a request: the listener (caller bound at accept), guard, routing, the
-handler that runs the pipeline, and the per-config runtime it reads.
+"""The app side of a request: the listener (caller bound at accept; HTTP/1.1, or an HTTP/2
+session whose streams are requests), guard, routing, the handler that runs the pipeline, and the
+per-config runtime it reads.
 """

@@ -5,8 +5,8 @@ strict parser and limits, requests answered one at a time in order (pipelining),
 with an idle timeout, and a request the parser refuses answered 400 before the connection
 closes. The handler answers through ``AppRequest``; nothing here knows about credentials.
 
-A connection that opens with the HTTP/2 preface is served by ``inbound.h2`` instead (h2c with
-prior knowledge): its streams reach the handler as ``AppRequest``s too.
+A connection that opens with the HTTP/2 preface is served by ``inbound.h2_session`` instead
+(h2c with prior knowledge): its streams reach the handler as ``AppRequest``s too.
 
 Every connection is bound to its caller when it is accepted, before a byte of it is read
 (``callers.from_socket``); the admission check and the connection limits (in total and per uid,
@@ -39,7 +39,7 @@ from ..wire import (
 )
 
 if TYPE_CHECKING:
-    from .h2 import H2Session
+    from .h2_session import H2Session
 
 _READ_LIMIT = 2**16  # buffered body bytes before the app is paused
 _MAX_QUEUED = 8  # pipelined requests parsed ahead before the app is paused
@@ -338,7 +338,7 @@ class AppConnection(BaseProtocol):
     def _start_h2(self, data: bytes) -> None:
         """The app speaks HTTP/2 (its first bytes are, or begin, the preface): ``h2`` takes the
         connection. A preface that goes wrong after its first bytes is h2's to refuse."""
-        from .h2 import H2Session  # here: inbound.h2 imports this module
+        from .h2_session import H2Session  # here: inbound.h2_session imports this module
 
         listener = self._listener
         self._fresh = False

@@ -1,3 +1,3 @@
-"""The way out: the pooled upstream connections, header hygiene and the echo scrubber, TLS
-contexts for upstreams and identity providers.
+"""The way out: the pooled upstream connections (HTTP/1.1 keep-alive, HTTP/2 multiplexed),
+header hygiene and the echo scrubber, TLS contexts for upstreams and identity providers.
 """
