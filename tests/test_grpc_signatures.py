@@ -4,7 +4,8 @@ received (``grpc_signatures``); tampered replays of the signed calls are refused
 
 What SigV4 signs on a gRPC call: ``:authority`` (as ``host``), ``:path``, ``content-type``,
 ``x-amz-date``, the session token, and a payload hash. A gRPC request body is a stream
-(bidirectional calls send while they receive), so a route for gRPC says ``payload: unsigned``:
+(bidirectional calls send while they receive), so a route for gRPC says ``payload: unsigned``
+(the default for ``service: vpc-lattice-svcs``):
 ``x-amz-content-sha256: UNSIGNED-PAYLOAD``, sent and signed (as VPC Lattice, the AWS service
 that fronts gRPC, requires). ``payload: signed`` buffers the call's whole request stream to hash
 it (bounded by ``payload_max_bytes``): for unary calls only. RFC 9421 likewise: ``content-digest``
@@ -129,7 +130,10 @@ def sigv4_server(request, moto, tmp_path) -> Iterator[tuple[GrpcServer, SigV4Che
 def _sigv4_proxy(credproxy, moto: Moto, sts_relay: Relay, server: GrpcServer) -> Credproxy:
     scope = f"issuer: aws, inject: sigv4, service: {LATTICE}, region: {REGION}"
     routes = _grpc_route(
-        "lattice", f"/{SERVICE}/", server, f"{{{scope}, payload: unsigned}}"
+        "lattice",
+        f"/{SERVICE}/",
+        server,
+        f"{{{scope}}}",  # unsigned: VPC Lattice's default
     ) + _grpc_route("lattice-hashed", "/hashed/", server, f"{{{scope}, payload: signed}}")
     proc: Credproxy = credproxy(aws_config(moto, sts_relay.url, extra_route=routes))
     return proc

@@ -98,7 +98,8 @@ class SigV4Credential(CredentialConfig):
         None,
         description="body handling: unsigned streams (S3 accepts UNSIGNED-PAYLOAD); "
         "streaming streams aws-chunked with a CRC32 trailer (S3, needs Content-Length); signed "
-        "buffers up to payload_max_bytes to hash it. Default: unsigned for s3, signed otherwise",
+        "buffers up to payload_max_bytes to hash it. Default: unsigned for s3 and "
+        "vpc-lattice-svcs (VPC Lattice requires it), signed otherwise",
     )
     payload_max_bytes: PayloadMaxBytes = _PAYLOAD_MAX_BYTES
 

@@ -30,6 +30,8 @@ from ..token import Token
 from .base import Body, Injector, Outbound, Signing, injector
 
 _SIGNED = ("content-type", "content-md5")
+# Services that accept (S3) or require (VPC Lattice) UNSIGNED-PAYLOAD: bodies stream unhashed.
+_UNSIGNED_BY_DEFAULT = frozenset({"s3", "vpc-lattice-svcs"})
 _SKEW_MARKERS = (b"RequestTimeTooSkewed", b"Signature expired", b"InvalidSignatureException")
 _CHUNK = 64 * 1024  # aws-chunked frame size; fixed, so the encoded length is known up front
 _TRAILER = "x-amz-checksum-crc32"
@@ -87,7 +89,9 @@ class SigV4Injector(Injector):
             credential.service, credential.region, upstream, issuer_region
         )
         assert service and region, "the loader checks that sigv4 routes resolve both"
-        payload = credential.payload or ("unsigned" if service == "s3" else "signed")
+        payload = credential.payload or (
+            "unsigned" if service in _UNSIGNED_BY_DEFAULT else "signed"
+        )
         return cls(
             service,
             region,
