@@ -10,7 +10,9 @@ prior knowledge): its streams reach the handler as ``AppRequest``s too.
 
 Every connection is bound to its caller when it is accepted, before a byte of it is read
 (``callers.from_socket``); the admission check and the connection limits (in total and per uid,
-``app_limits``) may refuse it there, with one problem answer and a close.
+``app_limits``) may refuse it there, with one problem answer and a close. A close after an
+answer the app may still be sending to (a refusal, an answer given before its request's body was
+read) lingers, within bounds, so the app reads the answer rather than a reset.
 """
 
 from __future__ import annotations
@@ -45,7 +47,12 @@ _READ_LIMIT = 2**16  # buffered body bytes before the app is paused
 _MAX_QUEUED = 8  # pipelined requests parsed ahead before the app is paused
 _NO_BODY = frozenset({204, 304})
 _REASONS = {status.value: status.phrase for status in HTTPStatus}
-_LINGER_S = 2.0  # after a refusal, for the app to read it
+# Lingering close (``AppConnection._linger``): after a refusal, or an answer given before the
+# request's body was read, the app still sending gets this long to read its answer, while at most
+# this many of its bytes are read and dropped; at most this many connections linger at once.
+# Past any bound the connection is reset, as it would have been without lingering.
+_LINGER_S = 2.0  # enforced by the idle sweep: up to 0.25 s later
+_LINGER_MAX_BYTES = 4 * 2**20
 _MAX_LINGERING = 64
 _H2_REQUEST_LINE = b"PRI * HTTP/2.0\r\n"  # the preface's start: h2 checks the rest
 
@@ -219,7 +226,7 @@ class AppConnection(BaseProtocol):
 
     __slots__ = (
         "_listener", "_queue", "_task", "_reading", "_refusal", "_head_bytes", "_head_tail", "caller",
-        "closing", "idle_since", "_fresh", "_h2",
+        "closing", "idle_since", "_fresh", "_h2", "_discard_bytes",
     )  # fmt: skip
 
     def __init__(self, loop: asyncio.AbstractEventLoop, listener: AppListener) -> None:
@@ -242,6 +249,7 @@ class AppConnection(BaseProtocol):
         self.closing = False  # answer what is in flight, then close
         self._fresh = True  # no byte read yet: an HTTP/2 preface may come
         self._h2: H2Session | None = None  # serving HTTP/2 instead of the parser
+        self._discard_bytes = _LINGER_MAX_BYTES  # still to drop once nothing more is parsed
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -287,7 +295,13 @@ class AppConnection(BaseProtocol):
         if parser is None or self._refusal is not None:
             if self._h2 is not None:
                 self._h2.data_received(data)
-            return  # after a refusal or an upgrade request nothing more is read
+                return
+            # After a refusal, an early answer or an upgrade request nothing more is parsed:
+            # dropped, up to a bound (see ``_linger``).
+            self._discard_bytes -= len(data)
+            if self._discard_bytes < 0:
+                self.abort()
+            return
         if self._fresh:  # once per connection: HTTP/2 with prior knowledge?
             if data[:1] == b"P" and _H2_REQUEST_LINE.startswith(data[:16]):
                 self._parser = None
@@ -385,16 +399,27 @@ class AppConnection(BaseProtocol):
         self._linger()
 
     def _linger(self) -> None:
-        """Close after a refusal so the app can read it: closing with its request unread would
-        reset the connection and lose the answer. So: FIN now, discard what still arrives, close
-        when the app does or after ``_LINGER_S``; beyond ``_MAX_LINGERING`` at once, a reset."""
+        """Close after an answer the app may not have read yet: after a refusal, or before its
+        request's body was read. Closing with its bytes unread would reset the connection, and
+        an app still sending sees the reset, not the answer. So: FIN now, read and drop what
+        still arrives (``_LINGER_MAX_BYTES`` at most), close when the app does or after
+        ``_LINGER_S``; beyond ``_MAX_LINGERING`` connections at once, a reset now."""
         transport = self.transport
         lingering = self._listener.lingering
-        if transport is None or len(lingering) >= _MAX_LINGERING or not transport.can_write_eof():
+        if (
+            transport is None
+            or transport.is_closing()
+            or len(lingering) >= _MAX_LINGERING
+            or not transport.can_write_eof()
+        ):
             self.close()
             return
+        self._parser = None  # what arrives from now on is dropped: ``data_received``
         transport.write_eof()
         lingering[self] = self._loop.time() + _LINGER_S
+        if self._reading_paused or self._buffer_paused:  # held back for a body no one reads
+            self._reading_paused = self._buffer_paused = False
+            self._resume_transport_reading()
 
     async def _serve(self) -> None:
         try:
@@ -411,7 +436,10 @@ class AppConnection(BaseProtocol):
                     server_log.exception("%s %s: unexpected error", message.method, message.path)
                     request.keep_alive = False
                 if not (request.keep_alive and payload.is_eof()) or self.closing:
-                    self.close()
+                    if payload.is_eof():
+                        self.close()
+                    else:  # answered before its body was read: the app may still be sending
+                        self._linger()
                     return
             if self._refusal is not None:
                 self._send_refusal(self._refusal)
@@ -464,7 +492,7 @@ class AppListener:
         self.limits = limits
         self.connections: set[AppConnection] = set()
         self.per_uid: Counter[int | None] = Counter()
-        self.lingering: dict[AppConnection, float] = {}  # refused, until: see ``_linger``
+        self.lingering: dict[AppConnection, float] = {}  # answered, closing, until: ``_linger``
         self._sweep: asyncio.Task[None] | None = None
 
     def __call__(self) -> AppConnection:
