@@ -1,4 +1,5 @@
-"""inbound/listener.py: the app connection's wire, with a recording handler and admission hook.
+"""inbound/listener.py and inbound/connection.py: the app connection's wire, with a recording
+handler and admission hook.
 
 Connections are socketpairs accepted by the listener as a server would accept them; the peer's
 kernel credentials are this test process's own.
@@ -14,8 +15,9 @@ import pytest
 
 from proxy.access.callers import Caller
 from proxy.errors import CallerNotAllowed, ProblemError
-from proxy.inbound import listener as listener_module
-from proxy.inbound.listener import AppListener, AppRequest, Limits
+from proxy.inbound import connection
+from proxy.inbound.listener import AppListener, Limits
+from proxy.inbound.request import AppRequest
 from tests import inprocess
 from tests.inprocess import UID, closed, read_response
 
@@ -254,7 +256,7 @@ async def test_an_app_sending_past_the_linger_byte_bound_is_cut_off(apps):
     listener = _listener(EarlyAnswer())
     _, writer = await _answered_mid_body(apps, listener, 1024 * _MIB)
     with pytest.raises(ConnectionError):
-        for _ in range(listener_module._LINGER_MAX_BYTES // 65536 + 256):  # bound + 16 MiB
+        for _ in range(connection._LINGER_MAX_BYTES // 65536 + 256):  # bound + 16 MiB
             writer.write(b"y" * 65536)
             await writer.drain()
     await _until(lambda: not listener.connections and not listener.lingering)
@@ -265,7 +267,7 @@ async def test_an_app_that_never_closes_after_an_early_answer_is_closed_at_linge
 ):
     """The lingering close is bounded in time too: an app that sends nothing more and keeps
     its end open is closed by the sweep once ``_LINGER_S`` has passed."""
-    monkeypatch.setattr(listener_module, "_LINGER_S", 0.0)
+    monkeypatch.setattr(connection, "_LINGER_S", 0.0)
     listener = _listener(EarlyAnswer())
     await _answered_mid_body(apps, listener, 2 * _MIB)
     await _until(lambda: not listener.connections and not listener.lingering)
