@@ -2,7 +2,7 @@
 response parsers, the protocol base class with flow control, the parsed message types, the web
 server's connection protocol, and what a parser error may say.
 
-The app listener (``inbound.listener``), the upstream pool (``outbound.upstream``) and the
+The app connections (``inbound.connection``), the upstream pool (``outbound.upstream``) and the
 telemetry/control listeners (``lifecycle.admin_http``) are built on these for speed and strict
 parsing. They are internal to aiohttp (pinned ``>=3.11,<4`` in pyproject.toml): when aiohttp
 moves them, this module is the one to adapt.

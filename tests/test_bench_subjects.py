@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from bench.compare import templates
-from bench.compare.constants import NGINX
+from bench.compare.constants import NGINX, SMALL_BODY
 from bench.compare.counterparts import UPSTREAM_CONF
 from bench.compare.results import Settings
 from bench.compare.subjects import SUBJECTS, available, envoy, mitmproxy, nginx
@@ -104,6 +104,7 @@ def test_both_nginx_configs_pass_nginx_t(bench, tmp_path):
             key=bench.key,
             docroot=docroot,
             upload_dir=bench.upload_dir,
+            small=SMALL_BODY.rstrip(b"\n").decode(),
         ),
         "proxy": render_template(
             nginx.CONF,

@@ -10,7 +10,7 @@ import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.inbound.handler import _stream_back
-from proxy.inbound.listener import AppRequest
+from proxy.inbound.request import AppRequest
 from proxy.outbound.hygiene import (
     CREDENTIAL_HEADERS,
     HOP_BY_HOP,

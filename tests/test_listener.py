@@ -1,4 +1,5 @@
-"""inbound/listener.py: the app connection's wire, with a recording handler and admission hook.
+"""inbound/listener.py and inbound/connection.py: the app connection's wire, with a recording
+handler and admission hook.
 
 Connections are socketpairs accepted by the listener as a server would accept them; the peer's
 kernel credentials are this test process's own.
@@ -14,7 +15,9 @@ import pytest
 
 from proxy.access.callers import Caller
 from proxy.errors import CallerNotAllowed, ProblemError
-from proxy.inbound.listener import AppListener, AppRequest, Limits
+from proxy.inbound import connection
+from proxy.inbound.listener import AppListener, Limits
+from proxy.inbound.request import AppRequest
 from tests import inprocess
 from tests.inprocess import UID, closed, read_response
 
@@ -36,6 +39,14 @@ class Recorder:
             await self.release.wait()
         body = await request.body.read()
         request.send(200, "OK", {"Content-Type": "text/plain"}, request.target.encode() + body)
+
+
+class EarlyAnswer:
+    """The handler: answers at once without reading the request's body, as credproxy does when
+    the upstream fails while the body streams."""
+
+    async def __call__(self, request: AppRequest) -> None:
+        request.send(502, "Bad Gateway", {"Content-Type": "text/plain"}, b"early")
 
 
 class Admissions:
@@ -79,7 +90,7 @@ async def _until(predicate) -> None:
 
 
 def _listener(
-    handler: Recorder,
+    handler: Recorder | EarlyAnswer,
     admit: Admissions | None = None,
     *,
     keepalive_s: float = 30.0,
@@ -210,3 +221,53 @@ async def test_a_connection_over_max_connections_is_refused_503_with_the_limit_g
     reader, writer = await apps.connect(listener)
     writer.write(b"GET /room HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert (await read_response(reader)).status == 200
+
+
+_MIB = 2**20
+
+
+async def _answered_mid_body(apps, listener: AppListener, length: int):
+    """An app connection that sent a head for ``length`` body bytes and 64 KiB of them, and
+    read the early answer to it."""
+    reader, writer = await apps.connect(listener)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n\r\n" % length)
+    writer.write(b"y" * 65536)
+    answer = await read_response(reader)
+    assert (answer.status, answer.body) == (502, b"early")
+    return reader, writer
+
+
+async def test_an_answer_before_the_body_was_read_lets_the_app_finish_sending_it(apps):
+    """Answered mid-body, the app may go on sending the rest (as an app that reads only once
+    its body is out does) without a reset; the connection ends when the app closes it."""
+    listener = _listener(EarlyAnswer())
+    reader, writer = await _answered_mid_body(apps, listener, 2 * _MIB)
+    for _ in range(31):  # the rest of the 2 MiB
+        writer.write(b"y" * 65536)
+        await writer.drain()
+    assert await closed(reader)  # a FIN, after the answer
+    writer.close()
+    await _until(lambda: not listener.connections and not listener.lingering)
+
+
+async def test_an_app_sending_past_the_linger_byte_bound_is_cut_off(apps):
+    """After an early answer at most ``_LINGER_MAX_BYTES`` more are read and dropped: an app
+    that keeps sending is reset, however long its declared body."""
+    listener = _listener(EarlyAnswer())
+    _, writer = await _answered_mid_body(apps, listener, 1024 * _MIB)
+    with pytest.raises(ConnectionError):
+        for _ in range(connection._LINGER_MAX_BYTES // 65536 + 256):  # bound + 16 MiB
+            writer.write(b"y" * 65536)
+            await writer.drain()
+    await _until(lambda: not listener.connections and not listener.lingering)
+
+
+async def test_an_app_that_never_closes_after_an_early_answer_is_closed_at_linger_s(
+    apps, monkeypatch
+):
+    """The lingering close is bounded in time too: an app that sends nothing more and keeps
+    its end open is closed by the sweep once ``_LINGER_S`` has passed."""
+    monkeypatch.setattr(connection, "_LINGER_S", 0.0)
+    listener = _listener(EarlyAnswer())
+    await _answered_mid_body(apps, listener, 2 * _MIB)
+    await _until(lambda: not listener.connections and not listener.lingering)

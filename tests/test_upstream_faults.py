@@ -5,6 +5,8 @@
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import socket
 import struct
 import threading
@@ -188,6 +190,31 @@ async def test_reset_while_the_request_body_streams_is_a_502(
         problem = await response.json()
         assert response.status == 502 and problem["code"].startswith("upstream_")
     await _still_serving(client, proc)
+
+
+def test_an_app_that_sends_its_whole_body_before_reading_gets_the_502_every_time(
+    faulty_upstream, credproxy, tmp_path
+):
+    """An app written like ``http.client`` (the whole 2 MiB body, then the answer) while the
+    upstream resets after 64 KiB of it: every attempt gets the whole 502 problem+json. A
+    small send buffer keeps body bytes unread at credproxy when it answers; closing over them
+    would reset the connection and the app would see ECONNRESET, not the 502."""
+    proc = credproxy(_config(faulty_upstream, tmp_path))
+    port = int(proc.url.rsplit(":", 1)[1])
+    body = b"y" * (2 * 1024 * 1024)
+    for attempt in range(10):
+        app = http.client.HTTPConnection("127.0.0.1", port, timeout=10)  # a hang guard
+        app.connect()
+        app.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 32768)
+        try:
+            app.request("POST", "/reset-mid-request", body=body)
+            response = app.getresponse()
+            problem = json.loads(response.read())
+        finally:
+            app.close()
+        assert (attempt, response.status) == (attempt, 502)
+        assert response.getheader("Content-Type") == "application/problem+json"
+        assert problem["code"].startswith("upstream_") and problem["route"] == "faulty"
 
 
 async def test_interim_1xx_answers_are_skipped_for_the_final_one(

@@ -9,7 +9,7 @@ from aiohttp import StreamReader
 from multidict import CIMultiDict
 
 from ..errors import PayloadTooLarge, RequestTimeout, TransferCodingNotImplemented
-from .listener import AppRequest
+from .request import AppRequest
 from .runtime import RouteRuntime
 
 _MAX_CONTENT_LENGTH = 2**63 - 1  # beyond, signed 64-bit parsers upstream overflow

@@ -23,7 +23,7 @@ from h2.exceptions import ProtocolError, StreamClosedError
 
 from ..outbound.h2_flow import StreamFlow
 from ..wire import RawRequestMessage
-from .listener import AppGone, AppRequest
+from .request import AppGone, AppRequest
 
 if TYPE_CHECKING:
     from .h2_session import H2Session

@@ -44,10 +44,10 @@ from ..outbound.h2_flow import StreamFlow
 from ..tasks import spawn
 from ..wire import EmptyStreamReader, HttpVersion11, RawRequestMessage
 from .h2 import H2Request
-from .listener import AppGone, Handler
+from .request import AppGone, Handler
 
 if TYPE_CHECKING:
-    from .listener import AppConnection
+    from .connection import AppConnection
 
 _STREAM_WINDOW = 256 * 1024  # request body bytes one stream may send before it is read
 _CONNECTION_WINDOW = 16 * 1024 * 1024

@@ -34,7 +34,7 @@ from ..outbound.hygiene import Scrubber, mask_echoes, request_headers, response_
 from ..outbound.upstream import Answer, Body, Upstreams, request_head
 from .body import framed, request_body
 from .h2 import H2Request, grpc_status
-from .listener import AppRequest
+from .request import AppRequest
 from .routing import overridden, request_host
 from .runtime import RouteRuntime, Runtime
 from .websocket import WebSocketUpgrade

@@ -24,7 +24,7 @@ from ..metrics import Metrics
 from ..outbound.hygiene import response_head_lines
 from ..outbound.tunnel import Tunnel
 from ..outbound.upstream import Answer
-from .listener import AppGone, AppRequest
+from .request import AppGone, AppRequest
 from .runtime import RouteRuntime
 
 _ACCEPT_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
