@@ -1,4 +1,4 @@
-"""The access log's writer: lines leave the event loop through a bounded queue, reach stderr
+"""The access log's writer: lines leave the event loop through a bounded list, reach stderr
 whole, in order and in the log's format, are written by a forked worker too, and are dropped
 and counted, never waited for, when stderr does not keep up."""
 
@@ -54,6 +54,28 @@ def test_lines_reach_stderr_whole_in_order_and_in_the_logs_format():
     (entry,) = [json.loads(line) for line in lines]
     assert entry["logger"] == "credproxy.access" and entry["level"] == "info"
     assert entry["msg"] == 'GET /x "quoted" route=api' and entry["ts"].endswith("Z")
+
+
+def test_no_line_is_lost_while_the_writer_takes_batches_as_they_are_written():
+    """The loop appends while the writer thread takes batches from the same list: 50 bursts of
+    150 lines, each burst yielding to the writer in between, all 7,500 reach stderr once, in
+    order (a line appended while a batch is taken goes in the next one)."""
+    text = _stderr(
+        """
+        import time
+        from proxy import log
+        log.configure(fmt="text")
+        n = 0
+        for burst in range(50):
+            for _ in range(150):
+                log.ACCESS.write(f"GET /b/{n} route=api")
+                n += 1
+            time.sleep(0.002)  # the writer wakes mid-stream, between and during bursts
+        log.ACCESS.close()
+        """
+    )
+    sent = [line.split(" GET ")[1] for line in text.splitlines() if " credproxy.access " in line]
+    assert sent == [f"/b/{i} route=api" for i in range(7500)]
 
 
 def test_access_off_or_level_above_info_writes_nothing():

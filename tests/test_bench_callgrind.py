@@ -7,7 +7,7 @@ import os
 import shutil
 from pathlib import Path
 
-from bench.compare.callgrind import latest_dump, parse_totals, valgrind_argv
+from bench.compare.callgrind import by_object, latest_dump, parse_totals, valgrind_argv
 
 DUMPS = Path(__file__).parent / "data" / "bench" / "callgrind"
 
@@ -45,3 +45,13 @@ def test_instrumentation_starts_off():
     argv = valgrind_argv(Path("/w/callgrind.out"))
     assert argv[:2] == ["valgrind", "--tool=callgrind"]
     assert "--instr-atstart=no" in argv and "--callgrind-out-file=/w/callgrind.out" in argv
+
+
+def test_instructions_by_shared_object_add_up_to_the_totals():
+    """Self cost per shared object: the inclusive cost lines after ``calls=`` are the callee's
+    and are skipped, so the objects' shares sum to exactly the dump's total, and known
+    libraries get their readable name."""
+    text = (DUMPS / "callgrind.out.1").read_text()
+    spent = by_object(text)
+    assert sum(spent.values()) == parse_totals(text) == 52101
+    assert spent == {"dash": 35863, "libc": 16238}

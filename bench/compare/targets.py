@@ -46,10 +46,16 @@ def _share(run: Run, key: str, of: str) -> float | None:
     return (row.rps or 0) / (reference.rps or 1)
 
 
+def _ratio(value: float, bound: float) -> str:
+    """Two decimals, or three where two would round onto the bound and hide the verdict."""
+    shown = f"{value:.2f}"
+    return f"{value:.3f}×" if float(shown) == bound and value != bound else shown + "×"
+
+
 def _at_least(key: str, of: str, minimum: float) -> Callable[[Run], list[Line]]:
     def check(run: Run) -> list[Line]:
         value = _share(run, key, of)
-        return [] if value is None else [judged(value, value >= minimum, f"{value:.2f}×")]
+        return [] if value is None else [judged(value, value >= minimum, _ratio(value, minimum))]
 
     return check
 
@@ -71,7 +77,7 @@ def _per_core_over(of: str, minimum: float) -> Callable[[Run], list[Line]]:
             return []
         mine, theirs = bearer.per_core, reference.per_core
         share = mine / theirs if mine and theirs else None
-        return [judged(share, (share or 0) >= minimum, f"{share or 0:.2f}×")]
+        return [judged(share, (share or 0) >= minimum, _ratio(share or 0, minimum))]
 
     return check
 
