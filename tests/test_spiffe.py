@@ -531,6 +531,67 @@ async def test_an_upstream_with_another_spiffe_id_gets_nothing_502(
     assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()
 
 
+async def test_an_h2_upstream_with_another_spiffe_id_receives_not_one_byte(
+    spire, credproxy, client, tmp_path
+):
+    """(d) over HTTP/2: an impostor with a valid X.509-SVID of SPIRE's trust domain, but not
+    the ID the route names, offers h2 by ALPN and records every byte it receives after the
+    handshake. credproxy checks the SPIFFE ID before it sends anything, as on HTTP/1.1: 502
+    upstream_tls_error naming both IDs, and the impostor got no preface, no header, no
+    JWT-SVID."""
+    import ssl
+
+    cert, key = spire.mint_x509(UPSTREAM_ID, tmp_path)
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_text(spire.bundle_pem())
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(bundle))
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_cert_chain(cert, key)
+    context.set_alpn_protocols(["h2"])
+    received: list[bytes] = []
+    handshakes = 0
+
+    async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal handshakes
+        handshakes += 1
+        try:
+            while chunk := await asyncio.wait_for(reader.read(65536), 5):
+                received.append(chunk)
+        except (TimeoutError, ConnectionError, ssl.SSLError):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    other = "spiffe://credproxy.test/ns/payments/sa/other"
+    proc = credproxy(f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  workload: {{type: spiffe}}
+routes:
+  - name: impostor-h2
+    path_prefix: /impostor-h2/
+    upstream: https://127.0.0.1:{port}
+    upstream_protocol: h2
+    client_cert: svid
+    upstream_spiffe_id: {other}
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+""")
+    try:
+        async with client.get(proc.url + "/impostor-h2/charge") as response:
+            problem = await response.json(content_type=None)
+        assert response.status == 502 and problem["code"] == "upstream_tls_error", problem
+        assert handshakes >= 1  # it was reached, and its certificate chained to the bundle
+        assert received == []
+        assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()
+    finally:
+        server.close()
+
+
 class CertificateBoundSVIDAPI(MTLSUpstream):
     """An API with an X.509-SVID of its own that requires a client certificate chained to
     SPIRE's bundle and accepts an access token from the IdP only when it is bound (RFC 8705

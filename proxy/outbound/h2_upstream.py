@@ -22,15 +22,13 @@ from h2.exceptions import ProtocolError, StreamClosedError
 from multidict import CIMultiDict
 
 from ..errors import (
-    UpstreamConnectError,
     UpstreamProtocolError,
     UpstreamTimeout,
-    UpstreamTLSError,
 )
 from ..log import server_log
 from ..tasks import spawn
 from .h2_connection import H2Answer, StreamRefused, UpstreamConnection, UpstreamStream
-from .upstream import _DEFAULT_TLS, Body, Origin, Timeouts
+from .upstream import _DEFAULT_TLS, Body, Origin, Timeouts, connect
 
 _REPLAY_BYTES = 1024 * 1024  # of a streamed body, held to send again on a refused stream
 _SWEEP_S = 0.1
@@ -181,21 +179,10 @@ class H2Upstreams:
         timeouts: Timeouts,
         where: str,
     ) -> UpstreamConnection:
-        try:
-            async with asyncio.timeout(timeouts.connect_s):
-                transport, connection = await loop.create_connection(
-                    lambda: UpstreamConnection(loop, key),
-                    origin.host,
-                    origin.port,
-                    ssl=context,
-                    server_hostname=origin.host if context is not None else None,
-                )
-        except TimeoutError:
-            raise UpstreamTimeout(f"{where}: no connection in {timeouts.connect_s:g}s") from None
-        except ssl.SSLError as exc:
-            raise UpstreamTLSError(f"{where}: TLS failed: {exc}") from None
-        except OSError as exc:
-            raise UpstreamConnectError(f"{where}: cannot connect: {exc}") from None
+        def factory() -> UpstreamConnection:
+            return UpstreamConnection(loop, key)
+
+        transport, connection = await connect(loop, factory, origin, context, timeouts, where)
         if context is not None:
             chosen = transport.get_extra_info("ssl_object").selected_alpn_protocol()
             if chosen != "h2":

@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TypeVar
 
 from aiohttp import StreamReader
 from multidict import CIMultiDict
@@ -279,6 +280,39 @@ class _Connection(BaseProtocol):
             self._close()
 
 
+P = TypeVar("P", bound=asyncio.Protocol)
+
+
+async def connect(
+    loop: asyncio.AbstractEventLoop,
+    protocol: Callable[[], P],
+    origin: Origin,
+    context: ssl.SSLContext | None,
+    timeouts: Timeouts,
+    where: str,
+) -> tuple[asyncio.Transport, P]:
+    """A connection to ``origin`` within ``connect_s``, for HTTP/1.1 and HTTP/2 alike: OS and
+    TLS errors leave as the ``UpstreamError`` family, and an upstream that must present a
+    SPIFFE ID (``upstream_spiffe_id``) is checked before a byte is sent (``check_peer``)."""
+    try:
+        async with asyncio.timeout(timeouts.connect_s):
+            transport, connection = await loop.create_connection(
+                protocol,
+                origin.host,
+                origin.port,
+                ssl=context,
+                server_hostname=origin.host if context is not None else None,
+            )
+    except TimeoutError:
+        raise UpstreamTimeout(f"{where}: no connection in {timeouts.connect_s:g}s") from None
+    except ssl.SSLError as exc:
+        raise UpstreamTLSError(f"{where}: TLS failed: {exc}") from None
+    except OSError as exc:
+        raise UpstreamConnectError(f"{where}: cannot connect: {exc}") from None
+    check_peer(context, transport, where)
+    return transport, connection
+
+
 class Upstreams:
     """Keep-alive connections per origin and TLS context, opened on demand, reused LIFO."""
 
@@ -365,23 +399,10 @@ class Upstreams:
         timeouts: Timeouts,
         where: str,
     ) -> _Connection:
-        try:
-            async with asyncio.timeout(timeouts.connect_s):
-                _, connection = await loop.create_connection(
-                    lambda: _Connection(loop, pool, self._watched),
-                    origin.host,
-                    origin.port,
-                    ssl=context,
-                    server_hostname=origin.host if context is not None else None,
-                )
-        except TimeoutError:
-            raise UpstreamTimeout(f"{where}: no connection in {timeouts.connect_s:g}s") from None
-        except ssl.SSLError as exc:
-            raise UpstreamTLSError(f"{where}: TLS failed: {exc}") from None
-        except OSError as exc:
-            raise UpstreamConnectError(f"{where}: cannot connect: {exc}") from None
-        if connection.transport is not None:
-            check_peer(context, connection.transport, where)
+        def factory() -> _Connection:
+            return _Connection(loop, pool, self._watched)
+
+        _, connection = await connect(loop, factory, origin, context, timeouts, where)
         return connection
 
     def close(self) -> None:
