@@ -236,7 +236,7 @@ def _run(loaded: model.Config, path: Path, *, workers: int) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="credproxy-metrics-")
     from . import log
     from .audit import fingerprint_key
-    from .lifecycle import server
+    from .lifecycle import process
     from .lifecycle import workers as supervisor
 
     log.configure(fmt=loaded.log.format, level=loaded.log.level, access=loaded.log.access)
@@ -245,7 +245,7 @@ def _run(loaded: model.Config, path: Path, *, workers: int) -> int:
     try:
         if workers > 1:
             return supervisor.supervise(loaded, path, workers)
-        server.run(loaded, path)
+        process.run(loaded, path)
     except CredproxyError as exc:
         log.server_log.error("cannot start: %s", exc)
         return 1

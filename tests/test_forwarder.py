@@ -9,7 +9,7 @@ from urllib.parse import quote, quote_plus, unquote
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.inbound.handler import _stream_back
+from proxy.inbound.answer import stream_back
 from proxy.inbound.request import AppRequest
 from proxy.outbound.hygiene import (
     CREDENTIAL_HEADERS,
@@ -255,7 +255,7 @@ async def test_a_small_answer_leaves_in_one_write_with_its_credential_echo_maske
         def release(self) -> None:
             pass
 
-    await _stream_back(request, Upstream(), secret, "route t", None)  # type: ignore[arg-type]
+    await stream_back(request, Upstream(), secret, "route t", None)  # type: ignore[arg-type]
     assert len(writes) == 1
     assert writes[0].startswith(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body))
     assert writes[0].endswith(body.replace(secret.encode(), b"*" * len(secret)))

@@ -1,11 +1,11 @@
-"""The app-facing request handler: route → credential → inject → forward → scrub → stream back."""
+"""The app-facing request handler: route → credential → inject → forward, then the answer
+relayed and scrubbed back (``inbound.answer``)."""
 
 from __future__ import annotations
 
 import ssl
 import time
 from collections.abc import Awaitable
-from http import HTTPStatus
 
 from ..access.break_glass import BreakGlass
 from ..access.callers import Caller
@@ -25,13 +25,13 @@ from ..errors import (
     RouteNotFound,
     UpstreamCompressedAnswer,
     UpstreamError,
-    UpstreamTimeout,
 )
 from ..log import ACCESS, server_log
 from ..metrics import Metrics
 from ..outbound.h2_upstream import H2Upstreams, NoH2
-from ..outbound.hygiene import Scrubber, mask_echoes, request_headers, response_head_lines
+from ..outbound.hygiene import mask_echoes, request_headers
 from ..outbound.upstream import Answer, Body, Upstreams, request_head
+from .answer import REASONS, compressed, retry_reason, small_body, stream_back
 from .body import framed, request_body
 from .h2 import H2Request, grpc_status
 from .request import AppRequest
@@ -39,15 +39,13 @@ from .routing import overridden, request_host
 from .runtime import RouteRuntime, Runtime
 from .websocket import WebSocketUpgrade
 
-_REASONS = {status.value: status.phrase for status in HTTPStatus}
-
 
 def send_problem(request: AppRequest, exc: ProblemError) -> None:
     if isinstance(request, H2Request) and request.is_grpc:  # gRPC clients read grpc-status
         request.send_grpc_status(grpc_status(exc.code, exc.status), exc.public_detail)
         return
     headers, body = exc.answer()
-    request.send(exc.status, _REASONS.get(exc.status, ""), headers, body)
+    request.send(exc.status, REASONS.get(exc.status, ""), headers, body)
 
 
 class Handler:
@@ -276,9 +274,9 @@ class Handler:
                 route.nonce = nonce
             if attempt == 2 or not replayable:
                 break
-            retry = _retry_reason(answer)
+            retry = retry_reason(answer)
             if retry is None and injector.clock_sensitive and answer.status == 403:
-                prefetched = await _small_body(answer)
+                prefetched = await small_body(answer)
                 if prefetched is not None and injector.corrects_clock(
                     403, prefetched, headers.get("Date")
                 ):
@@ -306,10 +304,10 @@ class Handler:
         if upgrade is not None and answer.status == 101:
             await upgrade.splice(request, answer, outbound.secret, route, self._metrics)
             return answer.status, upgrade.outcome
-        if injector.usable_if_echoed and _compressed(answer, request.method):
+        if injector.usable_if_echoed and compressed(answer, request.method):
             answer.release()
             raise UpstreamCompressedAnswer(f"{where}: Content-Encoding despite identity asked")
-        outcome = await _stream_back(request, answer, outbound.secret, where, prefetched)
+        outcome = await stream_back(request, answer, outbound.secret, where, prefetched)
         return answer.status, outcome
 
     def _exchange(
@@ -389,81 +387,8 @@ class Handler:
         return await self._http1(method, route, tls, outbound, sent, False)
 
 
-async def _stream_back(
-    request: AppRequest, answer: Answer, secret: str, where: str, prefetched: bytes | None
-) -> str:
-    """Relay the answer; return the outcome: ``proxied``, or how it was cut short
-    (``upstream_timeout``, ``upstream_cut``: the app saw the status, not the whole body)."""
-    lines, has_length = response_head_lines(answer.message.raw_headers, secret)
-    reason = answer.message.reason
-    if secret and reason and reason != _REASONS.get(answer.status):  # the upstream's own text
-        reason = mask_echoes(reason.encode(), secret).decode(errors="replace")
-    request.start(answer.status, reason, lines, has_length=has_length)
-    outcome = "proxied"
-    try:
-        scrubber = Scrubber(secret)
-        if prefetched is not None:
-            request.write(scrubber.feed(prefetched) + scrubber.flush())
-        else:
-            body = answer.body
-            if not has_length and not body.is_eof():  # a stream: its head goes out at once
-                request.flush_head()
-            while chunk := await body.readany():  # the upstream's errors are UpstreamError
-                if body.at_eof():  # the last bytes: the tail held back goes with them
-                    request.write(scrubber.last(chunk))  # (a small answer leaves in one write)
-                else:
-                    request.write(scrubber.feed(chunk))
-                if request.writing_paused:
-                    await request.drain()
-        request.write(scrubber.flush())
-        trailers = answer.trailers
-        request.end(response_head_lines(trailers, secret)[0] if trailers else b"")
-    except ProblemError as exc:
-        # Headers are already sent: the only honest signal left is a cut connection.
-        server_log.warning("%s: response cut mid-body: %s", where, exc)
-        outcome = "upstream_timeout" if isinstance(exc, UpstreamTimeout) else "upstream_cut"
-        request.abort()
-    except ConnectionError:
-        server_log.info("%s: the app closed the connection mid-response", where)
-        outcome = "app_closed"
-        request.keep_alive = False
-    finally:
-        answer.release()
-    return outcome
-
-
 def _mask(exc: UpstreamError, secret: str) -> None:
     """Mask any echo of the credential in ``exc``'s text: a second line of defence, as the
     upstream layer never quotes what an upstream sent."""
     if secret:
         exc.args = (mask_echoes(str(exc).encode(), secret).decode(errors="replace"),)
-
-
-def _compressed(answer: Answer, method: str) -> bool:
-    """Whether the answer has a body in a content coding the scrubber cannot read."""
-    headers = answer.message.headers
-    if "Content-Encoding" not in headers or method == "HEAD" or answer.status in (204, 304):
-        return False
-    codings = ",".join(headers.getall("Content-Encoding", ()))
-    return any(c.strip().lower() not in ("", "identity") for c in codings.split(","))
-
-
-async def _small_body(answer: Answer) -> bytes | None:
-    """An error body worth inspecting: small and of known length; None leaves it streaming."""
-    length = answer.message.headers.get("Content-Length")
-    if length is None or int(length) > 65536:
-        return None
-    return await answer.body.read()
-
-
-def _retry_reason(answer: Answer) -> str | None:
-    """RFC 6750 / RFC 9449 errors after which one replay with a new token or nonce can succeed."""
-    if answer.status != 401:
-        return None
-    headers = answer.message.headers
-    challenge = ",".join(headers.getall("WWW-Authenticate", ()))
-    if 'error="use_dpop_nonce"' in challenge and "DPoP-Nonce" in headers:
-        return "use_dpop_nonce"
-    if 'error="invalid_token"' in challenge:
-        return "invalid_token"
-    return None

@@ -1,21 +1,18 @@
-"""Process lifecycle: the app, telemetry and control listeners, warm-up, signals and graceful
-shutdown. The app listeners are bound by ``app_listen``, the telemetry endpoints are in
-``telemetry``, the control plane's in ``control``."""
+"""The server: the app, telemetry and control listeners, warm-up, reload and graceful shutdown.
+The app listeners are bound by ``app_listen``, the telemetry endpoints are in ``telemetry``, the
+control plane's in ``control``; ``process`` runs a server under uvloop and its signals."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import os
-import signal
 import socket
 from pathlib import Path
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import aiohttp
-import uvloop
 from aiohttp import web
 
 from ..access.break_glass import BreakGlass
@@ -427,28 +424,3 @@ class Server:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(address.path)
         self.audit.aclose()
-
-
-async def serve(config: Config, path: Path, **worker: Any) -> None:
-    """Run until SIGTERM or SIGINT, then drain and exit. SIGHUP reloads ``path``; SIGUSR1
-    reopens the audit file (logrotate). ``worker``: what a worker shares (see ``Server``)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
-    async with Server(config, **worker) as server:
-        # Requests in flight make few reference cycles, yet at the default threshold (700
-        # allocations) the collector walks their live objects every few requests: +2 % req/s.
-        gc.set_threshold(10_000, 10, 10)
-        loop.add_signal_handler(signal.SIGHUP, lambda: spawn(server.reload(path), name="reload"))
-        loop.add_signal_handler(signal.SIGUSR1, server.audit.reopen)
-        await stop.wait()
-        server.draining = True
-        server_log.info(
-            "shutting down: draining in-flight requests (up to %gs)", config.shutdown_timeout_s
-        )
-    server_log.info("stopped")
-
-
-def run(config: Config, path: Path, **worker: Any) -> None:
-    uvloop.run(serve(config, path, **worker))

@@ -119,7 +119,7 @@ def _unix_listener(address: Address, mode: str) -> socket.socket:
 
 def supervise(config: Config, path: Path, count: int) -> int:
     """Fork ``count`` workers and keep them running until SIGTERM/SIGINT; returns the exit code."""
-    from . import server  # the workers import the server; the parent only forks them
+    from . import process  # the workers import the server; the parent only forks them
 
     listen, inherited, reserved = _shared_sockets(config)
     dpop_key = DPoPKey(config.identity.dpop_alg)
@@ -148,7 +148,7 @@ def supervise(config: Config, path: Path, count: int) -> int:
         )
         code = 0
         try:
-            server.run(
+            process.run(
                 worker_config,
                 path,
                 dpop_key=dpop_key,
