@@ -244,3 +244,24 @@ def spiffe_idp(spire: Spire, tmp_path_factory) -> Iterator[tuple[IdP, ResourceSe
     server.seen()
     server.stop()
     idp.stop()
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory) -> Iterator[Any]:
+    """moto's server (AWS STS and S3), one per test module that uses it."""
+    from tests.aws_counterparts import Moto
+
+    server = Moto(tmp_path_factory.mktemp("moto"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def sts_relay(moto) -> Iterator[Any]:
+    """A relay between credproxy and moto's STS that keeps what crossed it."""
+    from tests.aws_counterparts import Relay
+
+    relay = Relay(moto.port)
+    yield relay
+    relay.close()

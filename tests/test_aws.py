@@ -22,7 +22,7 @@ import pytest
 from botocore import UNSIGNED
 from botocore.config import Config
 
-from tests.aws_counterparts import REGION, Moto, Relay, aws_config
+from tests.aws_counterparts import REGION, Relay, aws_config
 from tests.counterparts import LEDGER, ThreadedApp, rss_peak_during
 
 MIB = 1024 * 1024
@@ -33,21 +33,6 @@ APP_CONFIG = Config(
     response_checksum_validation="when_required",
     retries={"max_attempts": 1},
 )
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    server = Moto(tmp_path_factory.mktemp("moto"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def sts_relay(moto):
-    relay = Relay(moto.port)
-    yield relay
-    relay.close()
 
 
 def app_client(proc, service: str, **kwargs):

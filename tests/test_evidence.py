@@ -12,9 +12,8 @@ import time
 from typing import Any
 
 import boto3
-import pytest
 
-from tests.aws_counterparts import REGION, Moto, Relay, aws_config
+from tests.aws_counterparts import REGION, Relay, aws_config
 from tests.counterparts import ROOT, config
 from tests.test_aws import APP_CONFIG
 from tests.test_static_and_jwt import _config as static_and_jwt_config
@@ -164,14 +163,6 @@ async def test_oauth2_and_token_exchange_evidence_passes(
         credentials = report["credentials"]
         assert len(credentials) >= 2 and sum(c["uses"] for c in credentials) >= 20, kind
         assert {c["state"] for c in credentials} <= {"revoked", "expired"}, kind
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    server = Moto(tmp_path_factory.mktemp("moto"))
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_aws_sts_and_static_keys_evidence(moto, credproxy, tmp_path):

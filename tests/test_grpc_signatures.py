@@ -38,21 +38,6 @@ def _identity(data: bytes) -> bytes:
     return data
 
 
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    server = Moto(tmp_path_factory.mktemp("moto"))
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def sts_relay(moto):
-    relay = Relay(moto.port)
-    yield relay
-    relay.close()
-
-
 def _sts_keys(moto: Moto):
     """Access key id → (secret key, session token) of the credentials moto's STS issued."""
 

@@ -23,7 +23,7 @@ import pytest
 from aiohttp import web
 
 from proxy.credentials.jose import b64url
-from tests.aws_counterparts import REGION, Moto, Relay
+from tests.aws_counterparts import REGION, Relay
 from tests.counterparts import (
     LEDGER,
     NOBODY,
@@ -238,14 +238,6 @@ async def _inventory(proc) -> list[dict[str, object]]:
     async with proc.control() as control, control.get("http://localhost/credentials") as answer:
         assert answer.status == 200
         return list((await answer.json())["credentials"])
-
-
-@pytest.fixture(scope="module")
-def moto(tmp_path_factory):
-    server = Moto(tmp_path_factory.mktemp("moto-spiffe"))
-    server.start()
-    yield server
-    server.stop()
 
 
 def test_aws_web_identity_is_a_jwt_svid_for_sts(spire, moto, credproxy):
