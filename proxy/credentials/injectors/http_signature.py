@@ -16,6 +16,8 @@ import secrets
 import time
 from collections.abc import Callable
 
+from yarl import URL
+
 from ...config.credential import HTTPSignature, HTTPSignatureCredential
 from ...config.model import RouteConfig
 from ...errors import UnsignableRequest
@@ -65,7 +67,8 @@ class HTTPSignatureInjector(Injector):
                 covered = tuple(c for c in covered if c != "content-digest")
         if "date" in covered and "Date" not in headers:
             headers["Date"] = email.utils.formatdate(usegmt=True)
-        lines = [f'"{name}": {self._value(outbound, name)}' for name in covered]
+        url = outbound.url  # built once for all the derived components
+        lines = [f'"{name}": {self._value(outbound, url, name)}' for name in covered]
         created = int(time.time())
         params = f";created={created};expires={created + self._config.lifetime_s}"
         if self._config.nonce:
@@ -83,8 +86,7 @@ class HTTPSignatureInjector(Injector):
         headers["Signature"] = f"{label}=:{outbound.secret}:"
 
     @staticmethod
-    def _value(outbound: Outbound, name: str) -> str:
-        url = outbound.url
+    def _value(outbound: Outbound, url: URL, name: str) -> str:
         if name == "@method":
             return outbound.method.upper()
         if name == "@target-uri":
