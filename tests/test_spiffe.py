@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import stat
 import subprocess
 import sys
 import tempfile
@@ -34,6 +32,7 @@ from tests.counterparts import (
     attack,
     wait_until,
 )
+from tests.disk import holds, open_regular_files, written_since
 from tests.spire import (
     CREDPROXY_ID,
     SPIFFE_CLIENT,
@@ -389,16 +388,14 @@ def test_a_uid_without_an_entry_gets_nothing_and_no_svid_reaches_the_disk(
     pems = [line.encode() for k in keys for line in _pem_lines(k)]
     needles = [*keys, *pems, *tokens]
     assert needles
-    pid = proc.process.pid
-    open_files = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
-    regular = {f for f in open_files if f.startswith("/") and Path(f).is_file()}
+    regular = open_regular_files(proc.process.pid)
     assert regular <= {str(proc.log_file), str(proc.audit_file)}, regular
     proc.stop()
     hits = [
         str(path)
-        for path in _written_since(started, [Path(tempfile.gettempdir()), Path("/var/tmp"),
+        for path in written_since(started, [Path(tempfile.gettempdir()), Path("/var/tmp"),
                                              Path("/dev/shm"), ROOT, Path.home()])
-        if spire.agent_dir not in path.parents and _holds(path, needles)
+        if spire.agent_dir not in path.parents and holds(path, needles)
     ]  # fmt: skip
     assert hits == []
 
@@ -411,30 +408,6 @@ def _pem_lines(der: bytes) -> list[str]:
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     ).decode()
     return [line for line in pem.splitlines() if not line.startswith("-----")]
-
-
-def _written_since(moment: float, roots: list[Path]) -> Iterator[Path]:
-    """Regular files under ``roots`` modified since ``moment`` (not following symlinks)."""
-    for root in roots:
-        for directory, subdirs, files in os.walk(root, onerror=lambda _: None):
-            subdirs[:] = [d for d in subdirs if d not in (".git", ".venv", "node_modules", "go")]
-            for name in files:
-                path = Path(directory, name)
-                try:
-                    info = path.lstat()
-                except OSError:
-                    continue
-                if stat.S_ISREG(info.st_mode) and info.st_mtime >= moment:
-                    yield path
-
-
-def _holds(path: Path, needles: list[bytes]) -> bool:
-    try:
-        with path.open("rb") as file:
-            data = file.read(64 * 1024 * 1024)
-    except OSError:
-        return False
-    return any(needle in data for needle in needles)
 
 
 UPSTREAM_ID = "spiffe://credproxy.test/ns/payments/sa/api"
