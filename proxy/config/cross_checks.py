@@ -75,6 +75,7 @@ def _section_checks(data: dict[str, Any]) -> list[str]:
         if (
             isinstance(auth, dict)
             and issuer.get("type") in ("openbao", "vault")
+            and auth.get("identity", "token_file") == "token_file"
             and auth.get("token_file") is None
             and not default_token
         ):

@@ -263,20 +263,51 @@ def _no_vault_token(data: Any) -> Any:
 
 class OpenBaoAuth(Model):
     """How credproxy logs in to OpenBao: the workload's own token (a projected service-account
-    token, a JWT-SVID) presented to a role of the JWT auth method or, ``method: kubernetes``,
-    of the Kubernetes auth method (which has OpenBao check it with the TokenReview API):
-    ``auth/<mount>/login`` {role, jwt} either way."""
+    token read from its file, or a JWT-SVID from the SPIFFE Workload API) presented to a role
+    of the JWT auth method or, ``method: kubernetes``, of the Kubernetes auth method (which has
+    OpenBao check it with the TokenReview API): ``auth/<mount>/login`` {role, jwt} either way."""
 
     method: Literal["jwt", "kubernetes"] = "jwt"
     role: str = Field(min_length=1, pattern=r"^[\x21-\x7e]+$")
     mount: str | None = Field(None, pattern=_VAULT_PATH, description="default: the method")
+    identity: Literal["token_file", "jwt_svid"] = Field(
+        "token_file",
+        description="token_file: the workload's token file, re-read for every login; "
+        "jwt_svid: a JWT-SVID for audience from the SPIFFE Workload API (method jwt)",
+    )
     token_file: Path | None = Field(None, description="default: identity.token_file")
+    audience: str | None = Field(
+        None,
+        min_length=1,
+        description="identity jwt_svid: the JWT-SVID's audience (the role's bound_audiences); "
+        "default: the issuer's address",
+    )
 
     @property
     def path(self) -> str:
         return f"auth/{self.mount or self.method}/login"
 
     _no_inline = model_validator(mode="before")(reject_inline_secrets)
+
+    @model_validator(mode="after")
+    def _check(self) -> OpenBaoAuth:
+        if self.identity == "jwt_svid":
+            if self.method == "kubernetes":
+                raise ValueError(
+                    "identity jwt_svid logs in with the JWT auth method (method: jwt); the "
+                    "Kubernetes method accepts only service-account tokens (TokenReview)"
+                )
+            if self.token_file is not None:
+                raise ValueError(
+                    "token_file is for identity token_file; identity jwt_svid fetches a "
+                    "JWT-SVID from the SPIFFE Workload API instead"
+                )
+        elif self.audience is not None:
+            raise ValueError(
+                "audience is for identity jwt_svid; a token file's audience is set where the "
+                "token is projected"
+            )
+        return self
 
 
 class KVSecret(Model):
@@ -358,6 +389,10 @@ class OpenBaoIssuerConfig(IssuerConfig):
         """The KV value is re-read ``reread_s`` after it was read; it serves ``serve_stale_s``
         longer while OpenBao cannot be reached."""
         return self.serve_stale_s
+
+    @property
+    def uses_svid(self) -> bool:
+        return self.auth.identity == "jwt_svid"
 
 
 class VaultIssuerConfig(OpenBaoIssuerConfig):

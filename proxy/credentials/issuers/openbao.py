@@ -1,5 +1,6 @@
 """OpenBao (or HashiCorp Vault) as a source of legacy secrets and client certificates, reached
-the secretless way: the sidecar logs in with the workload's own token (JWT auth), holds the
+the secretless way: the sidecar logs in with the workload's own token (its token file, or a
+JWT-SVID from the SPIFFE Workload API) at a JWT or Kubernetes auth role, holds the
 Vault token in memory only, renews it ahead of its TTL (logging in again when renewal is
 refused), revokes it at shutdown and on the control plane's revoke. It serves one field of a KV
 v2 secret as a static secret re-read every ``reread_s`` (a new version is picked up without
@@ -19,6 +20,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -36,6 +38,7 @@ from ..token import CacheKey, Token
 from . import exchange
 from .base import issuer
 from .pki import issued_certificate, new_key, signing_request
+from .spiffe import jwt_svid, workload_api_for
 
 if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
     from ...spiffe.workload_api import WorkloadAPI
@@ -80,13 +83,18 @@ class OpenBaoIssuer:
         self.revoke_on_shutdown = config.revoke_on_shutdown
         self._session = session
         self._where = f"issuers.{name}"
-        token_file = config.auth.token_file or identity.token_file
-        if token_file is None:
-            raise IdentityError(
-                f"{self._where}.auth.token_file: needed to log in to OpenBao with the "
-                "workload's token (or set identity.token_file)"
-            )
-        self._token_file = token_file
+        self._workload_api: WorkloadAPI | None = None
+        self._token_file: Path | None = None
+        if config.auth.identity == "jwt_svid":
+            self._workload_api = workload_api_for(workload_api, f"{self._where}.auth.identity")
+            self._svid_audience = config.auth.audience or config.address
+        else:
+            self._token_file = config.auth.token_file or identity.token_file
+            if self._token_file is None:
+                raise IdentityError(
+                    f"{self._where}.auth.token_file: needed to log in to OpenBao with the "
+                    "workload's token (or set identity.token_file)"
+                )
         self._tls = ClientTLS(config.ca_file, None, None, where=self._where)
         self._base = config.address.rstrip("/") + "/v1/"
         self._login: Login | None = None
@@ -223,12 +231,21 @@ class OpenBaoIssuer:
             return min(self.config.renew_ahead_s, 0.5 * login.lease_s)
         return min(_RENEW_AHEAD_MAX_S, login.lease_s / 3)
 
-    async def _log_in(self) -> Login:
-        auth = self.config.auth
+    async def _workload_token(self) -> Secret:
+        """What the login presents: a JWT-SVID fetched now, or the token file read now (a
+        rotated projected token is picked up; an expired one is never reused)."""
+        if self._workload_api is not None:
+            where = f"{self._where}.auth.identity"
+            return (await jwt_svid(self._workload_api, self._svid_audience, where=where)).token
+        assert self._token_file is not None
         try:
-            jwt = read_secret_file(self._token_file, what=f"{self._where}.auth.token_file")
+            return read_secret_file(self._token_file, what=f"{self._where}.auth.token_file")
         except IdentityError as exc:
             raise IssuerError(str(exc)) from None  # mid-rotation the file may be missing: retry
+
+    async def _log_in(self) -> Login:
+        auth = self.config.auth
+        jwt = await self._workload_token()
         path = auth.path
         status, body, headers = await self._call(
             "POST", path, payload={"role": auth.role, "jwt": jwt.reveal()}
@@ -242,9 +259,10 @@ class OpenBaoIssuer:
             )
         login = self._auth(body, path)
         credentials_log.info(
-            "issuer %s logged in to OpenBao as role %s: vault token %s, ttl %.0fs",
+            "issuer %s logged in to OpenBao as role %s (%s): vault token %s, ttl %.0fs",
             self.name,
             auth.role,
+            auth.identity,
             login.token.fingerprint,
             login.lease_s,
         )
