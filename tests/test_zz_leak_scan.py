@@ -1,7 +1,8 @@
 """The leak scan (invariant 7). Named to run last: it greps everything credproxy wrote during the
 whole session (logs, audit files, metrics, problem bodies) for every credential value the IdP
 issued or received and the resource server received: tokens, client assertions, DPoP proofs,
-the legacy client secret. It first drives a full tour of its own, so it is never vacuous."""
+the legacy client secret, SVIDs and their keys, Vault tokens, KV values and PKI keys. Each
+kind first drives a full tour of its own, so it is never vacuous."""
 
 from __future__ import annotations
 
@@ -117,6 +118,95 @@ log: {{format: text, level: debug}}
     assert svid_upstream.verifier.seen and "svid.received" in proc.audit_file.read_text()
     hits = LEDGER.hits()
     print(f"leak scan with SVIDs: {len(LEDGER.secrets)} values: {len(hits)} hits")
+    assert hits == []
+
+
+async def test_no_vault_token_kv_value_or_pki_key_appears_in_any_output(
+    bao, credproxy, client, tmp_path
+):
+    """OpenBao too: every Vault token OpenBao issued (the login's and the one after a control
+    revoke), every workload token presented to it, the KV value (sent as a header and as a
+    query parameter) and every private key its PKI engine made (pki/issue, for the mTLS
+    client certificate) appear in no log line (debug level), audit event, metric, inventory or
+    answer of a run that used them all."""
+    from tests.openbao import KV_PATH, PKI_NAME, ROLE, ApiKeyAPI, PKIUpstream
+    from tests.tls import TestCA
+
+    value = "kv-leak-scan-" + "6d5c4b3a29180f7e"
+    bao.put_secret({"api_key": value})
+    bao_ca = bao.configure_pki(ttl_s=60)
+    api, mtls = ApiKeyAPI(), PKIUpstream(TestCA(tmp_path), bao_ca)
+    api.expected = value
+    token_file = tmp_path / "workload-token"
+    token_file.write_text(bao.workload_token())
+    already = set(bao.issued_tokens())
+    api.start()
+    mtls.start()
+    try:
+        proc = credproxy(f"""\
+listen: 127.0.0.1:0
+admin: 127.0.0.1:0
+callers:
+  test-suite: {{uid: 0}}
+identity: {{token_file: {token_file}}}
+issuers:
+  bao:
+    type: openbao
+    address: {bao.address}
+    auth: {{role: {ROLE}}}
+    secret: {{path: {KV_PATH}, field: api_key}}
+    pki: {{role: orders, common_name: {PKI_NAME}, key: openbao}}
+routes:
+  - name: header
+    path_prefix: /header/
+    upstream: {api.origin}
+    credential: {{issuer: bao, inject: header, header: X-Api-Key}}
+    allow: [{{callers: [test-suite]}}]
+  - name: query
+    path_prefix: /query/
+    upstream: {api.origin}
+    credential: {{issuer: bao, inject: query, query_param: api_key}}
+    allow: [{{callers: [test-suite]}}]
+  - name: mtls
+    path_prefix: /mtls/
+    upstream: {mtls.origin}
+    ca_file: {tmp_path / "ca.pem"}
+    client_cert: {{issuer: bao}}
+    credential: {{issuer: bao, inject: header, header: X-Api-Key}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: text, level: debug}}
+""")
+        paths = ("/header/v1/a", "/query/v1/b?page=1", "/mtls/v1/c", "/nowhere")
+        for round_ in ("first", "after revoke"):
+            for path in paths:
+                async with client.get(
+                    proc.url + path, headers={"Authorization": "Bearer app-junk"}
+                ) as response:
+                    LEDGER.output(f"response {path} ({round_})", await response.text())
+                    LEDGER.output(f"headers {path} ({round_})", str(dict(response.headers)))
+            if round_ == "first":
+                async with proc.control() as control:
+                    url = "http://localhost/credentials/revoke?issuer=bao"
+                    async with control.post(url) as answer:
+                        LEDGER.output("revoke", await answer.text())
+        async with client.get(proc.admin_url + "/metrics") as response:
+            LEDGER.output("metrics", await response.text())
+        async with proc.control() as control, control.get("http://localhost/credentials") as answer:
+            LEDGER.output("inventory", await answer.text())
+        assert proc.stop() == 0
+    finally:
+        api.stop()
+        mtls.stop()
+    bao.record_tokens()
+    vault_tokens = [t for t in bao.issued_tokens() if t not in already]
+    keys = bao.issued_private_keys()
+    assert len(vault_tokens) >= 2 and set(vault_tokens) <= LEDGER.secrets
+    assert value in LEDGER.secrets and api.seen.count(value) >= 4
+    assert keys and all(max(k.splitlines(), key=len) in LEDGER.secrets for k in keys)
+    assert len(mtls.seen) == 2 and token_file.read_text() in LEDGER.secrets
+    hits = LEDGER.hits()
+    print(f"leak scan with OpenBao: {len(LEDGER.secrets)} values: {len(hits)} hits")
     assert hits == []
 
 
