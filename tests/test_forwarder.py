@@ -151,12 +151,15 @@ def test_request_headers_drop_hop_by_hop_connection_listed_and_credentials():
                 ("Transfer-Encoding", "chunked"),
                 ("X-Api-Key", "k"),
                 ("Accept", "a"),
+                ("aUtHoRiZaTiOn", "Bearer y"),
                 ("Accept", "b"),
             ]
         )
     )
     out = request_headers(inbound, HOP_BY_HOP | CREDENTIAL_HEADERS | {"x-api-key"})
     assert list(out.items()) == [("Accept", "a"), ("Accept", "b")]
+    out.add("Authorization", "Bearer injected")  # a copy: the app's headers stay as they came
+    assert inbound.getall("Authorization") == ["Bearer x", "Bearer y"]
 
 
 def test_response_head_lines_mask_credential_echo_and_drop_hop_by_hop():

@@ -7,7 +7,7 @@ import functools
 import re
 from collections.abc import Sequence
 
-from multidict import CIMultiDict, MultiMapping
+from multidict import CIMultiDict, CIMultiDictProxy, MultiMapping
 
 # RFC 9110 §7.6.1 (plus the widespread non-standard ones); never forwarded in either direction.
 HOP_BY_HOP = frozenset(
@@ -43,10 +43,16 @@ def _connection_listed(headers: MultiMapping[str]) -> frozenset[str]:
     )
 
 
-def request_headers(inbound: MultiMapping[str], strip: frozenset[str]) -> CIMultiDict[str]:
+def request_headers(
+    inbound: CIMultiDictProxy[str] | CIMultiDict[str], strip: frozenset[str]
+) -> CIMultiDict[str]:
     """The app's headers minus hop-by-hop, ``Connection``-listed and credential headers."""
     drop = strip | _connection_listed(inbound) if "Connection" in inbound else strip
-    return CIMultiDict((name, value) for name, value in inbound.items() if name.lower() not in drop)
+    headers = inbound.copy()  # copy, then remove: building from pairs costs multidict an error
+    for name in inbound:
+        if name.lower() in drop:
+            headers.popall(name, None)
+    return headers
 
 
 _HOP_BY_HOP_BYTES = frozenset(name.encode() for name in HOP_BY_HOP)
@@ -192,7 +198,7 @@ def mask_echoes(data: bytes, secret: str) -> bytes:
     if not secret:
         return data
     needle = secret.encode()
-    if data.find(needle) < 0 and not _has_escape(data, b" " in needle):
+    if data.find(needle) < 0 and not _has_escape(data, needle.find(b" ") >= 0):
         return data
     return Scrubber(secret).masked(data)
 
