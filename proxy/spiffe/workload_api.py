@@ -32,7 +32,7 @@ from ..errors import IssuerError
 from ..metrics import Metrics
 from ..tasks import spawn
 from .proto import workload_pb2 as pb
-from .svid import JWTSVID, X509SVID
+from .svid import JWTSVID, X509SVID, jwks_key_ids
 
 spiffe_log = logging.getLogger("credproxy.spiffe")
 
@@ -93,6 +93,7 @@ class WorkloadAPI:
         self._x509_arrived = asyncio.Event()
         self._agent_answered = asyncio.Event()  # a call succeeded: broken streams retry now
         self.jwt_bundles: dict[str, bytes] = {}  # trust domain's SPIFFE ID → JWKS (JSON)
+        self.jwt_authorities: dict[str, list[str]] = {}  # trust domain → its JWT key IDs
         self.rotations = 0
         self.last_error = ""
         self._closed = False
@@ -273,5 +274,9 @@ class WorkloadAPI:
     def _bundles_update(self, message: Any) -> None:
         bundles = dict(message.bundles)
         if bundles != self.jwt_bundles:
-            self.jwt_bundles = bundles
-            spiffe_log.info("JWT bundles for %s", ", ".join(sorted(bundles)) or "no trust domain")
+            authorities = {domain: jwks_key_ids(jwks) for domain, jwks in sorted(bundles.items())}
+            self.jwt_bundles, self.jwt_authorities = bundles, authorities
+            spiffe_log.info(
+                "JWT bundles: %s",
+                "; ".join(f"{d}: {', '.join(ids)}" for d, ids in authorities.items()) or "none",
+            )
