@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,15 @@ class Spire(DemoSpire):
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir, binaries())
+
+    def freeze_agent(self) -> None:
+        """SIGSTOP the agent: its socket still takes requests, and nothing answers them."""
+        assert self.agent is not None
+        self.agent.send_signal(signal.SIGSTOP)
+
+    def thaw_agent(self) -> None:
+        assert self.agent is not None
+        self.agent.send_signal(signal.SIGCONT)
 
 
 class SVIDVerifier:

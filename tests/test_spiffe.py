@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 from aiohttp import web
 
 from proxy.credentials.jose import b64url
+from proxy.demo.spire import TRUST_DOMAIN
 from tests.aws_counterparts import REGION, Relay
 from tests.counterparts import (
     LEDGER,
@@ -39,6 +41,7 @@ from tests.spire import (
     SPIFFE_CLIENT,
     MTLSUpstream,
     Spire,
+    SVIDUpstream,
     SVIDVerifier,
     record_svid_keys,
 )
@@ -99,9 +102,159 @@ async def test_jwt_svid_route_sends_a_jwt_svid_for_the_upstream_verified_against
     }
     assert fetch["count"] >= 1
     print(
-        f"JWT-SVID fetch: {1000 * fetch['sum'] / fetch['count']:.1f} ms; first request through "
-        f"a jwt_svid route (fetch included): {1000 * first_request_s:.1f} ms"
+        f"JWT-SVID fetch (at warm-up): {1000 * fetch['sum'] / fetch['count']:.1f} ms; first "
+        f"request through a jwt_svid route (JWT-SVID cached): {1000 * first_request_s:.1f} ms"
     )
+
+
+def _late_route(upstream: SVIDUpstream) -> str:
+    return f"""\
+  - name: late
+    path_prefix: /late/
+    upstream: {upstream.origin}
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+"""
+
+
+def _metric(metrics: str, name: str, label: str = "") -> list[float]:
+    """The values of one metric's samples (those whose labels contain ``label``)."""
+    return [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith((name + " ", name + "{")) and label in line
+    ]
+
+
+async def test_concurrent_first_requests_share_one_jwt_svid_fetch(spire, credproxy, client):
+    """Single-flight: 30 requests arriving together at a route with no JWT-SVID yet (no warm-up)
+    cause one fetch from the agent (one credential.issued, one timed refresh) and all carry the
+    same JWT-SVID, which the upstream verifies against SPIRE's bundle."""
+    upstream = SVIDUpstream(spire)
+    upstream.start()
+    try:
+        proc = credproxy(spiffe_config(spire, upstream.origin) + "warm_up: false\n")
+        assert proc.audit("credential.issued") == []
+        started = time.monotonic()
+        responses = await asyncio.gather(
+            *(client.get(f"{proc.url}/svc/together/{i}") for i in range(30))
+        )
+        first_s = time.monotonic() - started
+        for response in responses:
+            assert response.status == 200, await response.text()
+            response.release()
+        assert len(upstream.verifier.seen) == 30 and upstream.rejected == 0
+        assert len(set(upstream.verifier.seen)) == 1
+        assert len(proc.audit("credential.issued")) == 1
+        async with client.get(proc.admin_url + "/metrics") as response:
+            metrics = await response.text()
+        name = "credproxy_credential_refresh_duration_seconds"
+        assert _metric(metrics, name + "_count", 'issuer="workload"') == [1.0]
+        fetch_s = _metric(metrics, name + "_sum", 'issuer="workload"')[0]
+        print(
+            f"JWT-SVID fetch on first use: {1000 * fetch_s:.1f} ms; 30 concurrent first "
+            f"requests answered in {1000 * first_s:.1f} ms"
+        )
+    finally:
+        upstream.stop()
+
+
+HANG_S = aiohttp.ClientTimeout(total=30)  # a bound on a hang, not a measure of speed
+
+
+async def test_a_jwt_svid_fetch_waiting_on_a_frozen_agent_blocks_no_other_request(
+    spire, svid_upstream, credproxy, client
+):
+    """Nothing blocks the event loop: with the agent frozen (SIGSTOP), a request whose JWT-SVID
+    must be fetched waits on the agent while a route whose JWT-SVID is cached keeps answering
+    200; the agent thawed, the waiting request is answered 200 with a JWT-SVID for its own
+    upstream."""
+    late = SVIDUpstream(spire)
+    late.start()
+    try:
+        socket_uri = f'socket: "{spire.socket_uri}"'
+        config = spiffe_config(spire, svid_upstream.origin, extra=_late_route(late))
+        proc = credproxy(
+            config.replace(socket_uri, socket_uri + ", timeout_s: 120") + "warm_up: false\n"
+        )
+        async with client.get(proc.url + "/svc/cached") as response:
+            assert response.status == 200
+        answer = await _late_answer_with_the_agent_frozen(spire, proc, client)
+    finally:
+        late.stop()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert late.verifier.subjects == [CREDPROXY_ID]
+
+
+async def _late_answer_with_the_agent_frozen(spire, proc, client) -> bytes:
+    """Send GET /late/ with the agent frozen, check that /svc/ answers meanwhile and /late/ does
+    not, thaw the agent and return /late/'s answer."""
+    host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+    waiting = socket.create_connection((host, int(port)), timeout=60)
+    try:
+        spire.freeze_agent()
+        try:
+            head = f"GET /late/x HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+            waiting.sendall(head.encode())
+            for i in range(3):  # each answered while the fetch for /late/ waits on the agent
+                async with client.get(f"{proc.url}/svc/meanwhile/{i}", timeout=HANG_S) as answer:
+                    assert answer.status == 200
+            waiting.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                waiting.recv(1)  # /late/ has no answer yet: its fetch is still waiting
+            waiting.settimeout(60)
+        finally:
+            spire.thaw_agent()
+        return await asyncio.to_thread(_read_all, waiting)
+    finally:
+        waiting.close()
+
+
+def _read_all(connection: socket.socket) -> bytes:
+    chunks = []
+    while chunk := connection.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_the_socket_defaults_to_spiffe_endpoint_socket(
+    spire, svid_upstream, credproxy, client, monkeypatch
+):
+    """With no identity.spiffe in the config, credproxy run takes the Workload API socket from
+    SPIFFE_ENDPOINT_SOCKET (the SPIFFE standard's variable) and serves JWT-SVIDs from it."""
+    monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", spire.socket_uri)
+    config = spiffe_config(spire, svid_upstream.origin)
+    config = config.replace(f'identity:\n  spiffe: {{socket: "{spire.socket_uri}"}}\n', "")
+    assert "identity" not in config
+    proc = credproxy(config)
+    async with client.get(proc.url + "/svc/from-env") as response:
+        assert response.status == 200, await response.text()
+        assert (await response.json())["spiffe_id"] == CREDPROXY_ID
+    assert f"SPIFFE Workload API: {spire.socket_uri}" in proc.log()
+
+
+async def test_inventory_and_metrics_name_the_svid_its_expiry_and_jwt_authorities(
+    spire, svid_upstream, credproxy, client
+):
+    """Governance: the inventory's identity row names the X.509-SVID credproxy holds (ID,
+    serial, fingerprint as audited) and the JWT authorities of the bundles it watches (the key
+    IDs SPIRE publishes); credproxy_svid_expiry_seconds is that SVID's expiry."""
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin))
+    rows = await _inventory(proc)
+    identity = next(r for r in rows if r["kind"] == "identity")
+    assert identity["spiffe_id"] == CREDPROXY_ID and identity["svid_rooted"] is True
+    audited = {e["serial"]: e for e in proc.audit("svid.received") + proc.audit("svid.rotated")}
+    assert identity["serial"] in audited
+    svid = audited[identity["serial"]]
+    assert identity["fingerprint"] == svid["cert_fingerprint"]
+    assert identity["expires_at"] == svid["expires_at"]
+    published = sorted(k["kid"] for k in spire.jwks()["keys"] if k.get("use") == "jwt-svid")
+    assert published and identity["jwt_authorities"] == {f"spiffe://{TRUST_DOMAIN}": published}
+    async with client.get(proc.admin_url + "/metrics") as response:
+        metrics = await response.text()
+    expiry = _metric(metrics, "credproxy_svid_expiry_seconds")
+    assert len(expiry) == 1 and expiry[0] in {e["expires_at"] for e in audited.values()}
+    assert expiry[0] > time.time()
 
 
 def _check_config(tmp_path, text: str, env: dict[str, str] | None = None):
