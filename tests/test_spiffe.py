@@ -676,14 +676,19 @@ async def test_an_upstream_with_another_spiffe_id_gets_nothing_502(
     assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()
 
 
-async def test_an_h2_upstream_with_another_spiffe_id_receives_not_one_byte(
-    spire, credproxy, client, tmp_path
+@pytest.mark.parametrize(
+    ("protocol", "alpn"),
+    [("http1.1", ["http/1.1"]), ("h2", ["h2"]), ("auto", ["h2"])],
+    ids=["http1.1", "h2", "auto"],
+)
+async def test_an_upstream_with_another_spiffe_id_receives_not_one_byte(
+    spire, credproxy, client, tmp_path, protocol, alpn
 ):
-    """(d) over HTTP/2: an impostor with a valid X.509-SVID of SPIRE's trust domain, but not
-    the ID the route names, offers h2 by ALPN and records every byte it receives after the
-    handshake. credproxy checks the SPIFFE ID before it sends anything, as on HTTP/1.1: 502
-    upstream_tls_error naming both IDs, and the impostor got no preface, no header, no
-    JWT-SVID."""
+    """(d) an impostor with a valid X.509-SVID of SPIRE's trust domain, but not the ID the
+    route names, records every byte it receives after the handshake, for each upstream_protocol
+    (HTTP/2 by ALPN too). credproxy checks the SPIFFE ID before it sends anything: 502
+    upstream_tls_error naming both IDs, and the impostor got no request line, no preface, no
+    header, no JWT-SVID."""
     import ssl
 
     cert, key = spire.mint_x509(UPSTREAM_ID, tmp_path)
@@ -692,7 +697,7 @@ async def test_an_h2_upstream_with_another_spiffe_id_receives_not_one_byte(
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(bundle))
     context.verify_mode = ssl.CERT_REQUIRED
     context.load_cert_chain(cert, key)
-    context.set_alpn_protocols(["h2"])
+    context.set_alpn_protocols(alpn)
     received: list[bytes] = []
     accepted = 0
     finished = asyncio.Event()
@@ -720,10 +725,10 @@ identity:
 issuers:
   workload: {{type: spiffe}}
 routes:
-  - name: impostor-h2
-    path_prefix: /impostor-h2/
+  - name: impostor
+    path_prefix: /impostor/
     upstream: https://127.0.0.1:{port}
-    upstream_protocol: h2
+    upstream_protocol: {protocol}
     client_cert: svid
     upstream_spiffe_id: {other}
     credential: {{issuer: workload, inject: jwt_svid}}
@@ -732,7 +737,7 @@ audit: {{file: "{{audit}}"}}
 log: {{format: json}}
 """)
     try:
-        async with client.get(proc.url + "/impostor-h2/charge") as response:
+        async with client.get(proc.url + "/impostor/charge") as response:
             problem = await response.json(content_type=None)
         assert response.status == 502 and problem["code"] == "upstream_tls_error", problem
         assert accepted >= 1  # it was reached (and the log names the ID its certificate has)
