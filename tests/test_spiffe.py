@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import os
 import socket
 import stat
@@ -46,6 +47,8 @@ from tests.spire import (
     record_svid_keys,
 )
 from tests.tls import TestCA
+
+WRITE_WITNESS = Path(__file__).with_name("write_witness")  # its sitecustomize.py
 
 
 def spiffe_config(spire: Spire, upstream: str, *, extra: str = "") -> str:
@@ -519,16 +522,31 @@ async def test_agent_gone_serves_while_valid_then_503_and_recovers_without_resta
 
 
 def test_a_uid_without_an_entry_gets_nothing_and_no_svid_reaches_the_disk(
-    spire, svid_upstream, credproxy
+    spire, svid_upstream, mtls_upstream, credproxy, tmp_path
 ):
     """(g) uid 65534 has no registration entry: the agent gives it no identity, and credproxy's
     caller policy refuses it (no JWT-SVID leaves for it). And credproxy never writes SVID
-    material: no file it could have written since its start holds a key or a JWT-SVID it held,
-    and the files it has open are its log and audit only (the rest in memory)."""
+    material, with a JWT-SVID route and a client_cert: svid route (the key handed to OpenSSL)
+    in use: no file it could have written since its start holds a key or a JWT-SVID it held,
+    the files it has open are its log and audit only, and the only file it opened for writing
+    (an audit hook saw every open, rename and copy, so a file written and deleted again would
+    show) is its audit file."""
     started = time.time()
     refused = spire.fetch_x509_as(NOBODY)
     assert refused.returncode != 0 and "no identity issued" in refused.stderr
-    proc = credproxy(spiffe_config(spire, svid_upstream.origin))
+    witness = tmp_path / "writes.tsv"
+    python_path = os.pathsep.join(filter(None, [str(WRITE_WITNESS), os.environ.get("PYTHONPATH")]))
+    wrap = ("env", f"PYTHONPATH={python_path}", f"CREDPROXY_WRITE_WITNESS={witness}")
+    mtls = f"""\
+  - name: mtls
+    path_prefix: /mtls/
+    upstream: {mtls_upstream.origin}
+    client_cert: svid
+    upstream_spiffe_id: {UPSTREAM_ID}
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+"""
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin, extra=mtls), wrap=wrap)
     host, port = proc.url.removeprefix("http://").rsplit(":", 1)
     seen_before = len(svid_upstream.verifier.seen)
     answer = attack("get", f"{host}:{port}", "/svc/steal", user=NOBODY)
@@ -537,6 +555,8 @@ def test_a_uid_without_an_entry_gets_nothing_and_no_svid_reaches_the_disk(
     keys = record_svid_keys(spire)
     with urllib.request.urlopen(f"{proc.url}/svc/mine", timeout=10) as response:
         assert response.status == 200
+    with urllib.request.urlopen(f"{proc.url}/mtls/mine", timeout=10) as response:
+        assert json.load(response)["client_spiffe_id"] == CREDPROXY_ID  # the SVID was loaded
     keys += record_svid_keys(spire)
     tokens = [t.encode() for t in svid_upstream.verifier.seen]
     pems = [line.encode() for k in keys for line in _pem_lines(k)]
@@ -545,8 +565,16 @@ def test_a_uid_without_an_entry_gets_nothing_and_no_svid_reaches_the_disk(
     pid = proc.process.pid
     open_files = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
     regular = {f for f in open_files if f.startswith("/") and Path(f).is_file()}
-    assert regular <= {str(proc.log_file), str(proc.audit_file)}, regular
-    proc.stop()
+    assert regular <= {str(proc.log_file), str(proc.audit_file), str(witness)}, regular
+    assert proc.stop() == 0
+    writes = [line.split("\t", 1) for line in witness.read_text().splitlines()]
+    assert ["open", str(proc.audit_file)] in writes  # the witness saw credproxy's writes
+    # besides the audit file: the key of the audit's fingerprints, created at start (by a
+    # temporary file renamed into place), no SVID material
+    fingerprint_key = str(proc.audit_file.with_name(".credproxy-fingerprint.key"))
+    paths = {path for _, path in writes if not path.startswith("fd:")}
+    others = {p for p in paths if p != fingerprint_key and not p.startswith(fingerprint_key + ".")}
+    assert others == {str(proc.audit_file)}, writes
     hits = [
         str(path)
         for path in _written_since(started, [Path(tempfile.gettempdir()), Path("/var/tmp"),
