@@ -390,6 +390,43 @@ async def test_token_exchange_and_client_auth_rooted_in_jwt_svids(
     assert rooted == {"spiffe-workload-api": True, "exchange": True, "client": True}
 
 
+async def test_the_subject_jwt_svid_is_for_subject_audience(spire, spiffe_idp, credproxy, client):
+    """subject_audience chooses the subject JWT-SVID's audience: the exchange carries a JWT-SVID
+    for it (verified against SPIRE's bundle), and the IdP, which takes only subject tokens for
+    itself, refuses it: invalid_grant, and the app gets 503 credential_unavailable."""
+    idp, server = spiffe_idp
+    elsewhere = "https://elsewhere.example"
+    before = len(idp.records())
+    proc = credproxy(f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  exchange:
+    type: token_exchange
+    issuer_url: {idp.issuer}
+    client_id: {SPIFFE_CLIENT}
+    client_auth: jwt_svid
+    subject_token: jwt_svid
+    subject_audience: {elsewhere}
+routes:
+  - name: exchanged
+    path_prefix: /exchanged/
+    upstream: {server.origin}
+    credential: {{issuer: exchange, audience: "{server.audience}", scope: payments.write}}
+    allow: [{{callers: [test-suite]}}]
+warm_up: false
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+""")
+    async with client.get(f"{proc.url}/exchanged/api/hello") as response:
+        problem = await response.json(content_type=None)
+    assert response.status == 503 and problem["code"] == "credential_unavailable", problem
+    exchanges = [r for r in idp.records()[before:] if r.get("subject_token")]
+    assert exchanges and all(r["error"] == "invalid_grant" for r in exchanges)
+    subject = SVIDVerifier(spire, elsewhere).verify("Bearer " + exchanges[0]["subject_token"])
+    assert subject == CREDPROXY_ID
+
+
 async def _inventory(proc) -> list[dict[str, object]]:
     async with proc.control() as control, control.get("http://localhost/credentials") as answer:
         assert answer.status == 200
