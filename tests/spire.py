@@ -150,6 +150,7 @@ class MTLSUpstream(ThreadedApp):
         super().__init__(context)
         self.allowed = allowed
         self.requests: list[str] = []  # the client SPIFFE ID of each request received
+        self.serials: list[str] = []  # and the serial of its client certificate (hex)
 
     def app(self) -> web.Application:
         from cryptography import x509
@@ -159,8 +160,10 @@ class MTLSUpstream(ThreadedApp):
         async def handle(request: web.Request) -> web.Response:
             assert request.transport is not None
             der = request.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            client = next(iter(uri_sans(x509.load_der_x509_certificate(der))), "")
+            certificate = x509.load_der_x509_certificate(der)
+            client = next(iter(uri_sans(certificate)), "")
             self.requests.append(client)
+            self.serials.append(format(certificate.serial_number, "x"))
             if client != self.allowed:
                 return web.json_response({"error": "wrong SPIFFE ID"}, status=403)
             return web.json_response({"client_spiffe_id": client, "path": request.path})

@@ -698,25 +698,29 @@ async def test_mtls_with_the_x509_svid_to_an_upstream_authenticated_by_spiffe_id
 ):
     """(c) client_cert: svid — the upstream, which requires a client certificate chained to
     SPIRE's bundle, sees credproxy's SPIFFE ID; the upstream is verified by its own SPIFFE ID
-    (upstream_spiffe_id, no hostname); the certificate follows rotation, in memory only.
-    Without client_cert the same upstream refuses the handshake: 502."""
+    (upstream_spiffe_id, no hostname); the certificate follows rotation, in memory only: the
+    request after an audited rotation presents the new SVID. Without client_cert the same
+    upstream refuses the handshake: 502."""
     proc = credproxy(_mtls_config(spire, mtls_upstream))
     async with client.get(proc.url + "/mtls/charge") as response:
         body = await response.json()
         assert response.status == 200, body
     assert body == {"client_spiffe_id": CREDPROXY_ID, "path": "/charge"}
+    first = mtls_upstream.serials[-1]
+    assert {e["serial"] for e in proc.audit("svid.received")} == {first}
     rotations = _count(proc, "svid.rotated")
     for _ in range(300):  # rotation: the next request, the new SVID
         if _count(proc, "svid.rotated") != rotations:
             break
         async with client.get(proc.url + "/mtls/during") as response:
             assert response.status == 200
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # pace: the agent rotates at half-life, ~10 s
     else:
         raise AssertionError("no rotation within 300 requests")
-    await asyncio.sleep(0.2)
     async with client.get(proc.url + "/mtls/after") as response:
         assert response.status == 200
+    rotated = {e["serial"] for e in proc.audit("svid.rotated")}
+    assert mtls_upstream.serials[-1] in rotated and mtls_upstream.serials[-1] != first
     before = len(mtls_upstream.requests)
     async with client.get(proc.url + "/nocert/x") as response:
         problem = await response.json(content_type=None)
