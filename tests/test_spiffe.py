@@ -260,6 +260,17 @@ async def test_inventory_and_metrics_name_the_svid_its_expiry_and_jwt_authoritie
     assert expiry[0] > time.time()
 
 
+def test_watch_streams_reconnect_with_jittered_exponential_backoff():
+    """After each failure in a row the wait before reopening a watch stream doubles from 0.2 s
+    up to backoff_max_s, drawn from the ceiling's upper half (jitter), never zero."""
+    from proxy.spiffe.workload_api import reconnect_delay_s
+
+    for failures, ceiling in [(1, 0.2), (2, 0.4), (3, 0.8), (6, 6.4), (8, 25.6), (9, 30), (99, 30)]:
+        delays = [reconnect_delay_s(failures, 30.0) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (failures, min(delays))
+        assert len(set(delays)) > 1  # jittered
+
+
 def _check_config(tmp_path, text: str, env: dict[str, str] | None = None):
     path = tmp_path / "c.yaml"
     path.write_text(text)

@@ -69,6 +69,14 @@ def socket_path(socket: str) -> str | None:
     return target.removeprefix("unix:") if target.startswith("unix:") else None
 
 
+def reconnect_delay_s(failures: int, backoff_max_s: float) -> float:
+    """How long to wait before opening a watch stream again after ``failures`` in a row: a
+    ceiling doubling from 0.2 s up to ``backoff_max_s``, jittered in its upper half so that
+    the sidecars of a node do not all call a restarted agent at once."""
+    ceiling = min(backoff_max_s, _BACKOFF_BASE_S * 2 ** min(failures - 1, 16))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+
+
 class WorkloadAPI:
     """One connection to the agent, owned by the server (``aclose()`` at exit)."""
 
@@ -228,10 +236,9 @@ class WorkloadAPI:
                 self._metrics.workload_api_errors.labels(method, "UNUSABLE").inc()
                 spiffe_log.error("SPIFFE Workload API %s: unusable answer: %s", method, exc)
             failures += 1
-            ceiling = min(self._backoff_max_s, _BACKOFF_BASE_S * 2 ** min(failures - 1, 16))
             self._agent_answered.clear()
-            with contextlib.suppress(TimeoutError):  # jitter, cut short once the agent answers
-                delay_s = random.uniform(ceiling / 2, ceiling)  # noqa: S311
+            with contextlib.suppress(TimeoutError):  # cut short once the agent answers a call
+                delay_s = reconnect_delay_s(failures, self._backoff_max_s)
                 await asyncio.wait_for(self._agent_answered.wait(), delay_s)
 
     def _failed(self, method: str, exc: grpc.aio.AioRpcError) -> str:
