@@ -18,6 +18,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
@@ -756,11 +757,14 @@ async def test_an_upstream_with_another_spiffe_id_gets_nothing_502(
     assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()
 
 
-@pytest.mark.parametrize(
+PROTOCOLS = pytest.mark.parametrize(
     ("protocol", "alpn"),
     [("http1.1", ["http/1.1"]), ("h2", ["h2"]), ("auto", ["h2"])],
     ids=["http1.1", "h2", "auto"],
 )
+
+
+@PROTOCOLS
 async def test_an_upstream_with_another_spiffe_id_receives_not_one_byte(
     spire, credproxy, client, tmp_path, protocol, alpn
 ):
@@ -769,14 +773,52 @@ async def test_an_upstream_with_another_spiffe_id_receives_not_one_byte(
     (HTTP/2 by ALPN too). credproxy checks the SPIFFE ID before it sends anything: 502
     upstream_tls_error naming both IDs, and the impostor got no request line, no preface, no
     header, no JWT-SVID."""
+    cert, key = spire.mint_x509(UPSTREAM_ID, tmp_path)
+    other = "spiffe://credproxy.test/ns/payments/sa/other"
+    proc, problem, received = await _impostor(
+        spire, credproxy, client, (cert, key), alpn, f"upstream_protocol: {protocol}", other
+    )
+    assert problem["status"] == 502 and problem["code"] == "upstream_tls_error", problem
+    assert received == []
+    assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()
+
+
+@PROTOCOLS
+async def test_the_right_spiffe_id_from_outside_the_trust_bundle_receives_not_one_byte(
+    spire, credproxy, client, tmp_path, protocol, alpn
+):
+    """(d) the SPIFFE ID alone is not trusted: an impostor whose certificate carries exactly
+    the ID the route names, issued by a CA outside SPIRE's bundle, fails the chain check: 502
+    upstream_tls_error, and it received nothing after the handshake."""
+    cert, key = TestCA(tmp_path).issue("api", server=True, stem="forged", uris=(UPSTREAM_ID,))
+    proc, problem, received = await _impostor(
+        spire, credproxy, client, (cert, key), alpn, f"upstream_protocol: {protocol}", UPSTREAM_ID
+    )
+    assert problem["status"] == 502 and problem["code"] == "upstream_tls_error", problem
+    assert received == []
+    assert "certificate verify failed" in proc.log()
+
+
+async def _impostor(
+    spire: Spire,
+    credproxy: Any,
+    client: aiohttp.ClientSession,
+    certificate: tuple[Path, Path],
+    alpn: list[str],
+    options: str,
+    expected_id: str,
+) -> tuple[Any, dict[str, Any], list[bytes]]:
+    """An upstream presenting ``certificate`` (and requiring a client certificate from SPIRE's
+    bundle) that records every byte it receives after its handshake; a route to it with
+    client_cert: svid and upstream_spiffe_id ``expected_id``. One request: (credproxy, the
+    problem answered, the bytes the impostor received)."""
     import ssl
 
-    cert, key = spire.mint_x509(UPSTREAM_ID, tmp_path)
-    bundle = tmp_path / "bundle.pem"
+    bundle = certificate[0].with_name("spire-bundle.pem")
     bundle.write_text(spire.bundle_pem())
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(bundle))
     context.verify_mode = ssl.CERT_REQUIRED
-    context.load_cert_chain(cert, key)
+    context.load_cert_chain(*certificate)
     context.set_alpn_protocols(alpn)
     received: list[bytes] = []
     accepted = 0
@@ -791,15 +833,15 @@ async def test_an_upstream_with_another_spiffe_id_receives_not_one_byte(
             while chunk := await asyncio.wait_for(reader.read(65536), 5):
                 received.append(chunk)
         except (TimeoutError, ConnectionError, ssl.SSLError):
-            pass  # credproxy aborted: during the handshake's last flight or after it
+            pass  # credproxy aborted or failed the handshake, or aborted right after it
         finally:
             writer.close()
             finished.set()
 
     server = await asyncio.start_server(impostor, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    other = "spiffe://credproxy.test/ns/payments/sa/other"
-    proc = credproxy(f"""{PREAMBLE}
+    try:
+        proc = credproxy(f"""{PREAMBLE}
 identity:
   spiffe: {{socket: "{spire.socket_uri}"}}
 issuers:
@@ -808,24 +850,21 @@ routes:
   - name: impostor
     path_prefix: /impostor/
     upstream: https://127.0.0.1:{port}
-    upstream_protocol: {protocol}
+    {options}
     client_cert: svid
-    upstream_spiffe_id: {other}
+    upstream_spiffe_id: {expected_id}
     credential: {{issuer: workload, inject: jwt_svid}}
     allow: [{{callers: [test-suite]}}]
 audit: {{file: "{{audit}}"}}
 log: {{format: json}}
 """)
-    try:
-        async with client.get(proc.url + "/impostor/charge") as response:
+        async with client.get(proc.url + "/impostor/charge", data=b"an order") as response:
             problem = await response.json(content_type=None)
-        assert response.status == 502 and problem["code"] == "upstream_tls_error", problem
-        assert accepted >= 1  # it was reached (and the log names the ID its certificate has)
-        await asyncio.wait_for(finished.wait(), 10)  # it has read all credproxy sent
-        assert received == []
-        assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()
+        assert accepted >= 1  # it was reached
+        await asyncio.wait_for(finished.wait(), 10)  # and has read all credproxy sent
     finally:
         server.close()
+    return proc, problem, received
 
 
 class CertificateBoundSVIDAPI(MTLSUpstream):
