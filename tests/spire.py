@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,15 @@ class Spire(DemoSpire):
 
     def __init__(self, workdir: Path) -> None:
         super().__init__(workdir, binaries())
+
+    def freeze_agent(self) -> None:
+        """SIGSTOP the agent: its socket still takes requests, and nothing answers them."""
+        assert self.agent is not None
+        self.agent.send_signal(signal.SIGSTOP)
+
+    def thaw_agent(self) -> None:
+        assert self.agent is not None
+        self.agent.send_signal(signal.SIGCONT)
 
 
 class SVIDVerifier:
@@ -140,6 +150,7 @@ class MTLSUpstream(ThreadedApp):
         super().__init__(context)
         self.allowed = allowed
         self.requests: list[str] = []  # the client SPIFFE ID of each request received
+        self.serials: list[str] = []  # and the serial of its client certificate (hex)
 
     def app(self) -> web.Application:
         from cryptography import x509
@@ -149,8 +160,10 @@ class MTLSUpstream(ThreadedApp):
         async def handle(request: web.Request) -> web.Response:
             assert request.transport is not None
             der = request.transport.get_extra_info("ssl_object").getpeercert(binary_form=True)
-            client = next(iter(uri_sans(x509.load_der_x509_certificate(der))), "")
+            certificate = x509.load_der_x509_certificate(der)
+            client = next(iter(uri_sans(certificate)), "")
             self.requests.append(client)
+            self.serials.append(format(certificate.serial_number, "x"))
             if client != self.allowed:
                 return web.json_response({"error": "wrong SPIFFE ID"}, status=403)
             return web.json_response({"client_spiffe_id": client, "path": request.path})

@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +17,7 @@ import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import jwt
@@ -21,6 +25,7 @@ import pytest
 from aiohttp import web
 
 from proxy.credentials.jose import b64url
+from proxy.demo.spire import TRUST_DOMAIN
 from tests.aws_counterparts import REGION, Relay
 from tests.counterparts import (
     LEDGER,
@@ -38,10 +43,13 @@ from tests.spire import (
     SPIFFE_CLIENT,
     MTLSUpstream,
     Spire,
+    SVIDUpstream,
     SVIDVerifier,
     record_svid_keys,
 )
 from tests.tls import TestCA
+
+WRITE_WITNESS = Path(__file__).with_name("write_witness")  # its sitecustomize.py
 
 
 def spiffe_config(spire: Spire, upstream: str, *, extra: str = "") -> str:
@@ -98,9 +106,170 @@ async def test_jwt_svid_route_sends_a_jwt_svid_for_the_upstream_verified_against
     }
     assert fetch["count"] >= 1
     print(
-        f"JWT-SVID fetch: {1000 * fetch['sum'] / fetch['count']:.1f} ms; first request through "
-        f"a jwt_svid route (fetch included): {1000 * first_request_s:.1f} ms"
+        f"JWT-SVID fetch (at warm-up): {1000 * fetch['sum'] / fetch['count']:.1f} ms; first "
+        f"request through a jwt_svid route (JWT-SVID cached): {1000 * first_request_s:.1f} ms"
     )
+
+
+def _late_route(upstream: SVIDUpstream) -> str:
+    return f"""\
+  - name: late
+    path_prefix: /late/
+    upstream: {upstream.origin}
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+"""
+
+
+def _metric(metrics: str, name: str, label: str = "") -> list[float]:
+    """The values of one metric's samples (those whose labels contain ``label``)."""
+    return [
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith((name + " ", name + "{")) and label in line
+    ]
+
+
+async def test_concurrent_first_requests_share_one_jwt_svid_fetch(spire, credproxy, client):
+    """Single-flight: 30 requests arriving together at a route with no JWT-SVID yet (no warm-up)
+    cause one fetch from the agent (one credential.issued, one timed refresh) and all carry the
+    same JWT-SVID, which the upstream verifies against SPIRE's bundle."""
+    upstream = SVIDUpstream(spire)
+    upstream.start()
+    try:
+        proc = credproxy(spiffe_config(spire, upstream.origin) + "warm_up: false\n")
+        assert proc.audit("credential.issued") == []
+        started = time.monotonic()
+        responses = await asyncio.gather(
+            *(client.get(f"{proc.url}/svc/together/{i}") for i in range(30))
+        )
+        first_s = time.monotonic() - started
+        for response in responses:
+            assert response.status == 200, await response.text()
+            response.release()
+        assert len(upstream.verifier.seen) == 30 and upstream.rejected == 0
+        assert len(set(upstream.verifier.seen)) == 1
+        assert len(proc.audit("credential.issued")) == 1
+        async with client.get(proc.admin_url + "/metrics") as response:
+            metrics = await response.text()
+        name = "credproxy_credential_refresh_duration_seconds"
+        assert _metric(metrics, name + "_count", 'issuer="workload"') == [1.0]
+        fetch_s = _metric(metrics, name + "_sum", 'issuer="workload"')[0]
+        print(
+            f"JWT-SVID fetch on first use: {1000 * fetch_s:.1f} ms; 30 concurrent first "
+            f"requests answered in {1000 * first_s:.1f} ms"
+        )
+    finally:
+        upstream.stop()
+
+
+HANG_S = aiohttp.ClientTimeout(total=30)  # a bound on a hang, not a measure of speed
+
+
+async def test_a_jwt_svid_fetch_waiting_on_a_frozen_agent_blocks_no_other_request(
+    spire, svid_upstream, credproxy, client
+):
+    """Nothing blocks the event loop: with the agent frozen (SIGSTOP), a request whose JWT-SVID
+    must be fetched waits on the agent while a route whose JWT-SVID is cached keeps answering
+    200; the agent thawed, the waiting request is answered 200 with a JWT-SVID for its own
+    upstream."""
+    late = SVIDUpstream(spire)
+    late.start()
+    try:
+        socket_uri = f'socket: "{spire.socket_uri}"'
+        config = spiffe_config(spire, svid_upstream.origin, extra=_late_route(late))
+        proc = credproxy(
+            config.replace(socket_uri, socket_uri + ", timeout_s: 120") + "warm_up: false\n"
+        )
+        async with client.get(proc.url + "/svc/cached") as response:
+            assert response.status == 200
+        answer = await _late_answer_with_the_agent_frozen(spire, proc, client)
+    finally:
+        late.stop()
+    assert answer.startswith(b"HTTP/1.1 200"), answer[:200]
+    assert late.verifier.subjects == [CREDPROXY_ID]
+
+
+async def _late_answer_with_the_agent_frozen(spire, proc, client) -> bytes:
+    """Send GET /late/ with the agent frozen, check that /svc/ answers meanwhile and /late/ does
+    not, thaw the agent and return /late/'s answer."""
+    host, port = proc.url.removeprefix("http://").rsplit(":", 1)
+    waiting = socket.create_connection((host, int(port)), timeout=60)
+    try:
+        spire.freeze_agent()
+        try:
+            head = f"GET /late/x HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n\r\n"
+            waiting.sendall(head.encode())
+            for i in range(3):  # each answered while the fetch for /late/ waits on the agent
+                async with client.get(f"{proc.url}/svc/meanwhile/{i}", timeout=HANG_S) as answer:
+                    assert answer.status == 200
+            waiting.setblocking(False)
+            with pytest.raises(BlockingIOError):
+                waiting.recv(1)  # /late/ has no answer yet: its fetch is still waiting
+            waiting.settimeout(60)
+        finally:
+            spire.thaw_agent()
+        return await asyncio.to_thread(_read_all, waiting)
+    finally:
+        waiting.close()
+
+
+def _read_all(connection: socket.socket) -> bytes:
+    chunks = []
+    while chunk := connection.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def test_the_socket_defaults_to_spiffe_endpoint_socket(
+    spire, svid_upstream, credproxy, client, monkeypatch
+):
+    """With no identity.spiffe in the config, credproxy run takes the Workload API socket from
+    SPIFFE_ENDPOINT_SOCKET (the SPIFFE standard's variable) and serves JWT-SVIDs from it."""
+    monkeypatch.setenv("SPIFFE_ENDPOINT_SOCKET", spire.socket_uri)
+    config = spiffe_config(spire, svid_upstream.origin)
+    config = config.replace(f'identity:\n  spiffe: {{socket: "{spire.socket_uri}"}}\n', "")
+    assert "identity" not in config
+    proc = credproxy(config)
+    async with client.get(proc.url + "/svc/from-env") as response:
+        assert response.status == 200, await response.text()
+        assert (await response.json())["spiffe_id"] == CREDPROXY_ID
+    assert f"SPIFFE Workload API: {spire.socket_uri}" in proc.log()
+
+
+async def test_inventory_and_metrics_name_the_svid_its_expiry_and_jwt_authorities(
+    spire, svid_upstream, credproxy, client
+):
+    """Governance: the inventory's identity row names the X.509-SVID credproxy holds (ID,
+    serial, fingerprint as audited) and the JWT authorities of the bundles it watches (the key
+    IDs SPIRE publishes); credproxy_svid_expiry_seconds is that SVID's expiry."""
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin))
+    rows = await _inventory(proc)
+    identity = next(r for r in rows if r["kind"] == "identity")
+    assert identity["spiffe_id"] == CREDPROXY_ID and identity["svid_rooted"] is True
+    audited = {e["serial"]: e for e in proc.audit("svid.received") + proc.audit("svid.rotated")}
+    assert identity["serial"] in audited
+    svid = audited[identity["serial"]]
+    assert identity["fingerprint"] == svid["cert_fingerprint"]
+    assert identity["expires_at"] == svid["expires_at"]
+    published = sorted(k["kid"] for k in spire.jwks()["keys"] if k.get("use") == "jwt-svid")
+    assert published and identity["jwt_authorities"] == {f"spiffe://{TRUST_DOMAIN}": published}
+    async with client.get(proc.admin_url + "/metrics") as response:
+        metrics = await response.text()
+    expiry = _metric(metrics, "credproxy_svid_expiry_seconds")
+    assert len(expiry) == 1 and expiry[0] in {e["expires_at"] for e in audited.values()}
+    assert expiry[0] > time.time()
+
+
+def test_watch_streams_reconnect_with_jittered_exponential_backoff():
+    """After each failure in a row the wait before reopening a watch stream doubles from 0.2 s
+    up to backoff_max_s, drawn from the ceiling's upper half (jitter), never zero."""
+    from proxy.spiffe.workload_api import reconnect_delay_s
+
+    for failures, ceiling in [(1, 0.2), (2, 0.4), (3, 0.8), (6, 6.4), (8, 25.6), (9, 30), (99, 30)]:
+        delays = [reconnect_delay_s(failures, 30.0) for _ in range(200)]
+        assert all(ceiling / 2 <= d <= ceiling for d in delays), (failures, min(delays))
+        assert len(set(delays)) > 1  # jittered
 
 
 def _check_config(tmp_path, text: str, env: dict[str, str] | None = None):
@@ -231,6 +400,43 @@ async def test_token_exchange_and_client_auth_rooted_in_jwt_svids(
     rows = await _inventory(proc)
     rooted = {r["issuer"]: r["svid_rooted"] for r in rows}
     assert rooted == {"spiffe-workload-api": True, "exchange": True, "client": True}
+
+
+async def test_the_subject_jwt_svid_is_for_subject_audience(spire, spiffe_idp, credproxy, client):
+    """subject_audience chooses the subject JWT-SVID's audience: the exchange carries a JWT-SVID
+    for it (verified against SPIRE's bundle), and the IdP, which takes only subject tokens for
+    itself, refuses it: invalid_grant, and the app gets 503 credential_unavailable."""
+    idp, server = spiffe_idp
+    elsewhere = "https://elsewhere.example"
+    before = len(idp.records())
+    proc = credproxy(f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spire.socket_uri}"}}
+issuers:
+  exchange:
+    type: token_exchange
+    issuer_url: {idp.issuer}
+    client_id: {SPIFFE_CLIENT}
+    client_auth: jwt_svid
+    subject_token: jwt_svid
+    subject_audience: {elsewhere}
+routes:
+  - name: exchanged
+    path_prefix: /exchanged/
+    upstream: {server.origin}
+    credential: {{issuer: exchange, audience: "{server.audience}", scope: payments.write}}
+    allow: [{{callers: [test-suite]}}]
+warm_up: false
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+""")
+    async with client.get(f"{proc.url}/exchanged/api/hello") as response:
+        problem = await response.json(content_type=None)
+    assert response.status == 503 and problem["code"] == "credential_unavailable", problem
+    exchanges = [r for r in idp.records()[before:] if r.get("subject_token")]
+    assert exchanges and all(r["error"] == "invalid_grant" for r in exchanges)
+    subject = SVIDVerifier(spire, elsewhere).verify("Bearer " + exchanges[0]["subject_token"])
+    assert subject == CREDPROXY_ID
 
 
 async def _inventory(proc) -> list[dict[str, object]]:
@@ -365,16 +571,31 @@ async def test_agent_gone_serves_while_valid_then_503_and_recovers_without_resta
 
 
 def test_a_uid_without_an_entry_gets_nothing_and_no_svid_reaches_the_disk(
-    spire, svid_upstream, credproxy
+    spire, svid_upstream, mtls_upstream, credproxy, tmp_path
 ):
     """(g) uid 65534 has no registration entry: the agent gives it no identity, and credproxy's
     caller policy refuses it (no JWT-SVID leaves for it). And credproxy never writes SVID
-    material: no file it could have written since its start holds a key or a JWT-SVID it held,
-    and the files it has open are its log and audit only (the rest in memory)."""
+    material, with a JWT-SVID route and a client_cert: svid route (the key handed to OpenSSL)
+    in use: no file it could have written since its start holds a key or a JWT-SVID it held,
+    the files it has open are its log and audit only, and the only file it opened for writing
+    (an audit hook saw every open, rename and copy, so a file written and deleted again would
+    show) is its audit file."""
     started = time.time()
     refused = spire.fetch_x509_as(NOBODY)
     assert refused.returncode != 0 and "no identity issued" in refused.stderr
-    proc = credproxy(spiffe_config(spire, svid_upstream.origin))
+    witness = tmp_path / "writes.tsv"
+    python_path = os.pathsep.join(filter(None, [str(WRITE_WITNESS), os.environ.get("PYTHONPATH")]))
+    wrap = ("env", f"PYTHONPATH={python_path}", f"CREDPROXY_WRITE_WITNESS={witness}")
+    mtls = f"""\
+  - name: mtls
+    path_prefix: /mtls/
+    upstream: {mtls_upstream.origin}
+    client_cert: svid
+    upstream_spiffe_id: {UPSTREAM_ID}
+    credential: {{issuer: workload, inject: jwt_svid}}
+    allow: [{{callers: [test-suite]}}]
+"""
+    proc = credproxy(spiffe_config(spire, svid_upstream.origin, extra=mtls), wrap=wrap)
     host, port = proc.url.removeprefix("http://").rsplit(":", 1)
     seen_before = len(svid_upstream.verifier.seen)
     answer = attack("get", f"{host}:{port}", "/svc/steal", user=NOBODY)
@@ -383,14 +604,24 @@ def test_a_uid_without_an_entry_gets_nothing_and_no_svid_reaches_the_disk(
     keys = record_svid_keys(spire)
     with urllib.request.urlopen(f"{proc.url}/svc/mine", timeout=10) as response:
         assert response.status == 200
+    with urllib.request.urlopen(f"{proc.url}/mtls/mine", timeout=10) as response:
+        assert json.load(response)["client_spiffe_id"] == CREDPROXY_ID  # the SVID was loaded
     keys += record_svid_keys(spire)
     tokens = [t.encode() for t in svid_upstream.verifier.seen]
     pems = [line.encode() for k in keys for line in _pem_lines(k)]
     needles = [*keys, *pems, *tokens]
     assert needles
     regular = open_regular_files(proc.process.pid)
-    assert regular <= {str(proc.log_file), str(proc.audit_file)}, regular
-    proc.stop()
+    assert regular <= {str(proc.log_file), str(proc.audit_file), str(witness)}, regular
+    assert proc.stop() == 0
+    writes = [line.split("\t", 1) for line in witness.read_text().splitlines()]
+    assert ["open", str(proc.audit_file)] in writes  # the witness saw credproxy's writes
+    # besides the audit file: the key of the audit's fingerprints, created at start (by a
+    # temporary file renamed into place), no SVID material
+    fingerprint_key = str(proc.audit_file.with_name(".credproxy-fingerprint.key"))
+    paths = {path for _, path in writes if not path.startswith("fd:")}
+    others = {p for p in paths if p != fingerprint_key and not p.startswith(fingerprint_key + ".")}
+    assert others == {str(proc.audit_file)}, writes
     hits = [
         str(path)
         for path in written_since(started, [Path(tempfile.gettempdir()), Path("/var/tmp"),
@@ -453,25 +684,29 @@ async def test_mtls_with_the_x509_svid_to_an_upstream_authenticated_by_spiffe_id
 ):
     """(c) client_cert: svid — the upstream, which requires a client certificate chained to
     SPIRE's bundle, sees credproxy's SPIFFE ID; the upstream is verified by its own SPIFFE ID
-    (upstream_spiffe_id, no hostname); the certificate follows rotation, in memory only.
-    Without client_cert the same upstream refuses the handshake: 502."""
+    (upstream_spiffe_id, no hostname); the certificate follows rotation, in memory only: the
+    request after an audited rotation presents the new SVID. Without client_cert the same
+    upstream refuses the handshake: 502."""
     proc = credproxy(_mtls_config(spire, mtls_upstream))
     async with client.get(proc.url + "/mtls/charge") as response:
         body = await response.json()
         assert response.status == 200, body
     assert body == {"client_spiffe_id": CREDPROXY_ID, "path": "/charge"}
+    first = mtls_upstream.serials[-1]
+    assert {e["serial"] for e in proc.audit("svid.received")} == {first}
     rotations = _count(proc, "svid.rotated")
     for _ in range(300):  # rotation: the next request, the new SVID
         if _count(proc, "svid.rotated") != rotations:
             break
         async with client.get(proc.url + "/mtls/during") as response:
             assert response.status == 200
-        await asyncio.sleep(0.1)
+        await asyncio.sleep(0.1)  # pace: the agent rotates at half-life, ~10 s
     else:
         raise AssertionError("no rotation within 300 requests")
-    await asyncio.sleep(0.2)
     async with client.get(proc.url + "/mtls/after") as response:
         assert response.status == 200
+    rotated = {e["serial"] for e in proc.audit("svid.rotated")}
+    assert mtls_upstream.serials[-1] in rotated and mtls_upstream.serials[-1] != first
     before = len(mtls_upstream.requests)
     async with client.get(proc.url + "/nocert/x") as response:
         problem = await response.json(content_type=None)
@@ -496,65 +731,114 @@ async def test_an_upstream_with_another_spiffe_id_gets_nothing_502(
     assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()
 
 
-async def test_an_h2_upstream_with_another_spiffe_id_receives_not_one_byte(
-    spire, credproxy, client, tmp_path
+PROTOCOLS = pytest.mark.parametrize(
+    ("protocol", "alpn"),
+    [("http1.1", ["http/1.1"]), ("h2", ["h2"]), ("auto", ["h2"])],
+    ids=["http1.1", "h2", "auto"],
+)
+
+
+@PROTOCOLS
+async def test_an_upstream_with_another_spiffe_id_receives_not_one_byte(
+    spire, credproxy, client, tmp_path, protocol, alpn
 ):
-    """(d) over HTTP/2: an impostor with a valid X.509-SVID of SPIRE's trust domain, but not
-    the ID the route names, offers h2 by ALPN and records every byte it receives after the
-    handshake. credproxy checks the SPIFFE ID before it sends anything, as on HTTP/1.1: 502
-    upstream_tls_error naming both IDs, and the impostor got no preface, no header, no
-    JWT-SVID."""
+    """(d) an impostor with a valid X.509-SVID of SPIRE's trust domain, but not the ID the
+    route names, records every byte it receives after the handshake, for each upstream_protocol
+    (HTTP/2 by ALPN too). credproxy checks the SPIFFE ID before it sends anything: 502
+    upstream_tls_error naming both IDs, and the impostor got no request line, no preface, no
+    header, no JWT-SVID."""
+    cert, key = spire.mint_x509(UPSTREAM_ID, tmp_path)
+    other = "spiffe://credproxy.test/ns/payments/sa/other"
+    proc, problem, received = await _impostor(
+        spire, credproxy, client, (cert, key), alpn, f"upstream_protocol: {protocol}", other
+    )
+    assert problem["status"] == 502 and problem["code"] == "upstream_tls_error", problem
+    assert received == []
+    assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()
+
+
+@PROTOCOLS
+async def test_the_right_spiffe_id_from_outside_the_trust_bundle_receives_not_one_byte(
+    spire, credproxy, client, tmp_path, protocol, alpn
+):
+    """(d) the SPIFFE ID alone is not trusted: an impostor whose certificate carries exactly
+    the ID the route names, issued by a CA outside SPIRE's bundle, fails the chain check: 502
+    upstream_tls_error, and it received nothing after the handshake."""
+    cert, key = TestCA(tmp_path).issue("api", server=True, stem="forged", uris=(UPSTREAM_ID,))
+    proc, problem, received = await _impostor(
+        spire, credproxy, client, (cert, key), alpn, f"upstream_protocol: {protocol}", UPSTREAM_ID
+    )
+    assert problem["status"] == 502 and problem["code"] == "upstream_tls_error", problem
+    assert received == []
+    assert "certificate verify failed" in proc.log()
+
+
+async def _impostor(
+    spire: Spire,
+    credproxy: Any,
+    client: aiohttp.ClientSession,
+    certificate: tuple[Path, Path],
+    alpn: list[str],
+    options: str,
+    expected_id: str,
+) -> tuple[Any, dict[str, Any], list[bytes]]:
+    """An upstream presenting ``certificate`` (and requiring a client certificate from SPIRE's
+    bundle) that records every byte it receives after its handshake; a route to it with
+    client_cert: svid and upstream_spiffe_id ``expected_id``. One request: (credproxy, the
+    problem answered, the bytes the impostor received)."""
     import ssl
 
-    cert, key = spire.mint_x509(UPSTREAM_ID, tmp_path)
-    bundle = tmp_path / "bundle.pem"
+    bundle = certificate[0].with_name("spire-bundle.pem")
     bundle.write_text(spire.bundle_pem())
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(bundle))
     context.verify_mode = ssl.CERT_REQUIRED
-    context.load_cert_chain(cert, key)
-    context.set_alpn_protocols(["h2"])
+    context.load_cert_chain(*certificate)
+    context.set_alpn_protocols(alpn)
     received: list[bytes] = []
-    handshakes = 0
+    accepted = 0
+    finished = asyncio.Event()
 
     async def impostor(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        nonlocal handshakes
-        handshakes += 1
+        """Accepts, shakes hands as the impostor, and keeps every byte that follows."""
+        nonlocal accepted
+        accepted += 1
         try:
+            await writer.start_tls(context)
             while chunk := await asyncio.wait_for(reader.read(65536), 5):
                 received.append(chunk)
         except (TimeoutError, ConnectionError, ssl.SSLError):
-            pass
-        writer.close()
+            pass  # credproxy aborted or failed the handshake, or aborted right after it
+        finally:
+            writer.close()
+            finished.set()
 
-    server = await asyncio.start_server(impostor, "127.0.0.1", 0, ssl=context)
+    server = await asyncio.start_server(impostor, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    other = "spiffe://credproxy.test/ns/payments/sa/other"
-    proc = credproxy(f"""{PREAMBLE}
+    try:
+        proc = credproxy(f"""{PREAMBLE}
 identity:
   spiffe: {{socket: "{spire.socket_uri}"}}
 issuers:
   workload: {{type: spiffe}}
 routes:
-  - name: impostor-h2
-    path_prefix: /impostor-h2/
+  - name: impostor
+    path_prefix: /impostor/
     upstream: https://127.0.0.1:{port}
-    upstream_protocol: h2
+    {options}
     client_cert: svid
-    upstream_spiffe_id: {other}
+    upstream_spiffe_id: {expected_id}
     credential: {{issuer: workload, inject: jwt_svid}}
     allow: [{{callers: [test-suite]}}]
 audit: {{file: "{{audit}}"}}
 log: {{format: json}}
 """)
-    try:
-        async with client.get(proc.url + "/impostor-h2/charge") as response:
+        async with client.get(proc.url + "/impostor/charge", data=b"an order") as response:
             problem = await response.json(content_type=None)
-        assert response.status == 502 and problem["code"] == "upstream_tls_error", problem
-        assert handshakes >= 1  # it was reached, and its certificate chained to the bundle
-        assert received == []
-        assert UPSTREAM_ID in proc.log() and "sa/other" in proc.log()
+        assert accepted >= 1  # it was reached
+        await asyncio.wait_for(finished.wait(), 10)  # and has read all credproxy sent
     finally:
         server.close()
+    return proc, problem, received
 
 
 class CertificateBoundSVIDAPI(MTLSUpstream):

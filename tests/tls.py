@@ -46,8 +46,11 @@ class TestCA:
         self.ca_file = directory / "ca.pem"
         self.ca_file.write_bytes(self._cert.public_bytes(serialization.Encoding.PEM))
 
-    def issue(self, common_name: str, *, server: bool, stem: str) -> tuple[Path, Path]:
-        """Write ``stem``.pem and ``stem``.key; a server certificate covers 127.0.0.1."""
+    def issue(
+        self, common_name: str, *, server: bool, stem: str, uris: tuple[str, ...] = ()
+    ) -> tuple[Path, Path]:
+        """Write ``stem``.pem and ``stem``.key; a server certificate covers 127.0.0.1, and
+        ``uris`` (e.g. a SPIFFE ID) are URI SANs."""
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
@@ -65,9 +68,11 @@ class TestCA:
                 critical=False,
             )
         )
+        names: list[x509.GeneralName] = [x509.UniformResourceIdentifier(u) for u in uris]
         if server:
-            san = x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-            builder = builder.add_extension(san, critical=False)
+            names.append(x509.IPAddress(ipaddress.ip_address("127.0.0.1")))
+        if names:
+            builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
         cert_file, key_file = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
         cert_file.write_bytes(
             builder.sign(self._key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)

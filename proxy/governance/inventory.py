@@ -73,7 +73,8 @@ def from_config(config: Config) -> list[dict[str, Any]]:
 
 def svid_entry(workload_api: WorkloadAPI) -> dict[str, Any]:
     """The X.509-SVID the sidecar holds (from the SPIFFE Workload API): its ID, serial,
-    certificate fingerprint and expiry; never its key."""
+    certificate fingerprint and expiry, and the JWT authorities of the bundles it watches (key
+    IDs); never its key."""
     svid = workload_api.x509
     return {
         "issuer": "spiffe-workload-api", "type": "x509_svid", "kind": "identity",
@@ -84,7 +85,7 @@ def svid_entry(workload_api: WorkloadAPI) -> dict[str, Any]:
         "fingerprint": svid.fingerprint if svid else None,
         "expires_at": round(svid.expires_at, 3) if svid else None,
         "last_refresh": None, "rotations": workload_api.rotations,
-        "socket": workload_api.socket,
+        "socket": workload_api.socket, "jwt_authorities": workload_api.jwt_authorities,
     }  # fmt: skip
 
 

@@ -141,12 +141,23 @@ class UpstreamConnection(asyncio.Protocol):
         self.slot = asyncio.Event()  # set when a stream closes (max concurrent streams)
         self._writable = asyncio.Event()
         self._writable.set()
+        self._early: list[bytes] | None = []  # bytes that came before start(); None once started
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Nothing is sent yet: the upstream's identity (upstream_spiffe_id) and ALPN are checked
+        # first, and only then does start() send the preface.
         self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def start(self) -> None:
+        """Send the connection preface, once the upstream is known to be the right one."""
+        early, self._early = self._early, None
+        if early is None:
+            return
         self.conn.initiate_connection()
         self.conn.increment_flow_control_window(_CONNECTION_WINDOW - 65535)
         self.flush()
+        if early:  # the upstream's SETTINGS, read before the preface went out
+            self.data_received(b"".join(early))
 
     def pause_writing(self) -> None:
         self._writable.clear()
@@ -181,6 +192,9 @@ class UpstreamConnection(asyncio.Protocol):
         return stream
 
     def data_received(self, data: bytes) -> None:
+        if self._early is not None:
+            self._early.append(data)
+            return
         try:
             events = self.conn.receive_data(data)
         except ProtocolError as exc:

@@ -191,6 +191,7 @@ class H2Upstreams:
                     f"{where}: the upstream did not choose HTTP/2 by ALPN ({chosen or 'none'}); "
                     "say upstream_protocol: http1.1 for it"
                 )
+        connection.start()
         return connection
 
     def close(self) -> None:

@@ -61,6 +61,16 @@ def trust_domain(spiffe_id: str) -> str:
     return spiffe_id.removeprefix("spiffe://").split("/", 1)[0]
 
 
+def jwks_key_ids(jwks: bytes) -> list[str]:
+    """The key IDs of a JWT bundle (a JWKS, as the Workload API carries it); ``ValueError`` when
+    it is not one. Key IDs are public: they name the trust domain's JWT authorities."""
+    try:
+        keys = json.loads(jwks)["keys"]
+        return sorted(str(key["kid"]) for key in keys)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"not a JWKS: {type(exc).__name__}") from None
+
+
 @dataclass(frozen=True, slots=True)
 class X509SVID:
     spiffe_id: str

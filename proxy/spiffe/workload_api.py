@@ -32,7 +32,7 @@ from ..errors import IssuerError
 from ..metrics import Metrics
 from ..tasks import spawn
 from .proto import workload_pb2 as pb
-from .svid import JWTSVID, X509SVID
+from .svid import JWTSVID, X509SVID, jwks_key_ids
 
 spiffe_log = logging.getLogger("credproxy.spiffe")
 
@@ -69,6 +69,14 @@ def socket_path(socket: str) -> str | None:
     return target.removeprefix("unix:") if target.startswith("unix:") else None
 
 
+def reconnect_delay_s(failures: int, backoff_max_s: float) -> float:
+    """How long to wait before opening a watch stream again after ``failures`` in a row: a
+    ceiling doubling from 0.2 s up to ``backoff_max_s``, jittered in its upper half so that
+    the sidecars of a node do not all call a restarted agent at once."""
+    ceiling = min(backoff_max_s, _BACKOFF_BASE_S * 2 ** min(failures - 1, 16))
+    return random.uniform(ceiling / 2, ceiling)  # noqa: S311 - jitter, not a secret
+
+
 class WorkloadAPI:
     """One connection to the agent, owned by the server (``aclose()`` at exit)."""
 
@@ -93,6 +101,7 @@ class WorkloadAPI:
         self._x509_arrived = asyncio.Event()
         self._agent_answered = asyncio.Event()  # a call succeeded: broken streams retry now
         self.jwt_bundles: dict[str, bytes] = {}  # trust domain's SPIFFE ID → JWKS (JSON)
+        self.jwt_authorities: dict[str, list[str]] = {}  # trust domain → its JWT key IDs
         self.rotations = 0
         self.last_error = ""
         self._closed = False
@@ -227,10 +236,9 @@ class WorkloadAPI:
                 self._metrics.workload_api_errors.labels(method, "UNUSABLE").inc()
                 spiffe_log.error("SPIFFE Workload API %s: unusable answer: %s", method, exc)
             failures += 1
-            ceiling = min(self._backoff_max_s, _BACKOFF_BASE_S * 2 ** min(failures - 1, 16))
             self._agent_answered.clear()
-            with contextlib.suppress(TimeoutError):  # jitter, cut short once the agent answers
-                delay_s = random.uniform(ceiling / 2, ceiling)  # noqa: S311
+            with contextlib.suppress(TimeoutError):  # cut short once the agent answers a call
+                delay_s = reconnect_delay_s(failures, self._backoff_max_s)
                 await asyncio.wait_for(self._agent_answered.wait(), delay_s)
 
     def _failed(self, method: str, exc: grpc.aio.AioRpcError) -> str:
@@ -273,5 +281,9 @@ class WorkloadAPI:
     def _bundles_update(self, message: Any) -> None:
         bundles = dict(message.bundles)
         if bundles != self.jwt_bundles:
-            self.jwt_bundles = bundles
-            spiffe_log.info("JWT bundles for %s", ", ".join(sorted(bundles)) or "no trust domain")
+            authorities = {domain: jwks_key_ids(jwks) for domain, jwks in sorted(bundles.items())}
+            self.jwt_bundles, self.jwt_authorities = bundles, authorities
+            spiffe_log.info(
+                "JWT bundles: %s",
+                "; ".join(f"{d}: {', '.join(ids)}" for d, ids in authorities.items()) or "none",
+            )
