@@ -83,6 +83,7 @@ class H2Session:
         self._handler = handler
         self._linger_s = linger_s  # for the app to take an answer's last bytes
         self._closed = False
+        self._flush_due = False
         self._loop = asyncio.get_running_loop()
         conn = self._conn = _GracefulH2Connection(
             H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
@@ -110,6 +111,14 @@ class H2Session:
         return bool(self._streams)
 
     def flush(self) -> None:
+        """Send what h2 has queued at the end of this event-loop pass: the frames of every
+        stream served in the pass go out in one write."""
+        if not self._flush_due:
+            self._flush_due = True
+            self._loop.call_soon(self.flush_now)
+
+    def flush_now(self) -> None:
+        self._flush_due = False
         data = self._conn.data_to_send()
         transport = self.connection.transport
         if data and transport is not None and not transport.is_closing():
@@ -307,14 +316,14 @@ class H2Session:
             goaway = GoAwayFrame(0)
             goaway.last_stream_id = self._conn.highest_inbound_stream_id
             goaway.error_code = ErrorCodes.NO_ERROR
-            self.flush()
+            self.flush_now()
             transport = self.connection.transport
             if transport is not None and not transport.is_closing():
                 transport.write(goaway.serialize())
         self._idle_check()
 
     def _close_now(self) -> None:
-        self.flush()
+        self.flush_now()
         self._closed = True
         for request in list(self._streams.values()):
             request.finished()
