@@ -383,8 +383,9 @@ async def test_http1_still_served_beside_h2(idp, upstream, credproxy, client):
 
 
 class _TrailerRecorder:
-    """A raw h2c upstream (the ``h2`` library on a socket, one connection): answers each
-    stream, once it ends, with the JSON of the request trailers it received."""
+    """A raw h2c upstream (the ``h2`` library on a socket, one connection): records each
+    request's header block as it came and answers each stream, once it ends, with the JSON of
+    the request trailers it received."""
 
     def __init__(self) -> None:
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -392,10 +393,17 @@ class _TrailerRecorder:
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
+        self.heads: list[list[tuple[str, str]]] = []  # each request's header block, unchecked
+
     def _serve(self) -> None:
         sock, _ = self.listener.accept()
-        conn = h2.connection.H2Connection(
-            h2.config.H2Configuration(client_side=False, header_encoding="utf-8")
+        conn = h2.connection.H2Connection(  # takes whatever comes, to show what credproxy sent
+            h2.config.H2Configuration(
+                client_side=False,
+                header_encoding="utf-8",
+                validate_inbound_headers=False,
+                normalize_inbound_headers=False,
+            )
         )
         conn.initiate_connection()
         sock.sendall(conn.data_to_send())
@@ -403,7 +411,9 @@ class _TrailerRecorder:
         with sock:
             while data := sock.recv(65536):
                 for event in conn.receive_data(data):
-                    if isinstance(event, h2.events.DataReceived):
+                    if isinstance(event, h2.events.RequestReceived):
+                        self.heads.append([(str(n), str(v)) for n, v in event.headers or []])
+                    elif isinstance(event, h2.events.DataReceived):
                         conn.acknowledge_received_data(
                             event.flow_controlled_length, event.stream_id
                         )
@@ -454,3 +464,71 @@ async def test_request_trailers_reach_an_h2_upstream_minus_credentials(idp, upst
     finally:
         recorder.close()
     assert received == [["x-checksum", "abc123"]]
+
+
+_MALFORMED_BLOCKS = {
+    "pseudo-header after a regular one": [("x-a", "1"), (":path", "/trailers/admin")],
+    "second :authority": [(":authority", "evil.example")],
+    "connection-specific field": [("connection", "x-hop")],
+    "te other than trailers": [("te", "gzip")],
+    "upper-case name": [("X-Upper", "1")],
+    "unknown pseudo-header": [(":protocol", "websocket")],
+}
+
+
+async def test_malformed_h2_header_blocks_never_reach_an_h2_upstream(idp, upstream, credproxy):
+    """credproxy sends its HTTP/2 header blocks without h2's outbound checks (they cost a tenth
+    of a gRPC call): this is why that is safe. A hostile app's malformed block (a pseudo-header
+    out of place or twice, a connection-specific field, an upper-case name) is refused on
+    arrival, before a route is chosen; the upstream gets only well-formed blocks: pseudo-headers
+    first, each once, lower-case names, no connection-specific fields."""
+    recorder = _TrailerRecorder()
+    route = f"""\
+  - name: trailers
+    path_prefix: /trailers/
+    upstream: {recorder.origin}
+    upstream_protocol: h2c
+    credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.write, inject: dpop}}
+    allow: [{{callers: [test-suite]}}]
+"""
+    proc = credproxy(_proxy_config(idp, upstream, extra_route=route))
+
+    def attempt(extra: list[tuple[str, str]]) -> list[h2.events.Event]:
+        client = RawH2(proc.url)
+        client.conn = h2.connection.H2Connection(  # the hostile app sends what it likes
+            h2.config.H2Configuration(
+                client_side=True,
+                header_encoding="utf-8",
+                validate_outbound_headers=False,
+                normalize_outbound_headers=False,
+            )
+        )
+        client.start()
+        stream = client.request("/trailers/x", extra=extra)
+        events = client.read_until(_ended(stream))
+        client.close()
+        return events
+
+    try:
+        for case, extra in _MALFORMED_BLOCKS.items():
+            events = await asyncio.to_thread(attempt, extra)
+            answered = [e for e in events if isinstance(e, h2.events.ResponseReceived)]
+            refused = [
+                e
+                for e in events
+                if isinstance(e, h2.events.StreamReset | h2.events.ConnectionTerminated)
+            ]
+            assert refused and not answered, (case, events)
+        assert recorder.heads == [], recorder.heads  # not one of them reached the upstream
+        events = await asyncio.to_thread(attempt, [("x-kept", "1")])
+        assert any(isinstance(e, h2.events.ResponseReceived) for e in events), events
+    finally:
+        recorder.close()
+    [head] = recorder.heads
+    names = [name for name, _ in head]
+    pseudo = [name for name in names if name.startswith(":")]
+    assert pseudo == [":method", ":scheme", ":authority", ":path"]
+    assert names[:4] == pseudo  # first, each once
+    assert all(name == name.lower() for name in names)
+    assert not {"connection", "keep-alive", "transfer-encoding", "upgrade", "host"} & set(names)
+    assert ("te", "trailers") in head and ("x-kept", "1") in head

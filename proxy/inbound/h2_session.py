@@ -85,8 +85,16 @@ class H2Session:
         self._closed = False
         self._flush_due = False
         self._loop = asyncio.get_running_loop()
+        # The app's header blocks are checked as they arrive (pseudo-headers, connection
+        # fields, names); what credproxy sends back is built from an upstream answer its parser
+        # already checked, so h2's outbound checks (a tenth of a gRPC call) are off.
         conn = self._conn = _GracefulH2Connection(
-            H2Configuration(client_side=False, header_encoding=None, validate_inbound_headers=True)
+            H2Configuration(
+                client_side=False,
+                header_encoding=None,
+                validate_inbound_headers=True,
+                validate_outbound_headers=False,
+            )
         )
         conn.local_settings = Settings(
             client=False,

@@ -127,7 +127,12 @@ class UpstreamConnection(asyncio.Protocol):
         self.loop = loop
         self.key = key
         self.transport: asyncio.Transport | None = None
-        self.conn = _GracefulH2Connection(H2Configuration(client_side=True, header_encoding=None))
+        # The upstream's blocks are checked as they arrive. Ours are built by _request_fields
+        # from a request the app's parser checked: pseudo-headers first, lower-case names,
+        # connection fields dropped, line breaks refused; so h2's outbound checks are off.
+        self.conn = _GracefulH2Connection(
+            H2Configuration(client_side=True, header_encoding=None, validate_outbound_headers=False)
+        )
         self.conn.local_settings = Settings(
             client=True,
             initial_values={
