@@ -28,7 +28,7 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(entry, separators=(",", ":"))
 
 
-_GATHER_S = 0.005
+_GATHER_S = 0.05  # 5 ms: 0.88-0.92x of the tuned config's req/s; 50 ms: 0.93x (bench/run)
 
 
 class AccessLog:
@@ -37,9 +37,9 @@ class AccessLog:
     whole list, adds the time and level as the other log lines have them and writes it in one
     call, so a slow reader of stderr never blocks a request. Bounded: beyond ``max_pending``
     lines waiting, lines are dropped and counted (``dropped``). The writer starts in the
-    process that first writes (workers fork after ``configure``); it gathers lines for a few
-    milliseconds before each write, so a busy loop pays one wake-up per batch, not per line,
-    and no lock or queue operation per line."""
+    process that first writes (workers fork after ``configure``); it gathers lines for 50 ms
+    before each write, so a busy loop pays one wake-up (a handover of the GIL) per batch, not
+    per line, and no lock or queue operation per line."""
 
     def __init__(self, max_pending: int = 10000) -> None:
         self.enabled = False
