@@ -18,7 +18,8 @@ from proxy.errors import (
     UpstreamTimeout,
     UpstreamTLSError,
 )
-from proxy.outbound.upstream import Answer, Origin, Timeouts, Upstreams, request_head
+from proxy.outbound.origin import Origin, Timeouts
+from proxy.outbound.upstream import Answer, Upstreams, request_head
 
 TIMEOUTS = Timeouts(connect_s=5.0, idle_s=5.0, total_s=10.0)
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"

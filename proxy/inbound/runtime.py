@@ -16,8 +16,8 @@ from ..credentials.issuers import Issuer
 from ..credentials.minting import MintingSource
 from ..credentials.token import CacheKey, Revocation
 from ..credentials.token_cache import TokenSource
+from ..outbound.origin import Origin, Timeouts
 from ..outbound.tls import ClientTLS
-from ..outbound.upstream import Origin, Timeouts
 from .guard import Guard
 from .routing import RouteTable, Target
 

@@ -28,9 +28,9 @@ from ..inbound.routing import RouteTable, Target
 from ..inbound.runtime import RouteRuntime, Runtime
 from ..metrics import Metrics
 from ..outbound.hygiene import CREDENTIAL_HEADERS, HOP_BY_HOP, OVERRIDE_HEADERS
+from ..outbound.origin import Origin, Timeouts
 from ..outbound.spiffe_tls import SVIDClientTLS
 from ..outbound.tls import ClientTLS
-from ..outbound.upstream import Origin, Timeouts
 
 if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
     from ..spiffe.workload_api import WorkloadAPI

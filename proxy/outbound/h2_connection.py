@@ -34,7 +34,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from ..errors import UpstreamError, UpstreamProtocolError, UpstreamTimeout
 from ..wire import HttpVersion11, RawResponseMessage
 from .h2_flow import StreamFlow
-from .upstream import Answer, Timeouts, reason_phrase
+from .origin import Timeouts
+from .upstream import Answer, reason_phrase
 
 _STREAM_WINDOW = 1024 * 1024  # answer bytes one stream may send before the app reads them
 _CONNECTION_WINDOW = 16 * 1024 * 1024

@@ -28,7 +28,8 @@ from ..errors import (
 from ..log import server_log
 from ..tasks import spawn
 from .h2_connection import H2Answer, StreamRefused, UpstreamConnection, UpstreamStream
-from .upstream import _DEFAULT_TLS, Body, Origin, Timeouts, connect
+from .origin import Origin, Timeouts, connect, tls_context
+from .upstream import Body
 
 _REPLAY_BYTES = 1024 * 1024  # of a streamed body, held to send again on a refused stream
 _SWEEP_S = 0.1
@@ -67,7 +68,7 @@ class H2Upstreams:
 
     def may_speak_h2(self, origin: Origin, tls: ssl.SSLContext | bool) -> bool:
         """False once this origin's ALPN chose HTTP/1.1 (an ``auto`` route asks first)."""
-        return (origin.host, origin.port, id(_context(origin, tls))) not in self._http1
+        return (origin.host, origin.port, id(tls_context(origin, tls))) not in self._http1
 
     async def exchange(
         self,
@@ -89,7 +90,7 @@ class H2Upstreams:
         if self._sweep is None:
             self._sweep = spawn(self._sweep_every(_SWEEP_S), name="h2-upstream-timeouts")
         deadline = loop.time() + timeouts.total_s
-        context = _context(origin, tls)
+        context = tls_context(origin, tls)
         fields = _request_fields(method, target, origin, headers, body)
         replay: list[bytes] = []
         rest: Body = body
@@ -201,10 +202,6 @@ class H2Upstreams:
             connection._close()
         self._connections.clear()
         self._live.clear()
-
-
-def _context(origin: Origin, tls: ssl.SSLContext | bool) -> ssl.SSLContext | None:
-    return (tls if isinstance(tls, ssl.SSLContext) else _DEFAULT_TLS) if origin.tls else None
 
 
 def _request_fields(

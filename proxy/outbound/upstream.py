@@ -11,21 +11,16 @@ from __future__ import annotations
 import asyncio
 import math
 import ssl
-from collections.abc import AsyncIterable, Callable
-from dataclasses import dataclass
+from collections.abc import AsyncIterable
 from http import HTTPStatus
-from typing import TypeVar
 
 from aiohttp import StreamReader
 from multidict import CIMultiDict
-from yarl import URL
 
 from ..errors import (
-    UpstreamConnectError,
     UpstreamError,
     UpstreamProtocolError,
     UpstreamTimeout,
-    UpstreamTLSError,
 )
 from ..tasks import spawn
 from ..wire import (
@@ -35,39 +30,11 @@ from ..wire import (
     RawResponseMessage,
     described,
 )
-from .spiffe_tls import check_peer
+from .origin import Origin, Timeouts, connect, tls_context
 
 Body = bytes | StreamReader | AsyncIterable[bytes] | None
 _READ_LIMIT = 2**16  # buffered answer bytes before the upstream is paused
-_DEFAULT_TLS = ssl.create_default_context()
 _SWEEP_S = 0.1  # how often timeouts are checked: their precision
-
-
-@dataclass(frozen=True, slots=True)
-class Origin:
-    """Where a route's connections go: ``of`` takes the upstream URL."""
-
-    host: str
-    port: int
-    tls: bool
-    host_header: str  # as the Host header names it: default port left out
-
-    @classmethod
-    def of(cls, upstream: str) -> Origin:
-        url = URL(upstream)
-        host = url.raw_host or ""
-        port = url.port or (443 if url.scheme == "https" else 80)
-        name = f"[{host}]" if ":" in host else host
-        explicit = url.explicit_port not in (None, {"http": 80, "https": 443}.get(url.scheme))
-        return cls(host, port, url.scheme == "https", f"{name}:{port}" if explicit else name)
-
-
-@dataclass(frozen=True, slots=True)
-class Timeouts:
-    connect_s: float
-    idle_s: float  # longest silence while an answer is awaited or read
-    total_s: float  # the whole exchange, answer body included
-    streams_outlive_total: bool = False  # an event stream is bounded by idle_s alone
 
 
 class Answer:
@@ -280,39 +247,6 @@ class _Connection(BaseProtocol):
             self._close()
 
 
-P = TypeVar("P", bound=asyncio.Protocol)
-
-
-async def connect(
-    loop: asyncio.AbstractEventLoop,
-    protocol: Callable[[], P],
-    origin: Origin,
-    context: ssl.SSLContext | None,
-    timeouts: Timeouts,
-    where: str,
-) -> tuple[asyncio.Transport, P]:
-    """A connection to ``origin`` within ``connect_s``, for HTTP/1.1 and HTTP/2 alike: OS and
-    TLS errors leave as the ``UpstreamError`` family, and an upstream that must present a
-    SPIFFE ID (``upstream_spiffe_id``) is checked before a byte is sent (``check_peer``)."""
-    try:
-        async with asyncio.timeout(timeouts.connect_s):
-            transport, connection = await loop.create_connection(
-                protocol,
-                origin.host,
-                origin.port,
-                ssl=context,
-                server_hostname=origin.host if context is not None else None,
-            )
-    except TimeoutError:
-        raise UpstreamTimeout(f"{where}: no connection in {timeouts.connect_s:g}s") from None
-    except ssl.SSLError as exc:
-        raise UpstreamTLSError(f"{where}: TLS failed: {exc}") from None
-    except OSError as exc:
-        raise UpstreamConnectError(f"{where}: cannot connect: {exc}") from None
-    check_peer(context, transport, where)
-    return transport, connection
-
-
 class Upstreams:
     """Keep-alive connections per origin and TLS context, opened on demand, reused LIFO."""
 
@@ -351,7 +285,7 @@ class Upstreams:
         if self._sweep is None:
             self._sweep = spawn(self._sweep_every(_SWEEP_S), name="upstream-timeouts")
         deadline = loop.time() + timeouts.total_s
-        context = (tls if isinstance(tls, ssl.SSLContext) else _DEFAULT_TLS) if origin.tls else None
+        context = tls_context(origin, tls)
         pool = self._idle.setdefault((origin.host, origin.port, id(context)), [])
         replayable = body is None or isinstance(body, bytes)
         while True:
