@@ -431,11 +431,9 @@ class _TrailerRecorder:
         self.listener.close()
 
 
-async def test_request_trailers_reach_an_h2_upstream_minus_credentials(idp, upstream, credproxy):
-    """Trailers the app sends after its body go upstream after the body on an HTTP/2 route;
-    credential fields among them (authorization) are stripped like headers."""
-    recorder = _TrailerRecorder()
-    route = f"""\
+def _recorder_route(recorder: _TrailerRecorder, upstream) -> str:
+    """A DPoP route, /trailers/, to ``recorder`` over h2c."""
+    return f"""\
   - name: trailers
     path_prefix: /trailers/
     upstream: {recorder.origin}
@@ -443,7 +441,13 @@ async def test_request_trailers_reach_an_h2_upstream_minus_credentials(idp, upst
     credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.write, inject: dpop}}
     allow: [{{callers: [test-suite]}}]
 """
-    proc = credproxy(_proxy_config(idp, upstream, extra_route=route))
+
+
+async def test_request_trailers_reach_an_h2_upstream_minus_credentials(idp, upstream, credproxy):
+    """Trailers the app sends after its body go upstream after the body on an HTTP/2 route;
+    credential fields among them (authorization) are stripped like headers."""
+    recorder = _TrailerRecorder()
+    proc = credproxy(_proxy_config(idp, upstream, extra_route=_recorder_route(recorder, upstream)))
 
     def exchange() -> bytes:
         client = RawH2(proc.url)
@@ -483,15 +487,7 @@ async def test_malformed_h2_header_blocks_never_reach_an_h2_upstream(idp, upstre
     arrival, before a route is chosen; the upstream gets only well-formed blocks: pseudo-headers
     first, each once, lower-case names, no connection-specific fields."""
     recorder = _TrailerRecorder()
-    route = f"""\
-  - name: trailers
-    path_prefix: /trailers/
-    upstream: {recorder.origin}
-    upstream_protocol: h2c
-    credential: {{issuer: test-idp, audience: "{upstream.audience}", scope: payments.write, inject: dpop}}
-    allow: [{{callers: [test-suite]}}]
-"""
-    proc = credproxy(_proxy_config(idp, upstream, extra_route=route))
+    proc = credproxy(_proxy_config(idp, upstream, extra_route=_recorder_route(recorder, upstream)))
 
     def attempt(extra: list[tuple[str, str]]) -> list[h2.events.Event]:
         client = RawH2(proc.url)
