@@ -3,14 +3,16 @@ run in dev mode on loopback with the realm of the compose example (``examples/co
 
 ``python -m tests.keycloak install`` (run by ``scripts/setup --idp``) fetches the distribution once
 into ``${XDG_CACHE_HOME:-~/.cache}/credproxy/keycloak-<version>`` and builds it for dev mode with
-``FEATURES`` there, so a session only starts it (no download, no Quarkus build). Each session runs
-its own copy of the small mutable parts (configuration, build output, its database) beside a
-link to the cached libraries, so sessions in several clones never share state.
+``BUILD_OPTIONS`` there (``dev-builds/<digest of the options>``: clones testing other features
+share the download and never rebuild each other's), so a session only starts it (no download, no
+Quarkus build). Each session runs its own copy of the small mutable parts (configuration, build
+output, its database) beside a link to the cached libraries, so sessions never share state.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
@@ -61,15 +63,45 @@ def java_home() -> str:
     raise RuntimeError(f"Keycloak needs a JDK 17, 21 or 25; none of {JAVA_HOMES} exists")
 
 
+def build_dir() -> Path:
+    """The dev-mode build (Quarkus' ``lib/quarkus``) for ``BUILD_OPTIONS``, one per option set."""
+    digest = hashlib.sha256("\n".join(BUILD_OPTIONS).encode()).hexdigest()[:12]
+    return cache_dir() / "dev-builds" / digest
+
+
+def downloaded() -> bool:
+    return (cache_dir() / "lib" / "quarkus-run.jar").exists()
+
+
 def installed() -> bool:
-    marker = cache_dir() / _BUILT_MARKER
+    marker = build_dir() / _BUILT_MARKER
     return marker.exists() and marker.read_text().split() == list(BUILD_OPTIONS)
 
 
 def install() -> None:
-    """Download (Maven) and build for dev mode into the cache; nothing if already there."""
+    """Download (Maven) into the cache and build for dev mode with ``BUILD_OPTIONS``; nothing
+    that is already there."""
     if installed():
         return
+    if not downloaded():
+        _download()
+    builds = build_dir().parent
+    builds.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=builds, prefix=".build-") as scratch:
+        home = Path(scratch) / "keycloak"
+        _copy_home(cache_dir() / "lib" / "quarkus", home)
+        _dev_build(home)
+        built = Path(scratch) / "build"
+        built.mkdir()
+        (home / "lib" / "quarkus").rename(built / "quarkus")
+        (built / _BUILT_MARKER).write_text("\n".join(BUILD_OPTIONS) + "\n")
+        if not installed():  # another clone may have built the same options meanwhile
+            shutil.rmtree(build_dir(), ignore_errors=True)
+            built.rename(build_dir())
+    print(f"keycloak {VERSION}: ready in {cache_dir()} ({build_dir().name})", flush=True)
+
+
+def _download() -> None:
     target = cache_dir()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".keycloak-") as scratch:
@@ -86,13 +118,22 @@ def install() -> None:
         for script in (home / "bin").glob("*.sh"):
             script.chmod(0o755)
         print(f"keycloak {VERSION}: downloaded in {time.monotonic() - started:.0f} s", flush=True)
-        _dev_build(home)
-        shutil.rmtree(home / "data", ignore_errors=True)
-        (home / _BUILT_MARKER).write_text("\n".join(BUILD_OPTIONS) + "\n")
         if target.exists():
             shutil.rmtree(target)
         home.rename(target)
-    print(f"keycloak {VERSION}: ready in {target}", flush=True)
+
+
+def _copy_home(quarkus: Path, home: Path) -> None:
+    """A Keycloak home of its own: copies of what Keycloak writes (``quarkus``: the build to
+    start from), the cached libraries linked."""
+    cached = cache_dir()
+    (home / "lib").mkdir(parents=True)
+    for part in ("bin", "conf", "themes", "providers"):
+        shutil.copytree(cached / part, home / part, symlinks=True)
+    shutil.copytree(cached / "lib" / "app", home / "lib" / "app")
+    shutil.copytree(quarkus, home / "lib" / "quarkus")
+    shutil.copy2(cached / "lib" / "quarkus-run.jar", home / "lib")
+    (home / "lib" / "lib").symlink_to(cached / "lib" / "lib")
 
 
 def _dev_build(home: Path) -> None:
@@ -181,16 +222,9 @@ class Keycloak:
         self.started_s = 0.0  # how long the last start took, for the session's report
 
     def _prepare_home(self) -> None:
-        """The session's Keycloak home: its own copies of what Keycloak writes, the cached
-        libraries linked, and the repository's realm file to import."""
-        cached = cache_dir()
-        (self.home / "lib").mkdir(parents=True)
-        for part in ("bin", "conf", "themes", "providers"):
-            shutil.copytree(cached / part, self.home / part, symlinks=True)
-        for part in ("quarkus", "app"):
-            shutil.copytree(cached / "lib" / part, self.home / "lib" / part)
-        shutil.copy2(cached / "lib" / "quarkus-run.jar", self.home / "lib")
-        (self.home / "lib" / "lib").symlink_to(cached / "lib" / "lib")
+        """The session's Keycloak home: the cached build for ``BUILD_OPTIONS`` and the
+        repository's realm file to import."""
+        _copy_home(build_dir() / "quarkus", self.home)
         (self.home / "data" / "import").mkdir(parents=True)
         shutil.copy2(REALM_FILE, self.home / "data" / "import" / "realm.json")
 
