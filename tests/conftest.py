@@ -251,6 +251,22 @@ def spiffe_idp(spire: Spire, tmp_path_factory) -> Iterator[tuple[IdP, ResourceSe
 
 
 @pytest.fixture(scope="session")
+def keycloak_spire(keycloak: Keycloak, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spire]:
+    """A SPIRE server and agent whose bundle endpoint is the one the realm's SPIFFE identity
+    provider reads (https, a certificate from Keycloak's trust store); credproxy's entry as for
+    ``spire``."""
+    cert, key = keycloak.tls.issue("127.0.0.1", server=True, stem="spire-bundle-endpoint")
+    endpoint = (keycloak.spiffe_bundle_port, cert, key)
+    server = Spire(tmp_path_factory.mktemp("keycloak-spire"), bundle_endpoint=endpoint).start()
+    try:
+        server.register(CREDPROXY_ID, uid=0, x509_ttl_s=X509_TTL_S, jwt_ttl_s=JWT_TTL_S)
+        server.wait_for_svid(CREDPROXY_ID)
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
 def bao(tmp_path_factory: pytest.TempPathFactory) -> Iterator[OpenBao]:
     """One configured OpenBao dev server (tests/openbao.py) for the session."""
     server = OpenBao(tmp_path_factory.mktemp("openbao")).start()

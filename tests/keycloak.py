@@ -37,11 +37,16 @@ from proxy.credentials.jose import Signer, public_jwk
 VERSION = "26.7.3"  # the newest served by Maven Central (26.7.4 is not)
 ARTIFACT = f"org.keycloak:keycloak-quarkus-dist:{VERSION}:zip"
 # Build options: a session must start with exactly these, or Keycloak rebuilds itself (~25 s).
-# dpop and token-exchange-standard are on by default in 26.x; named so a change of default
-# cannot silently turn them off. resource-indicators (experimental): RFC 8707 ``resource``
-# narrows the token's audience. jwt-authorization-grant (preview): RFC 7523 assertions from an
-# identity provider the realm trusts (the cluster's service-account tokens).
-FEATURES = "dpop,token-exchange-standard,resource-indicators,jwt-authorization-grant"
+# dpop, token-exchange-standard and client-auth-federated are on by default in 26.7; named so a
+# change of default cannot silently turn them off. resource-indicators (experimental): RFC 8707
+# ``resource`` narrows the token's audience. jwt-authorization-grant (preview): RFC 7523
+# assertions from an identity provider the realm trusts (the cluster's service-account tokens).
+# spiffe (preview): an identity provider trusting a SPIFFE trust domain's bundle endpoint, with
+# which client-auth-federated authenticates a client by its JWT-SVID (``jwt-spiffe`` assertions).
+FEATURES = (
+    "dpop,token-exchange-standard,resource-indicators,jwt-authorization-grant,"
+    "client-auth-federated,spiffe"
+)
 BUILD_OPTIONS = (f"--features={FEATURES}", "--https-client-auth=request")
 REALM = "credproxy"
 ROOT = Path(__file__).resolve().parent.parent
@@ -178,6 +183,7 @@ class Keycloak:
     MTLS_CLIENT_ID = "orders-mtls"
     MTLS_SUBJECT = "CN=orders-workload"
     DISABLED_CLIENT_ID = "orders-disabled"
+    SPIFFE_CLIENT_ID = "orders-spiffe"  # federated-jwt: a JWT-SVID verified by the IdP "spire"
     SUBJECT_CLIENT_ID = "workload-identity"  # issues the identity tokens orders-service exchanges
     API_CLIENT_ID = "payments-api"  # the API as a client: introspects, token exchange audience
     # the audiences the realm's scopes map (audience mapper), one per route in the tests
@@ -197,6 +203,9 @@ class Keycloak:
         self.issuer = f"http://127.0.0.1:{self.port}/realms/{REALM}"
         self.https_issuer = f"https://127.0.0.1:{self.https_port}/realms/{REALM}"
         self.jwks_uri = self.issuer + "/protocol/openid-connect/certs"
+        # where the realm's SPIFFE identity provider reads the trust domain's bundle: a SPIRE
+        # server of the tests serves it there, with a certificate from ``tls``
+        self.spiffe_bundle_port = free_port()
         self.tls = tls
         self.log_file = workdir / "keycloak.log"
         ec_key, rsa_key = (
@@ -239,6 +248,7 @@ class Keycloak:
             "CREDPROXY_CLIENT_SECRET": self._secret,
             # substituted inside a JSON string of the realm file: escaped as one
             "CREDPROXY_CLIENT_JWKS": json.dumps(json.dumps(self._client_jwks))[1:-1],
+            "CREDPROXY_SPIFFE_BUNDLE_ENDPOINT": f"https://127.0.0.1:{self.spiffe_bundle_port}",
             "CREDPROXY_CLUSTER_PUBLIC_KEY": base64.b64encode(
                 self._cluster_key.public_key().public_bytes(
                     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
