@@ -65,8 +65,11 @@ _keycloak: list[Keycloak] = []
 
 
 def _needs_keycloak(item: pytest.Item) -> bool:
+    """Whether a test uses the session's Keycloak: it names the fixture, or it is the Keycloak
+    case of a fixture parametrised over IdPs (``oauth_idp``, ``mtls_idp``, …: those ask for
+    ``keycloak`` only when they run)."""
     callspec = getattr(item, "callspec", None)
-    if callspec is not None and callspec.params.get("oauth_idp") == "keycloak":
+    if callspec is not None and "keycloak" in callspec.params.values():
         return True
     return "keycloak" in getattr(item, "fixturenames", ())
 
@@ -92,7 +95,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     """Keycloak takes ~15 s to start (more on a busy machine): start it while the tests before
     the first that needs it run. A worker of ``-n`` cannot know yet whether it will get the
     Keycloak tests: there it starts when first needed."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
+    if os.environ.get("PYTEST_XDIST_WORKER") or session.config.option.collectonly:
         return
     if any(_needs_keycloak(item) for item in session.items):
         _start_keycloak(session.config._tmp_path_factory, wait=False)  # type: ignore[attr-defined]
@@ -245,6 +248,22 @@ def spiffe_idp(spire: Spire, tmp_path_factory) -> Iterator[tuple[IdP, ResourceSe
     server.seen()
     server.stop()
     idp.stop()
+
+
+@pytest.fixture(scope="session")
+def keycloak_spire(keycloak: Keycloak, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Spire]:
+    """A SPIRE server and agent whose bundle endpoint is the one the realm's SPIFFE identity
+    provider reads (https, a certificate from Keycloak's trust store); credproxy's entry as for
+    ``spire``."""
+    cert, key = keycloak.tls.issue("127.0.0.1", server=True, stem="spire-bundle-endpoint")
+    endpoint = (keycloak.spiffe_bundle_port, cert, key)
+    server = Spire(tmp_path_factory.mktemp("keycloak-spire"), bundle_endpoint=endpoint).start()
+    try:
+        server.register(CREDPROXY_ID, uid=0, x509_ttl_s=X509_TTL_S, jwt_ttl_s=JWT_TTL_S)
+        server.wait_for_svid(CREDPROXY_ID)
+        yield server
+    finally:
+        server.stop()
 
 
 @pytest.fixture(scope="session")

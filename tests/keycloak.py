@@ -3,14 +3,16 @@ run in dev mode on loopback with the realm of the compose example (``examples/co
 
 ``python -m tests.keycloak install`` (run by ``scripts/setup --idp``) fetches the distribution once
 into ``${XDG_CACHE_HOME:-~/.cache}/credproxy/keycloak-<version>`` and builds it for dev mode with
-``FEATURES`` there, so a session only starts it (no download, no Quarkus build). Each session runs
-its own copy of the small mutable parts (configuration, build output, its database) beside a
-link to the cached libraries, so sessions in several clones never share state.
+``BUILD_OPTIONS`` there (``dev-builds/<digest of the options>``: clones testing other features
+share the download and never rebuild each other's), so a session only starts it (no download, no
+Quarkus build). Each session runs its own copy of the small mutable parts (configuration, build
+output, its database) beside a link to the cached libraries, so sessions never share state.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import secrets
@@ -35,11 +37,16 @@ from proxy.credentials.jose import Signer, public_jwk
 VERSION = "26.7.3"  # the newest served by Maven Central (26.7.4 is not)
 ARTIFACT = f"org.keycloak:keycloak-quarkus-dist:{VERSION}:zip"
 # Build options: a session must start with exactly these, or Keycloak rebuilds itself (~25 s).
-# dpop and token-exchange-standard are on by default in 26.x; named so a change of default
-# cannot silently turn them off. resource-indicators (experimental): RFC 8707 ``resource``
-# narrows the token's audience. jwt-authorization-grant (preview): RFC 7523 assertions from an
-# identity provider the realm trusts (the cluster's service-account tokens).
-FEATURES = "dpop,token-exchange-standard,resource-indicators,jwt-authorization-grant"
+# dpop, token-exchange-standard and client-auth-federated are on by default in 26.7; named so a
+# change of default cannot silently turn them off. resource-indicators (experimental): RFC 8707
+# ``resource`` narrows the token's audience. jwt-authorization-grant (preview): RFC 7523
+# assertions from an identity provider the realm trusts (the cluster's service-account tokens).
+# spiffe (preview): an identity provider trusting a SPIFFE trust domain's bundle endpoint, with
+# which client-auth-federated authenticates a client by its JWT-SVID (``jwt-spiffe`` assertions).
+FEATURES = (
+    "dpop,token-exchange-standard,resource-indicators,jwt-authorization-grant,"
+    "client-auth-federated,spiffe"
+)
 BUILD_OPTIONS = (f"--features={FEATURES}", "--https-client-auth=request")
 REALM = "credproxy"
 ROOT = Path(__file__).resolve().parent.parent
@@ -61,15 +68,45 @@ def java_home() -> str:
     raise RuntimeError(f"Keycloak needs a JDK 17, 21 or 25; none of {JAVA_HOMES} exists")
 
 
+def build_dir() -> Path:
+    """The dev-mode build (Quarkus' ``lib/quarkus``) for ``BUILD_OPTIONS``, one per option set."""
+    digest = hashlib.sha256("\n".join(BUILD_OPTIONS).encode()).hexdigest()[:12]
+    return cache_dir() / "dev-builds" / digest
+
+
+def downloaded() -> bool:
+    return (cache_dir() / "lib" / "quarkus-run.jar").exists()
+
+
 def installed() -> bool:
-    marker = cache_dir() / _BUILT_MARKER
+    marker = build_dir() / _BUILT_MARKER
     return marker.exists() and marker.read_text().split() == list(BUILD_OPTIONS)
 
 
 def install() -> None:
-    """Download (Maven) and build for dev mode into the cache; nothing if already there."""
+    """Download (Maven) into the cache and build for dev mode with ``BUILD_OPTIONS``; nothing
+    that is already there."""
     if installed():
         return
+    if not downloaded():
+        _download()
+    builds = build_dir().parent
+    builds.mkdir(exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=builds, prefix=".build-") as scratch:
+        home = Path(scratch) / "keycloak"
+        _copy_home(cache_dir() / "lib" / "quarkus", home)
+        _dev_build(home)
+        built = Path(scratch) / "build"
+        built.mkdir()
+        (home / "lib" / "quarkus").rename(built / "quarkus")
+        (built / _BUILT_MARKER).write_text("\n".join(BUILD_OPTIONS) + "\n")
+        if not installed():  # another clone may have built the same options meanwhile
+            shutil.rmtree(build_dir(), ignore_errors=True)
+            built.rename(build_dir())
+    print(f"keycloak {VERSION}: ready in {cache_dir()} ({build_dir().name})", flush=True)
+
+
+def _download() -> None:
     target = cache_dir()
     target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".keycloak-") as scratch:
@@ -86,13 +123,22 @@ def install() -> None:
         for script in (home / "bin").glob("*.sh"):
             script.chmod(0o755)
         print(f"keycloak {VERSION}: downloaded in {time.monotonic() - started:.0f} s", flush=True)
-        _dev_build(home)
-        shutil.rmtree(home / "data", ignore_errors=True)
-        (home / _BUILT_MARKER).write_text("\n".join(BUILD_OPTIONS) + "\n")
         if target.exists():
             shutil.rmtree(target)
         home.rename(target)
-    print(f"keycloak {VERSION}: ready in {target}", flush=True)
+
+
+def _copy_home(quarkus: Path, home: Path) -> None:
+    """A Keycloak home of its own: copies of what Keycloak writes (``quarkus``: the build to
+    start from), the cached libraries linked."""
+    cached = cache_dir()
+    (home / "lib").mkdir(parents=True)
+    for part in ("bin", "conf", "themes", "providers"):
+        shutil.copytree(cached / part, home / part, symlinks=True)
+    shutil.copytree(cached / "lib" / "app", home / "lib" / "app")
+    shutil.copytree(quarkus, home / "lib" / "quarkus")
+    shutil.copy2(cached / "lib" / "quarkus-run.jar", home / "lib")
+    (home / "lib" / "lib").symlink_to(cached / "lib" / "lib")
 
 
 def _dev_build(home: Path) -> None:
@@ -137,6 +183,7 @@ class Keycloak:
     MTLS_CLIENT_ID = "orders-mtls"
     MTLS_SUBJECT = "CN=orders-workload"
     DISABLED_CLIENT_ID = "orders-disabled"
+    SPIFFE_CLIENT_ID = "orders-spiffe"  # federated-jwt: a JWT-SVID verified by the IdP "spire"
     SUBJECT_CLIENT_ID = "workload-identity"  # issues the identity tokens orders-service exchanges
     API_CLIENT_ID = "payments-api"  # the API as a client: introspects, token exchange audience
     # the audiences the realm's scopes map (audience mapper), one per route in the tests
@@ -156,6 +203,9 @@ class Keycloak:
         self.issuer = f"http://127.0.0.1:{self.port}/realms/{REALM}"
         self.https_issuer = f"https://127.0.0.1:{self.https_port}/realms/{REALM}"
         self.jwks_uri = self.issuer + "/protocol/openid-connect/certs"
+        # where the realm's SPIFFE identity provider reads the trust domain's bundle: a SPIRE
+        # server of the tests serves it there, with a certificate from ``tls``
+        self.spiffe_bundle_port = free_port()
         self.tls = tls
         self.log_file = workdir / "keycloak.log"
         ec_key, rsa_key = (
@@ -181,16 +231,9 @@ class Keycloak:
         self.started_s = 0.0  # how long the last start took, for the session's report
 
     def _prepare_home(self) -> None:
-        """The session's Keycloak home: its own copies of what Keycloak writes, the cached
-        libraries linked, and the repository's realm file to import."""
-        cached = cache_dir()
-        (self.home / "lib").mkdir(parents=True)
-        for part in ("bin", "conf", "themes", "providers"):
-            shutil.copytree(cached / part, self.home / part, symlinks=True)
-        for part in ("quarkus", "app"):
-            shutil.copytree(cached / "lib" / part, self.home / "lib" / part)
-        shutil.copy2(cached / "lib" / "quarkus-run.jar", self.home / "lib")
-        (self.home / "lib" / "lib").symlink_to(cached / "lib" / "lib")
+        """The session's Keycloak home: the cached build for ``BUILD_OPTIONS`` and the
+        repository's realm file to import."""
+        _copy_home(build_dir() / "quarkus", self.home)
         (self.home / "data" / "import").mkdir(parents=True)
         shutil.copy2(REALM_FILE, self.home / "data" / "import" / "realm.json")
 
@@ -205,6 +248,7 @@ class Keycloak:
             "CREDPROXY_CLIENT_SECRET": self._secret,
             # substituted inside a JSON string of the realm file: escaped as one
             "CREDPROXY_CLIENT_JWKS": json.dumps(json.dumps(self._client_jwks))[1:-1],
+            "CREDPROXY_SPIFFE_BUNDLE_ENDPOINT": f"https://127.0.0.1:{self.spiffe_bundle_port}",
             "CREDPROXY_CLUSTER_PUBLIC_KEY": base64.b64encode(
                 self._cluster_key.public_key().public_bytes(
                     serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo

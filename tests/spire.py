@@ -36,10 +36,33 @@ def binaries() -> Path:
 
 
 class Spire(DemoSpire):
-    """SPIRE for the tests: the binaries are built first when the cache has none."""
+    """SPIRE for the tests: the binaries are built first when the cache has none.
+    ``bundle_endpoint`` (port, certificate, key): the server also publishes its trust bundle
+    (SPIFFE federation's bundle endpoint, profile https_web) on 127.0.0.1 at that port."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(
+        self, workdir: Path, *, bundle_endpoint: tuple[int, Path, Path] | None = None
+    ) -> None:
         super().__init__(workdir, binaries())
+        if bundle_endpoint is not None:
+            port, cert, key = bundle_endpoint
+            # file_sync_interval: 1.13.3 refuses to start without one (its 1h default is parsed
+            # from the empty string first)
+            self.server_extra = f"""\
+  federation {{
+    bundle_endpoint {{
+      address = "127.0.0.1"
+      port = {port}
+      profile "https_web" {{
+        serving_cert_file {{
+          cert_file_path = "{cert}"
+          key_file_path = "{key}"
+          file_sync_interval = "1h"
+        }}
+      }}
+    }}
+  }}
+"""
 
     def freeze_agent(self) -> None:
         """SIGSTOP the agent: its socket still takes requests, and nothing answers them."""

@@ -279,9 +279,14 @@ async def test_idp_nonce_requirement_is_met_with_one_retry(idp, upstream, credpr
     ]
 
 
-async def test_resource_server_nonce_is_honoured_with_one_retry(idp, upstream, credproxy, client):
-    """A 401 use_dpop_nonce from the upstream is answered by exactly one replay carrying the nonce."""
-    proc = credproxy(_proxy_config(idp, upstream))
+async def test_resource_server_nonce_is_honoured_with_one_retry(
+    oauth_idp, oauth_upstream, credproxy, client
+):
+    """A 401 use_dpop_nonce from the upstream is answered by exactly one replay carrying the
+    nonce (the IdP's DPoP-bound token: oidc-provider's or Keycloak's, whose token endpoint asks
+    for no nonce)."""
+    upstream = oauth_upstream
+    proc = credproxy(_proxy_config(oauth_idp, upstream))
     async with client.get(proc.url + "/payments/v1/warm") as response:
         assert response.status == 200
     upstream.verifier.require_nonce = True

@@ -72,5 +72,5 @@ async def test_disabled_client_is_refused_by_keycloak(
     proc = credproxy(text, expect_ready=False)
     line = _refused_log_line(proc, keycloak)
     print(f"keycloak disabled client: {line}")
-    assert "answered HTTP 40" in line
+    assert "answered HTTP 401: invalid_client" in line
     await _assert_no_credential(proc, client)

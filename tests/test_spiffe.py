@@ -16,6 +16,7 @@ import time
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -400,6 +401,91 @@ async def test_token_exchange_and_client_auth_rooted_in_jwt_svids(
     rows = await _inventory(proc)
     rooted = {r["issuer"]: r["svid_rooted"] for r in rows}
     assert rooted == {"spiffe-workload-api": True, "exchange": True, "client": True}
+
+
+@dataclass
+class SpiffeIdP:
+    """An IdP that authenticates a client by its JWT-SVID, the SPIRE it trusts, an API it
+    serves, and the client whose SPIFFE ID is credproxy's."""
+
+    spire: Spire
+    idp: Any  # IdP or Keycloak
+    upstream: ResourceServer
+    client_id: str
+
+
+@pytest.fixture(params=["oidc-provider", "keycloak"])
+def spiffe_oauth_idp(request: pytest.FixtureRequest) -> SpiffeIdP:
+    """oidc-provider trusting the session's SPIRE bundle, or Keycloak's federated client
+    authentication (feature spiffe): an identity provider of type SPIFFE that reads the bundle
+    endpoint of its own SPIRE (``keycloak_spire``), and client orders-spiffe of authenticator
+    federated-jwt naming that provider and credproxy's SPIFFE ID."""
+    if request.param == "keycloak":
+        keycloak = request.getfixturevalue("keycloak")
+        return SpiffeIdP(
+            request.getfixturevalue("keycloak_spire"),
+            keycloak,
+            request.getfixturevalue("keycloak_upstream"),
+            keycloak.SPIFFE_CLIENT_ID,
+        )
+    idp, server = request.getfixturevalue("spiffe_idp")
+    return SpiffeIdP(request.getfixturevalue("spire"), idp, server, SPIFFE_CLIENT)
+
+
+def _jwt_svid_client_config(spiffe: SpiffeIdP, client_id: str) -> str:
+    server = spiffe.upstream
+    return f"""{PREAMBLE}
+identity:
+  spiffe: {{socket: "{spiffe.spire.socket_uri}"}}
+issuers:
+  idp:
+    type: oauth2
+    issuer_url: {spiffe.idp.issuer}
+    client_id: {client_id}
+    client_auth: jwt_svid
+    client_assertion_type: jwt-spiffe
+routes:
+  - name: payments
+    path_prefix: /payments/
+    upstream: {server.origin}
+    credential: {{issuer: idp, audience: "{server.audience}", scope: payments.write, inject: dpop}}
+    allow: [{{callers: [test-suite]}}]
+audit: {{file: "{{audit}}"}}
+log: {{format: json}}
+"""
+
+
+async def test_client_credentials_authenticated_by_a_jwt_svid_alone(
+    spiffe_oauth_idp, credproxy, client
+):
+    """client_auth jwt_svid (jwt-spiffe) against oidc-provider and Keycloak: with no key or
+    secret of credproxy's, the IdP knows the client by the JWT-SVID's SPIFFE ID, verified
+    against SPIRE's bundle (Keycloak: read from SPIRE's bundle endpoint), and the API accepts
+    the DPoP-bound token it issues to that client; the same JWT-SVID presented as another
+    client gets no token (503, the IdP's refusal logged)."""
+    spiffe = spiffe_oauth_idp
+    server = spiffe.upstream
+    proc = credproxy(_jwt_svid_client_config(spiffe, spiffe.client_id))
+    async with client.get(f"{proc.url}/payments/v1/charges") as response:
+        body = await response.json()
+    assert response.status == 200, body
+    assert body["authorization_schemes"] == ["DPoP"] and body["jkt"]
+    assert body["client_id"] == spiffe.client_id and body["scope"] == "payments.write"
+    assert body["aud"] in (server.audience, [server.audience])
+    [issued] = proc.audit("credential.issued")
+    assert issued["issuer"] == "idp"
+    proc.stop()
+
+    other = _jwt_svid_client_config(spiffe, spiffe.idp.CLIENT_ID)
+    proc = credproxy(other, expect_ready=False, name="another-client")
+    refused = "issuers.idp: token endpoint "
+    wait_until(lambda: refused in proc.log(), what="the IdP's refusal")
+    line = next(line for line in proc.log().splitlines() if refused in line)
+    print(f"{spiffe.idp.name} JWT-SVID as {spiffe.idp.CLIENT_ID}: {line}")
+    assert "answered HTTP 40" in line and ": invalid_" in line, line
+    async with client.get(f"{proc.url}/payments/v1/charges") as response:
+        problem = await response.json()
+    assert response.status == 503 and problem["code"] == "credential_unavailable"
 
 
 async def test_the_subject_jwt_svid_is_for_subject_audience(spire, spiffe_idp, credproxy, client):

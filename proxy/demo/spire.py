@@ -64,6 +64,7 @@ class Spire:
         self.agent: subprocess.Popen[bytes] | None = None
         self.started_in_s = 0.0
         self.began = 0.0
+        self.server_extra = ""  # more of the server block (e.g. a federation bundle endpoint)
 
     @property
     def socket_uri(self) -> str:
@@ -225,7 +226,7 @@ server {{
   default_x509_svid_ttl = "1h"
   default_jwt_svid_ttl = "5m"
   jwt_issuer = "{JWT_ISSUER}"
-}}
+{self.server_extra}}}
 plugins {{
   DataStore "sql" {{
     plugin_data {{
