@@ -302,7 +302,8 @@ class Keycloak:
 
     # -- as the tests use an IdP ------------------------------------------------------------
 
-    def _token_endpoint(self, path: str = "token") -> str:
+    def openid_endpoint(self, path: str = "token") -> str:
+        """The realm's OpenID Connect endpoint ``path`` (token, revoke, token/introspect, …)."""
         return f"{self.issuer}/protocol/openid-connect/{path}"
 
     def _form(
@@ -324,7 +325,7 @@ class Keycloak:
         """RFC 7662 at Keycloak, as the API ``payments-api`` (client_secret_basic): Keycloak
         answers only a client in the token's audience, by client id (so not for a token whose
         audience a ``resource`` narrowed to a URL)."""
-        url = self._token_endpoint("token/introspect")
+        url = self.openid_endpoint("token/introspect")
         return self._form(url, {"token": token}, self.API_CLIENT_ID)
 
     # standard token exchange takes Keycloak access tokens, and names the audience by client id
@@ -336,7 +337,7 @@ class Keycloak:
     def refused_subject_tokens(self) -> dict[str, str]:
         """Identity tokens Keycloak must refuse to exchange: forged, revoked."""
         revoked = self.subject_token()
-        url = self._token_endpoint("revoke")
+        url = self.openid_endpoint("revoke")
         self._form(url, {"token": revoked}, self.SUBJECT_CLIENT_ID, expect_json=False)
         return {"forged": self.subject_token(forged=True), "revoked": revoked}
 
@@ -347,7 +348,7 @@ class Keycloak:
         from tests.counterparts import LEDGER
 
         answer = self._form(
-            self._token_endpoint(), {"grant_type": "client_credentials"}, self.SUBJECT_CLIENT_ID
+            self.openid_endpoint(), {"grant_type": "client_credentials"}, self.SUBJECT_CLIENT_ID
         )
         token = str(answer["access_token"])
         if forged:

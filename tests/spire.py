@@ -156,6 +156,21 @@ def record_svid_keys(spire: Spire) -> list[bytes]:
     return keys
 
 
+def record_jwt_svid(spire: Spire, audience: str) -> dict[str, Any]:
+    """The JWT-SVID the agent gives uid 0 (credproxy's entry) for ``audience``, entered in the
+    leak ledger; its claims. The agent caches JWT-SVIDs until half their lifetime: fetched soon
+    after credproxy fetched one, it is the same token (check ``iat``)."""
+    answer = subprocess.run(
+        [str(spire.agent_cli_for_others()), "api", "fetch", "jwt", "-audience", audience,
+         "-output", "json", "-socketPath", str(spire.agent_socket)],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+    assert answer.returncode == 0, answer.stderr
+    [token] = [svid["svid"] for part in json.loads(answer.stdout) for svid in part.get("svids", [])]
+    LEDGER.secret(token)
+    return dict(jwt.decode(token, options={"verify_signature": False}))
+
+
 class MTLSUpstream(ThreadedApp):
     """An HTTPS upstream with an X.509-SVID of its own (``spiffe_id``, minted by SPIRE) that
     requires a client certificate chained to SPIRE's published bundle and answers 200 only to

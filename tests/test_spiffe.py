@@ -39,6 +39,7 @@ from tests.counterparts import (
     wait_until,
 )
 from tests.disk import holds, open_regular_files, written_since
+from tests.keycloak import Keycloak
 from tests.spire import (
     CREDPROXY_ID,
     SPIFFE_CLIENT,
@@ -46,6 +47,7 @@ from tests.spire import (
     Spire,
     SVIDUpstream,
     SVIDVerifier,
+    record_jwt_svid,
     record_svid_keys,
 )
 from tests.tls import TestCA
@@ -409,9 +411,19 @@ class SpiffeIdP:
     serves, and the client whose SPIFFE ID is credproxy's."""
 
     spire: Spire
-    idp: Any  # IdP or Keycloak
+    idp: IdP | Keycloak
     upstream: ResourceServer
     client_id: str
+
+    def record_assertions(self, since: float) -> None:
+        """Enter the JWT-SVIDs credproxy presented since ``since`` in the leak ledger.
+        oidc-provider records each assertion; Keycloak cannot, so it is the agent's cached
+        JWT-SVID for Keycloak's token endpoint, checked to be one minted since ``since``."""
+        if isinstance(self.idp, Keycloak):
+            claims = record_jwt_svid(self.spire, self.idp.openid_endpoint())
+            assert claims["iat"] >= int(since), "the agent minted a new JWT-SVID for the test"
+        else:
+            assert any(record.get("client_assertion") for record in self.idp.records())
 
 
 @pytest.fixture(params=["oidc-provider", "keycloak"])
@@ -465,9 +477,11 @@ async def test_client_credentials_authenticated_by_a_jwt_svid_alone(
     client gets no token (503, the IdP's refusal logged)."""
     spiffe = spiffe_oauth_idp
     server = spiffe.upstream
+    started = time.time()
     proc = credproxy(_jwt_svid_client_config(spiffe, spiffe.client_id))
     async with client.get(f"{proc.url}/payments/v1/charges") as response:
         body = await response.json()
+    spiffe.record_assertions(started)
     assert response.status == 200, body
     assert body["authorization_schemes"] == ["DPoP"] and body["jkt"]
     assert body["client_id"] == spiffe.client_id and body["scope"] == "payments.write"
