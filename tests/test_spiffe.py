@@ -415,13 +415,15 @@ class SpiffeIdP:
     upstream: ResourceServer
     client_id: str
 
-    def record_assertions(self, since: float) -> None:
-        """Enter the JWT-SVIDs credproxy presented since ``since`` in the leak ledger.
-        oidc-provider records each assertion; Keycloak cannot, so it is the agent's cached
-        JWT-SVID for Keycloak's token endpoint, checked to be one minted since ``since``."""
+    def record_assertions(self, answered: float) -> None:
+        """Enter the JWT-SVIDs credproxy presented in the leak ledger. oidc-provider records
+        each assertion; Keycloak cannot, so it is the agent's cached JWT-SVID for the realm's
+        issuer (credproxy's assertion audience), fetched once the clock is past the second of
+        credproxy's answer ``answered``: one minted no later is the one credproxy presented."""
         if isinstance(self.idp, Keycloak):
-            claims = record_jwt_svid(self.spire, self.idp.openid_endpoint())
-            assert claims["iat"] >= int(since), "the agent minted a new JWT-SVID for the test"
+            wait_until(lambda: int(time.time()) > int(answered), what="the next second")
+            claims = record_jwt_svid(self.spire, self.idp.issuer)
+            assert claims["iat"] <= int(answered), "the agent minted another JWT-SVID"
         else:
             assert any(record.get("client_assertion") for record in self.idp.records())
 
@@ -477,11 +479,10 @@ async def test_client_credentials_authenticated_by_a_jwt_svid_alone(
     client gets no token (503, the IdP's refusal logged)."""
     spiffe = spiffe_oauth_idp
     server = spiffe.upstream
-    started = time.time()
     proc = credproxy(_jwt_svid_client_config(spiffe, spiffe.client_id))
     async with client.get(f"{proc.url}/payments/v1/charges") as response:
         body = await response.json()
-    spiffe.record_assertions(started)
+    spiffe.record_assertions(time.time())
     assert response.status == 200, body
     assert body["authorization_schemes"] == ["DPoP"] and body["jkt"]
     assert body["client_id"] == spiffe.client_id and body["scope"] == "payments.write"
