@@ -75,13 +75,12 @@ def response_head_lines(
             if name == b"connection"
             for listed in value.split(b",")
         }
-    block = b"".join(
-        [
-            b"%s: %s\r\n" % header
-            for header, lower in zip(raw_headers, names, strict=True)
-            if lower not in drop
-        ]
-    )
+    kept = [
+        b": ".join(header)  # join: a third of what `%` formatting costs
+        for header, lower in zip(raw_headers, names, strict=True)
+        if lower not in drop
+    ]
+    block = b"\r\n".join(kept) + b"\r\n" if kept else b""
     if secret:
         block = mask_echoes(block, secret)  # '*' only: no line break in a mask
     return block, b"content-length" in names and b"content-length" not in drop
@@ -112,6 +111,9 @@ _PARTIAL_ESCAPE = re.compile(
     rb"|&(?:#(?:[xX][0-9A-Fa-f]{0,7}|[0-9]{0,8})?)?"
     rb")\Z"
 )
+# The bytes that may begin an escape, as ints: ``int in bytes`` is one memchr, where ``find``
+# parses its arguments first and ``bytes in bytes`` formats a TypeError first (3.11).
+_PERCENT, _BACKSLASH, _AMPERSAND, _PLUS, _SPACE = b"%\\&+ "
 _MAX_PARTIAL_BYTES = 11  # &#x0000002B without its ';'
 # An echo nested in encodings is decoded this many times: a URL with the key percent-encoded,
 # itself percent-encoded into another URL's query (a login redirect's return_to), and once more.
@@ -159,12 +161,8 @@ def _raw_offset(offset: int, layers: list[tuple[list[int], list[int]]]) -> int:
 
 def _may_escape(data: bytes, start: int, plus: bool) -> bool:
     """Whether ``data[start:]`` holds a byte that may begin an escape, whole or cut short."""
-    return (
-        data.find(b"%", start) >= 0
-        or data.find(b"\\", start) >= 0
-        or data.find(b"&", start) >= 0
-        or (plus and data.find(b"+", start) >= 0)
-    )
+    tail = data[start:] if start else data
+    return _PERCENT in tail or _BACKSLASH in tail or _AMPERSAND in tail or (plus and _PLUS in tail)
 
 
 def _secret_start(data: bytes, base: int, secret: bytes) -> int:
@@ -185,10 +183,10 @@ def _secret_start(data: bytes, base: int, secret: bytes) -> int:
 
 def _has_escape(data: bytes, plus: bool) -> bool:
     return (
-        data.find(b"%") >= 0
-        or data.find(b"\\") >= 0
-        or data.find(b"&#") >= 0
-        or (plus and data.find(b"+") >= 0)
+        _PERCENT in data
+        or _BACKSLASH in data
+        or (_AMPERSAND in data and data.find(b"&#") >= 0)
+        or (plus and _PLUS in data)
     )
 
 
@@ -198,7 +196,7 @@ def mask_echoes(data: bytes, secret: str) -> bytes:
     if not secret:
         return data
     needle = secret.encode()
-    if data.find(needle) < 0 and not _has_escape(data, needle.find(b" ") >= 0):
+    if data.find(needle) < 0 and not _has_escape(data, _SPACE in needle):
         return data
     return Scrubber(secret).masked(data)
 
