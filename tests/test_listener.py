@@ -18,6 +18,7 @@ from proxy.errors import CallerNotAllowed, ProblemError
 from proxy.inbound import connection
 from proxy.inbound.listener import AppListener, Limits
 from proxy.inbound.request import AppRequest
+from proxy.tasks import spawn
 from tests import inprocess
 from tests.inprocess import UID, closed, read_response
 
@@ -138,6 +139,50 @@ async def test_a_connection_is_kept_alive_between_requests_unless_asked_to_close
     writer.write(b"GET /d HTTP/1.0\r\n\r\n")
     assert (await read_response(reader)).status == 200 and await closed(reader)
     assert handler.targets == ["/a", "/b", "/c", "/d"]
+
+
+async def test_one_task_serves_a_connection_and_ends_when_the_app_closes_it(apps):
+    """The connection's task waits between requests (not busy: a drain closes the connection
+    at once) instead of being made anew per request; when the app closes the connection the
+    task ends, so none is left behind per connection served."""
+    listener = _listener(Recorder())
+    before = asyncio.all_tasks()
+
+    def serving() -> set[asyncio.Task]:
+        return {t for t in asyncio.all_tasks() - before if t.get_name() != "app-idle-sweep"}
+
+    reader, writer = await apps.connect(listener)
+    seen = []
+    for target in (b"/a", b"/b", b"/c"):
+        writer.write(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % target)
+        assert (await read_response(reader)).body == target
+        await _until(lambda: not next(iter(listener.connections)).busy)
+        seen.append(serving())
+    assert len(seen[0]) == 1 and seen[0] == seen[1] == seen[2]
+    writer.close()
+    await _until(lambda: not listener.connections and not serving())
+    [task] = seen[0]
+    assert task.done() and not task.cancelled()
+
+
+async def test_drain_closes_an_idle_connection_at_once_and_a_busy_one_after_its_answer(apps):
+    """A connection waiting for its next request is not busy: a drain closes it while another
+    connection's request is still being served; that one gets its answer, then the close."""
+    handler = Recorder(hold="/slow")
+    listener = _listener(handler)
+    idle_reader, idle_writer = await apps.connect(listener)
+    idle_writer.write(b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    assert (await read_response(idle_reader)).body == b"/a"
+    busy_reader, busy_writer = await apps.connect(listener)
+    busy_writer.write(b"GET /slow HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    await handler.holding.wait()
+    draining = spawn(listener.drain(30.0), name="drain")
+    assert await closed(idle_reader)
+    assert not draining.done()
+    handler.release.set()
+    assert (await read_response(busy_reader)).body == b"/slow"
+    assert await closed(busy_reader)
+    await draining
 
 
 async def test_an_idle_connection_is_closed_after_keepalive_s(apps):

@@ -63,7 +63,7 @@ class AppConnection(BaseProtocol):
     """One app connection: parse, queue, answer in order, keep alive while idle."""
 
     __slots__ = (
-        "_listener", "_queue", "_task", "_reading", "_refusal", "_head_bytes", "_head_tail", "caller",
+        "_listener", "_queue", "_task", "_idle", "_reading", "_refusal", "_head_bytes", "_head_tail", "caller",
         "closing", "idle_since", "_fresh", "_h2", "_discard_bytes",
     )  # fmt: skip
 
@@ -77,7 +77,8 @@ class AppConnection(BaseProtocol):
         )  # fmt: skip
         self._listener = listener
         self._queue: deque[tuple[RawRequestMessage, StreamReader]] = deque()
-        self._task: asyncio.Task[None] | None = None
+        self._task: asyncio.Task[None] | None = None  # answers the queue (``_serve``)
+        self._idle: asyncio.Future[None] | None = None  # that task's wake-up, between requests
         self.idle_since: float | None = None  # no request in progress since; see ``AppListener``
         self._reading: StreamReader | None = None  # the body being received
         self._refusal: ProblemError | None = None  # to answer once the queue is done
@@ -127,6 +128,7 @@ class AppConnection(BaseProtocol):
             self._h2.connection_lost()
         if self._reading is not None and not self._reading.is_eof():
             self._reading.set_exception(AppGone("the app closed the connection mid-body"))
+        self._wake()
 
     def data_received(self, data: bytes) -> None:
         parser = self._parser
@@ -180,6 +182,8 @@ class AppConnection(BaseProtocol):
                 self._pause_reading_for_buffer()
             if self._task is None:
                 self._task = self._loop.create_task(self._serve())
+            else:
+                self._wake()
         if oversized is not None:  # the requests before it are answered first
             self._reading = None
             self._refuse(HeadTooLarge(f"request head over {limit} bytes"))
@@ -221,7 +225,7 @@ class AppConnection(BaseProtocol):
             # The body being read breaks its framing: its request gets the 400 itself.
             reading.set_exception(error)
             self.closing = True
-        elif self._task is None:
+        elif not self.busy:
             self._send_refusal(error)
         else:
             self._refusal = error  # after the requests before it
@@ -260,36 +264,54 @@ class AppConnection(BaseProtocol):
             self._resume_transport_reading()
 
     async def _serve(self) -> None:
+        """Answer the queued requests in order, then wait for the next one: one task for the
+        connection's life, since creating a task costs more than waking one."""
         try:
-            while self._queue and self.transport is not None:
-                message, payload = self._queue.popleft()
-                if self._buffer_paused and len(self._queue) <= _MAX_QUEUED // 2:
-                    self._resume_reading_for_buffer()
-                request = AppRequest(self, message, payload)
-                if self.closing:
-                    request.keep_alive = False
-                try:
-                    await self._listener.handler(request)
-                except Exception:  # the handler answers every error itself: this is a bug
-                    server_log.exception("%s %s: unexpected error", message.method, message.path)
-                    request.keep_alive = False
-                if not (request.keep_alive and payload.is_eof()) or self.closing:
-                    if payload.is_eof():
-                        self.close()
-                    else:  # answered before its body was read: the app may still be sending
-                        self._linger()
+            while True:
+                while self._queue and self.transport is not None:
+                    message, payload = self._queue.popleft()
+                    if self._buffer_paused and len(self._queue) <= _MAX_QUEUED // 2:
+                        self._resume_reading_for_buffer()
+                    request = AppRequest(self, message, payload)
+                    if self.closing:
+                        request.keep_alive = False
+                    try:
+                        await self._listener.handler(request)
+                    except Exception:  # the handler answers every error itself: this is a bug
+                        server_log.exception(
+                            "%s %s: unexpected error", message.method, message.path
+                        )
+                        request.keep_alive = False
+                    if not (request.keep_alive and payload.is_eof()) or self.closing:
+                        if payload.is_eof():
+                            self.close()
+                        else:  # answered before its body was read: the app may still be sending
+                            self._linger()
+                        return
+                if self._refusal is not None:
+                    self._send_refusal(self._refusal)
                     return
-            if self._refusal is not None:
-                self._send_refusal(self._refusal)
-                return
+                if self.transport is None:
+                    return
+                self.idle_since = self._loop.time()
+                self._idle = self._loop.create_future()
+                await self._idle  # ``_wake``: a request queued, or the connection gone
         finally:
-            self._task = None
-        if self.transport is not None:
+            self._task = self._idle = None
+        if self.transport is not None:  # lingering
             self.idle_since = self._loop.time()
+
+    def _wake(self) -> None:
+        idle, self._idle = self._idle, None
+        if idle is not None and not idle.done():
+            idle.set_result(None)
 
     @property
     def busy(self) -> bool:
-        return self._task is not None or (self._h2 is not None and self._h2.busy)
+        """A request is in progress (HTTP/2: a stream is open)."""
+        return (self._task is not None and self._idle is None) or (
+            self._h2 is not None and self._h2.busy
+        )
 
     def stop_accepting(self) -> None:
         """Drain: answer what is in flight, then close (HTTP/2: a GOAWAY first)."""
