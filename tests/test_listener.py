@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -148,7 +149,7 @@ async def test_one_task_serves_a_connection_and_ends_when_the_app_closes_it(apps
     listener = _listener(Recorder())
     before = asyncio.all_tasks()
 
-    def serving() -> set[asyncio.Task]:
+    def serving() -> set[asyncio.Task[Any]]:
         return {t for t in asyncio.all_tasks() - before if t.get_name() != "app-idle-sweep"}
 
     reader, writer = await apps.connect(listener)
