@@ -52,9 +52,9 @@ def test_the_rendered_report_has_the_sections_and_figures_the_readme_quotes():
         "## Notes",
     ):
         assert f"\n{section}\n" in rendered
-    assert "| credproxy bearer (token cache) | 15,612 |" in rendered
-    assert "| nginx reverse proxy, static header | 0.97× | 1.00× | 76.19× | 2.88× |" in rendered
-    assert "| credproxy DPoP per request | 626,818 | 2.05× | Python interpreter 313k (50%) · " in (
+    assert "| credproxy bearer (token cache) | 15,075 |" in rendered
+    assert "| nginx reverse proxy, static header | 0.95× | 1.00× | 80.59× | 3.05× |" in rendered
+    assert "| credproxy DPoP per request | 614,404 | 2.10× | Python interpreter 302k (49%) · " in (
         rendered
     )
     assert "| RSS flat (±5 %) over 10 min | — | run `bench/soak.py` |" in rendered
