@@ -255,6 +255,7 @@ class Upstreams:
         self._idle: dict[tuple[str, int, int], list[_Connection]] = {}
         self._watched: set[_Connection] = set()
         self._sweep: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def _sweep_every(self, interval_s: float) -> None:
         loop = asyncio.get_running_loop()
@@ -281,8 +282,9 @@ class Upstreams:
         head. A pooled connection the upstream closed before answering is replaced once, when
         the body can be sent again. With ``upgrade`` the request asks for a protocol switch:
         it goes on a new connection, never pooled, and a ``101`` answers it (``switched``)."""
-        loop = asyncio.get_running_loop()
-        if self._sweep is None:
+        loop = self._loop
+        if loop is None:  # the first exchange: the pool serves this loop from now on
+            loop = self._loop = asyncio.get_running_loop()  # on 3.11 a getpid() each call
             self._sweep = spawn(self._sweep_every(_SWEEP_S), name="upstream-timeouts")
         deadline = loop.time() + timeouts.total_s
         context = tls_context(origin, tls)
