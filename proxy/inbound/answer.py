@@ -36,12 +36,14 @@ async def stream_back(
             if not has_length and not body.is_eof():  # a stream: its head goes out at once
                 request.flush_head()
             while chunk := await body.readany():  # the upstream's errors are UpstreamError
-                if body.at_eof():  # the last bytes: the tail held back goes with them
-                    request.write(scrubber.last(chunk))  # (a small answer leaves in one write)
-                else:
-                    request.write(scrubber.feed(chunk))
+                # The last bytes take the tail held back with them (a small answer leaves in
+                # one write), and end the loop without asking for the end it knows of.
+                last = body.at_eof()
+                request.write(scrubber.last(chunk) if last else scrubber.feed(chunk))
                 if request.writing_paused:
                     await request.drain()
+                if last:
+                    break
         request.write(scrubber.flush())
         trailers = answer.trailers
         request.end(response_head_lines(trailers, secret)[0] if trailers else b"")

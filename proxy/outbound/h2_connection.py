@@ -111,6 +111,7 @@ class H2Answer(Answer):
         self, message: RawResponseMessage, stream: UpstreamStream, owner: UpstreamConnection
     ) -> None:
         self.message = message
+        self.status = message.code
         self.body = stream.body
         self._stream = stream
         self._owner = owner

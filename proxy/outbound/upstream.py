@@ -40,18 +40,15 @@ _SWEEP_S = 0.1  # how often timeouts are checked: their precision
 class Answer:
     """The upstream's answer: its head, its body stream, and ``release`` when done with it."""
 
-    __slots__ = ("message", "body", "_connection")
+    __slots__ = ("message", "status", "body", "_connection")
 
     def __init__(
         self, message: RawResponseMessage, body: StreamReader, connection: _Connection
     ) -> None:
         self.message = message
+        self.status: int = message.code  # read several times a request: not a property
         self.body = body
         self._connection = connection
-
-    @property
-    def status(self) -> int:
-        return self.message.code
 
     @property
     def trailers(self) -> tuple[tuple[bytes, bytes], ...]:
