@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-from aiohttp.base_protocol import BaseProtocol
+from aiohttp import base_protocol
 from aiohttp.http import (
     HttpProcessingError,
     HttpRequestParser,
@@ -36,6 +36,17 @@ __all__ = [
     "RequestHandler",
     "described",
 ]
+
+
+class BaseProtocol(base_protocol.BaseProtocol):
+    """aiohttp's protocol base with flow control, resumed only when it was paused: a
+    StreamReader calls ``resume_reading`` after every chunk it hands out, paused or not, and
+    the base's resume feeds the parser an empty read and resumes the transport every time."""
+
+    def resume_reading(self, resume_parser: bool = True) -> None:
+        if self._reading_paused:
+            super().resume_reading(resume_parser)
+
 
 _QUOTED = re.compile(r"""(?:\bb)?['"]""")  # where aiohttp starts quoting what it parsed
 
