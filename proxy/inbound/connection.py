@@ -282,8 +282,9 @@ class AppConnection(BaseProtocol):
                             "%s %s: unexpected error", message.method, message.path
                         )
                         request.keep_alive = False
-                    if not (request.keep_alive and payload.is_eof()) or self.closing:
-                        if payload.is_eof():
+                    read = payload.is_eof()  # the request's body, to its end
+                    if not (request.keep_alive and read) or self.closing:
+                        if read:
                             self.close()
                         else:  # answered before its body was read: the app may still be sending
                             self._linger()
