@@ -142,26 +142,27 @@ async def test_a_connection_is_kept_alive_between_requests_unless_asked_to_close
     assert handler.targets == ["/a", "/b", "/c", "/d"]
 
 
+def _serving(before: set[asyncio.Task[Any]]) -> set[asyncio.Task[Any]]:
+    """The tasks started since ``before`` but the listener's idle sweep: connections' own."""
+    return {t for t in asyncio.all_tasks() - before if t.get_name() != "app-idle-sweep"}
+
+
 async def test_one_task_serves_a_connection_and_ends_when_the_app_closes_it(apps):
     """The connection's task waits between requests (not busy: a drain closes the connection
     at once) instead of being made anew per request; when the app closes the connection the
     task ends, so none is left behind per connection served."""
     listener = _listener(Recorder())
     before = asyncio.all_tasks()
-
-    def serving() -> set[asyncio.Task[Any]]:
-        return {t for t in asyncio.all_tasks() - before if t.get_name() != "app-idle-sweep"}
-
     reader, writer = await apps.connect(listener)
     seen = []
     for target in (b"/a", b"/b", b"/c"):
         writer.write(b"GET %s HTTP/1.1\r\nHost: localhost\r\n\r\n" % target)
         assert (await read_response(reader)).body == target
         await _until(lambda: not next(iter(listener.connections)).busy)
-        seen.append(serving())
+        seen.append(_serving(before))
     assert len(seen[0]) == 1 and seen[0] == seen[1] == seen[2]
     writer.close()
-    await _until(lambda: not listener.connections and not serving())
+    await _until(lambda: not listener.connections and not _serving(before))
     [task] = seen[0]
     assert task.done() and not task.cancelled()
 
@@ -171,6 +172,7 @@ async def test_drain_closes_an_idle_connection_at_once_and_a_busy_one_after_its_
     connection's request is still being served; that one gets its answer, then the close."""
     handler = Recorder(hold="/slow")
     listener = _listener(handler)
+    before = asyncio.all_tasks()
     idle_reader, idle_writer = await apps.connect(listener)
     idle_writer.write(b"GET /a HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert (await read_response(idle_reader)).body == b"/a"
@@ -184,6 +186,24 @@ async def test_drain_closes_an_idle_connection_at_once_and_a_busy_one_after_its_
     assert (await read_response(busy_reader)).body == b"/slow"
     assert await closed(busy_reader)
     await draining
+    await _until(lambda: not _serving(before - {draining}))
+
+
+async def test_connections_left_idle_after_a_request_leave_no_task_once_swept(apps):
+    """A flood of keep-alive connections, each served once and then left open and silent: the
+    idle sweep closes every one, and the task each had waiting for its next request ends."""
+    listener = _listener(Recorder(), keepalive_s=2.0)
+    before = asyncio.all_tasks()
+    readers = []
+    for i in range(40):
+        reader, writer = await apps.connect(listener)
+        writer.write(b"GET /%d HTTP/1.1\r\nHost: localhost\r\n\r\n" % i)
+        assert (await read_response(reader)).body == b"/%d" % i
+        readers.append(reader)
+    assert len(_serving(before)) == 40  # one parked task per open connection
+    for reader in readers:
+        assert await closed(reader)
+    await _until(lambda: not listener.connections and not _serving(before))
 
 
 async def test_an_idle_connection_is_closed_after_keepalive_s(apps):

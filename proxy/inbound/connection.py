@@ -267,40 +267,35 @@ class AppConnection(BaseProtocol):
         """Answer the queued requests in order, then wait for the next one: one task for the
         connection's life, since creating a task costs more than waking one."""
         try:
-            while True:
-                while self._queue and self.transport is not None:
-                    message, payload = self._queue.popleft()
-                    if self._buffer_paused and len(self._queue) <= _MAX_QUEUED // 2:
-                        self._resume_reading_for_buffer()
-                    request = AppRequest(self, message, payload)
-                    if self.closing:
-                        request.keep_alive = False
-                    try:
-                        await self._listener.handler(request)
-                    except Exception:  # the handler answers every error itself: this is a bug
-                        server_log.exception(
-                            "%s %s: unexpected error", message.method, message.path
-                        )
-                        request.keep_alive = False
-                    read = payload.is_eof()  # the request's body, to its end
-                    if not (request.keep_alive and read) or self.closing:
-                        if read:
-                            self.close()
-                        else:  # answered before its body was read: the app may still be sending
-                            self._linger()
+            while self.transport is not None:
+                if not self._queue:
+                    if self._refusal is not None:
+                        self._send_refusal(self._refusal)
                         return
-                if self._refusal is not None:
-                    self._send_refusal(self._refusal)
+                    self.idle_since = self._loop.time()
+                    self._idle = self._loop.create_future()
+                    await self._idle  # ``_wake``: a request queued, or the connection gone
+                    continue
+                message, payload = self._queue.popleft()
+                if self._buffer_paused and len(self._queue) <= _MAX_QUEUED // 2:
+                    self._resume_reading_for_buffer()
+                request = AppRequest(self, message, payload)
+                if self.closing:
+                    request.keep_alive = False
+                try:
+                    await self._listener.handler(request)
+                except Exception:  # the handler answers every error itself: this is a bug
+                    server_log.exception("%s %s: unexpected error", message.method, message.path)
+                    request.keep_alive = False
+                read = payload.is_eof()  # the request's body, to its end
+                if not (request.keep_alive and read) or self.closing:
+                    if read:
+                        self.close()
+                    else:  # answered before its body was read: the app may still be sending
+                        self._linger()
                     return
-                if self.transport is None:
-                    return
-                self.idle_since = self._loop.time()
-                self._idle = self._loop.create_future()
-                await self._idle  # ``_wake``: a request queued, or the connection gone
         finally:
             self._task = self._idle = None
-        if self.transport is not None:  # lingering
-            self.idle_since = self._loop.time()
 
     def _wake(self) -> None:
         idle, self._idle = self._idle, None
