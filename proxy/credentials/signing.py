@@ -23,11 +23,14 @@ class SignatureBatch:
     def __init__(self) -> None:
         self.requests = 0
         self._pending: list[tuple[Sign, bytes, asyncio.Future[bytes]]] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # the first batch's, kept
 
     async def sign(self, sign: Sign, data: bytes) -> bytes:
         if self.requests <= 1 and not self._pending:
             return sign(data)
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # asked once: on 3.11 get_running_loop() makes a getpid() call
+            loop = self._loop = asyncio.get_running_loop()
         future: asyncio.Future[bytes] = loop.create_future()
         if not self._pending:
             loop.call_soon(self._flush)
@@ -44,4 +47,5 @@ class SignatureBatch:
             except Exception as exc:  # the signing request's own failure, raised there
                 future.set_exception(exc)
         if self._pending:  # scheduled after this batch's requests, which go on first
-            asyncio.get_running_loop().call_soon(self._flush)
+            assert self._loop is not None  # set by the ``sign`` that scheduled this flush
+            self._loop.call_soon(self._flush)

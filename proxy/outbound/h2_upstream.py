@@ -51,6 +51,7 @@ class H2Upstreams:
         self._connections: dict[tuple[str, int, int], UpstreamConnection] = {}
         self._connecting: dict[tuple[str, int, int], asyncio.Future[UpstreamConnection]] = {}
         self._sweep: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._live: set[UpstreamConnection] = set()  # replaced ones included, until they close
         self._http1: set[tuple[str, int, int]] = set()  # origins whose ALPN did not choose h2
         self.opened = 0  # connections opened so far: what tests and metrics read
@@ -86,8 +87,9 @@ class H2Upstreams:
     ) -> H2Answer:
         """Send one request on a stream and await its answer's head; the body (if it streams)
         goes on sending while the answer is read (bidirectional streams)."""
-        loop = asyncio.get_running_loop()
-        if self._sweep is None:
+        loop = self._loop
+        if loop is None:  # the first exchange: the pool serves this loop from now on
+            loop = self._loop = asyncio.get_running_loop()  # on 3.11 a getpid() each call
             self._sweep = spawn(self._sweep_every(_SWEEP_S), name="h2-upstream-timeouts")
         deadline = loop.time() + timeouts.total_s
         context = tls_context(origin, tls)
