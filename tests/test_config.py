@@ -601,3 +601,35 @@ def test_upstream_protocol_must_fit_the_upstream_scheme(upstream, protocol, expe
     errors = _errors(text)
     assert len(errors) == 1 and errors[0].startswith("routes[0]") and expected in errors[0]
     assert loader.parse(VALID).routes[0].upstream_protocol == "http1.1"
+
+
+def _routes(count: int, upstream: str) -> str:
+    return "".join(
+        f"  - {{name: r{i}, path_prefix: /r{i}/, upstream: {upstream},"
+        f" credential: {{issuer: idp, audience: {upstream}}}}}\n"
+        for i in range(count)
+    )
+
+
+def test_a_warning_shared_by_many_routes_is_one_line_naming_the_first_and_the_count():
+    """Two plain-http routes get a line each; 1,000 get one line, so other warnings stay seen."""
+    head = VALID.split("routes:")[0] + "routes:\n"
+    two = loader.warnings(loader.parse(head + _routes(2, "http://127.0.0.1:8080")))
+    assert [w for w in two if "plain http" in w] == [
+        "routes[0].upstream: plain http; the credential crosses unencrypted",
+        "routes[1].upstream: plain http; the credential crosses unencrypted",
+    ]
+    many = head + _routes(1, "https://a.example.com") + _routes(1000, "http://127.0.0.1:8080")
+    many = many.replace("name: r0, path_prefix: /r0/", "name: tls, path_prefix: /tls/", 1)
+    notes = loader.warnings(
+        loader.parse(
+            many + "  - {name: x, path_prefix: /x/, upstream: "
+            "https://x.example.com, allow: [], credential: "
+            "{issuer: idp, audience: https://x.example.com}}\n"
+        )
+    )
+    assert [w for w in notes if "plain http" in w] == [
+        "routes[1].upstream, routes[2].upstream, routes[3].upstream and 997 more routes: "
+        "plain http; the credential crosses unencrypted"
+    ]
+    assert "routes[1001].allow: empty, so every request on this route is refused" in notes

@@ -91,9 +91,9 @@ def warnings(config: Config) -> list[str]:
         addresses = {*config.listen, *([config.admin] if config.admin else [])}
         for value in sorted(set(config.allow_non_loopback) - addresses):
             notes.append(f"allow_non_loopback: {value!r} is not a listen or admin address")
+    plain = [i for i, route in enumerate(config.routes) if URL(route.upstream).scheme == "http"]
+    notes += _per_route(plain, "upstream", "plain http; the credential crosses unencrypted")
     for i, route in enumerate(config.routes):
-        if URL(route.upstream).scheme == "http":
-            notes.append(f"routes[{i}].upstream: plain http; the credential crosses unencrypted")
         if not route.allow:
             notes.append(f"routes[{i}].allow: empty, so every request on this route is refused")
         for j, rule in enumerate(route.allow):
@@ -104,6 +104,14 @@ def warnings(config: Config) -> list[str]:
                         "process may use this route's credential"
                     )
     return notes
+
+
+def _per_route(indexes: list[int], field: str, note: str, shown: int = 3) -> list[str]:
+    """One line per route, or one line for many: 1,000 plain-http routes would bury the rest."""
+    if len(indexes) <= shown:
+        return [f"routes[{i}].{field}: {note}" for i in indexes]
+    first = ", ".join(f"routes[{i}].{field}" for i in indexes[:shown])
+    return [f"{first} and {len(indexes) - shown} more routes: {note}"]
 
 
 def _untagged(loc: tuple[str | int, ...]) -> tuple[tuple[str | int, ...], str | None]:
@@ -176,8 +184,11 @@ def _format_errors(exc: ValidationError) -> list[str]:
     ]
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """A duplicate key in YAML silently wins in PyYAML; in a security config it is an error."""
+class _UniqueKeyLoader(yaml.CSafeLoader):
+    """A duplicate key in YAML silently wins in PyYAML; in a security config it is an error.
+
+    libyaml's parser (``CSafeLoader``): 1,000 routes parse in 0.05 s instead of 0.6 s.
+    """
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         keys = set()
@@ -205,7 +216,7 @@ def _yaml_error(exc: yaml.YAMLError, source: str) -> str:
 def parse(text: str, *, source: str = "<config>") -> Config:
     """Parse YAML text into a ``Config``; raise ``ConfigError`` listing every problem."""
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - SafeLoader subclass
+        data = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - CSafeLoader subclass
     except yaml.YAMLError as exc:
         raise ConfigError([_yaml_error(exc, source)]) from None
     if not isinstance(data, dict):
