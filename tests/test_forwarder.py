@@ -224,6 +224,18 @@ def test_request_head_frames_the_body_itself_and_refuses_a_line_break_in_a_value
     assert head.endswith(b"Transfer-Encoding: chunked\r\n\r\n") and chunked
     with pytest.raises(ValueError, match="line break"):
         request_head("GET", "/x", "h", CIMultiDict({"X-A": "v\r\nAuthorization: forged"}), None)
+    for forged in ("v\rX-B: 1", "v\nX-B: 1", "v\0"):  # a bare CR or LF ends a line somewhere
+        with pytest.raises(ValueError, match="line break"):
+            request_head("GET", "/x", "h", CIMultiDict({"X-A": forged}), None)
+        with pytest.raises(ValueError, match="line break"):
+            request_head("GET", "/x", "h", CIMultiDict({forged: "v"}), None)
+        with pytest.raises(ValueError, match="line break"):
+            request_head("GET", "/" + forged, "h", CIMultiDict(), None)
+        with pytest.raises(ValueError, match="line break"):
+            request_head("GET", "/x", forged, CIMultiDict(), None)
+    head, _ = request_head("GET", "/x", "h", CIMultiDict({"A": "1", "B": "2 3"}), None)
+    assert head == b"GET /x HTTP/1.1\r\nHost: h\r\nA: 1\r\nB: 2 3\r\n\r\n"
+    assert request_head("GET", "/x", "h", CIMultiDict(), None)[0].endswith(b"h\r\n\r\n")
 
 
 async def test_a_small_answer_leaves_in_one_write_with_its_credential_echo_masked():

@@ -302,6 +302,8 @@ on_start_failure: {on_start_failure}
 UNUSABLE_SECRETS = {
     "invalid-utf8": b"\xff\xfelegacy-key-0123\n",
     "non-ascii": "clé-secrète-0123456789\n".encode(),
+    # a bare CR: some parsers end the header line there, and "X-Forged" becomes a header
+    "bare-cr": b"legacy-key-0123\rX-Forged: 1\n",
 }
 
 
@@ -309,9 +311,10 @@ UNUSABLE_SECRETS = {
 async def test_an_unusable_static_secret_answers_503_then_recovers_without_restart(
     content, tmp_path, credproxy, client
 ):
-    """A secret file credproxy cannot send (invalid UTF-8, non-ASCII) makes requests answer 503
-    credential_unavailable with Retry-After instead of hanging; once the file is fixed they
-    succeed, without restart, and the bad content never reaches the log."""
+    """A secret file credproxy cannot send (invalid UTF-8, non-ASCII, a control character) makes
+    requests answer 503 credential_unavailable with Retry-After instead of hanging (a bare CR is
+    never forwarded); once the file is fixed they succeed, without restart, and the bad content
+    never reaches the log."""
     key_file = tmp_path / "api-key"
     key_file.write_bytes(content)
     LEDGER.secret(content.decode(errors="ignore").strip())

@@ -82,3 +82,9 @@ class CacheKey:
     def binding(self) -> str:
         """What the credential is bound to: a DPoP key, a TLS connection (mtls), or nothing."""
         return "mtls" if self.kind == "client_cert" else "dpop" if self.bound else "bearer"
+
+
+def sendable(value: str) -> bool:
+    """Printable ASCII only: what a credential sent in an HTTP header or query may hold. A CR,
+    LF or NUL would end a header line early for some parser: a forged header."""
+    return value.isascii() and value.isprintable()

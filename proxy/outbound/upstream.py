@@ -358,12 +358,15 @@ def request_head(
     elif body is not None and "Content-Length" not in headers:
         headers["Transfer-Encoding"] = "chunked"
         chunked = True
-    lines = [f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n"]
-    lines += [f"{name}: {value}\r\n" for name, value in headers.items()]
-    lines.append("\r\n")
-    text = "".join(lines)
-    if text.count("\n") != len(lines) + 1:  # a value with a line break would forge headers
+    fields = [f"{name}: {value}" for name, value in headers.items()]
+    # CR, LF or NUL anywhere would end a line early for some parser: a forged header. Three
+    # memchr scans of what goes out, before the separators are added (a str.count of LF was
+    # 3k instructions a request, and missed a bare CR).
+    sent = "".join((method, target, host, *fields))
+    if "\r" in sent or "\n" in sent or "\0" in sent:
         raise ValueError("a header value contains a line break")
+    fields.append("\r\n")
+    text = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n" + "\r\n".join(fields)
     return text.encode("utf-8", "surrogateescape"), chunked
 
 

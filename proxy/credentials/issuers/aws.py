@@ -21,7 +21,7 @@ from ...errors import IdentityError, IssuerError
 from ...secret import Secret
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
-from ..token import CacheKey, Token
+from ..token import CacheKey, Token, sendable
 from .base import issuer
 from .spiffe import jwt_svid, workload_api_for
 
@@ -99,6 +99,8 @@ class AWSIssuer:
         lifetime_s = (answer.expiration - datetime.datetime.now(datetime.UTC)).total_seconds()
         if lifetime_s <= 0:
             raise IssuerError(f"{self._where}: STS returned credentials that already expired")
+        if not (sendable(answer.session_token.reveal()) and sendable(answer.access_key_id)):
+            raise IssuerError(f"{self._where}: STS returned credentials with control characters")
         return Token(
             value=answer.session_token,
             token_type="AWS4",

@@ -33,7 +33,7 @@ from ...secret import Secret
 from ..dpop import DPoPKey
 from ..identity import load_signing_key, read_secret_file
 from ..jose import Signer
-from ..token import CacheKey, Token
+from ..token import CacheKey, Token, sendable
 from . import exchange
 from .base import issuer
 from .spiffe import jwt_svid, workload_api_for
@@ -298,7 +298,7 @@ class OAuth2Issuer:
 
     def _token(self, answer: dict[str, Any], *, bound: bool, endpoint: str) -> Token:
         value = answer.get("access_token")
-        if not isinstance(value, str) or not value or not value.isascii():
+        if not isinstance(value, str) or not value or not sendable(value):
             raise self._error(f"{endpoint} answered without a usable access_token")
         token_type = str(answer.get("token_type", ""))
         expected = "DPoP" if bound else "Bearer"

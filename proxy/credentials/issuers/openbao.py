@@ -34,7 +34,7 @@ from ...outbound.tls import ClientTLS
 from ...secret import Secret
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
-from ..token import CacheKey, Token
+from ..token import CacheKey, Token, sendable
 from . import exchange
 from .base import issuer
 from .pki import issued_certificate, new_key, signing_request
@@ -323,7 +323,7 @@ class OpenBaoIssuer:
     def _auth(self, body: bytes, path: str) -> Login:
         auth = exchange.json_object(body, path, self._error).get("auth")
         token = auth.get("client_token") if isinstance(auth, dict) else None
-        if not isinstance(auth, dict) or not isinstance(token, str) or not token.isascii():
+        if not isinstance(auth, dict) or not isinstance(token, str) or not sendable(token):
             raise self._error(f"{path} answered without a usable auth.client_token")
         lease = auth.get("lease_duration")
         if not isinstance(lease, int | float) or isinstance(lease, bool) or lease < 0:
@@ -346,10 +346,10 @@ class OpenBaoIssuer:
                 f" (fields: {', '.join(sorted(map(str, values))) or 'none'})",
                 at="secret.field",
             )
-        if not value.isascii():
+        if not sendable(value):
             raise self._error(
-                f"{path} field {secret.field!r} holds non-ASCII characters; a "
-                "secret sent in an HTTP header or query must be ASCII",
+                f"{path} field {secret.field!r} holds non-ASCII or control characters; a "
+                "secret sent in an HTTP header or query must be printable ASCII",
                 at="secret.field",
             )
         version = metadata.get("version") if isinstance(metadata, dict) else None

@@ -13,7 +13,7 @@ from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ..dpop import DPoPKey
 from ..identity import read_secret_file
-from ..token import CacheKey, Token
+from ..token import CacheKey, Token, sendable
 from .base import issuer
 
 if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
@@ -47,10 +47,10 @@ class StaticIssuer:
             secret = read_secret_file(self.config.secret_file, what=self._where)
         except IdentityError as exc:
             raise IssuerError(str(exc)) from None  # mid-rotation the file may be missing: retry
-        if not secret.reveal().isascii():
+        if not sendable(secret.reveal()):
             raise IssuerError(
-                f"{self._where}: {self.config.secret_file} holds non-ASCII characters; a secret "
-                "sent in an HTTP header or query must be ASCII"
+                f"{self._where}: {self.config.secret_file} holds non-ASCII or control characters "
+                "(a line break?); a secret sent in an HTTP header or query must be printable ASCII"
             )
         return Token(
             value=secret, token_type="static", lifetime_s=self.config.reread_s, legacy=True
