@@ -100,7 +100,7 @@ class H2Request(AppRequest):
 
     @property
     def writing_paused(self) -> bool:
-        return bool(self._pending) or self._connection.writing_paused
+        return bool(self._pending) or self.connection.writing_paused
 
     def send_continue(self) -> None:
         self._session.send_headers(self.stream_id, [(b":status", b"100")], end=False)
@@ -147,7 +147,7 @@ class H2Request(AppRequest):
             await self._drained.wait()
         if self.gone:
             raise AppGone("the app reset the stream")
-        await self._connection.drain()
+        await self.connection.drain()
 
     def flush_head(self) -> None:
         self._send_head()

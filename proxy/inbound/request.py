@@ -29,8 +29,8 @@ class AppRequest:
     ``write`` (and ``drain``) and ``end`` a streamed one."""
 
     __slots__ = (
-        "message", "body", "method", "target", "url", "headers", "keep_alive", "status",
-        "_connection", "_chunked", "_head",
+        "message", "body", "body_exists", "method", "target", "url", "headers", "keep_alive",
+        "status", "connection", "_chunked", "_head",
     )  # fmt: skip
 
     def __init__(
@@ -38,13 +38,14 @@ class AppRequest:
     ) -> None:
         self.message = message
         self.body = body
+        self.body_exists = not isinstance(body, EmptyStreamReader)
         self.method: str = message.method
         self.target: str = message.path  # as sent: origin-form path and query, or absolute-form
         self.url: URL = message.url
         self.headers: CIMultiDictProxy[str] = message.headers
         self.keep_alive = not message.should_close
         self.status = 0  # of the answer, once started
-        self._connection = connection
+        self.connection = connection
         self._chunked = False
         self._head = b""  # held back to go out with the first body bytes: one write
 
@@ -53,17 +54,9 @@ class AppRequest:
         return tuple(self.message.version)  # type: ignore[return-value]
 
     @property
-    def body_exists(self) -> bool:
-        return not isinstance(self.body, EmptyStreamReader)
-
-    @property
     def content_length(self) -> int | None:
         value = self.message.headers.get("Content-Length")
         return int(value) if value is not None else None  # the parser checked its digits
-
-    @property
-    def connection(self) -> AppConnection:
-        return self._connection
 
     @property
     def is_grpc(self) -> bool:
@@ -77,10 +70,10 @@ class AppRequest:
     @property
     def writing_paused(self) -> bool:
         """Whether the answer must wait (``drain``) before more is written."""
-        return self._connection.writing_paused
+        return self.connection.writing_paused
 
     def send_continue(self) -> None:
-        self._connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        self.connection.write(b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def start(self, status: int, reason: str, header_lines: bytes, *, has_length: bool) -> None:
         """The answer's head; ``header_lines`` are complete ``Name: value\\r\\n`` lines without
@@ -114,17 +107,17 @@ class AppRequest:
             data = b"%x\r\n%b\r\n" % (len(data), data)
         if self._head:
             data, self._head = self._head + data, b""
-        self._connection.write(data)
+        self.connection.write(data)
 
     async def drain(self) -> None:
-        await self._connection.drain()
+        await self.connection.drain()
 
     def flush_head(self) -> None:
         """Send the head now, without waiting for body bytes: for streams (SSE), whose first
         event may be long in coming while the app waits for the head."""
         if self._head:
             data, self._head = self._head, b""
-            self._connection.write(data)
+            self.connection.write(data)
 
     def end(self, trailers: bytes = b"") -> None:
         """The answer is complete; ``trailers`` (header lines) go in the last chunk when the
@@ -132,7 +125,7 @@ class AppRequest:
         tail = b"0\r\n%b\r\n" % trailers if self._chunked else b""
         if self._head or tail:
             data, self._head = self._head + tail, b""
-            self._connection.write(data)
+            self.connection.write(data)
 
     def send(self, status: int, reason: str, headers: dict[str, str], body: bytes) -> None:
         self.start(status, reason, whole_body_lines(headers, body), has_length=True)
@@ -142,7 +135,7 @@ class AppRequest:
     def abort(self) -> None:
         """Headers are out and the body cannot be completed: a cut connection is the signal."""
         self.keep_alive = False
-        self._connection.abort()
+        self.connection.abort()
 
 
 def whole_body_lines(headers: dict[str, str], body: bytes) -> bytes:
