@@ -162,6 +162,27 @@ BAD = [
         "routes[1].name: 'payments' is also routes[0]",
     ),
     ("duplicate YAML key", VALID + "listen: 127.0.0.1:15002\n", "duplicate key 'listen'"),
+    ("a list as a YAML key", VALID + "? [a]\n: 1\n", "not valid YAML: a key must be text"),
+    (
+        "a header prefix that would forge a header",
+        VALID.replace(
+            "scope: payments.write}",
+            'inject: header, header: X-Api-Key, header_prefix: "Token\\r\\nX-Forged: 1 "}',
+        ),
+        "routes[0].credential.header_prefix: String should match pattern",
+    ),
+    (
+        "a keyid that would end its Signature-Input string early",
+        VALID.replace(
+            "scope: payments.write}",
+            "scope: payments.write, inject: http_signature, "
+            """signature: {key_id: 'k1";alg="none'}}""",
+        ).replace(
+            VALID[VALID.index("    type: oauth2") : VALID.index("routes:")],
+            "    type: static\n    secret_file: /secrets/hmac-key\n",
+        ),
+        "routes[0].credential.signature.key_id: String should match pattern",
+    ),
     ("not YAML", "listen: [unclosed\n", "not valid YAML"),
     ("not a mapping", "- just\n- a list\n", "the top level must be a mapping"),
 ]

@@ -11,6 +11,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 from proxy.inbound.answer import stream_back
 from proxy.inbound.request import AppRequest
+from proxy.outbound.h2_upstream import _request_fields
 from proxy.outbound.hygiene import (
     CREDENTIAL_HEADERS,
     HOP_BY_HOP,
@@ -18,6 +19,7 @@ from proxy.outbound.hygiene import (
     request_headers,
     response_head_lines,
 )
+from proxy.outbound.origin import Origin
 from proxy.outbound.upstream import request_head
 from proxy.wire import BaseProtocol, HttpRequestParser, HttpResponseParser
 from tests.counterparts import LEDGER, PREAMBLE
@@ -233,6 +235,19 @@ def test_request_head_frames_the_body_itself_and_refuses_a_line_break_in_a_value
             request_head("GET", "/" + forged, "h", CIMultiDict(), None)
         with pytest.raises(ValueError, match="line break"):
             request_head("GET", "/x", forged, CIMultiDict(), None)
+    origin = Origin("h", 443, True, "h")  # the HTTP/2 request: an HTTP/1.1 hop may follow it
+    for forged in ("v\rX-B: 1", "v\nX-B: 1", "v\0"):
+        for method, target, headers in (
+            ("GET", "/x", {"X-A": forged}),
+            ("GET", "/x", {forged: "v"}),
+            ("GET", "/" + forged, {}),
+            (forged, "/x", {}),
+        ):
+            with pytest.raises(ValueError, match="line break"):
+                _request_fields(method, target, origin, CIMultiDict(headers), None)
+    assert (b"x-a", b"v w") in _request_fields(
+        "GET", "/x", origin, CIMultiDict({"X-A": "v w"}), None
+    )
     head, _ = request_head("GET", "/x", "h", CIMultiDict({"A": "1", "B": "2 3"}), None)
     assert head == b"GET /x HTTP/1.1\r\nHost: h\r\nA: 1\r\nB: 2 3\r\n\r\n"
     assert request_head("GET", "/x", "h", CIMultiDict(), None)[0].endswith(b"h\r\n\r\n")

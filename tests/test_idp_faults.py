@@ -1,7 +1,8 @@
 """A misbehaving IdP (issue 9): failures the real oidc-provider does not produce on demand — 500s,
 429 with Retry-After, answers past the timeout, malformed JSON, absurd expires_in, a wrong
-token_type, a moved token endpoint, a certificate nobody trusts. credproxy keeps serving while a
-valid token exists, backs off observably, never piles up requests, and logs what went wrong."""
+token_type, a token with a bare CR, a moved token endpoint, a certificate nobody trusts.
+credproxy keeps serving while a valid token exists, backs off observably, never piles up
+requests, and logs what went wrong."""
 
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ class FaultyIdP(ThreadedApp):
         if mode == "garbage":
             return web.Response(text="<html>maintenance</html>", content_type="text/html")
         value = "tok-" + secrets.token_urlsafe(16)
+        if mode == "cr_token":  # a bare CR: some parsers end the header line there
+            value += "\rX-Forged: 1"
         LEDGER.secret(value)
         self.issued.add(value)
         token_type = "mac" if mode == "wrong_type" else "Bearer"
@@ -186,6 +189,7 @@ async def test_retry_after_from_the_idp_is_honoured(faulty, credproxy, client, t
         ("ok", -5, "unusable expires_in: -5"),
         ("ok", "soon", "unusable expires_in: 'soon'"),
         ("wrong_type", 60, "issued token_type 'mac', expected 'Bearer'"),
+        ("cr_token", 60, "answered without a usable access_token"),
     ],
 )
 async def test_malformed_idp_answers_are_refused_clearly(

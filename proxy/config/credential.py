@@ -133,7 +133,7 @@ class HeaderCredential(CredentialConfig):
 
     inject: Literal["header"]
     header: str = Field(pattern=r"^[A-Za-z0-9-]+$", description="e.g. X-Api-Key")
-    header_prefix: str = Field("", description="e.g. 'Token '")
+    header_prefix: str = Field("", pattern=r"^[\x20-\x7e]*$", description="e.g. 'Token '")
 
 
 class QueryCredential(CredentialConfig):
@@ -142,6 +142,8 @@ class QueryCredential(CredentialConfig):
     inject: Literal["query"]
     query_param: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", description="e.g. api_key")
 
+
+_SF_STRING = r"^[\x20\x21\x23-\x5b\x5d-\x7e]+$"
 
 _DERIVED_COMPONENTS = (
     "@method",
@@ -174,10 +176,11 @@ class HTTPSignature(Model):
     label: str = Field("sig1", pattern=r"^[a-z*][a-z0-9_.*-]*$")
     lifetime_s: int = Field(60, ge=1, le=300, description="expires = created + lifetime_s")
     nonce: bool = Field(True, description="a unique nonce per signature, for replay checks")
-    tag: str | None = Field(None, pattern=r"^[\x20-\x7e]+$", description="application tag")
+    # printable ASCII but '"' and backslash: each is written as an RFC 8941 string, unescaped
+    tag: str | None = Field(None, pattern=_SF_STRING, description="application tag")
     key_id: str | None = Field(
         None,
-        pattern=r"^[\x20-\x7e]+$",
+        pattern=_SF_STRING,
         description="keyid; default: the JWK thumbprint (self_signed_jwt); required for static "
         "(HMAC-SHA256 with the secret)",
     )

@@ -28,6 +28,7 @@ from ..errors import (
 from ..log import server_log
 from ..tasks import spawn
 from .h2_connection import H2Answer, StreamRefused, UpstreamConnection, UpstreamStream
+from .hygiene import forges_a_line
 from .origin import Origin, Timeouts, connect, tls_context
 from .upstream import Body
 
@@ -215,13 +216,15 @@ def _request_fields(
         (b":authority", origin.host_header.encode("ascii")),
         (b":path", target.encode("utf-8", "surrogateescape")),
     ]
+    sent = [method, target, origin.host_header]
     for name, value in headers.items():
         lower = name.lower()
         if lower in _NOT_ON_H2 or (lower == "content-length" and isinstance(body, bytes)):
             continue
-        if "\r" in value or "\n" in value or "\0" in value:  # would forge fields
-            raise ValueError("a header value contains a line break")
+        sent += (name, value)
         fields.append((lower.encode("latin-1"), value.encode("utf-8", "surrogateescape")))
+    if forges_a_line("".join(sent)):  # an HTTP/1.1 hop behind the upstream would split it
+        raise ValueError("a line break (CR, LF or NUL) in the request line or a header")
     if isinstance(body, bytes):
         fields.append((b"content-length", b"%d" % len(body)))
     fields.append((b"te", b"trailers"))  # credproxy relays trailers (gRPC needs them)

@@ -30,6 +30,7 @@ from ..wire import (
     RawResponseMessage,
     described,
 )
+from .hygiene import forges_a_line
 from .origin import Origin, Timeouts, connect, tls_context
 
 Body = bytes | StreamReader | AsyncIterable[bytes] | None
@@ -359,12 +360,8 @@ def request_head(
         headers["Transfer-Encoding"] = "chunked"
         chunked = True
     fields = [f"{name}: {value}" for name, value in headers.items()]
-    # CR, LF or NUL anywhere would end a line early for some parser: a forged header. Three
-    # memchr scans of what goes out, before the separators are added (a str.count of LF was
-    # 3k instructions a request, and missed a bare CR).
-    sent = "".join((method, target, host, *fields))
-    if "\r" in sent or "\n" in sent or "\0" in sent:
-        raise ValueError("a header value contains a line break")
+    if forges_a_line("".join((method, target, host, *fields))):  # before the separators
+        raise ValueError("a line break (CR, LF or NUL) in the request line or a header")
     fields.append("\r\n")
     text = f"{method} {target} HTTP/1.1\r\nHost: {host}\r\n" + "\r\n".join(fields)
     return text.encode("utf-8", "surrogateescape"), chunked

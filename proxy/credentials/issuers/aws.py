@@ -127,6 +127,8 @@ class AWSIssuer:
             raise IssuerError(
                 f"{where}: {path} must be JSON with access_key_id and secret_access_key"
             ) from None
+        if not (isinstance(key_id, str) and sendable(key_id)):
+            raise IssuerError(f"{where}: {path}: access_key_id must be printable ASCII text")
         return Token(
             value=Secret(secret),
             token_type="AWS4",

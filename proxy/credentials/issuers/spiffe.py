@@ -13,7 +13,7 @@ from ...config.model import IdentityConfig
 from ...errors import IdentityError, IssuerError
 from ...spiffe.svid import JWTSVID
 from ..dpop import DPoPKey
-from ..token import CacheKey, Token
+from ..token import CacheKey, Token, sendable
 from .base import issuer
 
 if TYPE_CHECKING:  # grpc is imported only where SPIFFE is used
@@ -68,6 +68,8 @@ class SPIFFEIssuer:
         svid = await jwt_svid(
             self._workload_api, key.audience, where=self._where, spiffe_id=self.config.spiffe_id
         )
+        if not sendable(svid.token.reveal()):
+            raise IssuerError(f"{self._where}: the SPIRE agent's JWT-SVID is not printable ASCII")
         return Token(value=svid.token, token_type="Bearer", lifetime_s=svid.lifetime_s)
 
     async def revoke(self, token: Token) -> str:
