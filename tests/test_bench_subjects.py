@@ -3,13 +3,18 @@
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 from dataclasses import replace
 from pathlib import Path
 
+import aiohttp
 import pytest
 import yaml
+from aiohttp import web
+from yarl import URL
 
+from bench import protocol_proxy
 from bench.compare import templates
 from bench.compare.constants import NGINX, SMALL_BODY
 from bench.compare.counterparts import UPSTREAM_CONF
@@ -18,6 +23,7 @@ from bench.compare.subjects import SUBJECTS, available, envoy, mitmproxy, nginx
 from bench.compare.subjects.credproxy import VARIANTS
 from bench.compare.templates import render_template
 from bench.compare.workspace import Bench
+from tests.counterparts import ThreadedApp
 
 SUBJECT_DIR = Path(envoy.__file__).parent
 
@@ -151,3 +157,49 @@ def test_credproxy_variants_write_the_route_their_scheme_needs(bench):
     ]}) == 1000  # fmt: skip
     assert VARIANTS["cp-bearer-2w"].workers == 2
     assert VARIANTS["cp-dpop"].credential(bench)["inject"] == "dpop"
+
+
+class _Answers(ThreadedApp):
+    """An upstream answering with the key it got, framed by Content-Length or chunked."""
+
+    def app(self) -> web.Application:
+        async def sized(request: web.Request) -> web.Response:
+            return web.Response(text=request.headers.get("X-Api-Key", "none"))
+
+        async def chunked(request: web.Request) -> web.StreamResponse:
+            response = web.StreamResponse()
+            response.enable_chunked_encoding()
+            await response.prepare(request)
+            for part in (b"first,", b"second"):
+                await response.write(part)
+            await response.write_eof()
+            return response
+
+        app = web.Application()
+        app.router.add_get("/sized", sized)
+        app.router.add_get("/chunked", chunked)
+        return app
+
+
+async def test_the_protocol_floor_adds_its_header_and_relays_both_framings_on_one_connection():
+    """The floor row's numbers count only if it proxies: its header reaches the upstream, and
+    answers of known length and chunked ones come back whole, over one keep-alive connection."""
+    upstream = _Answers()
+    upstream.start()
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = await protocol_proxy.serve(sock, URL(upstream.origin), b"X-Api-Key: k-123\r\n")
+    base = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    connector = aiohttp.TCPConnector(limit=1)
+    try:
+        async with aiohttp.ClientSession(connector=connector) as session:
+            for path, body in (
+                ("/sized", "k-123"),
+                ("/chunked", "first,second"),
+                ("/sized", "k-123"),
+            ):
+                async with session.get(base + path) as response:
+                    assert response.status == 200 and await response.text() == body
+            assert connector._conns  # the app connection was kept open for the next request
+    finally:
+        server.close()
+        upstream.stop()

@@ -3,6 +3,7 @@ taking turns, the best of them per point, then callgrind and the upload."""
 
 from __future__ import annotations
 
+import subprocess
 import sys
 import time
 from dataclasses import replace
@@ -120,6 +121,14 @@ def measure_all(bench: Bench, wanted: list[Subject]) -> list[Row]:
     for subject in (s for s in wanted if s.instructions):
         _say(f"── {subject.label}: instructions (callgrind)")
         instructions[subject.key] = count_instructions(bench, subject)
+    startups: dict[str, tuple[float, float]] = {}
+    for subject in (s for s in wanted if s.startup is not None):
+        _say(f"── {subject.label}: start-up and check-config")
+        assert subject.startup is not None
+        try:
+            startups[subject.key] = subject.startup(bench)
+        except (OSError, RuntimeError, subprocess.CalledProcessError) as exc:
+            _say(f"   failed: {exc}")
     uploads: dict[str, Upload | None] = {}
     for subject in (s for s in wanted if s.upload and not s.missing_tool()):
         _say(f"── {subject.label}: 1 GiB streamed upload")
@@ -127,6 +136,8 @@ def measure_all(bench: Bench, wanted: list[Subject]) -> list[Row]:
     rows = [best_of(rounds) for rounds in measured.values() if rounds]
     for row in rows:
         row.upload = uploads.get(row.key)
+        if row.key in startups:
+            row.startup_s, row.check_config_s = startups[row.key]
         counted = instructions.get(row.key)
         if counted is not None:
             row.instructions_per_request, row.instructions_by_object = counted

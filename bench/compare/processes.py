@@ -102,6 +102,7 @@ def wait_ready(
     processes: list[subprocess.Popen[bytes]],
     headers: dict[str, str] | None = None,
     timeout_s: float = 30,
+    poll_s: float = 0.1,
 ) -> None:
     """Until ``url`` answers 200; fails early when a process it depends on has exited."""
     deadline, last = time.monotonic() + timeout_s, "no answer"
@@ -116,5 +117,5 @@ def wait_ready(
             last = f"HTTP {status}: {body[:200]!r}"
         except OSError as exc:
             last = str(exc)
-        time.sleep(0.1)
+        time.sleep(poll_s)
     raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s ({last})")

@@ -202,7 +202,7 @@ def _instructions(rows: list[Row]) -> list[str]:
         "## Instructions per request",
         "",
         f"callgrind, {INSTRUCTION_REQUESTS:,} requests one at a time on one keep-alive connection "
-        "after 100 warm-up ones; credproxy's own process only (Python, its libraries, the C "
+        "after 100 warm-up ones; the proxy's own process only (Python, its libraries, the C "
         "parsers; not the kernel). Steady from run to run, unlike req/s on this VM.",
         "",
         "| path | instructions/request | × static | where they go (self cost per shared object) |",

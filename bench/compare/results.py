@@ -57,6 +57,8 @@ class Row:
     lifetime_s: float | None = None
     instructions_per_request: float | None = None  # callgrind, one request at a time
     instructions_by_object: dict[str, float] = field(default_factory=dict)  # where they go
+    startup_s: float | None = None  # `credproxy run` from exec to ready, best of 3
+    check_config_s: float | None = None  # `credproxy check-config`, best of 3
     rounds: int = 1  # measured this often; see ``best_of``
     round_errors: int = 0  # failed requests or rounds in the rounds not shown
     metrics: list[str] = field(default_factory=list)

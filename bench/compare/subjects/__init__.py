@@ -5,7 +5,7 @@ nginx, Envoy or mitmproxy configuration is the template file beside it."""
 from __future__ import annotations
 
 from ..constants import ENVOY, MITMDUMP
-from . import aiohttp_proxy, direct, envoy, mitmproxy, nginx
+from . import aiohttp_proxy, direct, envoy, mitmproxy, nginx, protocol_proxy
 from .credproxy import VARIANTS
 from .subject import Started, Subject
 
@@ -36,10 +36,19 @@ SUBJECTS: list[Subject] = [
         note="reference: credproxy's HTTP stack alone (bench/aiohttp_proxy.py)",
     ),
     Subject(
+        "floor",
+        "protocol floor: credproxy's HTTP/1.1 machinery, none of its logic",
+        protocol_proxy.start,
+        instructions=True,
+        note="reference: uvloop, raw protocols and aiohttp's C parsers, one header added, "
+        "GET only (bench/protocol_proxy.py)",
+    ),
+    Subject(
         "cp-static",
         "credproxy static header",
         VARIANTS["cp-static"].start,
         credproxy=True,
+        startup=VARIANTS["cp-static"].startup,
         instructions=True,
     ),
     Subject(
@@ -47,6 +56,8 @@ SUBJECTS: list[Subject] = [
         "credproxy static header, 1,000 routes",
         VARIANTS["cp-static-1000"].start,
         credproxy=True,
+        startup=VARIANTS["cp-static-1000"].startup,
+        instructions=True,
         note="the measured route declared last, 500 others under its prefix",
     ),
     Subject(

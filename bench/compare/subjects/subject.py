@@ -32,6 +32,7 @@ class Subject:
     idp: bool = False  # gets its tokens from the bench IdP: count them
     upload: bool = False  # also stream a 1 GiB upload through it, watching its RSS
     instructions: bool = False  # also count its instructions per request under callgrind
+    startup: Callable[[Bench], tuple[float, float]] | None = None  # run and check-config, s
     needs_workers: bool = False  # only where `credproxy run --workers` exists
     tool: Path | None = None  # an executable bench/run installs; the path fails without it
     note: str = ""
