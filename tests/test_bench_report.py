@@ -52,9 +52,9 @@ def test_the_rendered_report_has_the_sections_and_figures_the_readme_quotes():
         "## Notes",
     ):
         assert f"\n{section}\n" in rendered
-    assert "| credproxy bearer (token cache) | 16,334 |" in rendered
-    assert "| nginx reverse proxy, static header | 0.98× | 1.00× | 79.75× | 2.95× |" in rendered
-    assert "| credproxy DPoP per request | 597,937 | 2.14× | Python interpreter 284k (48%) · " in (
+    assert "| credproxy bearer (token cache) | 16,863 |" in rendered
+    assert "| nginx reverse proxy, static header | 0.95× | 1.00× | 75.59× | 3.13× |" in rendered
+    assert "| credproxy DPoP per request | 597,868 | 2.13× | Python interpreter 284k (48%) · " in (
         rendered
     )
     assert "| RSS flat (±5 %) over 10 min | — | run `bench/soak.py` |" in rendered
