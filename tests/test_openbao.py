@@ -166,6 +166,30 @@ async def test_kv_value_is_injected_rotated_without_restart_and_the_vault_token_
         assert not any(token in text for token in vault_tokens)
 
 
+async def test_a_kv_value_with_a_bare_cr_never_reaches_the_upstream(
+    bao, api, credproxy, client, tmp_path
+):
+    """A KV value that would forge a header (a bare CR: some parsers end the line there) is
+    refused where it enters: 503 credential_unavailable with Retry-After, the upstream sees no
+    request, the log names the field and never the value; a fixed value serves without restart."""
+    forged = "kv-forged-9a8b7c6d\rX-Forged: 1"
+    bao.put_secret({"api_key": forged})
+    proc = credproxy(_config(bao, api, _token_file(tmp_path, bao)), expect_ready=False)
+    wait_until(lambda: "holds non-ASCII or control characters" in proc.log(), what="refusal")
+    status, body, retry_after = await _get(client, proc.url)
+    assert status == 503 and "credential_unavailable" in body and retry_after is not None
+    assert api.seen == [] and "X-Forged" not in proc.log()
+    fixed = "kv-fixed-1f2e3d4c5b6a"
+    bao.put_secret({"api_key": fixed})
+    api.expected = fixed
+    for _ in range(50):  # the re-read (reread_s) is the event waited for, a few polls apart
+        status, body, _ = await _get(client, proc.url)
+        if status == 200:
+            break
+        await asyncio.sleep(0.2)
+    assert status == 200 and api.seen[-1] == fixed
+
+
 def _issuer(
     bao: OpenBao,
     token_file: Path,
